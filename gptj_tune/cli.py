@@ -1,0 +1,158 @@
+"""The `gptj-tune` command line. Thin: parse arguments, load the Recipe, call one function, print.
+
+Library errors (GptjTuneError) become one clear message and an exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.syntax import Syntax
+from rich.table import Table
+
+from .errors import GptjTuneError, RecipeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="Fine-tune GPT-J (and GPT-Neo) from a YAML recipe.")
+recipes_app = typer.Typer(help="List shipped recipes, or copy one out to edit.", invoke_without_command=True)
+app.add_typer(recipes_app, name="recipes")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _friendly(fn):
+    """Turn GptjTuneError into a message and exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except GptjTuneError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(e.exit_code)
+
+    return wrapper
+
+
+def recipes_dir() -> Path:
+    """Shipped recipes: inside the wheel (`gptj_tune/_recipes`) or the source checkout (`recipes/`)."""
+    packaged = Path(__file__).parent / "_recipes"
+    return packaged if packaged.is_dir() else Path(__file__).parent.parent / "recipes"
+
+
+def _resolve_recipe_path(recipe: str) -> Path:
+    path = Path(recipe)
+    if path.exists() or path.suffix in (".yaml", ".yml"):
+        return path
+    shipped = recipes_dir() / f"{recipe}.yaml"  # a bare name: `gptj-tune run quickstart`
+    return shipped if shipped.exists() else path
+
+
+@app.command()
+@_friendly
+def run(
+    recipe: str = typer.Argument(..., help="Recipe YAML file, or the name of a shipped recipe."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.lr=1e-4 (repeatable)."),
+    resume: Optional[str] = typer.Option(
+        None, "--resume", help="Continue the run: `latest` or a checkpoint name like `step-40`.", show_default=False
+    ),
+    force: bool = typer.Option(False, "--force", help="Delete an existing run directory and start over."),
+):
+    """Train a recipe into its run directory (output.dir)."""
+    from .recipe import load_recipe
+    from .train import train
+
+    recipe_obj = load_recipe(_resolve_recipe_path(recipe), set_)
+    result = train(recipe_obj, resume=resume or False, force=force, console=console)
+    table = Table(title=f"Run finished: {result.run_dir}", show_header=False)
+    table.add_row("steps", str(result.steps))
+    table.add_row("train loss (last step)", f"{result.final_loss:.4f}")
+    if result.eval_loss is not None:
+        table.add_row("held-out loss", f"{result.eval_loss:.4f}")
+    if result.exact_match is not None:
+        table.add_row("held-out exact match", f"{result.exact_match:.3f}")
+    table.add_row("tokens", f"{result.tokens:,}")
+    table.add_row("wall time", f"{result.seconds:.1f} s")
+    table.add_row("final model", str(result.run_dir / "final"))
+    console.print(table)
+
+
+@app.command()
+@_friendly
+def validate(
+    recipe: str = typer.Argument(..., help="Recipe YAML file, or the name of a shipped recipe."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.lr=1e-4 (repeatable)."),
+):
+    """Check a recipe and print it fully resolved (every default filled in); exit 2 if invalid."""
+    from .recipe import load_recipe
+
+    recipe_obj = load_recipe(_resolve_recipe_path(recipe), set_)
+    console.print(Syntax(recipe_obj.to_yaml(), "yaml", theme="ansi_dark", background_color="default"))
+    console.print("[green]valid[/]")
+
+
+@recipes_app.callback()
+def recipes_list(ctx: typer.Context):
+    """List shipped recipes with their descriptions."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import yaml
+
+    table = Table("name", "description")
+    for path in sorted(recipes_dir().glob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        table.add_row(path.stem, str(data.get("description", "")))
+    console.print(table)
+    console.print("Copy one out with: gptj-tune recipes copy NAME my.yaml")
+
+
+@recipes_app.command("copy")
+@_friendly
+def recipes_copy(
+    name: str = typer.Argument(..., help="Shipped recipe name (see `gptj-tune recipes`)."),
+    dest: Path = typer.Argument(..., help="Where to write the copy."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+):
+    """Copy a shipped recipe to edit it (like torchtune's `tune cp`)."""
+    source = recipes_dir() / f"{name.removesuffix('.yaml')}.yaml"
+    if not source.exists():
+        names = ", ".join(p.stem for p in sorted(recipes_dir().glob("*.yaml")))
+        raise RecipeError([f"no shipped recipe {name!r}; available: {names}"])
+    if dest.exists() and not force:
+        raise RecipeError([f"{dest} already exists; pass --force to overwrite it"])
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, dest)
+    console.print(f"Copied {name} to {dest}. Run it with: gptj-tune run {dest}")
+
+
+@recipes_app.command("reference", hidden=True)
+def recipes_reference():
+    """Print the recipe reference (markdown) that README.md embeds."""
+    from .recipe import reference_markdown
+
+    sys.stdout.write(reference_markdown())
+
+
+def normalize_argv(args: list[str]) -> list[str]:
+    """A bare `--resume` (last word, or followed by another option) means `--resume latest`."""
+    out = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        if arg == "--resume" and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            out.append("latest")
+    return out
+
+
+def main():
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app(args=normalize_argv(sys.argv[1:]), prog_name="gptj-tune")
+
+
+if __name__ == "__main__":
+    main()

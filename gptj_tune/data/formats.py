@@ -1,0 +1,175 @@
+"""Readers for the data formats: alpaca, dolly, text, jsonl (field mapping), synthetic.
+
+Each reader yields plain records: `{"instruction", "input", "output", "origin"}` for instruction
+data, `{"text", "origin"}` for raw text. `origin` is "file:line" so any later error can point at it.
+Malformed records raise DataError naming file, line and field, or are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import DataError
+from ..recipe import SourceSection
+from . import synthetic
+
+# (record field, fields it may come from in the file), per instruction format.
+FIELD_MAPS = {
+    "alpaca": {"instruction": "instruction", "input": "input", "output": "output"},
+    "dolly": {"instruction": "instruction", "input": "context", "output": "response"},
+}
+
+
+@dataclass
+class SourceRecords:
+    records: list[dict]
+    skipped: list[str] = field(default_factory=list)  # one message per skipped record
+
+
+def read_source(source: SourceSection, index: int, on_bad_record: str) -> SourceRecords:
+    """Read every record of one `data.sources[index]` entry."""
+    key = f"data.sources[{index}]"
+    if source.format == "synthetic":
+        records = synthetic.generate_records(source.count or 4000, tuple(source.tasks or synthetic.TASKS), source.seed)
+        for i, r in enumerate(records):
+            r["origin"] = f"synthetic:{i + 1}"
+        return SourceRecords(records)
+    out = SourceRecords([])
+    for origin, raw in _raw_rows(source, key):
+        try:
+            out.records.append(_to_record(source, raw, origin))
+        except DataError as e:
+            if on_bad_record == "fail":
+                raise DataError(f"{e} (set data.on_bad_record: skip to skip such records)") from None
+            out.skipped.append(str(e))
+        if source.limit and len(out.records) >= source.limit:
+            break
+    if not out.records:
+        raise DataError(f"{key}: no usable records in {source.path} ({len(out.skipped)} skipped)")
+    return out
+
+
+def _to_record(source: SourceSection, raw, origin: str) -> dict:
+    if isinstance(raw, _Malformed):
+        raise DataError(raw.message)
+    if not isinstance(raw, dict):
+        raise DataError(f"{origin}: expected a JSON object, got {type(raw).__name__}")
+    if source.format == "text":
+        return {"text": _field(raw, source.text_field, origin, allow_empty=False), "origin": origin}
+    if source.format == "jsonl":
+        mapping = {"instruction": source.prompt_field, "input": source.input_field, "output": source.response_field}
+    else:
+        mapping = FIELD_MAPS[source.format]
+    record = {"origin": origin}
+    for name, file_field in mapping.items():
+        optional = name == "input"
+        if file_field is None or (optional and file_field not in raw):
+            record[name] = ""
+            continue
+        record[name] = _field(raw, file_field, origin, allow_empty=optional)
+    if source.format == "dolly" and "category" in raw:
+        record["category"] = raw["category"]
+    return record
+
+
+def _field(raw: dict, name: str, origin: str, allow_empty: bool) -> str:
+    if name not in raw:
+        raise DataError(f"{origin}: missing field `{name}` (fields present: {', '.join(raw) or 'none'})")
+    value = raw[name]
+    if value is None and allow_empty:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{origin}: field `{name}` must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(f"{origin}: field `{name}` is empty")
+    return value
+
+
+def _raw_rows(source: SourceSection, key: str) -> Iterator[tuple[str, object]]:
+    path = Path(source.path)
+    if path.is_dir():
+        suffixes = {".txt"} if source.format == "text" else {".json", ".jsonl"}
+        files = sorted(p for p in path.rglob("*") if p.suffix in suffixes | {".jsonl"} and p.is_file())
+        if not files:
+            raise DataError(f"{key}: folder {path} has no {' or '.join(sorted(suffixes))} files")
+    elif path.is_file():
+        files = [path]
+    else:
+        yield from _hub_rows(source, key)
+        return
+    for file in files:
+        if file.suffix == ".txt":
+            yield f"{file}:1", {source.text_field: read_text_file(file)}
+        elif file.suffix == ".jsonl" or _starts_with(file) != "[":
+            yield from _jsonl_rows(file)
+        else:
+            yield from _json_array_rows(file)
+
+
+def read_text_file(file: Path) -> str:
+    """A .txt document with the BOM stripped and line ends normalised."""
+    text = file.read_text(encoding="utf-8-sig", errors="replace")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _starts_with(file: Path) -> str:
+    with open(file, encoding="utf-8-sig") as f:
+        return f.read(64).lstrip()[:1]
+
+
+def _jsonl_rows(file: Path) -> Iterator[tuple[str, object]]:
+    with open(file, encoding="utf-8-sig") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{file}:{n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"{file}:{n}", _Malformed(f"{file}:{n}: not valid JSON ({e.msg} at column {e.colno})")
+
+
+def _json_array_rows(file: Path) -> Iterator[tuple[str, object]]:
+    """Items of a JSON array, each with the line it starts on."""
+    text = file.read_text(encoding="utf-8-sig")
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    line, counted_to = 1, 0  # newlines are counted incrementally: the file can be tens of MB
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text):
+            raise DataError(f"{file}: the JSON array is not closed with `]`")
+        if text[pos] == "]":
+            return
+        line += text.count("\n", counted_to, pos)
+        counted_to = pos
+        try:
+            item, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{file}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        yield f"{file}:{line}", item
+
+
+@dataclass
+class _Malformed:
+    """A JSONL line that did not parse; `_to_record` turns it into a DataError (or a skip)."""
+
+    message: str
+
+
+def _hub_rows(source: SourceSection, key: str) -> Iterator[tuple[str, object]]:
+    try:
+        import datasets
+
+        dataset = datasets.load_dataset(source.path, split=source.split)
+    except Exception as e:  # datasets raises many types for "not found" / "offline"
+        raise DataError(
+            f"{key}.path: {source.path!r} is not a local file or folder, and loading it as a hub dataset "
+            f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Check the path, or "
+            f"download the dataset on a machine with network access and point `path` at the file."
+        ) from None
+    for n, row in enumerate(dataset, start=1):
+        yield f"{source.path}[{source.split}] row {n}", dict(row)

@@ -1,0 +1,36 @@
+"""Training methods: full fine-tuning, or LoRA adapters through peft on a frozen base."""
+
+from __future__ import annotations
+
+from .models import lora_targets
+from .recipe import FullMethod, LoraMethod
+
+
+def apply_method(model, method: FullMethod | LoraMethod):
+    """Return the model to train: itself for `full`, a peft model for `lora`."""
+    if isinstance(method, FullMethod):
+        model.requires_grad_(True)
+        return model
+    import peft
+
+    targets = method.target_modules or lora_targets(model.config.model_type)
+    config = peft.LoraConfig(
+        task_type="CAUSAL_LM",
+        r=method.r,
+        lora_alpha=method.alpha,
+        lora_dropout=method.dropout,
+        target_modules=targets,
+        bias=method.bias,
+        modules_to_save=method.modules_to_save or None,
+    )
+    if getattr(model, "is_gradient_checkpointing", False):
+        # Frozen embeddings give checkpointed blocks inputs without grad; this keeps the graph alive.
+        model.enable_input_require_grads()
+    return peft.get_peft_model(model, config)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,97 @@
+"""The run directory, the contract between commands, and atomic writes into it.
+
+    runs/<name>/
+      recipe.yaml          the frozen, fully resolved recipe
+      metrics.jsonl        one JSON line per step (and per eval)
+      base-model/          the built tiny-gptj (only when the recipe uses it)
+      checkpoints/step-N/  model or adapter, optimizer, scheduler, RNG states, trainer state
+      final/               the trained model or adapter, with the tokenizer
+      summary.json         steps, tokens, losses, wall time, exact match
+
+Everything is written to a temporary sibling and renamed into place, so a crash or Ctrl-C never
+leaves a half-written checkpoint, final model or file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+from pathlib import Path
+
+from .errors import RunDirError
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path):
+    """Yield a temp folder; on success it replaces `target` (the old one is removed only after)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.parent / f".old-{target.name}-{os.getpid()}"
+        target.rename(old)
+    tmp.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    recipe = property(lambda self: self.path / "recipe.yaml")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    final = property(lambda self: self.path / "final")
+    summary = property(lambda self: self.path / "summary.json")
+
+    def is_used(self) -> bool:
+        return self.recipe.exists() or self.checkpoints.exists() or self.final.exists()
+
+    def list_checkpoints(self) -> list[tuple[int, Path]]:
+        """(step, folder) of every complete checkpoint, oldest first."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = []
+        for p in self.checkpoints.iterdir():
+            m = STEP_DIR.match(p.name)
+            if m and (p / "trainer_state.json").exists():
+                found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    def checkpoint(self, which: str | bool) -> Path:
+        """`True`/`latest` -> the newest checkpoint; `step-N` -> that one. Raises RunDirError if absent."""
+        found = self.list_checkpoints()
+        names = ", ".join(p.name for _, p in found) or "none"
+        if which in (True, "latest"):
+            if not found:
+                raise RunDirError(f"{self.path}: no checkpoint to resume from (checkpoints: {names})")
+            return found[-1][1]
+        for _, p in found:
+            if p.name == which:
+                return p
+        raise RunDirError(f"{self.path}: no checkpoint {which!r}; available: {names}")
+
+    def prune_checkpoints(self, keep_last: int) -> None:
+        for _, p in self.list_checkpoints()[:-keep_last]:
+            shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,116 @@
+"""Shared fixtures: offline environment, the real data under ../shared/data, small recipes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "recipes"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline(tmp_path_factory):
+    """No network, and caches in a temp dir, for every test and every subprocess it starts."""
+    cache = tmp_path_factory.mktemp("hf-cache")
+    for key, value in {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HOME": str(cache),
+        "HF_DATASETS_CACHE": str(cache / "datasets"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }.items():
+        os.environ[key] = value
+    yield
+
+
+def _find_shared_data() -> Path | None:
+    candidates = [os.environ.get("GPTJ_TUNE_SHARED_DATA"), REPO.parent / "shared" / "data", REPO / "shared" / "data"]
+    for c in candidates:
+        if c and (Path(c) / "README.md").exists():
+            return Path(c)
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data: skip with a reason when absent, but fail under CI=true (CI always has it)."""
+    found = _find_shared_data()
+    if found is None:
+        message = (
+            "../shared/data not found (the real Alpaca/Dolly/GPT-2 tokenizer files); "
+            "set GPTJ_TUNE_SHARED_DATA to its path"
+        )
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + " -- CI must have it")
+        pytest.skip(message)
+    return found
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer(shared_data):
+    from gptj_tune.models import load_tokenizer
+    from gptj_tune.recipe import ModelSection
+
+    path = str(shared_data / "gpt2-tokenizer")
+    tok = load_tokenizer(path, path, ModelSection())
+    tok.eos_token = "<|endoftext|>"
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+def write_recipe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# A recipe that trains in a few seconds: tiny tiny-gptj, few steps.
+SMALL_RECIPE = """\
+model:
+  name_or_path: tiny-gptj
+  tiny: {{layers: 2, width: 64, heads: 4, rotary_dim: 8}}
+method:
+  kind: {method}
+  {method_extra}
+data:
+  sources:
+    - format: synthetic
+      count: 600
+  template: plain
+  max_length: 128
+train:
+  lr: {lr}
+  max_steps: {steps}
+  batch_size: 4
+  warmup_steps: 2
+  log_every: 5
+  save_every: {save_every}
+  keep_last: 10
+  seed: 7
+output:
+  dir: {out}
+"""
+
+
+def small_recipe(tmp_path: Path, method="lora", steps=20, save_every=10, lr=3e-3, out=None, name="r.yaml") -> Path:
+    method_extra = "dropout: 0.1" if method == "lora" else ""
+    text = SMALL_RECIPE.format(
+        method=method, method_extra=method_extra, steps=steps, save_every=save_every, lr=lr, out=out or tmp_path / "run"
+    )
+    return write_recipe(tmp_path / name, text)
+
+
+def cli(*args: str, timeout: int = 600, **kwargs):
+    """Run the real `gptj-tune` entry point in a subprocess."""
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, "-m", "gptj_tune", *args], capture_output=True, text=True, timeout=timeout, **kwargs
+    )

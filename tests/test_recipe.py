@@ -1,0 +1,127 @@
+"""The Recipe schema: shipped recipes validate; bad ones give specific, located messages."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from conftest import RECIPES, REPO, cli, write_recipe
+
+from gptj_tune.errors import RecipeError
+from gptj_tune.recipe import LoraMethod, load_recipe, reference_markdown
+
+SHIPPED = sorted(RECIPES.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.description, f"{path.name} needs a one-line description"
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith("# Run: gptj-tune run recipes/" + path.name), first_line
+
+
+def test_defaults_and_output_dir_from_file_name(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path / "my-run.yaml", "{}\n"))
+    assert recipe.output.dir == "runs/my-run"
+    assert isinstance(recipe.method, LoraMethod) and recipe.method.r == 16
+    assert recipe.data.packing is True and recipe.train.lr == 2e-4
+
+
+def test_unknown_key_names_line_and_suggests_fix(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", "train:\n  lrr: 1.0e-4\n  batch_size: 2\n")
+    with pytest.raises(RecipeError, match=r"`train\.lrr` \(line 2\): unknown key; did you mean `lr`\?"):
+        load_recipe(path)
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    text = "model:\n  dtype: fp8\ntrain:\n  batch_size: lots\nmethod:\n  kind: lora\n  rr: 4\n"
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write_recipe(tmp_path / "r.yaml", text))
+    message = str(info.value)
+    assert "3 problem(s)" in message
+    assert re.search(r"`model\.dtype` \(line 2\): Input should be .*'float32'.*got 'fp8'", message)
+    assert re.search(r"`train\.batch_size` \(line 4\): .*integer.*got 'lots'", message)
+    assert "`method.rr` (line 7): unknown key; did you mean `r`?" in message
+
+
+def test_method_kind_is_a_tagged_union(tmp_path):
+    with pytest.raises(RecipeError, match=r"`method\.kind` \(line 2\): got 'qlora'; expected one of 'full', 'lora'"):
+        load_recipe(write_recipe(tmp_path / "r.yaml", "method:\n  kind: qlora\n"))
+    with pytest.raises(RecipeError, match=r"`method\.r`.*unknown key"):
+        load_recipe(write_recipe(tmp_path / "r.yaml", "method:\n  kind: full\n  r: 8\n"))
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("train:\n  warmup_steps: 10\n  warmup_ratio: 0.1\n", "can't set both train.warmup_steps and train.warmup_ratio"),
+        ("train:\n  epochs: 2\n  max_steps: 10\n", "can't set both train.epochs and train.max_steps"),
+        ("data:\n  sources:\n    - format: alpaca\n", r"`data\.sources\[0\]` \(line 3\): `path` is required for format alpaca"),
+        ("data:\n  sources:\n    - {format: jsonl, path: x.jsonl}\n", "format jsonl needs `prompt_field`"),
+        ("data:\n  sources:\n    - {format: synthetic, path: x}\n", "`path` is not used with format synthetic"),
+        ("model:\n  name_or_path: EleutherAI/gpt-j-6b\n  tiny: {layers: 2}\n", "model.tiny only shapes the built-in"),
+        ("model:\n  tiny: {width: 30, heads: 4}\n", r"width \(30\) must be divisible by model.tiny.heads"),
+        ("data:\n  template: {prompt: 'Q: {question}'}\n", "may use only"),
+    ],
+)
+def test_contradictions_are_errors(tmp_path, text, match):
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(write_recipe(tmp_path / "r.yaml", text))
+
+
+def test_overrides(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", "train:\n  lr: 1.0e-3\n")
+    recipe = load_recipe(path, ["train.lr=1e-4", "data.max_length=256", "data.packing=false", "method.kind=full"])
+    assert recipe.train.lr == 1e-4 and recipe.data.max_length == 256 and recipe.data.packing is False
+    assert recipe.method.kind == "full"
+    recipe = load_recipe(RECIPES / "quickstart.yaml", ["data.sources.0.count=100"])
+    assert recipe.data.sources[0].count == 100
+    with pytest.raises(RecipeError, match=r"`train\.lrr` \(from --set\): unknown key; did you mean `lr`"):
+        load_recipe(path, ["train.lrr=1"])
+    with pytest.raises(RecipeError, match="expected KEY=VALUE"):
+        load_recipe(path, ["train.lr"])
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", "train: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(RecipeError, match="line 1: not valid YAML"):
+        load_recipe(path)
+
+
+def test_recipe_is_read_only(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", "{}\n"))
+    with pytest.raises(Exception):
+        recipe.train.lr = 1.0  # type: ignore[misc]
+
+
+def test_validate_command_exit_codes(tmp_path):
+    good = cli("validate", str(RECIPES / "quickstart.yaml"))
+    assert good.returncode == 0, good.stderr
+    assert "name_or_path: tiny-gptj" in good.stdout and "valid" in good.stdout
+    bad = cli("validate", str(write_recipe(tmp_path / "bad.yaml", "trian: {}\n")))
+    assert bad.returncode == 2
+    assert "`trian` (line 1): unknown key; did you mean `train`?" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_recipes_list_and_copy(tmp_path):
+    listing = cli("recipes")
+    assert listing.returncode == 0
+    for path in SHIPPED:
+        assert path.stem in listing.stdout
+    dest = tmp_path / "mine.yaml"
+    assert cli("recipes", "copy", "quickstart", str(dest)).returncode == 0
+    assert dest.read_text() == (RECIPES / "quickstart.yaml").read_text()
+    again = cli("recipes", "copy", "quickstart", str(dest))
+    assert again.returncode == 2 and "already exists" in again.stderr
+    missing = cli("recipes", "copy", "nope", str(tmp_path / "x.yaml"))
+    assert missing.returncode == 2 and "no shipped recipe 'nope'" in missing.stderr
+
+
+def test_readme_reference_is_generated_from_the_schema():
+    readme = (REPO / "README.md").read_text()
+    start, end = "<!-- recipe-reference:start -->\n", "<!-- recipe-reference:end -->"
+    assert start in readme and end in readme, "README.md needs the generated recipe reference"
+    embedded = readme.split(start)[1].split(end)[0]
+    assert embedded == reference_markdown(), "README reference is stale: run `gptj-tune recipes reference`"
