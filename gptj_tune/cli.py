@@ -151,6 +151,8 @@ def normalize_argv(args: list[str]) -> list[str]:
 
 def main():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our progress is the one to read
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     app(args=normalize_argv(sys.argv[1:]), prog_name="gptj-tune")
 
 

@@ -6,7 +6,7 @@ from .models import lora_targets
 from .recipe import FullMethod, LoraMethod
 
 
-def apply_method(model, method: FullMethod | LoraMethod):
+def apply_method(model, method: FullMethod | LoraMethod, gradient_checkpointing: bool = False):
     """Return the model to train: itself for `full`, a peft model for `lora`."""
     if isinstance(method, FullMethod):
         model.requires_grad_(True)
@@ -23,7 +23,7 @@ def apply_method(model, method: FullMethod | LoraMethod):
         bias=method.bias,
         modules_to_save=method.modules_to_save or None,
     )
-    if getattr(model, "is_gradient_checkpointing", False):
+    if gradient_checkpointing:
         # Frozen embeddings give checkpointed blocks inputs without grad; this keeps the graph alive.
         model.enable_input_require_grads()
     return peft.get_peft_model(model, config)

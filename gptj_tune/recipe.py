@@ -229,7 +229,7 @@ class DataSection(Section):
 
 class TrainSection(Section):
     lr: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
-    epochs: int = Field(1, ge=1, description="Passes over the training data (used when max_steps is not set).")
+    epochs: int | None = Field(None, ge=1, description="Passes over the training data; null means 1 unless max_steps is set.")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run; replaces `epochs`.")
     batch_size: int = Field(8, ge=1, description="Rows per micro-batch (per device).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
@@ -249,7 +249,7 @@ class TrainSection(Section):
     def _check_choices(self):
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             raise ValueError("can't set both train.warmup_steps and train.warmup_ratio; choose one")
-        if self.max_steps is not None and "epochs" in self.model_fields_set:
+        if self.max_steps is not None and self.epochs is not None:
             raise ValueError("can't set both train.epochs and train.max_steps; choose one")
         return self
 

@@ -170,9 +170,8 @@ def prepare_run_dir(recipe: Recipe, resume: str | bool, force: bool) -> tuple[Ru
     if resume:
         if not run.recipe.exists():
             raise RunDirError(f"--resume: {run.path} holds no run (no recipe.yaml); start it without --resume")
-        frozen = run.recipe.read_text()
-        if frozen != recipe.to_yaml():
-            diff = _recipe_diff(frozen, recipe.to_yaml())
+        diff = _recipe_diff(run.recipe.read_text(), recipe.to_yaml())
+        if diff:
             raise RunDirError(
                 f"--resume: the recipe differs from the one {run.path} was started with at: {diff}. Resume "
                 f"with the same recipe and --set values, or start a new run (output.dir)."
@@ -201,7 +200,8 @@ def _recipe_diff(old: str, new: str) -> str:
         return out
 
     a, b = flat(yaml.safe_load(old)), flat(yaml.safe_load(new))
-    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    # output.dir may differ: a run directory can be moved or copied and still resumed.
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k != "output.dir")
     return ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys[:6])
 
 
@@ -227,7 +227,7 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     accelerator = Accelerator()
     set_seed(recipe.train.seed)
     model, tokenizer = load_model_and_tokenizer(recipe.model, resolve_base(recipe.model, run.path))
-    model = apply_method(model, recipe.method)
+    model = apply_method(model, recipe.method, recipe.model.gradient_checkpointing)
     data = prepare_data(recipe.data, tokenizer)
     _print_setup(console, recipe, model, data)
 
@@ -235,7 +235,7 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     train_batches = Batches(data.train_rows, recipe.train.batch_size, tokenizer.pad_token_id, pad_to, recipe.train.seed)
     eval_batches = Batches(data.eval_rows, recipe.eval.batch_size or recipe.train.batch_size, tokenizer.pad_token_id, pad_to, 0, shuffle=False)
     accum = recipe.train.grad_accum
-    total_steps = recipe.train.max_steps or recipe.train.epochs * -(-len(train_batches) // accum)
+    total_steps = recipe.train.max_steps or (recipe.train.epochs or 1) * -(-len(train_batches) // accum)
     optimizer = build_optimizer(model, recipe.train)
     warmup = warmup_steps(recipe.train, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -353,7 +353,7 @@ class _Loop:
         for batch in micro:
             loss_sum, _ = batch_loss(self.model, batch)
             self.accelerator.backward(loss_sum / max(targets, 1))
-            total += float(loss_sum)  # note: a host sync per micro-batch; cheap next to the step on CPU
+            total += float(loss_sum.detach())  # note: a host sync per micro-batch; cheap next to a CPU step
         loss = total / max(targets, 1)
         if not math.isfinite(loss):
             saved = self.rundir.list_checkpoints()

@@ -55,16 +55,16 @@ def tokenize_instructions(
         r = r + [eos]
         ids = p + r
         labels = (list(p) if train_on_prompt else [IGNORE] * len(p)) + r
-        if len(ids) > max_length:
-            if overlong == "drop":
-                stats.dropped += 1
-                continue
-            ids, labels = ids[:max_length], labels[:max_length]
-            stats.truncated += 1
+        truncated = len(ids) > max_length
+        if truncated and overlong == "drop":
+            stats.dropped += 1
+            continue
+        ids, labels = ids[:max_length], labels[:max_length]
         labels[0] = IGNORE
         if all(label == IGNORE for label in labels):  # the prompt alone filled max_length
             stats.dropped += 1
             continue
+        stats.truncated += truncated
         examples.append(Example(ids, labels))
     _count(stats, examples)
     return examples, stats

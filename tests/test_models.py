@@ -1,0 +1,144 @@
+"""Models: the built-in tiny GPT-J, GPT-J tokenizer facts, LoRA targets, and exact packing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptj_tune.data.templates import BUILTIN_TEMPLATES
+from gptj_tune.data.tokenize import IGNORE, collate, make_rows, tokenize_instructions
+from gptj_tune.errors import ModelError
+from gptj_tune.methods import apply_method, count_parameters
+from gptj_tune.models import block_causal_mask, build_tiny_gptj, load_model_and_tokenizer
+from gptj_tune.recipe import FullMethod, LoraMethod, ModelSection, TinyModelSection
+
+SMALL = TinyModelSection(layers=2, width=64, heads=4, rotary_dim=8)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    section = ModelSection(tiny=SMALL)
+    build_tiny_gptj(section, out)
+    return out, section
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory, shared_data):
+    """A tiny GPT-J around the real GPT-2 tokenizer, with GPT-J's 50400-row embedding."""
+    out = tmp_path_factory.mktemp("tiny-gpt2") / "model"
+    section = ModelSection(tiny=SMALL, tokenizer=str(shared_data / "gpt2-tokenizer"))
+    build_tiny_gptj(section, out)
+    return load_model_and_tokenizer(section, str(out))
+
+
+def test_tiny_build_is_deterministic_and_loads_with_from_pretrained(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPTJForCausalLM
+
+    out, section = tiny
+    again = tmp_path / "again"
+    build_tiny_gptj(section, again)
+    assert (out / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
+    assert (out / "tokenizer.json").read_bytes() == (again / "tokenizer.json").read_bytes()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert isinstance(model, GPTJForCausalLM) and model.config.n_layer == 2 and model.config.rotary_dim == 8
+    assert tok.eos_token == "<|endoftext|>" and tok.pad_token_id == tok.eos_token_id == model.config.eos_token_id
+    text = "Sort: 3 1 2 — ünïcode ✓"
+    assert tok.decode(tok(text)["input_ids"]) == text  # byte-level: any text round-trips
+    assert len(tok("Reverse the order of the words.")["input_ids"]) <= 8  # trained on the demo data
+
+
+def test_gptj_tokenizer_facts(tiny_gpt2):
+    model, tok = tiny_gpt2
+    assert len(tok) == 50257 and tok.eos_token_id == 50256 and tok.pad_token_id == 50256
+    assert model.get_input_embeddings().weight.shape[0] == 50400  # GPT-J's padded embedding is never shrunk
+
+
+def test_lora_targets_default_and_all_linear(tiny):
+    out, section = tiny
+    model, _ = load_model_and_tokenizer(section, str(out))
+    peft_model = apply_method(model, LoraMethod(kind="lora", r=4))
+    adapted = {name.split(".")[-1] for name, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"}
+    trainable, total = count_parameters(peft_model)
+    assert trainable == sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n) and trainable < total
+    model, _ = load_model_and_tokenizer(section, str(out))
+    all_linear = apply_method(model, LoraMethod(kind="lora", r=4, target_modules="all-linear"))
+    assert {n.split(".")[-1] for n, m in all_linear.named_modules() if hasattr(m, "lora_A")} == adapted
+    model, _ = load_model_and_tokenizer(section, str(out))
+    full = apply_method(model, FullMethod(kind="full"))
+    assert count_parameters(full)[0] == count_parameters(full)[1]
+
+
+def test_unknown_family_needs_explicit_targets(tiny):
+    from gptj_tune.models import lora_targets
+
+    assert lora_targets("gpt_neo") == ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"]
+    with pytest.raises(ModelError, match="set method.target_modules"):
+        lora_targets("llama")
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelError, match=r"'EleutherAI/gpt-j-6b' is not a local folder.*HF_HUB_OFFLINE is set"):
+        load_model_and_tokenizer(ModelSection(name_or_path="EleutherAI/gpt-j-6b"), "EleutherAI/gpt-j-6b")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="could not load the tokenizer from folder"):
+        load_model_and_tokenizer(ModelSection(name_or_path=str(tmp_path / "empty")), str(tmp_path / "empty"))
+
+
+def test_block_causal_mask():
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0]])
+    allowed = block_causal_mask(positions, torch.float32)[0, 0] == 0
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0],
+            [0, 0, 0, 1, 0, 0],
+            [0, 0, 0, 1, 1, 0],
+            [0, 0, 0, 0, 0, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(allowed, expected)
+
+
+def _per_example_losses(model, rows, pad_id, pad_to, use_mask=True):
+    """{example input_ids: mean token loss} computed from one forward pass over `rows`."""
+    batch = collate(rows, pad_id, pad_to)
+    # Without our mask: the plain call a naive loop makes (cache on by default, which turns off
+    # transformers' packed-sequence detection).
+    kwargs = {"attention_mask": block_causal_mask(batch["position_ids"], torch.float32), "use_cache": False} if use_mask else {}
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], **kwargs).logits
+    token_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE, reduction="none")
+    out = {}
+    for j, row in enumerate(rows):
+        starts = [i for i, p in enumerate(row.position_ids) if p == 0] + [len(row.input_ids)]
+        for a, b in zip(starts, starts[1:]):
+            targets = batch["labels"][j, a + 1 : b] != IGNORE  # token t predicts label t+1 inside the example
+            out[tuple(row.input_ids[a:b])] = float(token_loss[j, a : b - 1][targets].sum() / targets.sum())
+    return out
+
+
+def test_packed_loss_equals_unpacked_loss(shared_data, tiny_gpt2):
+    from gptj_tune.data.formats import read_source
+    from gptj_tune.recipe import SourceSection
+
+    model, tok = tiny_gpt2
+    model.eval()
+    source = SourceSection(format="alpaca", path=str(shared_data / "alpaca" / "alpaca_2k.json"), limit=24)
+    records = read_source(source, 0, "skip").records
+    examples, _ = tokenize_instructions(records, tok, BUILTIN_TEMPLATES["alpaca"], 384, False, "truncate")
+    packed_rows = make_rows(examples, 384, packing=True)
+    assert len(packed_rows) < len(examples) / 2  # really packed, several examples per row
+    packed = _per_example_losses(model, packed_rows, tok.pad_token_id, 384)
+    unpacked = _per_example_losses(model, make_rows(examples, 384, packing=False), tok.pad_token_id, None)
+    assert packed.keys() == unpacked.keys() and len(packed) == 24
+    diffs = [abs(packed[k] - unpacked[k]) for k in packed]
+    assert max(diffs) < 1e-5, max(diffs)
+    # The explicit mask matters: a plain call lets packed examples see each other and the losses move.
+    leaky = _per_example_losses(model, packed_rows, tok.pad_token_id, 384, use_mask=False)
+    assert max(abs(leaky[k] - unpacked[k]) for k in packed) > 1e-3
