@@ -6,9 +6,11 @@ Library errors (GptjTuneError) become one clear message and an exit code, never 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -153,6 +155,10 @@ def main():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our progress is the one to read
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # Library chatter a user cannot act on: peft calling a renamed transformers helper, and
+    # DeepSpeed (imported by accelerate) announcing at WARNING level that this machine has no GPU.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
     app(args=normalize_argv(sys.argv[1:]), prog_name="gptj-tune")
 
 

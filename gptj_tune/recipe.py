@@ -275,7 +275,11 @@ class ExportSection(Section):
 
 
 class OutputSection(Section):
-    dir: str = Field(description="Run directory. Default: runs/<recipe file name without .yaml>.")
+    # No schema default: load_recipe fills it from the recipe's file name.
+    dir: str = Field(
+        description="Run directory. Default: runs/<recipe file name without .yaml>.",
+        json_schema_extra={"shown_default": "`runs/<recipe stem>`"},
+    )
 
 
 class Recipe(Section):
@@ -495,10 +499,13 @@ def reference_markdown() -> str:
                 out.append(row(f"{prefix}{name}", field, note))
 
     def row(key, field, note=""):
-        if field.is_required():
+        shown = (field.json_schema_extra or {}).get("shown_default")
+        if shown:
+            default = shown
+        elif field.is_required():
             default = "required"
         elif field.default_factory is not None:
-            default = "see below" if key.endswith("[]") else "…"
+            default = "see below" if key.endswith("[]") else f"`{field.default_factory()}`"
         else:
             default = f"`{field.default}`" if field.default is not None else "null"
         return f"| `{key}` | {default} | {field.description or ''}{note} |"
