@@ -320,6 +320,7 @@ class _Loop:
         columns = [TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn()]
         loss = float("nan")
         started = time.perf_counter() - state["seconds"]
+        session_start, session_first_step = time.perf_counter(), state["step"]
         self.model.train()
         with Progress(*columns, console=self.console, transient=False) as progress:
             task = progress.add_task("train", total=total_steps, completed=state["step"], info="")
@@ -339,7 +340,9 @@ class _Loop:
                 info = f"loss {loss:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s"
                 progress.update(task, completed=state["step"], info=info)
                 if not self.console.is_terminal and (state["step"] % train.log_every == 0 or state["step"] == total_steps):
-                    self.console.print(f"step {state['step']}/{total_steps}  {info}")
+                    per_step = (time.perf_counter() - session_start) / (state["step"] - session_first_step)
+                    eta = int(per_step * (total_steps - state["step"]))
+                    self.console.print(f"step {state['step']}/{total_steps}  {info}  ETA {eta // 60}:{eta % 60:02d}")
                 self._after_step(state, total_steps)
         return loss
 
