@@ -33,11 +33,17 @@ def _friendly(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .distributed import report_worker_error
+
         try:
             return fn(*args, **kwargs)
         except GptjTuneError as e:
             err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+            report_worker_error(str(e), e.exit_code)
             raise typer.Exit(e.exit_code)
+        except Exception as e:  # a bug or a library failure: keep the traceback, tell the launcher why
+            report_worker_error(f"{type(e).__name__}: {e} (traceback in the launcher log)", 1)
+            raise
 
     return wrapper
 
@@ -67,11 +73,19 @@ def run(
     force: bool = typer.Option(False, "--force", help="Delete an existing run directory and start over."),
 ):
     """Train a recipe into its run directory (output.dir)."""
+    from .distributed import launch, needs_launch
     from .recipe import load_recipe
     from .train import train
 
-    recipe_obj = load_recipe(_resolve_recipe_path(recipe), set_)
+    path = _resolve_recipe_path(recipe)
+    recipe_obj = load_recipe(path, set_)
+    if needs_launch(recipe_obj):  # start the workers, which run this same command
+        argv = ["run", str(path.resolve()), *(a for o in set_ for a in ("--set", o))]
+        argv += (["--resume", resume] if resume else []) + (["--force"] if force else [])
+        raise typer.Exit(launch(recipe_obj, argv, console))
     result = train(recipe_obj, resume=resume or False, force=force, console=console)
+    if result is None:  # a worker other than rank 0: rank 0 reports
+        return
     table = Table(title=f"Run finished: {result.run_dir}", show_header=False)
     table.add_row("steps", str(result.steps))
     table.add_row("train loss (last step)", f"{result.final_loss:.4f}")

@@ -31,6 +31,9 @@ def apply_method(model, method: FullMethod | LoraMethod, gradient_checkpointing:
 
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    def size(p):  # under ZeRO-3 a parameter's local shard is empty; ds_numel is its real size
+        return getattr(p, "ds_numel", p.numel())
+
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
+    total = sum(size(p) for p in model.parameters())
     return trainable, total

@@ -56,7 +56,8 @@ def load_model_and_tokenizer(section: ModelSection, base: str):
     tokenizer = load_tokenizer(section.tokenizer if section.name_or_path != TINY_MODEL_NAME else None, base, section)
     model = _from_pretrained(base, section)
     _fix_special_tokens(tokenizer, model.config)
-    rows = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    rows = getattr(weight, "ds_shape", weight.shape)[0]  # under ZeRO-3 the local shard is empty
     if len(tokenizer) > rows:  # grow only: GPT-J's 50400 rows already cover 50257 tokens
         model.resize_token_embeddings(len(tokenizer))
     if section.gradient_checkpointing:

@@ -254,8 +254,70 @@ class TrainSection(Section):
         return self
 
 
+class DeepSpeedSection(Section):
+    zero_stage: Literal[2, 3] = Field(
+        3, description="ZeRO stage: 2 shards optimizer states and gradients; 3 also shards the weights."
+    )
+    offload_optimizer: Literal["none", "cpu"] = Field("none", description="Keep optimizer states in CPU memory.")
+    offload_params: Literal["none", "cpu"] = Field("none", description="Keep weights in CPU memory (stage 3 only).")
+    config: str | None = Field(
+        None,
+        description="Your own DeepSpeed JSON instead of the keys above; `auto` values are filled from the recipe "
+        "(batch size, accumulation, clipping, precision). Relative to the recipe file.",
+    )
+
+    @model_validator(mode="after")
+    def _check_offload(self):
+        if self.offload_params != "none" and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage: 3 (stage 2 keeps weights on the device)")
+        chosen = {"zero_stage", "offload_optimizer", "offload_params"} & self.model_fields_set
+        if self.config is not None and chosen:
+            raise ValueError(f"set either `config` or {', '.join(sorted(chosen))}, not both: the JSON decides those")
+        return self
+
+
 class DistributedSection(Section):
-    backend: Literal["single"] = Field("single", description="single: one process. (DDP/DeepSpeed/FSDP: later.)")
+    backend: Literal["single", "ddp", "deepspeed"] = Field(
+        "single",
+        description="single: one process. ddp: data parallel, a full copy per process. deepspeed: ZeRO-2/3 "
+        "sharding (set `deepspeed`).",
+    )
+    num_processes: int = Field(1, ge=1, description="Processes per machine (one per GPU).")
+    num_machines: int = Field(1, ge=1, description="Machines in the job; run the same command on each.")
+    machine_rank: int = Field(0, ge=0, description="This machine's index, 0 to num_machines - 1.")
+    main_process_ip: str = Field("127.0.0.1", description="Address of machine 0, reachable from every machine.")
+    main_process_port: int = Field(29500, ge=1, le=65535, description="Free TCP port on machine 0.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="Autocast precision; `no` trains in model.dtype (use `no` on CPU)."
+    )
+    timeout_minutes: int = Field(
+        60, ge=1, description="How long a collective may wait before the job fails (a hung peer ends the job)."
+    )
+    deepspeed: DeepSpeedSection | None = Field(
+        None, description="DeepSpeed settings (backend deepspeed; defaults below when left out)."
+    )
+
+    @model_validator(mode="after")
+    def _check_layout(self):
+        problems = []
+        if self.backend == "single" and self.num_processes * self.num_machines > 1:
+            problems.append("backend single runs one process: set backend to ddp or deepspeed for more")
+        if self.machine_rank >= self.num_machines:
+            problems.append(f"machine_rank {self.machine_rank} must be below num_machines {self.num_machines}")
+        if self.deepspeed is not None and self.backend != "deepspeed":
+            problems.append("the `deepspeed` settings only apply to backend: deepspeed")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.num_processes * self.num_machines
+
+    @property
+    def zero(self) -> DeepSpeedSection:
+        """The DeepSpeed settings in force (defaults when the section is left out)."""
+        return self.deepspeed or DeepSpeedSection()
 
 
 class EvalSection(Section):
@@ -292,6 +354,16 @@ class Recipe(Section):
     eval: EvalSection = Field(default_factory=EvalSection, description="Evaluation during and after training.")
     export: ExportSection = Field(default_factory=ExportSection, description="Export defaults.")
     output: OutputSection = Field(description="Where the run directory goes.")
+
+    @model_validator(mode="after")
+    def _check_precision(self):
+        weights, autocast = self.model.dtype, self.distributed.mixed_precision
+        if (autocast == "fp16" and weights in ("bfloat16", "bf16")) or (autocast == "bf16" and weights in ("float16", "fp16")):
+            raise ValueError(
+                f"distributed.mixed_precision {autocast} contradicts model.dtype {weights}: use the same 16-bit "
+                f"type for both, or model.dtype float32 with mixed precision"
+            )
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
@@ -452,13 +524,16 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 
 def _resolve_source_paths(raw: dict, base: Path) -> None:
-    """Relative local data paths are relative to the recipe file, like an import in code."""
+    """Relative local paths (data, DeepSpeed JSON) are relative to the recipe file, like an import in code."""
     sources = raw.get("data", {}).get("sources") if isinstance(raw.get("data"), dict) else None
     for source in sources if isinstance(sources, list) else []:
         if isinstance(source, dict) and isinstance(source.get("path"), str):
             candidate = base / source["path"]
             if not Path(source["path"]).is_absolute() and candidate.exists():
                 source["path"] = str(candidate.resolve())
+    ds = raw.get("distributed", {}).get("deepspeed") if isinstance(raw.get("distributed"), dict) else None
+    if isinstance(ds, dict) and isinstance(ds.get("config"), str) and not Path(ds["config"]).is_absolute():
+        ds["config"] = str((base / ds["config"]).resolve())
 
 
 def validate_recipe(raw: dict, source: str | None = None, lines=None, overrides=frozenset()) -> Recipe:

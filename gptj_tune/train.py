@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -67,17 +68,27 @@ def batch_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int
 
 
 @torch.no_grad()
-def evaluate_loss(model, batches: Batches, device) -> float | None:
-    """Mean cross-entropy per target token over every eval batch."""
+def evaluate_loss(model, batches: Batches, accelerator) -> float | None:
+    """Mean cross-entropy per target token over every eval batch, the batches shared out over processes.
+
+    Every process runs the same number of forwards (ZeRO-3 gathers weights collectively), so one
+    whose share is a batch short repeats its last batch and does not count it.
+    """
+    from .distributed import all_sum
+
     if not batches.rows:
         return None
     was_training = model.training
     model.eval()
+    world, rank, n = accelerator.num_processes, accelerator.process_index, batches.device_batches
     total, count = 0.0, 0
-    for batch in batches:
-        loss_sum, n = batch_loss(model, _to(batch, device))
-        total, count = total + float(loss_sum), count + n
+    for k in range(-(-n // world)):
+        j = k * world + rank
+        loss_sum, targets = batch_loss(model, _to(batches.device_batch(min(j, n - 1)), accelerator.device))
+        if j < n:
+            total, count = total + float(loss_sum), count + targets
     model.train(was_training)
+    total, count = all_sum([total, count], accelerator)
     return total / max(count, 1)
 
 
@@ -116,54 +127,97 @@ def _to(batch, device):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(run: RunDir, step: int, model, optimizer, scheduler, state: dict, keep_last: int) -> Path:
+def save_checkpoint(run: RunDir, step: int, accelerator, model, optimizer, scheduler, state: dict, keep_last: int) -> Path:
+    """Write checkpoints/step-N atomically. Every process writes its part (its RNG state; its ZeRO
+    shards under DeepSpeed) into one temp folder, which the main process renames when all are done."""
+    import shutil
+
+    main, rank = accelerator.is_main_process, accelerator.process_index
     target = run.checkpoints / f"step-{step}"
-    with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp / "model")
+    tmp = run.checkpoints / f".partial-step-{step}"
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    if _is_deepspeed(accelerator):
+        model.save_checkpoint(str(tmp / "deepspeed"), tag="state")  # collective: weights + optimizer shards
+    elif main:
+        accelerator.unwrap_model(model).save_pretrained(tmp / "model")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, tmp / f"rng-{rank}.pt")
+    if main:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(
-            {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-            tmp / "rng.pt",
-        )
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    run.prune_checkpoints(keep_last)
+        (tmp / "trainer_state.json").write_text(json.dumps({**state, "world_size": accelerator.num_processes}, indent=2))
+    accelerator.wait_for_everyone()
+    if main:
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+        run.prune_checkpoints(keep_last)
+    accelerator.wait_for_everyone()
     return target
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG from `folder`; return its trainer state."""
-    from safetensors.torch import load_file
-
-    weights = folder / "model"
+def load_checkpoint(folder: Path, accelerator, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and this process's RNG from `folder`; return its trainer state."""
     try:
-        if (weights / "adapter_model.safetensors").exists():
-            import peft
-
-            peft.set_peft_model_state_dict(model, load_file(weights / "adapter_model.safetensors"))
+        state = json.loads((folder / "trainer_state.json").read_text())
+        if state.get("world_size", 1) != accelerator.num_processes:
+            raise RunDirError(
+                f"{folder} was saved by {state.get('world_size', 1)} process(es); this run has "
+                f"{accelerator.num_processes}. Resume with the same distributed layout."
+            )
+        if _is_deepspeed(accelerator):
+            loaded, _ = model.load_checkpoint(str(folder / "deepspeed"), tag="state", load_lr_scheduler_states=False)
+            if loaded is None:
+                raise OSError(f"no DeepSpeed state under {folder / 'deepspeed'}")
         else:
-            state = {}
-            for file in sorted(weights.glob("*.safetensors")):
-                state.update(load_file(file))
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            if unexpected or [k for k in missing if "lm_head" not in k]:
-                raise RunDirError(f"{folder}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+            _load_weights(folder / "model", accelerator.unwrap_model(model), folder)
+            optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-        rng = torch.load(folder / "rng.pt", weights_only=False)
+        rng = torch.load(folder / f"rng-{accelerator.process_index}.pt", weights_only=False)
     except (OSError, RuntimeError, KeyError, ValueError) as e:
         raise RunDirError(f"{folder}: checkpoint cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])
-    return json.loads((folder / "trainer_state.json").read_text())
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return {k: v for k, v in state.items() if k != "world_size"}
+
+
+def _load_weights(weights: Path, model, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    if (weights / "adapter_model.safetensors").exists():
+        import peft
+
+        peft.set_peft_model_state_dict(model, load_file(weights / "adapter_model.safetensors"))
+        return
+    state = {}
+    for file in sorted(weights.glob("*.safetensors")):
+        state.update(load_file(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if "lm_head" not in k]:
+        raise RunDirError(f"{folder}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def _is_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
 # -------------------------------------------------------------------------------- run dir
 
 
-def prepare_run_dir(recipe: Recipe, resume: str | bool, force: bool) -> tuple[RunDir, Path | None]:
-    """Check the run dir against the request; write the frozen recipe. Returns (run, checkpoint to load)."""
+def prepare_run_dir(recipe: Recipe, resume: str | bool, force: bool, create: bool = True) -> tuple[RunDir, Path | None]:
+    """Check the run dir against the request; write the frozen recipe. Returns (run, checkpoint to load).
+
+    Only the main process creates (`create`); the others, which run after it, only look."""
     import shutil
 
     run = RunDir(recipe.output.dir)
@@ -177,6 +231,8 @@ def prepare_run_dir(recipe: Recipe, resume: str | bool, force: bool) -> tuple[Ru
                 f"with the same recipe and --set values, or start a new run (output.dir)."
             )
         return run, run.checkpoint(resume)
+    if not create:
+        return run, None
     if run.is_used():
         if not force:
             raise RunDirError(
@@ -200,8 +256,10 @@ def _recipe_diff(old: str, new: str) -> str:
         return out
 
     a, b = flat(yaml.safe_load(old)), flat(yaml.safe_load(new))
-    # output.dir may differ: a run directory can be moved or copied and still resumed.
-    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k != "output.dir")
+    # output.dir may differ (a run directory can be moved and still resumed), and so does each
+    # machine's machine_rank in a multi-machine job.
+    free = {"output.dir", "distributed.machine_rank"}
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in free)
     return ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys[:6])
 
 
@@ -216,62 +274,130 @@ def _rewind_metrics(run: RunDir, step: int) -> None:
 # ----------------------------------------------------------------------------------- train
 
 
-def train(recipe: Recipe, resume: str | bool = False, force: bool = False, console=None) -> TrainResult:
-    """Run the recipe into its run directory and return a summary."""
-    from accelerate import Accelerator
+def train(recipe: Recipe, resume: str | bool = False, force: bool = False, console=None) -> TrainResult | None:
+    """Run the recipe into its run directory. Returns a summary on the main process, None on the others."""
     from accelerate.utils import set_seed
     from rich.console import Console
 
-    console = console or Console()
-    run, checkpoint = prepare_run_dir(recipe, resume, force)
-    accelerator = Accelerator()
+    from .distributed import make_accelerator
+
+    accelerator = make_accelerator(recipe)
+    main = accelerator.is_main_process
+    console = (console or Console()) if main else Console(quiet=True)  # only the main process prints
+    with accelerator.main_process_first():  # the main process checks and creates the run dir first
+        run, checkpoint = prepare_run_dir(recipe, resume, force, create=main)
+        base = resolve_base(recipe.model, run.path)
     set_seed(recipe.train.seed)
-    model, tokenizer = load_model_and_tokenizer(recipe.model, resolve_base(recipe.model, run.path))
+    model, tokenizer = load_model_and_tokenizer(recipe.model, base)
     model = apply_method(model, recipe.method, recipe.model.gradient_checkpointing)
-    data = prepare_data(recipe.data, tokenizer)
-    _print_setup(console, recipe, model, data)
+    data = _prepare_data_once(recipe, tokenizer, run, accelerator)
+    _print_setup(console, recipe, model, data, accelerator.num_processes)
 
     pad_to = recipe.data.max_length if recipe.data.packing else None
-    train_batches = Batches(data.train_rows, recipe.train.batch_size, tokenizer.pad_token_id, pad_to, recipe.train.seed)
+    train_batches = Batches(data.train_rows, recipe.train.batch_size, tokenizer.pad_token_id, pad_to, recipe.train.seed,
+                            rank=accelerator.process_index, world=accelerator.num_processes)  # fmt: skip
     eval_batches = Batches(data.eval_rows, recipe.eval.batch_size or recipe.train.batch_size, tokenizer.pad_token_id, pad_to, 0, shuffle=False)
+    if len(train_batches) == 0:
+        raise GptjTuneError(f"{len(data.train_rows)} training rows cannot fill one batch on each of {accelerator.num_processes} processes; add data or lower train.batch_size")
     accum = recipe.train.grad_accum
     total_steps = recipe.train.max_steps or (recipe.train.epochs or 1) * -(-len(train_batches) // accum)
     optimizer = build_optimizer(model, recipe.train)
     warmup = warmup_steps(recipe.train, total_steps)
+    # Not handed to accelerate: its scheduler wrapper steps once per process. Stepped once per update here.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, recipe.train.schedule)
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     state = {"step": 0, "micro_batch": 0, "tokens": 0, "seconds": 0.0}
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler)
-        _rewind_metrics(run, state["step"])
+        state = load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler)
+        if main:
+            _rewind_metrics(run, state["step"])
         console.print(f"Resumed from [bold]{checkpoint}[/] at step {state['step']}/{total_steps}")
 
     loop = _Loop(recipe, run, accelerator, model, optimizer, scheduler, train_batches, eval_batches, console)
     last_loss = loop.run(state, total_steps)
 
-    unwrapped = accelerator.unwrap_model(model)
-    with atomic_dir(run.final) as tmp:
-        unwrapped.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    eval_loss = evaluate_loss(model, eval_batches, accelerator.device)
+    _save_final(run, accelerator, model, tokenizer)
+    eval_loss = evaluate_loss(model, eval_batches, accelerator)
+    if not main:
+        return None
     exact = None
     if recipe.eval.generate_samples and data.eval_records:
         from .evaluate import exact_match
 
-        exact = exact_match(unwrapped, tokenizer, data.template, data.eval_records[: recipe.eval.generate_samples], recipe.eval.max_new_tokens).accuracy
+        trained = _trained_model_for_generation(recipe, run, accelerator, model, base)
+        exact = exact_match(trained, tokenizer, data.template, data.eval_records[: recipe.eval.generate_samples], recipe.eval.max_new_tokens).accuracy
     loop.log({"step": state["step"], "final_eval_loss": eval_loss, "exact_match": exact})
     result = TrainResult(run.path, state["step"], last_loss, eval_loss, exact, state["tokens"], state["seconds"])
     atomic_write_text(run.summary, json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items()}, indent=2))
     return result
 
 
-def _print_setup(console, recipe: Recipe, model, data: PreparedData) -> None:
+def _save_final(run: RunDir, accelerator, model, tokenizer) -> None:
+    """final/: the whole trained model or adapter, loadable with plain from_pretrained. Under
+    DeepSpeed every process takes part in gathering the weights; the main process writes."""
+    state_dict = accelerator.get_state_dict(model) if _is_deepspeed(accelerator) else None
+    if accelerator.is_main_process:
+        with atomic_dir(run.final) as tmp:
+            # save_pretrained empties the state dict it is given: hand it a copy
+            accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=dict(state_dict) if state_dict else None)
+            tokenizer.save_pretrained(tmp)
+    accelerator.wait_for_everyone()
+
+
+def _trained_model_for_generation(recipe: Recipe, run: RunDir, accelerator, model, base: str):
+    """The model to generate with on the main process alone. Under ZeRO-3 the weights are sharded
+    (a forward needs every process), so the complete final/ is loaded instead."""
+    from .distributed import is_zero3
+
+    if not is_zero3(recipe):
+        return accelerator.unwrap_model(model)
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # load plainly, not partitioned across processes
+    if recipe.method.kind == "lora":
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), run.final)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(run.final)
+
+
+def _prepare_data_once(recipe: Recipe, tokenizer, run: RunDir, accelerator) -> PreparedData:
+    """Tokenize and pack on one process per machine and share the result through a cache file.
+
+    The other processes wait for the file, not in a collective, so a long preprocessing step cannot
+    hit a collective timeout; a resumed run reuses the cache."""
+    import hashlib
+
+    from .distributed import wait_for_file
+
+    if accelerator.num_processes == 1:
+        return prepare_data(recipe.data, tokenizer)
+    key = hashlib.sha256(
+        (recipe.data.model_dump_json() + tokenizer.name_or_path + str(len(tokenizer))).encode()
+    ).hexdigest()[:16]
+    cache = run.path / "cache" / f"data-{key}.pt"
+    if accelerator.is_local_main_process and not cache.exists():
+        data = prepare_data(recipe.data, tokenizer)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+        torch.save(data, tmp)
+        tmp.replace(cache)
+        return data
+    wait_for_file(cache)
+    return torch.load(cache, weights_only=False)  # our own file, written above by this job
+
+
+def _print_setup(console, recipe: Recipe, model, data: PreparedData, world: int) -> None:
     trainable, total = count_parameters(model)
     s = data.train_stats
+    layout = f" ({recipe.distributed.backend}, {world} processes)" if world > 1 else ""
     console.print(
-        f"[bold]{recipe.method.kind}[/] on {recipe.model.name_or_path}: {trainable:,} trainable of {total:,} parameters"
+        f"[bold]{recipe.method.kind}[/] on {recipe.model.name_or_path}{layout}: {trainable:,} trainable of {total:,} parameters"
     )
     console.print(
         f"data: {s.examples:,} train examples ({s.target_tokens:,} target tokens) in {len(data.train_rows):,} rows"
@@ -348,44 +474,58 @@ class _Loop:
 
     def _one_step(self, state: dict) -> tuple[float, int, float]:
         """One optimizer step over grad_accum micro-batches; returns (loss, real tokens, grad norm)."""
-        device = self.accelerator.device
+        from .distributed import all_sum
+
+        acc, train = self.accelerator, self.recipe.train
         first = state["micro_batch"]
-        micro = [_to(self.train_batches.get(first + k), device) for k in range(self.recipe.train.grad_accum)]
-        targets = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
-        total = 0.0
+        micro = [_to(self.train_batches.get(first + k), acc.device) for k in range(train.grad_accum)]
+        local_targets = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+        targets = all_sum([local_targets], acc)[0]
+        # The update is the mean loss over every target token of the step, on every process.
+        # DDP/DeepSpeed average gradients over processes and accelerate (or DeepSpeed) divides each
+        # micro-batch by grad_accum: the scale undoes both.
+        scale = acc.num_processes * train.grad_accum / max(targets, 1)
+        total, grad_norm = 0.0, float("nan")
         for batch in micro:
-            loss_sum, _ = batch_loss(self.model, batch)
-            self.accelerator.backward(loss_sum / max(targets, 1))
-            total += float(loss_sum.detach())  # note: a host sync per micro-batch; cheap next to a CPU step
-        loss = total / max(targets, 1)
-        if not math.isfinite(loss):
-            saved = self.rundir.list_checkpoints()
-            last = f"last good checkpoint: {saved[-1][1]}" if saved else "no checkpoint was saved before it"
-            raise TrainingError(
-                f"loss is {loss} at step {state['step'] + 1}; training stopped before the update ({last}). "
-                f"Lower train.lr, set train.max_grad_norm, or check the data of this step."
-            )
-        grad_norm = float("nan")
-        if self.recipe.train.max_grad_norm is not None:
-            grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.recipe.train.max_grad_norm))
+            with acc.accumulate(self.model):
+                loss_sum, _ = batch_loss(self.model, batch)
+                value = float(loss_sum.detach())  # note: a host sync per micro-batch; cheap next to a step
+                if not math.isfinite(value):
+                    self._stop_on_nan(state, value)
+                acc.backward(loss_sum * scale)  # under DeepSpeed the last one also steps the optimizer
+                total += value
+        if train.max_grad_norm is not None or _is_deepspeed(acc):
+            norm = acc.clip_grad_norm_(self.model.parameters(), train.max_grad_norm or float("inf"))
+            grad_norm = float(norm) if norm is not None else float("nan")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         state["micro_batch"] = first + len(micro)
         real = sum(int(b["real_tokens"].sum()) for b in micro)
-        return loss, real, grad_norm
+        # One collective for the step's numbers, and for agreeing to stop after the same step.
+        total, real, stop = all_sum([total, real, float(self.stop_requested)], acc)
+        self.stop_requested = stop > 0
+        return total / max(targets, 1), int(real), grad_norm
+
+    def _stop_on_nan(self, state: dict, value: float) -> None:
+        saved = self.rundir.list_checkpoints()
+        last = f"last good checkpoint: {saved[-1][1]}" if saved else "no checkpoint was saved before it"
+        raise TrainingError(
+            f"loss is {value} at step {state['step'] + 1}; training stopped before the update ({last}). "
+            f"Lower train.lr, set train.max_grad_norm, or check the data of this step."
+        )
 
     def _after_step(self, state: dict, total_steps: int) -> None:
         step, recipe = state["step"], self.recipe
         if recipe.eval.every_steps and step % recipe.eval.every_steps == 0 and step < total_steps:
-            eval_loss = evaluate_loss(self.model, self.eval_batches, self.accelerator.device)
+            eval_loss = evaluate_loss(self.model, self.eval_batches, self.accelerator)
             if eval_loss is not None:
                 self.log({"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))})
                 self.console.print(f"step {step}: eval loss {eval_loss:.4f}")
         periodic = recipe.train.save_every and step % recipe.train.save_every == 0
         if periodic or step == total_steps or self.stop_requested:
             path = save_checkpoint(
-                self.rundir, step, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler, dict(state), recipe.train.keep_last
+                self.rundir, step, self.accelerator, self.model, self.optimizer, self.scheduler, dict(state), recipe.train.keep_last
             )
             if self.stop_requested:
                 raise Interrupted(

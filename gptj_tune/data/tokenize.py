@@ -186,19 +186,30 @@ class Batches:
     pad_to: int | None
     seed: int
     shuffle: bool = True
+    rank: int = 0  # with several processes, batch g of process r is device batch g * world + r
+    world: int = 1
     _orders: dict[int, list[int]] = field(default_factory=dict, repr=False)
 
-    def __len__(self) -> int:
-        """Batches per epoch (the last one may be smaller)."""
+    @property
+    def device_batches(self) -> int:
+        """Batches of `batch_size` rows per epoch over all processes (the last one may be smaller)."""
         return -(-len(self.rows) // self.batch_size)
+
+    def __len__(self) -> int:
+        """Batches per epoch for each process. With several processes an epoch's incomplete tail
+        group is left out, so every process takes the same number of steps."""
+        return self.device_batches if self.world == 1 else self.device_batches // self.world
 
     def epoch_of(self, index: int) -> int:
         return index // len(self)
 
     def get(self, index: int) -> dict[str, torch.Tensor]:
         epoch, k = divmod(index, len(self))
+        return self.device_batch(k * self.world + self.rank, epoch)
+
+    def device_batch(self, j: int, epoch: int = 0) -> dict[str, torch.Tensor]:
         order = self._order(epoch)
-        chosen = order[k * self.batch_size : (k + 1) * self.batch_size]
+        chosen = order[j * self.batch_size : (j + 1) * self.batch_size]
         return collate([self.rows[i] for i in chosen], self.pad_id, self.pad_to)
 
     def _order(self, epoch: int) -> list[int]:

@@ -1,0 +1,212 @@
+"""Multi-process training: recipe.distributed becomes worker processes, an Accelerator with the
+engine (DDP or DeepSpeed ZeRO) configured, and the few collectives the training loop needs.
+
+Workers are started by torch's elastic launcher (`torch.distributed.run`, the launcher under
+`accelerate launch`); the engine is configured here from the recipe, so no accelerate config file
+or environment is needed. Under an outside launcher (torchrun, accelerate launch, deepspeed) the
+same entry point notices the launcher's environment and runs as a worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from .errors import RecipeError
+from .recipe import Recipe
+
+ERROR_DIR_ENV = "GPTJ_TUNE_ERROR_DIR"
+
+
+def in_worker() -> bool:
+    """True inside a process started by a distributed launcher."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def needs_launch(recipe: Recipe) -> bool:
+    return recipe.distributed.world_size > 1 and not in_worker()
+
+
+# ------------------------------------------------------------------------------------ launching
+
+
+def launch(recipe: Recipe, argv: list[str], console) -> int:
+    """Start this machine's workers running `gptj-tune <argv>` and wait; returns the exit code.
+
+    Every worker that fails leaves its one-line error in a shared folder; the first is printed.
+    The launcher stops all workers as soon as one fails, so a failure never turns into a hang.
+    """
+    d = recipe.distributed
+    with tempfile.TemporaryDirectory(prefix="gptj-tune-errors-") as errors, tempfile.NamedTemporaryFile(
+        "w+", prefix="gptj-tune-launcher-", suffix=".log", delete=False
+    ) as log:
+        command = [
+            sys.executable, "-m", "torch.distributed.run",
+            f"--nproc-per-node={d.num_processes}", f"--nnodes={d.num_machines}", f"--node-rank={d.machine_rank}",
+            f"--master-addr={d.main_process_ip}", f"--master-port={d.main_process_port}",
+            "-m", "gptj_tune", *argv,
+        ]  # fmt: skip
+        env = {**os.environ, ERROR_DIR_ENV: errors, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        console.print(
+            f"Launching {d.num_processes} worker(s) on machine {d.machine_rank} of {d.num_machines} "
+            f"({d.backend}, world size {d.world_size})"
+        )
+        # Ctrl-C reaches the workers directly (same process group): they agree to stop, save a
+        # checkpoint together and exit; this process only waits for them.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            code = subprocess.run(command, env=env, stderr=log).returncode
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if code == 0:
+            os.unlink(log.name)
+            return 0
+        reports = sorted(Path(errors).glob("rank-*.json"), key=lambda p: p.stat().st_mtime)
+        if reports:
+            first = json.loads(reports[0].read_text())
+            console.print(f"[red]error[/] (rank {first['rank']}): {first['message']}", soft_wrap=True)
+            console.print(f"[dim]launcher log: {log.name}[/]")
+            return int(first["exit_code"])
+        log.seek(0)
+        tail = log.read().splitlines()[-15:]
+        console.print("[red]error:[/] a worker died without a message (killed, or out of memory?). Last lines of the launcher log:")
+        console.print("\n".join(tail), markup=False, highlight=False)
+        console.print(f"[dim]full log: {log.name}[/]")
+        return code if code > 0 else 1
+
+
+def report_worker_error(message: str, exit_code: int) -> None:
+    """Called by a failing worker: leave its message where the launcher looks for it."""
+    folder = os.environ.get(ERROR_DIR_ENV)
+    if not folder:
+        return
+    rank = int(os.environ.get("RANK", "0"))
+    record = {"rank": rank, "message": message, "exit_code": exit_code, "time": time.time()}
+    tmp = Path(folder) / f".rank-{rank}.tmp"
+    tmp.write_text(json.dumps(record))
+    tmp.replace(Path(folder) / f"rank-{rank}.json")
+
+
+# ---------------------------------------------------------------------------------- accelerator
+
+
+def make_accelerator(recipe: Recipe):
+    """The Accelerator for the recipe's backend. On CPU, collectives run on gloo."""
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+    d = recipe.distributed
+    accum = recipe.train.grad_accum
+    if d.backend == "single":
+        return Accelerator(gradient_accumulation_steps=accum, mixed_precision=d.mixed_precision)
+    cuda = torch.cuda.is_available()
+    # accelerate and DeepSpeed default to NCCL/oneCCL; on CPU only gloo exists, and it must be asked for.
+    group = InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=d.timeout_minutes))
+    if d.backend == "ddp":
+        return Accelerator(
+            cpu=not cuda, gradient_accumulation_steps=accum, mixed_precision=d.mixed_precision, kwargs_handlers=[group]
+        )
+    # Accelerator(cpu=True) would silently switch DeepSpeed off: leave device choice to DeepSpeed.
+    plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(recipe), zero3_init_flag=_zero_stage(recipe) == 3)
+    return Accelerator(
+        deepspeed_plugin=plugin, gradient_accumulation_steps=accum, mixed_precision=d.mixed_precision, kwargs_handlers=[group]
+    )
+
+
+def deepspeed_config(recipe: Recipe) -> dict:
+    """The DeepSpeed JSON: built from the recipe, or the user's file with `auto` values filled in."""
+    d, t = recipe.distributed, recipe.train
+    filled = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.batch_size * t.grad_accum * d.world_size,
+        "gradient_clipping": t.max_grad_norm or 0.0,
+    }
+    precision = {"bf16": {"enabled": d.mixed_precision == "bf16"}, "fp16": {"enabled": d.mixed_precision == "fp16"}}
+    if d.zero.config is not None:
+        config = _read_user_config(Path(d.zero.config))
+        for key, value in filled.items():
+            if config.get(key, "auto") == "auto":
+                config[key] = value
+        for key, value in precision.items():
+            section = config.setdefault(key, {})
+            if section.get("enabled", "auto") == "auto":
+                section["enabled"] = value["enabled"]
+        zero = config.setdefault("zero_optimization", {})
+        for key, value in list(zero.items()):
+            if value == "auto":
+                raise RecipeError([f"distributed.deepspeed.config: {d.zero.config}: zero_optimization.{key} is "
+                                   f"`auto`, which gptj-tune cannot fill; give a number"])  # fmt: skip
+    else:
+        zero: dict = {"stage": d.zero.zero_stage}
+        if d.zero.offload_optimizer == "cpu":
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        if d.zero.offload_params == "cpu":
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        config = {**filled, **precision, "zero_optimization": zero}
+    zero = config.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        # final/ must hold the whole model: gather the shards when saving it.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    # Our AdamW is plain torch: no DeepSpeed op to compile (their CPU Adam takes minutes to build).
+    config["zero_allow_untested_optimizer"] = True
+    config["zero_force_ds_cpu_optimizer"] = False
+    config.setdefault("steps_per_print", 10**9)
+    config.setdefault("wall_clock_breakdown", False)
+    return config
+
+
+def _read_user_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError([f"distributed.deepspeed.config: file not found: {path}"]) from None
+    except json.JSONDecodeError as e:
+        raise RecipeError([f"distributed.deepspeed.config: {path} line {e.lineno}: not valid JSON ({e.msg})"]) from None
+    if not isinstance(config, dict):
+        raise RecipeError([f"distributed.deepspeed.config: {path} must hold a JSON object"])
+    for key in ("optimizer", "scheduler"):
+        if key in config:
+            raise RecipeError([f"distributed.deepspeed.config: {path} has `{key}`; remove it: the recipe's train "
+                               f"section sets the optimizer and schedule"])  # fmt: skip
+    return config
+
+
+def _zero_stage(recipe: Recipe) -> int | None:
+    if recipe.distributed.backend != "deepspeed":
+        return None
+    return int(deepspeed_config(recipe).get("zero_optimization", {}).get("stage", 0))
+
+
+def is_zero3(recipe: Recipe) -> bool:
+    return _zero_stage(recipe) == 3
+
+
+# ---------------------------------------------------------------------------------- collectives
+
+
+def all_sum(values: list[float], accelerator) -> list[float]:
+    """Sum a few numbers over every process (one small collective; none with one process)."""
+    if accelerator.num_processes == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def wait_for_file(path: Path, poll_s: float = 0.5) -> None:
+    """Wait, with no collective and so no timeout, until another process of this machine writes `path`.
+
+    If that process fails instead, the launcher ends this one too.
+    """
+    while not path.exists():
+        time.sleep(poll_s)
