@@ -303,11 +303,12 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     total_steps = recipe.train.max_steps or (recipe.train.epochs or 1) * -(-len(train_batches) // accum)
     optimizer = build_optimizer(model, recipe.train)
     warmup = warmup_steps(recipe.train, total_steps)
-    # Not handed to accelerate: its scheduler wrapper steps once per process. Stepped once per update here.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # Built on the prepared optimizer (ZeRO-3 regroups the parameters), and not handed to
+    # accelerate, whose scheduler wrapper steps once per process: stepped once per update here.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, recipe.train.schedule)
     )
-    model, optimizer = accelerator.prepare(model, optimizer)
     state = {"step": 0, "micro_batch": 0, "tokens": 0, "seconds": 0.0}
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler)
@@ -320,8 +321,15 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
 
     _save_final(run, accelerator, model, tokenizer)
     eval_loss = evaluate_loss(model, eval_batches, accelerator)
-    if not main:
-        return None
+    result = _finish(recipe, run, accelerator, model, base, tokenizer, data, loop, state, last_loss, eval_loss) if main else None
+    # Leave together: a process that exits while peers still hold the process group aborts.
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+def _finish(recipe, run, accelerator, model, base, tokenizer, data, loop, state, last_loss, eval_loss) -> TrainResult:
+    """On the main process: generation check, last metrics line, summary.json."""
     exact = None
     if recipe.eval.generate_samples and data.eval_records:
         from .evaluate import exact_match
