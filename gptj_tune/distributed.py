@@ -106,6 +106,13 @@ def make_accelerator(recipe: Recipe):
 
     d = recipe.distributed
     accum = recipe.train.grad_accum
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != d.world_size:
+        raise RecipeError([
+            f"the launcher started {launched} processes but the recipe asks for {d.world_size} "
+            f"(distributed.num_processes {d.num_processes} x num_machines {d.num_machines}, backend {d.backend}); "
+            f"make them agree, e.g. --set distributed.backend=ddp --set distributed.num_processes={launched}"
+        ])
     if d.backend == "single":
         return Accelerator(gradient_accumulation_steps=accum, mixed_precision=d.mixed_precision)
     cuda = torch.cuda.is_available()

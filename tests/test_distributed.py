@@ -214,3 +214,28 @@ def test_user_deepspeed_json_gets_auto_values_from_the_recipe(tmp_path):
     (tmp_path / "ds.json").write_text('{"optimizer": {"type": "Adam"}}')
     with pytest.raises(RecipeError, match="has `optimizer`; remove it"):
         deepspeed_config(recipe)
+
+
+@pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero3-offload.json"])
+def test_shipped_deepspeed_jsons_fill_in(tmp_path, name):
+    from conftest import RECIPES
+
+    from gptj_tune.distributed import deepspeed_config
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", (
+        f"distributed: {{backend: deepspeed, num_processes: 4, deepspeed: {{config: {RECIPES / 'deepspeed' / name}}}}}\n"
+    )))  # fmt: skip
+    config = deepspeed_config(recipe)
+    assert "auto" not in json.dumps(config)
+    assert config["train_batch_size"] == 8 * 1 * 4
+
+
+def test_runs_under_an_outside_torchrun(tmp_path, single_run):
+    recipe = recipe_file(tmp_path)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+               "-m", "gptj_tune", "run", str(recipe), *run_args(tmp_path / "run", "deepspeed", 2)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Launching" not in result.stdout  # the workers ran the recipe themselves: no second launch
+    ours, reference = losses(tmp_path / "run"), losses(single_run)
+    assert max(abs(ours[s] - reference[s]) for s in ours) < TOLERANCE
