@@ -113,6 +113,43 @@ def validate(
     console.print("[green]valid[/]")
 
 
+@app.command()
+@_friendly
+def plan(
+    recipe: str = typer.Argument(..., help="Recipe YAML file, or the name of a shipped recipe."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.batch_size=4 (repeatable)."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="Devices to plan for (default: the recipe's world size)."),
+    gpu_mem: float = typer.Option(80.0, "--gpu-mem", min=0.1, help="Memory per device in GiB (80: A100/H100 80GB)."),
+):
+    """Estimate per-device memory (model states + activations) for each backend; exit 2 if the recipe will not fit."""
+    from .plan import GIB, plan as make_plan
+    from .recipe import load_recipe
+
+    recipe_obj = load_recipe(_resolve_recipe_path(recipe), set_)
+    shape, estimates, own = make_plan(recipe_obj, gpus)
+    devices = gpus or recipe_obj.distributed.world_size
+    console.print(
+        f"{recipe_obj.model.name_or_path}: {shape.params / 1e9:.3f} B parameters, {shape.trainable / 1e6:,.1f} M trainable "
+        f"({recipe_obj.method.kind}); micro-batch {recipe_obj.train.batch_size} x {recipe_obj.data.max_length} tokens, "
+        f"gradient checkpointing {'on' if recipe_obj.model.gradient_checkpointing else 'off'}; {devices} device(s) of {gpu_mem:g} GiB"
+    )
+    table = Table("setup", "model states", "activations", "total / device", "fits", "")
+    fitting = []
+    for e in estimates:
+        fits = e.total <= gpu_mem * GIB
+        fitting += [e.setup] if fits else []
+        table.add_row(e.setup, f"{e.states / GIB:.2f} GiB", f"{e.activations / GIB:.2f} GiB", f"{e.total / GIB:.2f} GiB",
+                      "[green]yes[/]" if fits else "[red]no[/]", "<- recipe" if e.setup == own else "")  # fmt: skip
+    console.print(table)
+    console.print("[dim]Offload setups also need host memory for what they move off the device.[/]")
+    ours = next(e for e in estimates if e.setup == own)
+    if ours.total > gpu_mem * GIB:
+        advice = f"setups that fit: {', '.join(fitting)}" if fitting else (
+            "nothing fits: lower train.batch_size or data.max_length, turn on model.gradient_checkpointing, use LoRA, or add devices")
+        err_console.print(f"[bold red]will not fit:[/] {own} needs {ours.total / GIB:.1f} GiB per device, {gpu_mem:g} GiB available; {advice}", soft_wrap=True)
+        raise typer.Exit(2)
+
+
 @recipes_app.callback()
 def recipes_list(ctx: typer.Context):
     """List shipped recipes with their descriptions."""

@@ -118,7 +118,7 @@ def make_accelerator(recipe: Recipe):
     cuda = torch.cuda.is_available()
     # accelerate and DeepSpeed default to NCCL/oneCCL; on CPU only gloo exists, and it must be asked for.
     group = InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=d.timeout_minutes))
-    if d.backend == "ddp":
+    if d.backend in ("ddp", "fsdp"):  # for fsdp the loop applies FSDP2 itself (prepare_model_and_optimizer)
         return Accelerator(
             cpu=not cuda, gradient_accumulation_steps=accum, mixed_precision=d.mixed_precision, kwargs_handlers=[group]
         )
@@ -217,3 +217,107 @@ def wait_for_file(path: Path, poll_s: float = 0.5) -> None:
     """
     while not path.exists():
         time.sleep(poll_s)
+
+
+# ------------------------------------------------------------------------- model and its states
+
+
+def prepare_model_and_optimizer(accelerator, recipe: Recipe, model, make_optimizer):
+    """Wrap the model for the backend and build its optimizer. FSDP is applied here with torch's
+    FSDP2 `fully_shard` (accelerate's FSDP path does not shard on CPU); the rest goes through accelerate."""
+    if recipe.distributed.backend != "fsdp":
+        return accelerator.prepare(model, make_optimizer(model))
+    model = shard_with_fsdp(model.to(accelerator.device), recipe)
+    return model, accelerator.prepare(make_optimizer(model))  # after sharding: it holds the shards
+
+
+def shard_with_fsdp(model, recipe: Recipe):
+    """FSDP2 in place: each transformer block is one shard unit, then the whole model (embeddings, head)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    d, f = recipe.distributed, recipe.distributed.fsdp_settings
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if f.sharding == "hybrid_shard":
+        mesh = init_device_mesh(device, (d.num_machines, d.num_processes), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(device, (d.world_size,))
+    options: dict = {"mesh": mesh, "reshard_after_forward": f.sharding != "shard_grad_op"}
+    if f.cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    if d.mixed_precision != "no":
+        dtype = torch.bfloat16 if d.mixed_precision == "bf16" else torch.float16
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    blocks = set(getattr(model, "_no_split_modules", None) or ()) | {"GPTJBlock", "GPTNeoBlock"}
+    for module in list(model.modules()):
+        if type(module).__name__ in blocks:
+            fully_shard(module, **options)
+    fully_shard(model, **options)
+    return model
+
+
+def weights_are_sharded(recipe: Recipe) -> bool:
+    """True when no single process holds the whole model (a forward needs all of them)."""
+    return recipe.distributed.backend == "fsdp" or is_zero3(recipe)
+
+
+def full_state_dict(accelerator, model, recipe: Recipe) -> dict | None:
+    """The whole model's weights gathered on the main process (collective), or None where the
+    unwrapped model already holds them."""
+    backend = recipe.distributed.backend
+    if backend == "deepspeed":
+        return accelerator.get_state_dict(model)
+    if backend == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return None
+
+
+def save_engine_state(folder: Path, accelerator, model, optimizer, recipe: Recipe) -> None:
+    """A checkpoint's weights and optimizer state, as the backend holds them. Collective: every
+    process calls it; each writes its own shards."""
+    backend, raw_optimizer = recipe.distributed.backend, getattr(optimizer, "optimizer", optimizer)
+    if backend == "deepspeed":
+        model.save_checkpoint(str(folder / "deepspeed"), tag="state")
+    elif backend == "fsdp" and recipe.distributed.fsdp_settings.state_dict_type == "sharded":
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, raw_optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder / "fsdp"))
+    elif backend == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state, optimizer_state = get_state_dict(model, raw_optimizer, options=options)
+        if accelerator.is_main_process:
+            torch.save({"model": model_state, "optimizer": optimizer_state}, folder / "fsdp-full.pt")
+    elif accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(folder / "model")
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+
+
+def load_engine_state(folder: Path, accelerator, model, optimizer, recipe: Recipe, load_weights) -> None:
+    """Inverse of save_engine_state. `load_weights(folder, model)` reads the one-process format."""
+    backend, raw_optimizer = recipe.distributed.backend, getattr(optimizer, "optimizer", optimizer)
+    if backend == "deepspeed":
+        loaded, _ = model.load_checkpoint(str(folder / "deepspeed"), tag="state", load_lr_scheduler_states=False)
+        if loaded is None:
+            raise OSError(f"no DeepSpeed state under {folder / 'deepspeed'}")
+    elif backend == "fsdp":
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+        if (folder / "fsdp").is_dir():
+            model_state, optimizer_state = get_state_dict(model, raw_optimizer)
+            dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder / "fsdp"))
+            options = None
+        else:  # full: every process reads the whole file and keeps its own shard
+            payload = torch.load(folder / "fsdp-full.pt", weights_only=True, mmap=True)
+            model_state, optimizer_state = payload["model"], payload["optimizer"]
+            options = StateDictOptions(full_state_dict=True)
+        set_state_dict(model, raw_optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state, options=options)
+    else:
+        load_weights(folder, accelerator.unwrap_model(model))
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))

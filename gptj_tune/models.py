@@ -124,13 +124,29 @@ def _fix_special_tokens(tokenizer, config) -> None:
 
 def build_tiny_gptj(section: ModelSection, out_dir: Path) -> None:
     """Build the seeded tiny GPT-J (and, unless `model.tokenizer` is set, its tokenizer) into out_dir."""
-    from transformers import GPTJConfig, GPTJForCausalLM
+    from transformers import GPTJForCausalLM
 
     tiny = section.tiny
     tokenizer = load_tokenizer(section.tokenizer, section.tokenizer, section) if section.tokenizer else _train_demo_tokenizer(tiny.vocab_size)
     _fix_special_tokens_without_config(tokenizer)
     vocab = len(tokenizer) if not section.tokenizer else max(len(tokenizer), GPTJ_PADDED_VOCAB)
-    config = GPTJConfig(
+    config = tiny_gptj_config(section, vocab, tokenizer.eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tiny.seed)
+        model = GPTJForCausalLM(config)
+    from .rundir import atomic_dir
+
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def tiny_gptj_config(section: ModelSection, vocab: int, eos_id: int):
+    """The GPTJConfig of the built-in tiny model."""
+    from transformers import GPTJConfig
+
+    tiny = section.tiny
+    return GPTJConfig(
         vocab_size=vocab,
         n_positions=tiny.context,
         n_embd=tiny.width,
@@ -142,19 +158,11 @@ def build_tiny_gptj(section: ModelSection, out_dir: Path) -> None:
         resid_pdrop=0.0,
         attn_pdrop=0.0,
         initializer_range=tiny.init_std,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
         tie_word_embeddings=False,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(tiny.seed)
-        model = GPTJForCausalLM(config)
-    from .rundir import atomic_dir
-
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
 
 
 def _fix_special_tokens_without_config(tokenizer) -> None:

@@ -276,11 +276,26 @@ class DeepSpeedSection(Section):
         return self
 
 
+class FsdpSection(Section):
+    sharding: Literal["full_shard", "shard_grad_op", "hybrid_shard"] = Field(
+        "full_shard",
+        description="full_shard: weights, gradients and optimizer states sharded over every process (like ZeRO-3). "
+        "shard_grad_op: weights stay gathered between forward and backward (like ZeRO-2, faster, more memory). "
+        "hybrid_shard: shard within a machine, replicate across machines.",
+    )
+    cpu_offload: bool = Field(False, description="Keep sharded weights, gradients and optimizer states in CPU memory.")
+    state_dict_type: Literal["sharded", "full"] = Field(
+        "sharded",
+        description="Checkpoints: `sharded` (each process writes its shard, torch.distributed.checkpoint) or `full` "
+        "(gathered to the main process, written like a one-process checkpoint). final/ is always full.",
+    )
+
+
 class DistributedSection(Section):
-    backend: Literal["single", "ddp", "deepspeed"] = Field(
+    backend: Literal["single", "ddp", "deepspeed", "fsdp"] = Field(
         "single",
         description="single: one process. ddp: data parallel, a full copy per process. deepspeed: ZeRO-2/3 "
-        "sharding (set `deepspeed`).",
+        "sharding (set `deepspeed`). fsdp: PyTorch FSDP2 (`fully_shard`), each GPT-J block a shard unit.",
     )
     num_processes: int = Field(1, ge=1, description="Processes per machine (one per GPU).")
     num_machines: int = Field(1, ge=1, description="Machines in the job; run the same command on each.")
@@ -297,6 +312,8 @@ class DistributedSection(Section):
         None, description="DeepSpeed settings (backend deepspeed; defaults below when left out)."
     )
 
+    fsdp: FsdpSection | None = Field(None, description="FSDP settings (backend fsdp; defaults below when left out).")
+
     @model_validator(mode="after")
     def _check_layout(self):
         problems = []
@@ -306,6 +323,10 @@ class DistributedSection(Section):
             problems.append(f"machine_rank {self.machine_rank} must be below num_machines {self.num_machines}")
         if self.deepspeed is not None and self.backend != "deepspeed":
             problems.append("the `deepspeed` settings only apply to backend: deepspeed")
+        if self.fsdp is not None and self.backend != "fsdp":
+            problems.append("the `fsdp` settings only apply to backend: fsdp")
+        if self.backend == "fsdp" and self.fsdp_settings.sharding == "hybrid_shard" and self.num_machines < 2:
+            problems.append("fsdp.sharding hybrid_shard replicates across machines: it needs num_machines of 2 or more")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -313,6 +334,11 @@ class DistributedSection(Section):
     @property
     def world_size(self) -> int:
         return self.num_processes * self.num_machines
+
+    @property
+    def fsdp_settings(self) -> FsdpSection:
+        """The FSDP settings in force (defaults when the section is left out)."""
+        return self.fsdp or FsdpSection()
 
     @property
     def zero(self) -> DeepSpeedSection:

@@ -23,6 +23,13 @@ import torch.nn.functional as F
 
 from .data import PreparedData, prepare_data
 from .data.tokenize import IGNORE, Batches
+from .distributed import (
+    full_state_dict,
+    load_engine_state,
+    prepare_model_and_optimizer,
+    save_engine_state,
+    weights_are_sharded,
+)
 from .errors import GptjTuneError, RunDirError, TrainingError
 from .methods import apply_method, count_parameters
 from .models import block_causal_mask, load_model_and_tokenizer, resolve_base
@@ -45,6 +52,8 @@ class TrainResult:
     exact_match: float | None
     tokens: int
     seconds: float
+    peak_memory_bytes: int  # on the main process's device; see memory_measure
+    memory_measure: str  # cuda_max_allocated, or cpu_rss_growth (peak RSS minus RSS when training began)
 
 
 # ----------------------------------------------------------------------------------- pieces
@@ -127,7 +136,7 @@ def _to(batch, device):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(run: RunDir, step: int, accelerator, model, optimizer, scheduler, state: dict, keep_last: int) -> Path:
+def save_checkpoint(recipe: Recipe, run: RunDir, step: int, accelerator, model, optimizer, scheduler, state: dict) -> Path:
     """Write checkpoints/step-N atomically. Every process writes its part (its RNG state; its ZeRO
     shards under DeepSpeed) into one temp folder, which the main process renames when all are done."""
     import shutil
@@ -139,11 +148,7 @@ def save_checkpoint(run: RunDir, step: int, accelerator, model, optimizer, sched
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    if _is_deepspeed(accelerator):
-        model.save_checkpoint(str(tmp / "deepspeed"), tag="state")  # collective: weights + optimizer shards
-    elif main:
-        accelerator.unwrap_model(model).save_pretrained(tmp / "model")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    save_engine_state(tmp, accelerator, model, optimizer, recipe)
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -156,12 +161,12 @@ def save_checkpoint(run: RunDir, step: int, accelerator, model, optimizer, sched
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
-        run.prune_checkpoints(keep_last)
+        run.prune_checkpoints(recipe.train.keep_last)
     accelerator.wait_for_everyone()
     return target
 
 
-def load_checkpoint(folder: Path, accelerator, model, optimizer, scheduler) -> dict:
+def load_checkpoint(recipe: Recipe, folder: Path, accelerator, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and this process's RNG from `folder`; return its trainer state."""
     try:
         state = json.loads((folder / "trainer_state.json").read_text())
@@ -170,13 +175,7 @@ def load_checkpoint(folder: Path, accelerator, model, optimizer, scheduler) -> d
                 f"{folder} was saved by {state.get('world_size', 1)} process(es); this run has "
                 f"{accelerator.num_processes}. Resume with the same distributed layout."
             )
-        if _is_deepspeed(accelerator):
-            loaded, _ = model.load_checkpoint(str(folder / "deepspeed"), tag="state", load_lr_scheduler_states=False)
-            if loaded is None:
-                raise OSError(f"no DeepSpeed state under {folder / 'deepspeed'}")
-        else:
-            _load_weights(folder / "model", accelerator.unwrap_model(model), folder)
-            optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        load_engine_state(folder, accelerator, model, optimizer, recipe, _load_weights)
         scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
         rng = torch.load(folder / f"rng-{accelerator.process_index}.pt", weights_only=False)
     except (OSError, RuntimeError, KeyError, ValueError) as e:
@@ -189,9 +188,11 @@ def load_checkpoint(folder: Path, accelerator, model, optimizer, scheduler) -> d
     return {k: v for k, v in state.items() if k != "world_size"}
 
 
-def _load_weights(weights: Path, model, folder: Path) -> None:
+def _load_weights(folder: Path, model) -> None:
+    """Weights of a one-process checkpoint (folder/model: adapter or full safetensors) into `model`."""
     from safetensors.torch import load_file
 
+    weights = folder / "model"
     if (weights / "adapter_model.safetensors").exists():
         import peft
 
@@ -282,6 +283,7 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     from .distributed import make_accelerator
 
     accelerator = make_accelerator(recipe)
+    memory = _MemoryMeter()
     main = accelerator.is_main_process
     console = (console or Console()) if main else Console(quiet=True)  # only the main process prints
     with accelerator.main_process_first():  # the main process checks and creates the run dir first
@@ -301,9 +303,8 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
         raise GptjTuneError(f"{len(data.train_rows)} training rows cannot fill one batch on each of {accelerator.num_processes} processes; add data or lower train.batch_size")
     accum = recipe.train.grad_accum
     total_steps = recipe.train.max_steps or (recipe.train.epochs or 1) * -(-len(train_batches) // accum)
-    optimizer = build_optimizer(model, recipe.train)
     warmup = warmup_steps(recipe.train, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = prepare_model_and_optimizer(accelerator, recipe, model, lambda m: build_optimizer(m, recipe.train))
     # Built on the prepared optimizer (ZeRO-3 regroups the parameters), and not handed to
     # accelerate, whose scheduler wrapper steps once per process: stepped once per update here.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -311,7 +312,7 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     )
     state = {"step": 0, "micro_batch": 0, "tokens": 0, "seconds": 0.0}
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler)
+        state = load_checkpoint(recipe, checkpoint, accelerator, model, optimizer, scheduler)
         if main:
             _rewind_metrics(run, state["step"])
         console.print(f"Resumed from [bold]{checkpoint}[/] at step {state['step']}/{total_steps}")
@@ -319,16 +320,17 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     loop = _Loop(recipe, run, accelerator, model, optimizer, scheduler, train_batches, eval_batches, console)
     last_loss = loop.run(state, total_steps)
 
-    _save_final(run, accelerator, model, tokenizer)
+    _save_final(recipe, run, accelerator, model, tokenizer)
     eval_loss = evaluate_loss(model, eval_batches, accelerator)
-    result = _finish(recipe, run, accelerator, model, base, tokenizer, data, loop, state, last_loss, eval_loss) if main else None
+    peak = memory.peak()
+    result = _finish(recipe, run, accelerator, model, base, tokenizer, data, loop, state, last_loss, eval_loss, peak) if main else None
     # Leave together: a process that exits while peers still hold the process group aborts.
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
 
 
-def _finish(recipe, run, accelerator, model, base, tokenizer, data, loop, state, last_loss, eval_loss) -> TrainResult:
+def _finish(recipe, run, accelerator, model, base, tokenizer, data, loop, state, last_loss, eval_loss, peak) -> TrainResult:
     """On the main process: generation check, last metrics line, summary.json."""
     exact = None
     if recipe.eval.generate_samples and data.eval_records:
@@ -337,15 +339,37 @@ def _finish(recipe, run, accelerator, model, base, tokenizer, data, loop, state,
         trained = _trained_model_for_generation(recipe, run, accelerator, model, base)
         exact = exact_match(trained, tokenizer, data.template, data.eval_records[: recipe.eval.generate_samples], recipe.eval.max_new_tokens).accuracy
     loop.log({"step": state["step"], "final_eval_loss": eval_loss, "exact_match": exact})
-    result = TrainResult(run.path, state["step"], last_loss, eval_loss, exact, state["tokens"], state["seconds"])
+    result = TrainResult(run.path, state["step"], last_loss, eval_loss, exact, state["tokens"], state["seconds"], *peak)
     atomic_write_text(run.summary, json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items()}, indent=2))
     return result
 
 
-def _save_final(run: RunDir, accelerator, model, tokenizer) -> None:
+class _MemoryMeter:
+    """Peak memory of training on this process: CUDA's allocator peak, or on CPU how far the
+    process's peak RSS rose above its RSS when training began (imports excluded)."""
+
+    def __init__(self):
+        import peft  # noqa: F401  (libraries loaded later would count as training memory)
+        import transformers.models.gptj.modeling_gptj  # noqa: F401
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        with open("/proc/self/statm") as f:
+            self.start_rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def peak(self) -> tuple[int, str]:
+        import resource
+
+        if torch.cuda.is_available():
+            return torch.cuda.max_memory_allocated(), "cuda_max_allocated"
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        return max(0, peak_rss - self.start_rss), "cpu_rss_growth"
+
+
+def _save_final(recipe: Recipe, run: RunDir, accelerator, model, tokenizer) -> None:
     """final/: the whole trained model or adapter, loadable with plain from_pretrained. Under
-    DeepSpeed every process takes part in gathering the weights; the main process writes."""
-    state_dict = accelerator.get_state_dict(model) if _is_deepspeed(accelerator) else None
+    sharding every process takes part in gathering the weights; the main process writes."""
+    state_dict = full_state_dict(accelerator, model, recipe)
     if accelerator.is_main_process:
         with atomic_dir(run.final) as tmp:
             # save_pretrained empties the state dict it is given: hand it a copy
@@ -355,11 +379,9 @@ def _save_final(run: RunDir, accelerator, model, tokenizer) -> None:
 
 
 def _trained_model_for_generation(recipe: Recipe, run: RunDir, accelerator, model, base: str):
-    """The model to generate with on the main process alone. Under ZeRO-3 the weights are sharded
-    (a forward needs every process), so the complete final/ is loaded instead."""
-    from .distributed import is_zero3
-
-    if not is_zero3(recipe):
+    """The model to generate with on the main process alone. Under ZeRO-3 or FSDP the weights are
+    sharded (a forward needs every process), so the complete final/ is loaded instead."""
+    if not weights_are_sharded(recipe):
         return accelerator.unwrap_model(model)
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
@@ -504,6 +526,8 @@ class _Loop:
                 total += value
         if train.max_grad_norm is not None or _is_deepspeed(acc):
             norm = acc.clip_grad_norm_(self.model.parameters(), train.max_grad_norm or float("inf"))
+            if hasattr(norm, "full_tensor"):  # FSDP2: the norm is a DTensor
+                norm = norm.full_tensor()
             grad_norm = float(norm) if norm is not None else float("nan")
         self.optimizer.step()
         self.scheduler.step()
@@ -533,7 +557,7 @@ class _Loop:
         periodic = recipe.train.save_every and step % recipe.train.save_every == 0
         if periodic or step == total_steps or self.stop_requested:
             path = save_checkpoint(
-                self.rundir, step, self.accelerator, self.model, self.optimizer, self.scheduler, dict(state), recipe.train.keep_last
+                recipe, self.rundir, step, self.accelerator, self.model, self.optimizer, self.scheduler, dict(state)
             )
             if self.stop_requested:
                 raise Interrupted(

@@ -32,7 +32,7 @@ train: {{lr: 3.0e-3, max_steps: {steps}, batch_size: 2, warmup_steps: 2, log_eve
 """
 FULL = "{kind: full}"
 LORA = "{kind: lora, dropout: 0.1}"
-TOLERANCE = 1e-5  # measured: DDP, ZeRO-2 and ZeRO-3 within 7e-7 of one process per step
+TOLERANCE = 1e-5  # measured: DDP, ZeRO-2, ZeRO-3 and FSDP within 7e-7 of one process per step
 
 
 def free_port() -> int:
@@ -70,7 +70,7 @@ def single_run(tmp_path_factory):
     return tmp / "run"
 
 
-@pytest.mark.parametrize("backend,stage", [("ddp", None), ("deepspeed", 2), ("deepspeed", 3)])
+@pytest.mark.parametrize("backend,stage", [("ddp", None), ("deepspeed", 2), ("deepspeed", 3), ("fsdp", None)])
 def test_two_processes_train_the_single_process_curve(tmp_path, single_run, backend, stage):
     result = cli("run", str(recipe_file(tmp_path)), *run_args(tmp_path / "run", backend, stage))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -95,14 +95,23 @@ def _final_logits_diff(run_a, run_b) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("method", [FULL, LORA], ids=["full", "lora"])
-def test_zero3_interrupted_and_resumed_continues_the_same_curve(tmp_path, method):
+ENGINES = {
+    "zero3-full": (FULL, "deepspeed", 3, []),
+    "zero3-lora": (LORA, "deepspeed", 3, []),
+    "fsdp-lora-sharded": (LORA, "fsdp", None, []),
+    "fsdp-full-fullstate": (FULL, "fsdp", None, ["--set", "distributed.fsdp.state_dict_type=full"]),
+}
+
+
+@pytest.mark.parametrize("case", list(ENGINES))
+def test_sharded_run_interrupted_and_resumed_continues_the_same_curve(tmp_path, case):
+    method, backend, stage, extra = ENGINES[case]
     recipe = recipe_file(tmp_path, method=method, steps=30)
-    straight = cli("run", str(recipe), *run_args(tmp_path / "straight", "deepspeed", 3))
+    straight = cli("run", str(recipe), *run_args(tmp_path / "straight", backend, stage), *extra)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     # Ctrl-C as a terminal sends it: SIGINT to the whole process group, mid-run.
-    args = run_args(tmp_path / "cut", "deepspeed", 3)
+    args = [*run_args(tmp_path / "cut", backend, stage), *extra]
     proc = subprocess.Popen([sys.executable, "-m", "gptj_tune", "run", str(recipe), *args, "--set", "train.save_every=100"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     metrics = tmp_path / "cut" / "metrics.jsonl"
@@ -126,6 +135,8 @@ def test_zero3_interrupted_and_resumed_continues_the_same_curve(tmp_path, method
     if method == LORA:
         assert (tmp_path / "cut" / "final" / "adapter_model.safetensors").exists()
         assert _adapter_logits_diff(tmp_path / "cut", tmp_path / "straight") < 1e-4
+    else:
+        assert _final_logits_diff(tmp_path / "cut", tmp_path / "straight") < 1e-4
 
 
 def _adapter_logits_diff(run_a, run_b) -> float:

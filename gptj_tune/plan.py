@@ -1,0 +1,174 @@
+"""`gptj-tune plan`: the per-device memory a recipe needs (model states and activations) under each
+backend, and which fit, before a GPU-hour is spent.
+
+Model states follow DeepSpeed's own estimators for ZeRO (16-bit weights with fp32 master copy and
+Adam moments: 18 bytes per parameter spread over the devices); activations follow Korthikanti et
+al. (2022) per transformer layer, plus the logits over GPT-J's 50400-entry vocabulary, which at
+2048 tokens are larger than a layer's activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ModelError
+from .models import TINY_MODEL_NAME
+from .recipe import Recipe
+
+GIB = 1024**3
+# GPT-J-6B's shape (transformers' GPTJConfig defaults are exactly GPT-J-6B): usable offline.
+KNOWN_SHAPES = {"EleutherAI/gpt-j-6b": "gptj", "EleutherAI/gpt-j-6B": "gptj"}
+
+
+@dataclass(frozen=True)
+class Shape:
+    params: int
+    trainable: int
+    largest_layer: int  # parameters of the largest single module (an embedding or a block's weights)
+    block: int  # parameters of one transformer block (the unit ZeRO-3 / FSDP gathers)
+    layers: int
+    hidden: int
+    heads: int
+    vocab: int
+
+
+@dataclass
+class Estimate:
+    setup: str
+    states: float  # bytes per device
+    activations: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return self.states + self.activations
+
+
+def model_shape(recipe: Recipe) -> Shape:
+    """Parameter counts of the recipe's model and method, from its config on the meta device (no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GPTJConfig
+
+    m = recipe.model
+    if m.name_or_path == TINY_MODEL_NAME:
+        from .models import GPTJ_PADDED_VOCAB, tiny_gptj_config
+
+        config = tiny_gptj_config(m, GPTJ_PADDED_VOCAB if m.tokenizer else m.tiny.vocab_size, 0)
+    elif KNOWN_SHAPES.get(m.name_or_path) == "gptj":
+        config = GPTJConfig()
+    else:
+        try:
+            config = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"plan: cannot read the config of {m.name_or_path!r} ({str(e).splitlines()[0]})") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    from .methods import apply_method
+
+    model = apply_method(model, recipe.method, gradient_checkpointing=False)
+    params = [p for p in model.parameters()]
+    blocks = [mod for mod in model.modules() if type(mod).__name__ in ("GPTJBlock", "GPTNeoBlock")]
+    block = sum(p.numel() for p in blocks[0].parameters()) if blocks else 0
+    largest = max([block] + [p.numel() for mod in model.modules() if isinstance(mod, torch.nn.Embedding) for p in mod.parameters()])
+    return Shape(
+        params=sum(p.numel() for p in params),
+        trainable=sum(p.numel() for p in params if p.requires_grad),
+        largest_layer=largest,
+        block=block,
+        layers=config.num_hidden_layers,
+        hidden=config.hidden_size,
+        heads=config.num_attention_heads,
+        vocab=config.vocab_size,
+    )
+
+
+def activation_bytes(recipe: Recipe, shape: Shape) -> float:
+    """Activations kept for backward on one device, for one micro-batch."""
+    b, s = recipe.train.batch_size, recipe.data.max_length
+    h, a, n = shape.hidden, shape.heads, shape.layers
+    e = 2 if _sixteen_bit(recipe) else 4  # bytes per activation
+    # Korthikanti et al.: 34·s·b·h + 5·a·s²·b bytes per layer with 16-bit activations; GPT-J's eager
+    # attention keeps its scores in fp32, so the a·s² term counts 8 bytes instead of 5.
+    per_layer = s * b * h * 34 * e / 2 + a * s * s * b * 8
+    method = recipe.method
+    if method.kind == "lora" and method.dropout > 0:
+        # peft keeps each adapted layer's dropped-out input (and its mask) and the rank-r output of A.
+        inputs = {"q_proj": h, "k_proj": h, "v_proj": h, "out_proj": h, "fc_in": h, "fc_out": 4 * h}
+        targets = method.target_modules if isinstance(method.target_modules, list) else list(inputs)
+        per_layer += sum(inputs.get(t, h) * s * b * (e + 1) + method.r * s * b * e for t in targets)
+    layers = (n * s * b * h * e + per_layer) if recipe.model.gradient_checkpointing else n * per_layer
+    logits = b * s * shape.vocab * (e + 4 + 4)  # logits, their fp32 copy in the loss, its gradient
+    return layers + logits
+
+
+def _sixteen_bit(recipe: Recipe) -> bool:
+    return recipe.model.dtype in ("bfloat16", "bf16", "float16", "fp16") or recipe.distributed.mixed_precision != "no"
+
+
+def state_bytes(recipe: Recipe, shape: Shape, setup: str, devices: int) -> float:
+    """Weights, gradients and AdamW states on one device for `setup` (single, ddp, zero2, zero3,
+    zero3-offload-optimizer, zero3-offload-all, fsdp, fsdp-offload)."""
+    P, T, n = shape.params, shape.trainable, devices
+    frozen = P - T
+    w = 2 if recipe.model.dtype in ("bfloat16", "bf16", "float16", "fp16") else 4
+    # Trainable bytes per parameter besides its weight: gradient + Adam moments. Our AdamW keeps
+    # moments in the parameter's dtype; DeepSpeed with 16-bit weights adds an fp32 master copy
+    # (its 18 = 2 grad16 + 4 grad32 + 4 param32 + 8 Adam). LoRA adapters are fp32 (peft upcasts them).
+    lora = recipe.method.kind == "lora"
+    t_w = 4 if lora else w
+    per_trainable = t_w + (t_w + 2 * t_w)  # weight + grad + m + v in the same dtype
+    unit = 2 * shape.block * w  # one gathered block, and the next one prefetched
+    if setup in ("single", "ddp"):
+        return frozen * w + T * per_trainable
+    if setup.startswith("zero"):
+        ds_trainable = 18 if (w == 2 and not lora) else per_trainable
+        if setup == "zero2":
+            return P * w + T * (ds_trainable - t_w) / n if not lora else frozen * w + T * per_trainable / n
+        if setup == "zero3":
+            return 4 * shape.largest_layer + (frozen * w + T * ds_trainable) / n
+        if setup == "zero3-offload-optimizer":
+            return 4 * shape.largest_layer + (frozen * w + T * t_w) / n
+        return 4 * shape.largest_layer  # zero3-offload-all: weights and optimizer in CPU memory
+    if setup == "fsdp":
+        return unit + (frozen * w + T * per_trainable) / n
+    if setup == "fsdp-offload":
+        return unit
+    raise ValueError(setup)
+
+
+def recipe_setup(recipe: Recipe) -> str:
+    d = recipe.distributed
+    if d.backend == "deepspeed":
+        z = d.zero
+        if z.config is not None:
+            from .distributed import deepspeed_config
+
+            zero = deepspeed_config(recipe).get("zero_optimization", {})
+            stage = zero.get("stage", 0)
+            opt, par = "offload_optimizer" in zero, "offload_param" in zero
+        else:
+            stage, opt, par = z.zero_stage, z.offload_optimizer == "cpu", z.offload_params == "cpu"
+        if stage == 2:
+            return "zero2"
+        return "zero3-offload-all" if par else "zero3-offload-optimizer" if opt else "zero3"
+    if d.backend == "fsdp":
+        return "fsdp-offload" if d.fsdp_settings.cpu_offload else "fsdp"
+    return d.backend
+
+
+SETUPS = ["single", "ddp", "zero2", "zero3", "zero3-offload-optimizer", "zero3-offload-all", "fsdp", "fsdp-offload"]
+
+
+def plan(recipe: Recipe, devices: int | None = None) -> tuple[Shape, list[Estimate], str]:
+    """Estimates for every setup at `devices` (default: the recipe's world size); and the recipe's own."""
+    shape = model_shape(recipe)
+    devices = devices or recipe.distributed.world_size
+    activations = activation_bytes(recipe, shape)
+    skip = "single" if devices > 1 else "ddp"  # one device: no data parallelism; several: not one process
+    estimates = [
+        Estimate(setup, state_bytes(recipe, shape, setup, devices), activations) for setup in SETUPS if setup != skip
+    ]
+    own = recipe_setup(recipe)
+    own = {"single": "ddp", "ddp": "single"}[own] if own == skip else own
+    return shape, estimates, own
