@@ -49,12 +49,7 @@ def launch(recipe: Recipe, argv: list[str], console) -> int:
     with tempfile.TemporaryDirectory(prefix="gptj-tune-errors-") as errors, tempfile.NamedTemporaryFile(
         "w+", prefix="gptj-tune-launcher-", suffix=".log", delete=False
     ) as log:
-        command = [
-            sys.executable, "-m", "torch.distributed.run",
-            f"--nproc-per-node={d.num_processes}", f"--nnodes={d.num_machines}", f"--node-rank={d.machine_rank}",
-            f"--master-addr={d.main_process_ip}", f"--master-port={d.main_process_port}",
-            "-m", "gptj_tune", *argv,
-        ]  # fmt: skip
+        command = _launcher_command(recipe, argv)
         env = {**os.environ, ERROR_DIR_ENV: errors, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         console.print(
             f"Launching {d.num_processes} worker(s) on machine {d.machine_rank} of {d.num_machines} "
@@ -82,6 +77,49 @@ def launch(recipe: Recipe, argv: list[str], console) -> int:
         console.print("\n".join(tail), markup=False, highlight=False)
         console.print(f"[dim]full log: {log.name}[/]")
         return code if code > 0 else 1
+
+
+def _launcher_command(recipe: Recipe, argv: list[str]) -> list[str]:
+    d = recipe.distributed
+    if d.hostfile is not None:
+        hosts = read_hostfile(Path(d.hostfile))
+        if len(hosts) != d.num_machines or set(hosts.values()) != {d.num_processes}:
+            raise RecipeError([
+                f"distributed.hostfile {d.hostfile} lists {len(hosts)} machine(s) with slots {sorted(set(hosts.values()))}; "
+                f"the recipe says num_machines {d.num_machines} x num_processes {d.num_processes}: make them agree"
+            ])  # fmt: skip
+        return [
+            sys.executable, "-m", "deepspeed.launcher.runner", f"--hostfile={d.hostfile}",
+            f"--master_addr={d.main_process_ip}", f"--master_port={d.main_process_port}",
+            "--no_local_rank", *(["--no_ssh_check"] if len(hosts) == 1 else []),  # one machine: no ssh involved
+            "--module", "gptj_tune", *argv,
+        ]  # fmt: skip
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc-per-node={d.num_processes}", f"--nnodes={d.num_machines}", f"--node-rank={d.machine_rank}",
+        f"--master-addr={d.main_process_ip}", f"--master-port={d.main_process_port}",
+        "-m", "gptj_tune", *argv,
+    ]  # fmt: skip
+
+
+def read_hostfile(path: Path) -> dict[str, int]:
+    """{host: slots} from an MPI-style hostfile; a clear error names the bad line."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise RecipeError([f"distributed.hostfile: cannot read {path} ({e.strerror})"]) from None
+    hosts: dict[str, int] = {}
+    for number, line in enumerate(lines, 1):
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].startswith("slots=") or not parts[1][6:].isdigit():
+            raise RecipeError([f"distributed.hostfile: {path} line {number}: expected `HOST slots=N`, got {line!r}"])
+        hosts[parts[0]] = int(parts[1][6:])
+    if not hosts:
+        raise RecipeError([f"distributed.hostfile: {path} lists no machine"])
+    return hosts
 
 
 def report_worker_error(message: str, exit_code: int) -> None:

@@ -302,6 +302,12 @@ class DistributedSection(Section):
     machine_rank: int = Field(0, ge=0, description="This machine's index, 0 to num_machines - 1.")
     main_process_ip: str = Field("127.0.0.1", description="Address of machine 0, reachable from every machine.")
     main_process_port: int = Field(29500, ge=1, le=65535, description="Free TCP port on machine 0.")
+    hostfile: str | None = Field(
+        None,
+        description="deepspeed only: an MPI-style hostfile (`host slots=N` per line). DeepSpeed's launcher starts the "
+        "workers of every listed machine (over ssh/pdsh): run the command once, on the first machine. Relative to "
+        "the recipe file.",
+    )
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no", description="Autocast precision; `no` trains in model.dtype (use `no` on CPU)."
     )
@@ -323,6 +329,8 @@ class DistributedSection(Section):
             problems.append(f"machine_rank {self.machine_rank} must be below num_machines {self.num_machines}")
         if self.deepspeed is not None and self.backend != "deepspeed":
             problems.append("the `deepspeed` settings only apply to backend: deepspeed")
+        if self.hostfile is not None and self.backend != "deepspeed":
+            problems.append("`hostfile` is DeepSpeed's launcher: it needs backend deepspeed (else use num_machines/machine_rank)")
         if self.fsdp is not None and self.backend != "fsdp":
             problems.append("the `fsdp` settings only apply to backend: fsdp")
         if self.backend == "fsdp" and self.fsdp_settings.sharding == "hybrid_shard" and self.num_machines < 2:
@@ -557,9 +565,12 @@ def _resolve_source_paths(raw: dict, base: Path) -> None:
             candidate = base / source["path"]
             if not Path(source["path"]).is_absolute() and candidate.exists():
                 source["path"] = str(candidate.resolve())
-    ds = raw.get("distributed", {}).get("deepspeed") if isinstance(raw.get("distributed"), dict) else None
+    dist = raw.get("distributed") if isinstance(raw.get("distributed"), dict) else {}
+    ds = dist.get("deepspeed")
     if isinstance(ds, dict) and isinstance(ds.get("config"), str) and not Path(ds["config"]).is_absolute():
         ds["config"] = str((base / ds["config"]).resolve())
+    if isinstance(dist.get("hostfile"), str) and not Path(dist["hostfile"]).is_absolute():
+        dist["hostfile"] = str((base / dist["hostfile"]).resolve())
 
 
 def validate_recipe(raw: dict, source: str | None = None, lines=None, overrides=frozenset()) -> Recipe:

@@ -346,7 +346,7 @@ def _finish(recipe, run, accelerator, model, base, tokenizer, data, loop, state,
 
 class _MemoryMeter:
     """Peak memory of training on this process: CUDA's allocator peak, or on CPU how far the
-    process's peak RSS rose above its RSS when training began (imports excluded)."""
+    process's peak RSS (VmHWM, reset when training begins) rose above its RSS at that moment."""
 
     def __init__(self):
         import peft  # noqa: F401  (libraries loaded later would count as training memory)
@@ -354,16 +354,23 @@ class _MemoryMeter:
 
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        with open("/proc/self/statm") as f:
-            self.start_rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        try:  # "5" resets the peak RSS (Linux >= 4.0); getrusage's peak would include a parent's
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+        self.start_rss = self._status_kib("VmRSS") * 1024
+
+    @staticmethod
+    def _status_kib(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        return 0
 
     def peak(self) -> tuple[int, str]:
-        import resource
-
         if torch.cuda.is_available():
             return torch.cuda.max_memory_allocated(), "cuda_max_allocated"
-        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-        return max(0, peak_rss - self.start_rss), "cpu_rss_growth"
+        return max(0, self._status_kib("VmHWM") * 1024 - self.start_rss), "cpu_rss_growth"
 
 
 def _save_final(recipe: Recipe, run: RunDir, accelerator, model, tokenizer) -> None:

@@ -250,3 +250,21 @@ def test_runs_under_an_outside_torchrun(tmp_path, single_run):
     assert "Launching" not in result.stdout  # the workers ran the recipe themselves: no second launch
     ours, reference = losses(tmp_path / "run"), losses(single_run)
     assert max(abs(ours[s] - reference[s]) for s in ours) < TOLERANCE
+
+
+def test_deepspeed_hostfile_launch(tmp_path, single_run):
+    """DeepSpeed's own launcher from a hostfile (one machine here: no ssh involved)."""
+    (tmp_path / "hosts").write_text("# the machines of the job\nlocalhost slots=2\n")
+    recipe = recipe_file(tmp_path)
+    args = [*run_args(tmp_path / "run", "deepspeed", 2), "--set", "distributed.hostfile=hosts"]
+    result = cli("run", str(recipe), *args)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    ours, reference = losses(tmp_path / "run"), losses(single_run)
+    assert max(abs(ours[s] - reference[s]) for s in ours) < TOLERANCE
+
+    (tmp_path / "hosts").write_text("localhost slots=2\nother slots=2\n")
+    mismatch = cli("run", str(recipe), *args, "--force")
+    assert mismatch.returncode == 2 and "lists 2 machine(s)" in mismatch.stderr + mismatch.stdout
+    (tmp_path / "hosts").write_text("localhost 2\n")
+    bad = cli("run", str(recipe), *args, "--force")
+    assert bad.returncode == 2 and "line 1: expected `HOST slots=N`" in bad.stderr + bad.stdout
