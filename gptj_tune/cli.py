@@ -133,12 +133,18 @@ def plan(
         f"({recipe_obj.method.kind}); micro-batch {recipe_obj.train.batch_size} x {recipe_obj.data.max_length} tokens, "
         f"gradient checkpointing {'on' if recipe_obj.model.gradient_checkpointing else 'off'}; {devices} device(s) of {gpu_mem:g} GiB"
     )
-    table = Table("setup", "model states", "activations", "total / device", "fits", "")
+    from rich.table import Column
+
+    table = Table(
+        *(Column(name, no_wrap=True, justify=j) for name, j in
+          [("setup", "left"), ("states", "right"), ("activations", "right"), ("total", "right"), ("fits", "left"), ("", "left")]),
+        caption="per device, GiB",
+    )  # fmt: skip
     fitting = []
     for e in estimates:
         fits = e.total <= gpu_mem * GIB
         fitting += [e.setup] if fits else []
-        table.add_row(e.setup, f"{e.states / GIB:.2f} GiB", f"{e.activations / GIB:.2f} GiB", f"{e.total / GIB:.2f} GiB",
+        table.add_row(e.setup, f"{e.states / GIB:.2f}", f"{e.activations / GIB:.2f}", f"{e.total / GIB:.2f}",
                       "[green]yes[/]" if fits else "[red]no[/]", "<- recipe" if e.setup == own else "")  # fmt: skip
     console.print(table)
     console.print("[dim]Offload setups also need host memory for what they move off the device.[/]")

@@ -232,6 +232,12 @@ def _zero_stage(recipe: Recipe) -> int | None:
     return int(deepspeed_config(recipe).get("zero_optimization", {}).get("stage", 0))
 
 
+def is_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
 def is_zero3(recipe: Recipe) -> bool:
     return _zero_stage(recipe) == 3
 

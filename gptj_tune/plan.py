@@ -122,13 +122,16 @@ def state_bytes(recipe: Recipe, shape: Shape, setup: str, devices: int) -> float
     if setup in ("single", "ddp"):
         return frozen * w + T * per_trainable
     if setup.startswith("zero"):
+        # DeepSpeed holds the weights in 16 bits whenever bf16/fp16 is on (weights or autocast).
+        w = 2 if _sixteen_bit(recipe) else 4
+        frozen_bytes = frozen * w
         ds_trainable = 18 if (w == 2 and not lora) else per_trainable
         if setup == "zero2":
-            return P * w + T * (ds_trainable - t_w) / n if not lora else frozen * w + T * per_trainable / n
+            return P * w + T * (ds_trainable - w) / n if not lora else frozen_bytes + T * per_trainable / n
         if setup == "zero3":
-            return 4 * shape.largest_layer + (frozen * w + T * ds_trainable) / n
+            return 4 * shape.largest_layer + (frozen_bytes + T * ds_trainable) / n
         if setup == "zero3-offload-optimizer":
-            return 4 * shape.largest_layer + (frozen * w + T * t_w) / n
+            return 4 * shape.largest_layer + (frozen_bytes + T * t_w) / n
         return 4 * shape.largest_layer  # zero3-offload-all: weights and optimizer in CPU memory
     if setup == "fsdp":
         return unit + (frozen * w + T * per_trainable) / n

@@ -593,7 +593,7 @@ def reference_markdown() -> str:
             key = f"{prefix}{name}"
             sub = _section_type(field.annotation) if name != "method" else None
             if name == "method":
-                out.append(f"| `method.kind` | `lora` | `full` (train every weight) or `lora` (peft adapters) |")
+                out.append("| `method.kind` | `lora` | `full` (train every weight) or `lora` (peft adapters) |")
                 walk_fields(LoraMethod, "method.", skip={"kind"}, note=" (lora)")
                 continue
             if sub is not None and name not in ("sources", "template"):

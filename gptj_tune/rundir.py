@@ -4,7 +4,8 @@
       recipe.yaml          the frozen, fully resolved recipe
       metrics.jsonl        one JSON line per step (and per eval)
       base-model/          the built tiny-gptj (only when the recipe uses it)
-      checkpoints/step-N/  model or adapter, optimizer, scheduler, RNG states, trainer state
+      checkpoints/step-N/  model or adapter (or ZeRO/FSDP shards), optimizer, scheduler, RNG per process
+      cache/               tokenized data shared by the processes of a multi-process run
       final/               the trained model or adapter, with the tokenizer
       summary.json         steps, tokens, losses, wall time, exact match
 
@@ -15,12 +16,14 @@ leaves a half-written checkpoint, final model or file.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
 from pathlib import Path
 
 from .errors import RunDirError
+from .recipe import Recipe
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -95,3 +98,60 @@ class RunDir:
     def prune_checkpoints(self, keep_last: int) -> None:
         for _, p in self.list_checkpoints()[:-keep_last]:
             shutil.rmtree(p, ignore_errors=True)
+
+
+def prepare_run_dir(recipe: Recipe, resume: str | bool, force: bool, create: bool = True) -> tuple[RunDir, Path | None]:
+    """Check the run dir against the request; write the frozen recipe. Returns (run, checkpoint to load).
+
+    Only the main process creates (`create`); the others, which run after it, only look."""
+    import shutil
+
+    run = RunDir(recipe.output.dir)
+    if resume:
+        if not run.recipe.exists():
+            raise RunDirError(f"--resume: {run.path} holds no run (no recipe.yaml); start it without --resume")
+        diff = _recipe_diff(run.recipe.read_text(), recipe.to_yaml())
+        if diff:
+            raise RunDirError(
+                f"--resume: the recipe differs from the one {run.path} was started with at: {diff}. Resume "
+                f"with the same recipe and --set values, or start a new run (output.dir)."
+            )
+        return run, run.checkpoint(resume)
+    if not create:
+        return run, None
+    if run.is_used():
+        if not force:
+            raise RunDirError(
+                f"{run.path} already holds a run. Use --resume to continue it, --force to delete it and start "
+                f"over, or --set output.dir=runs/NEW for a new run."
+            )
+        shutil.rmtree(run.path)
+    run.path.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run.recipe, recipe.to_yaml())
+    return run, None
+
+
+def _recipe_diff(old: str, new: str) -> str:
+    import yaml
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in (d.items() if isinstance(d, dict) else enumerate(d)):
+            key = f"{prefix}{k}"
+            out.update(flat(v, key + ".") if isinstance(v, (dict, list)) and v else {key: v})
+        return out
+
+    a, b = flat(yaml.safe_load(old)), flat(yaml.safe_load(new))
+    # output.dir may differ (a run directory can be moved and still resumed), and so does each
+    # machine's machine_rank in a multi-machine job.
+    free = {"output.dir", "distributed.machine_rank"}
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in free)
+    return ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys[:6])
+
+
+def rewind_metrics(run: RunDir, step: int) -> None:
+    """Drop metric lines after `step` so a resumed run's metrics.jsonl is one clean curve."""
+    if not run.metrics.exists():
+        return
+    kept = [line for line in run.metrics.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    atomic_write_text(run.metrics, "".join(line + "\n" for line in kept))

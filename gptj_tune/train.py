@@ -11,30 +11,23 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checkpoints import load_checkpoint, save_checkpoint
 from .data import PreparedData, prepare_data
 from .data.tokenize import IGNORE, Batches
-from .distributed import (
-    full_state_dict,
-    load_engine_state,
-    prepare_model_and_optimizer,
-    save_engine_state,
-    weights_are_sharded,
-)
-from .errors import GptjTuneError, RunDirError, TrainingError
+from .distributed import full_state_dict, is_deepspeed, prepare_model_and_optimizer, weights_are_sharded
+from .errors import DataError, GptjTuneError, TrainingError
 from .methods import apply_method, count_parameters
 from .models import block_causal_mask, load_model_and_tokenizer, resolve_base
 from .recipe import Recipe, TrainSection
-from .rundir import RunDir, atomic_dir, atomic_write_text
+from .rundir import RunDir, atomic_dir, atomic_write_text, prepare_run_dir, rewind_metrics
 
 
 class Interrupted(GptjTuneError):
@@ -133,145 +126,6 @@ def _to(batch, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(recipe: Recipe, run: RunDir, step: int, accelerator, model, optimizer, scheduler, state: dict) -> Path:
-    """Write checkpoints/step-N atomically. Every process writes its part (its RNG state; its ZeRO
-    shards under DeepSpeed) into one temp folder, which the main process renames when all are done."""
-    import shutil
-
-    main, rank = accelerator.is_main_process, accelerator.process_index
-    target = run.checkpoints / f"step-{step}"
-    tmp = run.checkpoints / f".partial-step-{step}"
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    save_engine_state(tmp, accelerator, model, optimizer, recipe)
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, tmp / f"rng-{rank}.pt")
-    if main:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({**state, "world_size": accelerator.num_processes}, indent=2))
-    accelerator.wait_for_everyone()
-    if main:
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-        run.prune_checkpoints(recipe.train.keep_last)
-    accelerator.wait_for_everyone()
-    return target
-
-
-def load_checkpoint(recipe: Recipe, folder: Path, accelerator, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and this process's RNG from `folder`; return its trainer state."""
-    try:
-        state = json.loads((folder / "trainer_state.json").read_text())
-        if state.get("world_size", 1) != accelerator.num_processes:
-            raise RunDirError(
-                f"{folder} was saved by {state.get('world_size', 1)} process(es); this run has "
-                f"{accelerator.num_processes}. Resume with the same distributed layout."
-            )
-        load_engine_state(folder, accelerator, model, optimizer, recipe, _load_weights)
-        scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-        rng = torch.load(folder / f"rng-{accelerator.process_index}.pt", weights_only=False)
-    except (OSError, RuntimeError, KeyError, ValueError) as e:
-        raise RunDirError(f"{folder}: checkpoint cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    return {k: v for k, v in state.items() if k != "world_size"}
-
-
-def _load_weights(folder: Path, model) -> None:
-    """Weights of a one-process checkpoint (folder/model: adapter or full safetensors) into `model`."""
-    from safetensors.torch import load_file
-
-    weights = folder / "model"
-    if (weights / "adapter_model.safetensors").exists():
-        import peft
-
-        peft.set_peft_model_state_dict(model, load_file(weights / "adapter_model.safetensors"))
-        return
-    state = {}
-    for file in sorted(weights.glob("*.safetensors")):
-        state.update(load_file(file))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if "lm_head" not in k]:
-        raise RunDirError(f"{folder}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-
-
-def _is_deepspeed(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
-
-
-# -------------------------------------------------------------------------------- run dir
-
-
-def prepare_run_dir(recipe: Recipe, resume: str | bool, force: bool, create: bool = True) -> tuple[RunDir, Path | None]:
-    """Check the run dir against the request; write the frozen recipe. Returns (run, checkpoint to load).
-
-    Only the main process creates (`create`); the others, which run after it, only look."""
-    import shutil
-
-    run = RunDir(recipe.output.dir)
-    if resume:
-        if not run.recipe.exists():
-            raise RunDirError(f"--resume: {run.path} holds no run (no recipe.yaml); start it without --resume")
-        diff = _recipe_diff(run.recipe.read_text(), recipe.to_yaml())
-        if diff:
-            raise RunDirError(
-                f"--resume: the recipe differs from the one {run.path} was started with at: {diff}. Resume "
-                f"with the same recipe and --set values, or start a new run (output.dir)."
-            )
-        return run, run.checkpoint(resume)
-    if not create:
-        return run, None
-    if run.is_used():
-        if not force:
-            raise RunDirError(
-                f"{run.path} already holds a run. Use --resume to continue it, --force to delete it and start "
-                f"over, or --set output.dir=runs/NEW for a new run."
-            )
-        shutil.rmtree(run.path)
-    run.path.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run.recipe, recipe.to_yaml())
-    return run, None
-
-
-def _recipe_diff(old: str, new: str) -> str:
-    import yaml
-
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in (d.items() if isinstance(d, dict) else enumerate(d)):
-            key = f"{prefix}{k}"
-            out.update(flat(v, key + ".") if isinstance(v, (dict, list)) and v else {key: v})
-        return out
-
-    a, b = flat(yaml.safe_load(old)), flat(yaml.safe_load(new))
-    # output.dir may differ (a run directory can be moved and still resumed), and so does each
-    # machine's machine_rank in a multi-machine job.
-    free = {"output.dir", "distributed.machine_rank"}
-    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in free)
-    return ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys[:6])
-
-
-def _rewind_metrics(run: RunDir, step: int) -> None:
-    """Drop metric lines after `step` so a resumed run's metrics.jsonl is one clean curve."""
-    if not run.metrics.exists():
-        return
-    kept = [line for line in run.metrics.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    atomic_write_text(run.metrics, "".join(line + "\n" for line in kept))
-
-
 # ----------------------------------------------------------------------------------- train
 
 
@@ -300,7 +154,10 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
                             rank=accelerator.process_index, world=accelerator.num_processes)  # fmt: skip
     eval_batches = Batches(data.eval_rows, recipe.eval.batch_size or recipe.train.batch_size, tokenizer.pad_token_id, pad_to, 0, shuffle=False)
     if len(train_batches) == 0:
-        raise GptjTuneError(f"{len(data.train_rows)} training rows cannot fill one batch on each of {accelerator.num_processes} processes; add data or lower train.batch_size")
+        raise DataError(
+            f"{len(data.train_rows)} training rows cannot fill one batch of train.batch_size "
+            f"{recipe.train.batch_size} on each of {accelerator.num_processes} processes; add data or lower train.batch_size"
+        )
     accum = recipe.train.grad_accum
     total_steps = recipe.train.max_steps or (recipe.train.epochs or 1) * -(-len(train_batches) // accum)
     warmup = warmup_steps(recipe.train, total_steps)
@@ -314,7 +171,7 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     if checkpoint is not None:
         state = load_checkpoint(recipe, checkpoint, accelerator, model, optimizer, scheduler)
         if main:
-            _rewind_metrics(run, state["step"])
+            rewind_metrics(run, state["step"])
         console.print(f"Resumed from [bold]{checkpoint}[/] at step {state['step']}/{total_steps}")
 
     loop = _Loop(recipe, run, accelerator, model, optimizer, scheduler, train_batches, eval_batches, console)
@@ -531,7 +388,7 @@ class _Loop:
                     self._stop_on_nan(state, value)
                 acc.backward(loss_sum * scale)  # under DeepSpeed the last one also steps the optimizer
                 total += value
-        if train.max_grad_norm is not None or _is_deepspeed(acc):
+        if train.max_grad_norm is not None or is_deepspeed(acc):
             norm = acc.clip_grad_norm_(self.model.parameters(), train.max_grad_norm or float("inf"))
             if hasattr(norm, "full_tensor"):  # FSDP2: the norm is a DTensor
                 norm = norm.full_tensor()

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 from conftest import cli, small_recipe
 
 
@@ -75,7 +74,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_the_same_curve(tmp_path)
     assert 8 <= stopped_at < 40
     resumed = cli("run", str(interrupted), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Resumed from" in resumed.stdout
+    assert "Resumed from" in resumed.stdout
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert sorted(b) == list(range(1, 41))
     assert max(abs(a[s] - b[s]) for s in a) < 1e-5
