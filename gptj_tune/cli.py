@@ -6,6 +6,7 @@ Library errors (GptjTuneError) become one clear message and an exit code, never 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import shutil
@@ -111,6 +112,38 @@ def validate(
     recipe_obj = load_recipe(_resolve_recipe_path(recipe), set_)
     console.print(Syntax(recipe_obj.to_yaml(), "yaml", theme="ansi_dark", background_color="default"))
     console.print("[green]valid[/]")
+
+
+@app.command("eval")
+@_friendly
+def eval_(
+    target: str = typer.Argument(..., help="A run directory, an exported model folder, or a model name/path."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated: lambada_openai,hellaswag,piqa,winogrande,arc_easy; `none` skips benchmarks."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Items per benchmark (default: all, or the recipe's eval.limit)."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Benchmark files (layout of shared/data/benchmarks)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Batch size for benchmark requests."),
+    compare: Optional[str] = typer.Option(None, "--compare", help="Another target for the comparison column (default: the run's base model)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Report folder (default: RUN/eval)."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Evaluate checkpoints/step-N of a run instead of final/."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing report folder."),
+):
+    """Benchmarks (lm-eval on local files), held-out loss and instruction following; writes eval/report.*."""
+    from .report import EvalRequest, run_eval
+
+    chosen = None if tasks is None else [] if tasks.strip() == "none" else [t.strip() for t in tasks.split(",") if t.strip()]
+    request = EvalRequest(target, chosen, limit, data_dir, batch_size, compare, out, checkpoint, force=force)
+    folder = run_eval(request, console)
+    report = json.loads((folder / "report.json").read_text())
+    table = Table("task", "metric", "value", title=f"Evaluation of {target}")
+    for task, metrics in report["benchmarks"].items():
+        for metric, pair in metrics.items():
+            stderr = f" ± {pair['stderr']:.4f}" if pair["stderr"] is not None else ""
+            table.add_row(task, metric, f"{pair['value']:.4f}{stderr}")
+    for key, value in (report.get("held_out") or {}).items():
+        if key in ("loss", "perplexity", "exact_match", "rouge_l") and value is not None:
+            table.add_row("held-out", key, f"{value:.4f}")
+    console.print(table)
+    console.print(f"Report: {folder / 'report.md'}")
 
 
 @app.command()

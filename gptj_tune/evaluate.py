@@ -1,9 +1,10 @@
-"""Evaluation of a trained model. For now: greedy generation on held-out instruction prompts, scored
-by exact match (the measure that shows the quickstart learned its demo tasks)."""
+"""Evaluation metrics of a trained model: greedy generation on held-out instruction prompts scored by
+exact match and ROUGE-L, and what `gptj-tune eval` can evaluate (a run, an export, a model name)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -50,3 +51,63 @@ def exact_match(model, tokenizer, template: Template, records: list[dict], max_n
         samples.append({"instruction": r["instruction"], "input": r.get("input", ""), "reference": r["output"], "output": answer, "correct": ok})
     model.train(was_training)
     return ExactMatch(correct / max(len(records), 1), correct, len(records), samples)
+
+
+def rouge_l(reference: str, output: str) -> float:
+    """ROUGE-L F1 over whitespace tokens (longest common subsequence)."""
+    a, b = reference.split(), output.split()
+    if not a or not b:
+        return float(a == b)
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b, 1):
+            current.append(previous[j - 1] + 1 if x == y else max(previous[j], current[j - 1]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(b), lcs / len(a)
+    return 2 * precision * recall / (precision + recall)
+
+
+# ------------------------------------------------------------------------------------ targets
+
+
+@dataclass
+class Target:
+    """What `gptj-tune eval` evaluates: a run directory, an exported folder, or a model name."""
+
+    label: str
+    model_args: dict  # for lm-eval's HF model: pretrained (+ peft)
+    run_dir: Path | None = None
+    base: str | None = None  # the base model of a run (for the comparison column)
+
+
+def resolve_target(target: str, checkpoint: str | None = None) -> Target:
+    from .errors import RunDirError
+    from .recipe import load_recipe
+    from .rundir import RunDir
+
+    path = Path(target)
+    if (path / "recipe.yaml").is_file():
+        run = RunDir(path)
+        recipe = load_recipe(run.recipe)
+        folder = run.final if checkpoint in (None, "final") else run.checkpoint(checkpoint) / "model"
+        if not folder.is_dir():
+            raise RunDirError(f"{folder} does not exist: the run has no {'final model' if checkpoint in (None, 'final') else checkpoint} "
+                              f"(finish it with `gptj-tune run {run.recipe} --resume`, or pick --checkpoint step-N)")  # fmt: skip
+        base = str(path / "base-model") if (path / "base-model").is_dir() else recipe.model.name_or_path
+        if (folder / "adapter_config.json").is_file():
+            args = {"pretrained": base, "peft": str(folder), "tokenizer": str(run.final if run.final.is_dir() else base)}
+        elif (folder / "config.json").is_file():
+            args = {"pretrained": str(folder), "tokenizer": str(run.final if run.final.is_dir() else base)}
+        else:
+            raise RunDirError(f"{folder} holds no model (no config.json or adapter_config.json); sharded checkpoints "
+                              f"are evaluated after `gptj-tune export`")  # fmt: skip
+        return Target(str(path), args, run_dir=path, base=base)
+    if path.is_dir() and not (path / "config.json").is_file():
+        from .errors import ModelError
+
+        raise ModelError(f"{path} is neither a run directory (no recipe.yaml) nor a model folder (no config.json)")
+    return Target(target, {"pretrained": target})

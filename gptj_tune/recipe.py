@@ -361,6 +361,25 @@ class EvalSection(Section):
         0, ge=0, description="At the end, greedy-generate this many held-out prompts and report exact match."
     )
     max_new_tokens: int = Field(64, ge=1, description="Generation limit for generate_samples.")
+    tasks: list[Literal["lambada_openai", "hellaswag", "piqa", "winogrande", "arc_easy"]] = Field(
+        default_factory=lambda: ["lambada_openai", "hellaswag", "piqa", "winogrande", "arc_easy"],
+        description="Benchmarks `gptj-tune eval` runs on this run (lm-eval, local files).",
+    )
+    data_dir: str | None = Field(
+        None, description="Folder with the benchmark files (layout of shared/data/benchmarks); relative to the recipe."
+    )
+    limit: int | None = Field(None, ge=1, description="Items per benchmark (default: all).")
+    benchmark_every: int | None = Field(
+        None, ge=1,
+        description="Also run the benchmarks (tasks, limit, data_dir above) every N steps during training and at the "
+        "end; results go to metrics.jsonl and the eval report. Needs data_dir; not under ZeRO-3/FSDP.",
+    )
+
+    @model_validator(mode="after")
+    def _check_benchmarks(self):
+        if self.benchmark_every is not None and self.data_dir is None:
+            raise ValueError("eval.benchmark_every needs eval.data_dir (the folder with the benchmark files)")
+        return self
 
 
 class ExportSection(Section):
@@ -388,6 +407,17 @@ class Recipe(Section):
     eval: EvalSection = Field(default_factory=EvalSection, description="Evaluation during and after training.")
     export: ExportSection = Field(default_factory=ExportSection, description="Export defaults.")
     output: OutputSection = Field(description="Where the run directory goes.")
+
+    @model_validator(mode="after")
+    def _check_benchmarks_during_training(self):
+        d = self.distributed
+        sharded = d.backend == "fsdp" or (d.backend == "deepspeed" and d.zero.config is None and d.zero.zero_stage == 3)
+        if self.eval.benchmark_every is not None and sharded:
+            raise ValueError(
+                "eval.benchmark_every needs the whole model on one process, which ZeRO-3/FSDP do not give; "
+                "run `gptj-tune eval RUN` after training instead"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_precision(self):
@@ -571,6 +601,9 @@ def _resolve_source_paths(raw: dict, base: Path) -> None:
         ds["config"] = str((base / ds["config"]).resolve())
     if isinstance(dist.get("hostfile"), str) and not Path(dist["hostfile"]).is_absolute():
         dist["hostfile"] = str((base / dist["hostfile"]).resolve())
+    ev = raw.get("eval") if isinstance(raw.get("eval"), dict) else {}
+    if isinstance(ev.get("data_dir"), str) and not Path(ev["data_dir"]).is_absolute():
+        ev["data_dir"] = str((base / ev["data_dir"]).resolve())
 
 
 def validate_recipe(raw: dict, source: str | None = None, lines=None, overrides=frozenset()) -> Recipe:

@@ -174,7 +174,8 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
             rewind_metrics(run, state["step"])
         console.print(f"Resumed from [bold]{checkpoint}[/] at step {state['step']}/{total_steps}")
 
-    loop = _Loop(recipe, run, accelerator, model, optimizer, scheduler, train_batches, eval_batches, console)
+    benchmarks = _benchmarks_during_training(recipe, run, accelerator, tokenizer, console)
+    loop = _Loop(recipe, run, accelerator, model, optimizer, scheduler, train_batches, eval_batches, console, benchmarks)
     last_loss = loop.run(state, total_steps)
 
     _save_final(recipe, run, accelerator, model, tokenizer)
@@ -260,6 +261,30 @@ def _trained_model_for_generation(recipe: Recipe, run: RunDir, accelerator, mode
     return AutoModelForCausalLM.from_pretrained(run.final)
 
 
+def _benchmarks_during_training(recipe: Recipe, run: RunDir, accelerator, tokenizer, console):
+    """A function (model, step, log) running the recipe's benchmarks on the main process, or None."""
+    ev = recipe.eval
+    if ev.benchmark_every is None:
+        return None
+    from .harness import find_data_dir, prepare_tasks, run_benchmarks_in_memory
+
+    files = None
+    if accelerator.is_main_process:
+        files = prepare_tasks(list(ev.tasks), find_data_dir(None, ev.data_dir), run.path / "cache" / "benchmark-tasks")
+
+    def run_them(model, step: int, log) -> None:
+        if accelerator.is_main_process:
+            with console.status(f"step {step}: benchmarks {', '.join(ev.tasks)}"):
+                batch = ev.batch_size or recipe.train.batch_size
+                result = run_benchmarks_in_memory(accelerator.unwrap_model(model), tokenizer, files, ev.limit, batch, accelerator.device)
+            values = {task: {m: v for m, (v, _) in metrics.items()} for task, metrics in result["tasks"].items()}
+            log({"step": step, "benchmarks": values, "benchmark_limit": ev.limit})
+            console.print(f"step {step}: " + ", ".join(f"{t} {' '.join(f'{m} {v:.3g}' for m, v in ms.items())}" for t, ms in values.items()))
+        accelerator.wait_for_everyone()
+
+    return run_them
+
+
 def _prepare_data_once(recipe: Recipe, tokenizer, run: RunDir, accelerator) -> PreparedData:
     """Tokenize and pack on one process per machine and share the result through a cache file.
 
@@ -308,8 +333,9 @@ def _print_setup(console, recipe: Recipe, model, data: PreparedData, world: int)
 class _Loop:
     """The step loop, with its logging, eval, checkpoints and signal handling."""
 
-    def __init__(self, recipe, run, accelerator, model, optimizer, scheduler, train_batches, eval_batches, console):
+    def __init__(self, recipe, run, accelerator, model, optimizer, scheduler, train_batches, eval_batches, console, benchmarks=None):
         self.recipe, self.rundir, self.accelerator, self.console = recipe, run, accelerator, console
+        self.benchmarks = benchmarks
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.train_batches, self.eval_batches = train_batches, eval_batches
         self.stop_requested = False
@@ -418,6 +444,9 @@ class _Loop:
             if eval_loss is not None:
                 self.log({"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))})
                 self.console.print(f"step {step}: eval loss {eval_loss:.4f}")
+        every = recipe.eval.benchmark_every
+        if self.benchmarks is not None and every and (step % every == 0 or step == total_steps):
+            self.benchmarks(self.model, step, self.log)
         periodic = recipe.train.save_every and step % recipe.train.save_every == 0
         if periodic or step == total_steps or self.stop_requested:
             path = save_checkpoint(

@@ -1,0 +1,172 @@
+"""`gptj-tune eval`: lm-eval benchmarks on the local files, held-out metrics, reports, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import cli, small_recipe
+
+try:
+    import lm_eval  # noqa: F401
+except ImportError:
+    if os.environ.get("CI", "").lower() == "true":
+        raise  # CI installs the eval extra: a missing lm-eval there is a failure, not a skip
+    pytest.skip("the eval extra (lm-eval) is not installed: pip install -e '.[dev,eval]'", allow_module_level=True)
+
+ALL = "lambada_openai,hellaswag,piqa,winogrande,arc_easy"
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evalrun")
+    result = cli("run", str(small_recipe(tmp, steps=20, save_every=20)))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return tmp / "run"
+
+
+def _report(folder):
+    return json.loads((folder / "report.json").read_text())
+
+
+def test_every_task_runs_on_local_files_and_the_report_is_complete(lora_run, shared_data):
+    result = cli("eval", str(lora_run), "--tasks", ALL, "--limit", "6", "--data-dir", str(shared_data / "benchmarks"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = _report(lora_run / "eval")
+    assert list(report["benchmarks"]) == ALL.split(",")
+    assert set(report["benchmarks"]["lambada_openai"]) == {"perplexity", "acc"}
+    assert set(report["benchmarks"]["hellaswag"]) == {"acc", "acc_norm"}
+    assert report["harness"]["limit"] == 6 and report["harness"]["lm_eval_version"]
+    # The comparison column is the run's base model, evaluated on the same items.
+    assert report["comparison"]["target"]["model_args"]["pretrained"].endswith("base-model")
+    assert set(report["comparison"]["benchmarks"]) == set(report["benchmarks"])
+    held = report["held_out"]
+    assert held["loss"] < report["comparison"]["held_out"]["loss"] - 0.5  # the run learned its data
+    assert 0 <= held["exact_match"] <= 1 and 0 <= held["rouge_l"] <= 1 and held["samples"]
+    # Same held-out loss as the training run measured at its end.
+    summary = json.loads((lora_run / "summary.json").read_text())
+    assert held["loss"] == pytest.approx(summary["eval_loss"], rel=1e-5)
+    md = (lora_run / "eval" / "report.md").read_text()
+    assert "| piqa | acc |" in md and "![loss.png](loss.png)" in md and "![benchmarks.png](benchmarks.png)" in md
+    for png in ("loss.png", "benchmarks.png"):
+        assert (lora_run / "eval" / png).read_bytes()[:4] == b"\x89PNG"
+    # The task files stay usable after the report folder was renamed into place.
+    for task_yaml in (lora_run / "eval" / "tasks").glob("*.yaml"):
+        data_line = next(line for line in task_yaml.read_text().splitlines() if line.strip().startswith("test:"))
+        assert (lora_run / "eval" / "tasks" / data_line.split("/")[-1]).exists() and str(lora_run / "eval") in data_line
+    # An existing report is never replaced silently.
+    again = cli("eval", str(lora_run), "--tasks", "piqa", "--limit", "2", "--data-dir", str(shared_data / "benchmarks"))
+    assert again.returncode == 2 and "--force" in again.stderr
+
+
+def test_multiple_choice_scores_follow_the_model(tmp_path, lora_run):
+    """A model pushed to prefer one token scores 100% where that token is the answer and 0% where it
+    is not: the metric reads the model, it is not a constant."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(lora_run / "base-model")
+    model = AutoModelForCausalLM.from_pretrained(lora_run / "base-model")
+    token = tok(" lamp", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        model.lm_head.bias[token] += 40.0
+    model.save_pretrained(tmp_path / "biased")
+    tok.save_pretrained(tmp_path / "biased")
+    for name, correct in (("right", 0), ("wrong", 1)):
+        data = tmp_path / name / "piqa"
+        data.mkdir(parents=True)
+        items = [{"goal": f"Question {i}", "sol1": "lamp lamp lamp", "sol2": "the tree sings"} for i in range(8)]
+        (data / "valid.jsonl").write_text("".join(json.dumps(x) + "\n" for x in items))
+        (data / "valid-labels.lst").write_text(f"{correct}\n" * 8)
+        result = cli("eval", str(tmp_path / "biased"), "--tasks", "piqa", "--data-dir", str(tmp_path / name),
+                     "--out", str(tmp_path / f"report-{name}"))  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert _report(tmp_path / "report-right")["benchmarks"]["piqa"]["acc"]["value"] == 1.0
+    assert _report(tmp_path / "report-wrong")["benchmarks"]["piqa"]["acc"]["value"] == 0.0
+
+
+def test_numbers_equal_the_stock_lm_eval_cli_and_the_merged_model(tmp_path, lora_run, shared_data):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged = tmp_path / "merged"
+    base = AutoModelForCausalLM.from_pretrained(lora_run / "base-model")
+    PeftModel.from_pretrained(base, lora_run / "final").merge_and_unload().save_pretrained(merged)
+    AutoTokenizer.from_pretrained(lora_run / "final").save_pretrained(merged)
+
+    tasks = "lambada_openai,piqa,winogrande"
+    data = str(shared_data / "benchmarks")
+    ours = cli("eval", str(lora_run), "--tasks", tasks, "--limit", "5", "--data-dir", data, "--out", str(tmp_path / "lora"))
+    assert ours.returncode == 0, ours.stderr[-2000:]
+    folded = cli("eval", str(merged), "--tasks", tasks, "--limit", "5", "--data-dir", data, "--out", str(tmp_path / "merged-eval"))
+    assert folded.returncode == 0, folded.stderr[-2000:]
+    stock = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={merged},dtype=float32",
+         "--include_path", str(tmp_path / "merged-eval" / "tasks"), "--tasks", "gptj_lambada_openai,gptj_piqa,gptj_winogrande",
+         "--limit", "5", "--device", "cpu", "--batch_size", "8", "--output_path", str(tmp_path / "stock")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert stock.returncode == 0, stock.stderr[-3000:]
+    stock_results = json.loads(next((tmp_path / "stock").rglob("results_*.json")).read_text())["results"]
+    a, b = _report(tmp_path / "lora")["benchmarks"], _report(tmp_path / "merged-eval")["benchmarks"]
+    for task, metrics in b.items():
+        for metric, pair in metrics.items():
+            assert pair["value"] == stock_results[f"gptj_{task}"][f"{metric},none"], (task, metric)  # identical
+            assert a[task][metric]["value"] == pytest.approx(pair["value"], rel=1e-4), (task, metric)  # adapter == merged
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--tasks", "piqa", "--data-dir", "/nonexistent/benchmarks"], "benchmark data dir /nonexistent/benchmarks does not exist"),
+        (["--tasks", "mmlu", "--data-dir", "."], "unknown task(s) mmlu; available: lambada_openai"),
+        (["--tasks", "piqa"], "pass --data-dir DIR"),
+    ],
+)
+def test_bad_requests_are_one_line_errors(tmp_path, lora_run, args, message, monkeypatch):
+    monkeypatch.delenv("GPTJ_TUNE_BENCHMARK_DATA", raising=False)
+    result = cli("eval", str(lora_run), *args, "--out", str(tmp_path / "r"))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_empty_model_folder_is_a_one_line_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = cli("eval", str(tmp_path / "empty"), "--tasks", "none")
+    assert result.returncode == 2 and "neither a run directory" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_benchmarks_during_training_match_the_final_evaluation(tmp_path, shared_data):
+    data = str(shared_data / "benchmarks")
+    recipe = small_recipe(tmp_path, steps=10, save_every=10)
+    result = cli("run", str(recipe), "--set", "eval.benchmark_every=5", "--set", f"eval.data_dir={data}",
+                 "--set", "eval.limit=6", "--set", "eval.tasks=[piqa,winogrande]")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    during = [x for x in lines if "benchmarks" in x]
+    assert [x["step"] for x in during] == [5, 10] and set(during[0]["benchmarks"]) == {"piqa", "winogrande"}
+    # The eval command picks tasks, limit and data dir up from the run's recipe.
+    evaluated = cli("eval", str(tmp_path / "run"))
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    report = _report(tmp_path / "run" / "eval")
+    assert report["harness"]["limit"] == 6 and list(report["benchmarks"]) == ["piqa", "winogrande"]
+    for task, metrics in report["benchmarks"].items():  # in-memory at step 10 == final/ reloaded from disk
+        for metric, pair in metrics.items():
+            assert during[-1]["benchmarks"][task][metric] == pytest.approx(pair["value"], abs=1e-9), (task, metric)
+    assert [x["step"] for x in report["during_training"]] == [5, 10]
+    assert "benchmarks_during_training.png" in report["plots"]
+
+
+def test_benchmarks_during_training_need_a_data_dir_and_whole_weights(tmp_path):
+    from gptj_tune.errors import RecipeError
+    from gptj_tune.recipe import load_recipe
+
+    recipe = small_recipe(tmp_path)
+    with pytest.raises(RecipeError, match="eval.benchmark_every needs eval.data_dir"):
+        load_recipe(recipe, ["eval.benchmark_every=5"])
+    with pytest.raises(RecipeError, match="ZeRO-3/FSDP do not give"):
+        load_recipe(recipe, ["eval.benchmark_every=5", "eval.data_dir=.", "distributed.backend=fsdp", "distributed.num_processes=2"])
