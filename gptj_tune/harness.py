@@ -238,16 +238,24 @@ def _evaluate(model, model_args, files: TaskFiles, limit, batch_size) -> dict:
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise GptjTuneError('benchmarks need lm-eval: pip install -e ".[eval]"') from None
-    results = evaluator.simple_evaluate(
-        model=model,
-        model_args=model_args,
-        tasks=[f"gptj_{t}" for t in files.tasks],
-        limit=limit,
-        batch_size=batch_size,
-        task_manager=TaskManager(include_path=str(files.folder), include_defaults=False),
-        log_samples=False,
-        bootstrap_iters=1000,
-    )
+    try:
+        results = evaluator.simple_evaluate(
+            model=model,
+            model_args=model_args,
+            tasks=[f"gptj_{t}" for t in files.tasks],
+            limit=limit,
+            batch_size=batch_size,
+            task_manager=TaskManager(include_path=str(files.folder), include_defaults=False),
+            log_samples=False,
+            bootstrap_iters=1000,
+        )
+    except OSError as e:  # a model or tokenizer that is not there (offline hub name, empty folder)
+        name = (model_args or {}).get("pretrained", "the model")
+        raise GptjTuneError(f"cannot load {name} for the benchmarks ({str(e).splitlines()[0]})") from None
+    return _collect(results, files)
+
+
+def _collect(results: dict, files: TaskFiles) -> dict:
     out = {}
     for task in files.tasks:
         raw = results["results"][f"gptj_{task}"]

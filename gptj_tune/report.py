@@ -57,7 +57,8 @@ def run_eval(request: EvalRequest, console) -> Path:
                 bench = run_benchmarks(target.model_args, files, limit, request.batch_size, device)
             report["benchmarks"] = bench["tasks"]
             report["harness"] = {"lm_eval_version": bench["lm_eval_version"], "tasks": tasks, "limit": limit,
-                                 "data_dir": str(data_dir), "task_files": str(out / "tasks")}  # fmt: skip
+                                 "data_dir": str(data_dir), "task_files": str(out / "tasks"),
+                                 "data_sha256": {t: _sha256(tmp / "tasks" / f"{t}.jsonl") for t in tasks}}  # fmt: skip
         if recipe is not None:
             with console.status("held-out loss and generation"):
                 report["held_out"] = held_out_metrics(target, recipe, device)
@@ -108,6 +109,10 @@ def _describe(target: Target) -> dict:
     return {"label": target.label, "model_args": target.model_args, "fingerprint": _fingerprint(target)}
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def _fingerprint(target: Target) -> str | None:
     """sha256 over the weight files of the evaluated folder (adapter or model); None for a hub name."""
     folder = Path(target.model_args.get("peft") or target.model_args["pretrained"])
@@ -153,8 +158,10 @@ def held_out_metrics(target: Target, recipe, device: str, generate: bool = True)
     pad_to = recipe.data.max_length if recipe.data.packing else None
     batches = Batches(data.eval_rows, recipe.eval.batch_size or recipe.train.batch_size, tokenizer.pad_token_id, pad_to, 0, shuffle=False)
     loss = evaluate_loss(model, batches, Accelerator(cpu=device == "cpu"))
+    held_out_sha = hashlib.sha256(json.dumps(data.eval_records, sort_keys=True).encode()).hexdigest()[:16]
     result = {"loss": loss, "perplexity": math.exp(min(loss, 50)) if loss is not None else None,
-              "examples": data.eval_stats.examples, "target_tokens": data.eval_stats.target_tokens}  # fmt: skip
+              "examples": data.eval_stats.examples, "target_tokens": data.eval_stats.target_tokens,
+              "data_sha256": held_out_sha}  # fmt: skip
     records = data.eval_records[: recipe.eval.generate_samples or 100]
     if generate and records:
         scored = exact_match(model, tokenizer, data.template, records, recipe.eval.max_new_tokens)

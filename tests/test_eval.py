@@ -40,6 +40,7 @@ def test_every_task_runs_on_local_files_and_the_report_is_complete(lora_run, sha
     assert set(report["benchmarks"]["lambada_openai"]) == {"perplexity", "acc"}
     assert set(report["benchmarks"]["hellaswag"]) == {"acc", "acc_norm"}
     assert report["harness"]["limit"] == 6 and report["harness"]["lm_eval_version"]
+    assert set(report["harness"]["data_sha256"]) == set(ALL.split(","))
     # The comparison column is the run's base model, evaluated on the same items.
     assert report["comparison"]["target"]["model_args"]["pretrained"].endswith("base-model")
     assert set(report["comparison"]["benchmarks"]) == set(report["benchmarks"])
@@ -170,3 +171,14 @@ def test_benchmarks_during_training_need_a_data_dir_and_whole_weights(tmp_path):
         load_recipe(recipe, ["eval.benchmark_every=5"])
     with pytest.raises(RecipeError, match="ZeRO-3/FSDP do not give"):
         load_recipe(recipe, ["eval.benchmark_every=5", "eval.data_dir=.", "distributed.backend=fsdp", "distributed.num_processes=2"])
+
+
+def test_a_checkpoint_can_be_evaluated_and_data_is_fingerprinted(tmp_path, lora_run):
+    result = cli("eval", str(lora_run), "--checkpoint", "step-20", "--tasks", "none", "--out", str(tmp_path / "ck"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    held = _report(tmp_path / "ck")["held_out"]
+    summary = json.loads((lora_run / "summary.json").read_text())
+    assert held["loss"] == pytest.approx(summary["eval_loss"], rel=1e-5)  # step-20 is the last step
+    assert len(held["data_sha256"]) == 16
+    missing = cli("eval", str(lora_run), "--checkpoint", "step-99", "--tasks", "none", "--out", str(tmp_path / "x"))
+    assert missing.returncode == 2 and "no checkpoint 'step-99'; available: step-20" in missing.stderr
