@@ -148,6 +148,74 @@ def eval_(
 
 @app.command()
 @_friendly
+def export(
+    run_dir: str = typer.Argument(..., help="The run directory to export."),
+    out: str = typer.Option(..., "--out", help="Folder to write (refused if it exists, unless --force)."),
+    checkpoint: str = typer.Option("final", "--checkpoint", help="final, latest, or step-N."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float16, bfloat16 or float32 (default: the training dtype)."),
+    adapter_only: bool = typer.Option(False, "--adapter-only", help="LoRA: save the peft adapter instead of merging."),
+    max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Largest safetensors shard, e.g. 2GB."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip reloading the export and comparing logits."),
+):
+    """Write a plain Hugging Face model folder (LoRA merged, shards consolidated) and verify it."""
+    from .errors import GptjTuneError
+    from .export import DTYPES, export_run
+
+    if dtype is not None and dtype not in DTYPES:
+        raise GptjTuneError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    result = export_run(run_dir, out, checkpoint, dtype, adapter_only, max_shard_size, force, not no_verify)
+    if result.max_abs_diff is not None:
+        console.print(f"verified: reloaded in a fresh process, max |logit diff| {result.max_abs_diff:.3g} "
+                      f"(tolerance {result.tolerance:.3g} for {result.dtype})")  # fmt: skip
+    console.print(f"Exported to {result.out}")
+
+
+@app.command()
+@_friendly
+def generate(
+    target: str = typer.Argument(..., help="A run directory, an exported folder, or a model name/path."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="One instruction (or raw text with --raw)."),
+    input_: str = typer.Option("", "--input", help="The instruction's input/context, where the template has one."),
+    file: Optional[str] = typer.Option(None, "--file", help="A file of prompts, one per line."),
+    chat: bool = typer.Option(False, "--chat", help="Interactive: type instructions, empty line or Ctrl-D to quit."),
+    raw: bool = typer.Option(False, "--raw", help="Do not apply the prompt template."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
+    top_k: int = typer.Option(0, "--top-k", min=0),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Generate from a run or a model, streaming tokens, with the recipe's prompt template."""
+    from .errors import GptjTuneError
+    from .generate import Generator
+
+    if sum(x is not None and x is not False for x in (prompt, file, chat or None)) != 1:
+        raise GptjTuneError("give exactly one of --prompt, --file or --chat")
+    generator = Generator(target, raw=raw, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    if prompt is not None:
+        generator.stream(prompt, console, input_)
+    elif file is not None:
+        path = Path(file)
+        if not path.is_file():
+            raise GptjTuneError(f"--file {file}: not found")
+        for line in path.read_text().splitlines():
+            if line.strip():
+                console.print(f"[bold]> {line}[/]")
+                generator.stream(line, console)
+    else:
+        while True:
+            try:
+                line = console.input("[bold]> [/]")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            generator.stream(line, console)
+
+
+@app.command()
+@_friendly
 def plan(
     recipe: str = typer.Argument(..., help="Recipe YAML file, or the name of a shipped recipe."),
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.batch_size=4 (repeatable)."),

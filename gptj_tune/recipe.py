@@ -384,9 +384,9 @@ class EvalSection(Section):
 
 class ExportSection(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Dtype of exported weights (used by `gptj-tune export`, not built yet)."
+        "auto", description="Dtype of exported weights; auto: the training dtype (the base dtype for LoRA)."
     )
-    max_shard_size: str = Field("5GB", description="Largest safetensors shard (used by `gptj-tune export`, not built yet).")
+    max_shard_size: str = Field("5GB", description="Largest safetensors shard written by `gptj-tune export`.")
 
 
 class OutputSection(Section):

@@ -42,3 +42,30 @@ def test_quickstart_learns_far_above_the_untrained_model(tmp_path):
     # Held-out prompts are never trained on: generated records are unique, and the split is by record.
     generated = generate_records(recipe.data.sources[0].count, seed=recipe.data.sources[0].seed)
     assert len({(r["instruction"], r["input"]) for r in generated}) == len(generated)
+    _generate_answers_and_equals_the_export(run, trained.samples, tmp_path)
+
+
+def _generate_answers_and_equals_the_export(run, samples, tmp_path):
+    """`gptj-tune generate` on the run answers a held-out prompt; its greedy output equals plain
+    transformers' greedy output on the exported folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sample = next(s for s in samples if s["correct"])
+    result = cli("generate", str(run), "--prompt", sample["instruction"], "--input", sample["input"], "--max-new-tokens", "24")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1].strip() == sample["reference"].strip()
+
+    assert cli("export", str(run), "--out", str(tmp_path / "export")).returncode == 0
+    from gptj_tune.generate import Generator
+
+    ours = Generator(str(run), max_new_tokens=24)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "export")
+    for s in samples[:20]:
+        prompt = ours.prompt_text(s["instruction"], s["input"])
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
+        plain = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        assert ours.answer(s["instruction"], s["input"]) == plain

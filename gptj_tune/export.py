@@ -1,0 +1,224 @@
+"""`gptj-tune export`: a run's weights as a plain Hugging Face folder (LoRA merged, ZeRO-3/FSDP shards
+consolidated offline), with tokenizer, generation config and model card; then reloaded in a fresh
+process and checked against the model as trained."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import GptjTuneError, RunDirError
+from .recipe import Recipe, load_recipe
+from .rundir import RunDir, atomic_dir
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Max |logit difference| allowed against the model as trained, per export dtype, as a fraction of
+# the largest |logit| (16-bit rounding of weights and activations moves logits by ~1e-2 relative).
+TOLERANCE = {"float32": 1e-5, "bfloat16": 6e-2, "float16": 1e-2}
+VERIFY_PROMPTS = ["The quick brown fox", "Below is an instruction", "GPT-J is a 6 billion parameter"]
+LICENCES = {
+    "tatsu-lab/alpaca": "CC BY-NC 4.0 (research and non-commercial use only)",
+    "databricks/databricks-dolly-15k": "CC BY-SA 3.0",
+}
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    dtype: str
+    max_abs_diff: float | None
+    tolerance: float | None
+
+
+def export_run(run_dir: str, out: str, checkpoint: str = "final", dtype: str | None = None, adapter_only: bool = False,
+               max_shard_size: str | None = None, force: bool = False, verify: bool = True, console=None) -> ExportResult:  # fmt: skip
+    run = RunDir(run_dir)
+    if not run.recipe.is_file():
+        raise RunDirError(f"{run_dir} is not a run directory (no recipe.yaml)")
+    recipe = load_recipe(run.recipe)
+    target = Path(out)
+    if target.exists() and not force:
+        raise RunDirError(f"{target} already exists; pass --force to replace it, or choose another --out")
+    lora = recipe.method.kind == "lora"
+    dtype = dtype or (recipe.export.dtype if recipe.export.dtype != "auto" else _training_dtype(recipe))
+    base = str(run.path / "base-model") if (run.path / "base-model").is_dir() else recipe.model.name_or_path
+    source = run.final if checkpoint == "final" else run.checkpoint(checkpoint)
+    if not source.is_dir():
+        raise RunDirError(f"{source} does not exist: the run has no final model yet; export a checkpoint (--checkpoint latest)")
+    with atomic_dir(target) as tmp:
+        model, tokenizer = _trained_model(recipe, run, source, base)
+        reference = _logits(model, tokenizer) if verify else None
+        if adapter_only:
+            if not lora:
+                raise GptjTuneError("--adapter-only applies to LoRA runs; this run trained every weight")
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            merged = model.merge_and_unload() if lora else model
+            merged.to(DTYPES[dtype]).save_pretrained(tmp, max_shard_size=max_shard_size or recipe.export.max_shard_size, safe_serialization=True)
+            _write_generation_config(merged, tokenizer, tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "gptj-tune.json").write_text(json.dumps({"template": recipe.model_dump(mode="json")["data"]["template"],
+                                                        "base_model": recipe.model.name_or_path, "method": recipe.method.kind}, indent=2))  # fmt: skip
+        (tmp / "README.md").write_text(model_card(recipe, run, dtype, adapter_only))
+        diff = tol = None
+        if verify:
+            diff, tol = _verify(tmp, reference, dtype, adapter_only, base)
+    return ExportResult(target, dtype, diff, tol)
+
+
+def _training_dtype(recipe: Recipe) -> str:
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(recipe.model.dtype, recipe.model.dtype)
+
+
+def _trained_model(recipe: Recipe, run: RunDir, source: Path, base: str):
+    """The model as trained, on CPU in its training dtype (one copy of the model): PeftModel for LoRA,
+    the full model otherwise. Sharded checkpoints (ZeRO, FSDP) are read and consolidated here,
+    without starting a distributed job."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = DTYPES[_training_dtype(recipe)]
+    tokenizer = AutoTokenizer.from_pretrained(run.final if (run.final / "tokenizer_config.json").exists() else base)
+    lora = recipe.method.kind == "lora"
+    folder = source / "model" if (source / "model").is_dir() else source
+    if (folder / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), folder), tokenizer
+    if (folder / "config.json").exists():
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), tokenizer
+    state = _consolidated_state(source)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    if lora:
+        from .methods import apply_method
+
+        model = apply_method(model, recipe.method, gradient_checkpointing=False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or missing:
+        raise RunDirError(f"{source}: consolidated weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model, tokenizer
+
+
+def _consolidated_state(source: Path) -> dict:
+    if (source / "deepspeed").is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(source / "deepspeed"), tag="state")
+    if (source / "fsdp").is_dir():
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(source / "fsdp", Path(tmp) / "full.pt")
+            return torch.load(Path(tmp) / "full.pt", weights_only=False)["model"]
+    if (source / "fsdp-full.pt").is_file():
+        return torch.load(source / "fsdp-full.pt", weights_only=True)["model"]
+    raise RunDirError(f"{source} holds no weights this version can read")
+
+
+@torch.no_grad()
+def _logits(model, tokenizer) -> dict:
+    model.eval()
+    out = {}
+    for prompt in VERIFY_PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        out[prompt] = model(input_ids=ids).logits.float()
+    return out
+
+
+def _write_generation_config(model, tokenizer, folder: Path) -> None:
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                              bos_token_id=tokenizer.bos_token_id, do_sample=False, max_new_tokens=256)  # fmt: skip
+    config.save_pretrained(folder)
+
+
+_VERIFY_SCRIPT = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder, refs, adapter_only, base = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4]
+reference = torch.load(refs)
+tokenizer = AutoTokenizer.from_pretrained(folder)
+if adapter_only:
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), folder)
+else:
+    model = AutoModelForCausalLM.from_pretrained(folder)
+model.eval()
+diff, scale = 0.0, 0.0
+with torch.no_grad():
+    for prompt, ref in reference.items():
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        logits = model(input_ids=ids).logits.float()
+        diff = max(diff, (logits - ref).abs().max().item())
+        scale = max(scale, ref.abs().max().item())
+print(json.dumps({"max_abs_diff": diff, "scale": scale, "vocab": len(tokenizer), "rows": model.get_input_embeddings().weight.shape[0]}))
+"""
+
+
+def _verify(folder: Path, reference: dict, dtype: str, adapter_only: bool, base: str) -> tuple[float, float]:
+    """Reload the export in a fresh process and compare its logits with the model as trained."""
+    with tempfile.TemporaryDirectory() as tmp:
+        refs = Path(tmp) / "reference.pt"
+        torch.save(reference, refs)
+        done = subprocess.run([sys.executable, "-c", _VERIFY_SCRIPT, str(folder), str(refs), "1" if adapter_only else "0", base],
+                              capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        raise GptjTuneError(f"verification failed: the export does not load with plain transformers:\n{done.stderr[-1500:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    tolerance = TOLERANCE["float32" if adapter_only else dtype] * max(1.0, result["scale"])
+    if result["max_abs_diff"] > tolerance:
+        raise GptjTuneError(f"verification failed: logits of the export differ from the trained model by "
+                            f"{result['max_abs_diff']:.3g} (tolerance {tolerance:.3g} for {dtype}); the export was not written")  # fmt: skip
+    return result["max_abs_diff"], tolerance
+
+
+def model_card(recipe: Recipe, run: RunDir, dtype: str, adapter_only: bool) -> str:
+    summary = json.loads(run.summary.read_text()) if run.summary.exists() else {}
+    lines = [
+        "---", "library_name: " + ("peft" if adapter_only else "transformers"), f"base_model: {recipe.model.name_or_path}",
+        "tags: [gptj-tune, gpt-j]", "---", "",
+        f"# {run.path.name}", "",
+        f"Fine-tuned from **{recipe.model.name_or_path}** with gptj-tune ({recipe.method.kind}"
+        + (f", r {recipe.method.r}, alpha {recipe.method.alpha}" if recipe.method.kind == "lora" else "") + ").",
+        ("This folder holds the LoRA adapter: load it on the base model with `PeftModel.from_pretrained`."
+         if adapter_only else f"LoRA merged into the base weights; weights in {dtype}; loads with `AutoModelForCausalLM.from_pretrained`."
+         if recipe.method.kind == "lora" else f"Weights in {dtype}; loads with `AutoModelForCausalLM.from_pretrained`."),
+        "", "## Training data", "",
+    ]  # fmt: skip
+    for source in recipe.data.sources:
+        name = source.path or f"synthetic demo tasks ({source.count or 4000} records, generated by gptj-tune)"
+        licence = LICENCES.get(source.path or "", "generated, no licence restriction" if source.format == "synthetic"
+                               else "see the dataset's own licence")  # fmt: skip
+        lines.append(f"- `{name}` (format {source.format}, weight {source.weight}): licence {licence}")
+    template = recipe.model_dump(mode="json")["data"]["template"]
+    lines += ["", f"Prompt template: `{template if isinstance(template, str) else 'custom'}`.", "", "## Training", ""]
+    if summary:
+        for key, label in [("steps", "steps"), ("tokens", "tokens"), ("final_loss", "final train loss"), ("eval_loss", "held-out loss"),
+                           ("exact_match", "held-out exact match"), ("seconds", "wall time (s)")]:  # fmt: skip
+            if summary.get(key) is not None:
+                value = summary[key]
+                lines.append(f"- {label}: {value:,.4g}" if isinstance(value, float) else f"- {label}: {value:,}")
+    report = run.path / "eval" / "report.json"
+    if report.exists():
+        data = json.loads(report.read_text())
+        lines += ["", "## Evaluation", "", "| task | metric | value |", "| --- | --- | --- |"]
+        for task, metrics in data.get("benchmarks", {}).items():
+            for metric, pair in metrics.items():
+                lines.append(f"| {task} | {metric} | {pair['value']:.4f} |")
+        held = data.get("held_out") or {}
+        for key in ("loss", "perplexity", "exact_match", "rouge_l"):
+            if held.get(key) is not None:
+                lines.append(f"| held-out | {key} | {held[key]:.4f} |")
+    lines += [
+        "", "## Intended use and limitations", "",
+        "A research artefact: outputs can be wrong, biased or offensive, as with the base model; check the licences "
+        "of the training data above before any commercial use. Not evaluated for safety.", "",
+        "## Recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", "",
+    ]  # fmt: skip
+    return "\n".join(lines)

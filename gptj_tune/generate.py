@@ -1,0 +1,72 @@
+"""`gptj-tune generate`: stream a model's answer to prompts, with the prompt template it was trained on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .data.templates import Template, get_template
+from .errors import ModelError
+
+
+class Generator:
+    """A loaded target (run dir: base + adapter or full; export folder; model name) ready to answer."""
+
+    def __init__(self, target: str, raw: bool = False, max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int = 0):  # fmt: skip
+        from .evaluate import resolve_target
+        from .report import load_target_model
+
+        resolved = resolve_target(target)
+        try:
+            self.model, self.tokenizer = load_target_model(resolved, "cuda" if torch.cuda.is_available() else "cpu")
+        except OSError as e:
+            raise ModelError(f"cannot load {target} ({str(e).splitlines()[0]})") from None
+        self.template = None if raw else _template_of(Path(target))
+        self.options = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
+        if temperature > 0:
+            self.options.update(temperature=temperature, top_p=top_p, top_k=top_k)
+        self.seed = seed
+
+    def prompt_text(self, prompt: str, input: str = "") -> str:
+        if self.template is None:
+            return prompt + (("\n" + input) if input else "")
+        return self.template.render_prompt(prompt, input)
+
+    @torch.no_grad()
+    def answer(self, prompt: str, input: str = "", streamer=None) -> str:
+        """The model's answer: stops at EOS and at the template's stop strings (cut from the text)."""
+        torch.manual_seed(self.seed)
+        ids = self.tokenizer(self.prompt_text(prompt, input), return_tensors="pt", add_special_tokens=False)["input_ids"].to(self.model.device)
+        stops = list(self.template.stop) if self.template else []
+        out = self.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id, streamer=streamer,
+            stop_strings=stops or None, tokenizer=self.tokenizer if stops else None, **self.options,
+        )  # fmt: skip
+        text = self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        for stop in stops:
+            text = text.split(stop)[0]
+        return text.strip()
+
+    def stream(self, prompt: str, console, input: str = "") -> str:
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        return self.answer(prompt, input, streamer)
+
+
+def _template_of(target: Path) -> Template | None:
+    """The template a run was trained with (its recipe), or that an export recorded (gptj-tune.json)."""
+    if (target / "recipe.yaml").is_file():
+        from .recipe import load_recipe
+
+        return get_template(load_recipe(target / "recipe.yaml").data.template)
+    if (target / "gptj-tune.json").is_file():
+        from .recipe import CustomTemplate
+
+        spec = json.loads((target / "gptj-tune.json").read_text())["template"]
+        return get_template(spec if isinstance(spec, str) else CustomTemplate(**spec))
+    return None

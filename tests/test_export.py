@@ -1,0 +1,138 @@
+"""`gptj-tune export`: merged/consolidated HF folders that load with plain transformers and give the
+trained model's logits; adapter-only; atomicity; the model card."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import cli, small_recipe
+
+IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+
+
+def _logits_in_fresh_process(folder, adapter_base=None) -> torch.Tensor:
+    code = (
+        "import sys, torch; from transformers import AutoModelForCausalLM as M\n"
+        "ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])\n"
+        "m = M.from_pretrained(sys.argv[1]) if sys.argv[2] == '-' else __import__('peft').PeftModel.from_pretrained("
+        "M.from_pretrained(sys.argv[2]), sys.argv[1])\n"
+        "torch.save(m(input_ids=ids).logits, sys.argv[3])\n"
+    )
+    out = folder.parent / f"{folder.name}-logits.pt"
+    done = subprocess.run([sys.executable, "-c", code, str(folder), str(adapter_base or "-"), str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return torch.load(out)
+
+
+def _peft_logits(run) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "base-model"), run / "final")
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("exportrun")
+    assert cli("run", str(small_recipe(tmp, steps=12, save_every=6))).returncode == 0
+    return tmp / "run"
+
+
+def test_lora_export_is_merged_and_gives_the_peft_logits(tmp_path, lora_run):
+    result = cli("export", str(lora_run), "--out", str(tmp_path / "m"), "--dtype", "float32")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "verified: reloaded in a fresh process" in result.stdout
+    files = {p.name for p in (tmp_path / "m").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md"} <= files
+    assert "adapter_config.json" not in files  # merged: a plain model
+    assert torch.allclose(_logits_in_fresh_process(tmp_path / "m"), _peft_logits(lora_run), atol=1e-4)
+    generation = json.loads((tmp_path / "m" / "generation_config.json").read_text())
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert generation["eos_token_id"] == config["eos_token_id"] and generation["pad_token_id"] is not None
+
+
+def test_sharded_safetensors_with_an_index(tmp_path, lora_run):
+    result = cli("export", str(lora_run), "--out", str(tmp_path / "m"), "--max-shard-size", "100KB")
+    assert result.returncode == 0, result.stderr[-2000:]
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert torch.allclose(_logits_in_fresh_process(tmp_path / "m"), _peft_logits(lora_run), atol=1e-4)
+
+
+def test_adapter_only_loads_on_the_base_model(tmp_path, lora_run):
+    result = cli("export", str(lora_run), "--out", str(tmp_path / "a"), "--adapter-only")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "a" / "adapter_config.json").exists()
+    logits = _logits_in_fresh_process(tmp_path / "a", adapter_base=lora_run / "base-model")
+    assert torch.allclose(logits, _peft_logits(lora_run), atol=1e-5)
+
+
+def test_full_run_export_and_a_checkpoint(tmp_path):
+    assert cli("run", str(small_recipe(tmp_path, method="full", steps=8, save_every=4))).returncode == 0
+    run = tmp_path / "run"
+    result = cli("export", str(run), "--out", str(tmp_path / "m"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        trained = AutoModelForCausalLM.from_pretrained(run / "final")(input_ids=IDS).logits
+    assert torch.allclose(_logits_in_fresh_process(tmp_path / "m"), trained, atol=1e-5)
+    early = cli("export", str(run), "--checkpoint", "step-4", "--out", str(tmp_path / "early"))
+    assert early.returncode == 0, early.stderr[-2000:]
+    assert (_logits_in_fresh_process(tmp_path / "early") - trained).abs().max() > 1e-3  # an earlier model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["deepspeed", "fsdp"])
+def test_sharded_checkpoint_is_consolidated_without_a_distributed_job(tmp_path, backend):
+    """ZeRO-3 / FSDP shards in checkpoints/step-N are read offline; the export equals the gathered final/."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    recipe = small_recipe(tmp_path, method="full", steps=6, save_every=6)
+    result = cli("run", str(recipe), "--set", f"distributed.backend={backend}", "--set", "distributed.num_processes=2",
+                 "--set", f"distributed.main_process_port={port}")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    assert not (run / "checkpoints" / "step-6" / "model").exists()  # only shards there
+    exported = cli("export", str(run), "--checkpoint", "step-6", "--out", str(tmp_path / "m"))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        gathered = AutoModelForCausalLM.from_pretrained(run / "final")(input_ids=IDS).logits
+    assert torch.allclose(_logits_in_fresh_process(tmp_path / "m"), gathered, atol=1e-5)
+
+
+def test_existing_folder_is_refused_and_a_failed_export_leaves_nothing(tmp_path, lora_run, monkeypatch):
+    (tmp_path / "m").mkdir()
+    refused = cli("export", str(lora_run), "--out", str(tmp_path / "m"))
+    assert refused.returncode == 2 and "--force" in refused.stderr
+
+    import gptj_tune.export as export
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "model_card", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_run(str(lora_run), str(tmp_path / "half"))
+    assert not (tmp_path / "half").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left behind
+
+
+def test_model_card_names_the_data_and_shows_the_eval_table(tmp_path, lora_run):
+    evaluated = cli("eval", str(lora_run), "--tasks", "none", "--out", str(lora_run / "eval"), "--force")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert cli("export", str(lora_run), "--out", str(tmp_path / "m")).returncode == 0
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "synthetic demo tasks (600 records" in card and "base_model: tiny-gptj" in card
+    assert "## Evaluation" in card and "| held-out | loss |" in card
+    assert "## Recipe" in card and "kind: lora" in card
