@@ -74,8 +74,10 @@ def run(
     force: bool = typer.Option(False, "--force", help="Delete an existing run directory and start over."),
 ):
     """Train a recipe into its run directory (output.dir)."""
-    from .distributed import launch, needs_launch
+    from .distributed import launch, needs_launch, register_worker
     from .recipe import load_recipe
+
+    register_worker()  # under our launcher: signals reach this worker through the launching process
     from .train import train
 
     path = _resolve_recipe_path(recipe)

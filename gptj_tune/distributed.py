@@ -55,22 +55,39 @@ def launch(recipe: Recipe, argv: list[str], console) -> int:
             f"Launching {d.num_processes} worker(s) on machine {d.machine_rank} of {d.num_machines} "
             f"({d.backend}, world size {d.world_size})"
         )
-        # Ctrl-C reaches the workers directly (same process group): they agree to stop, save a
-        # checkpoint together and exit; this process only waits for them.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # The launcher runs in its own session, so Ctrl-C (or a SIGTERM sent to this process) never
+        # reaches it: torch's launcher would pass the signal on a second time and SIGKILL workers
+        # still saving after 30 s. This process hands each signal to the workers, once.
+        launcher = subprocess.Popen(command, env=env, stderr=log, start_new_session=True)
+        signalled: list[int] = []
+
+        def forward(signum, frame):
+            signalled.append(signum)
+            for pid_file in Path(errors).glob("pid-*"):
+                try:
+                    os.kill(int(pid_file.read_text()), signum)
+                except (ProcessLookupError, ValueError):
+                    pass
+
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            code = subprocess.run(command, env=env, stderr=log).returncode
+            code = launcher.wait()
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
         if code == 0:
             os.unlink(log.name)
             return 0
         reports = sorted(Path(errors).glob("rank-*.json"), key=lambda p: p.stat().st_mtime)
         if reports:
             first = json.loads(reports[0].read_text())
-            console.print(f"[red]error[/] (rank {first['rank']}): {first['message']}", soft_wrap=True)
+            what = "[yellow]stopped[/]" if first["exit_code"] == 130 else "[red]error[/]"
+            console.print(f"{what} (rank {first['rank']}): {first['message']}", soft_wrap=True)
             console.print(f"[dim]launcher log: {log.name}[/]")
             return int(first["exit_code"])
+        if signalled:
+            console.print("[yellow]stopped:[/] the workers ended on the signal before saving a checkpoint")
+            return 130
         log.seek(0)
         tail = log.read().splitlines()[-15:]
         console.print("[red]error:[/] a worker died without a message (killed, or out of memory?). Last lines of the launcher log:")
@@ -120,6 +137,16 @@ def read_hostfile(path: Path) -> dict[str, int]:
     if not hosts:
         raise RecipeError([f"distributed.hostfile: {path} lists no machine"])
     return hosts
+
+
+def register_worker() -> None:
+    """Called by each worker at start: leave its pid where the launching process forwards signals."""
+    folder = os.environ.get(ERROR_DIR_ENV)
+    if folder and in_worker():
+        rank = int(os.environ.get("RANK", "0"))
+        tmp = Path(folder) / f".pid-{rank}.tmp"
+        tmp.write_text(str(os.getpid()))
+        tmp.replace(Path(folder) / f"pid-{rank}")
 
 
 def report_worker_error(message: str, exit_code: int) -> None:

@@ -338,7 +338,7 @@ class _Loop:
         self.benchmarks = benchmarks
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.train_batches, self.eval_batches = train_batches, eval_batches
-        self.stop_requested = False
+        self.stop_requested, self.signalled_at = False, None
 
     def log(self, record: dict) -> None:
         if self.accelerator.is_main_process:
@@ -346,8 +346,16 @@ class _Loop:
                 f.write(json.dumps(record) + "\n")
 
     def _on_signal(self, signum, frame):
-        if self.stop_requested:  # second Ctrl-C: abort without saving
-            raise KeyboardInterrupt
+        # A launcher that passes a signal on (torchrun, SLURM's srun) delivers it twice within
+        # milliseconds; only a second signal seconds later is the user's "abort now".
+        # (Another process's signal may already have stopped this one through the step's collective.)
+        if self.signalled_at is not None:
+            if time.monotonic() - self.signalled_at > 2.0:
+                raise KeyboardInterrupt
+            return
+        self.signalled_at = time.monotonic()
+        if self.stop_requested:
+            return
         self.stop_requested = True
         self.console.print("[yellow]Stopping: a checkpoint is saved after this step (Ctrl-C again to abort).[/]")
 

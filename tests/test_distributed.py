@@ -110,22 +110,24 @@ def test_sharded_run_interrupted_and_resumed_continues_the_same_curve(tmp_path, 
     straight = cli("run", str(recipe), *run_args(tmp_path / "straight", backend, stage), *extra)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    # Ctrl-C as a terminal sends it: SIGINT to the whole process group, mid-run.
+    # Ctrl-C as a terminal sends it: SIGINT to the whole process group, mid-run. The launcher and
+    # workers are in a session of their own: only `gptj-tune run` gets it, and hands it on once.
+    # Early (3 of 30 steps), so that a fast machine cannot finish the run before the signal lands.
     args = [*run_args(tmp_path / "cut", backend, stage), *extra]
     proc = subprocess.Popen([sys.executable, "-m", "gptj_tune", "run", str(recipe), *args, "--set", "train.save_every=100"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     metrics = tmp_path / "cut" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 8:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
             os.killpg(proc.pid, signal.SIGINT)
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, out[-2000:] + err[-2000:]
     assert "checkpoint saved" in out + err
     saved = sorted((tmp_path / "cut" / "checkpoints").iterdir())
-    assert len(saved) == 1 and 8 <= int(saved[0].name.split("-")[1]) < 30, saved
+    assert len(saved) == 1 and 3 <= int(saved[0].name.split("-")[1]) < 30, saved
 
     resumed = cli("run", str(recipe), *args, "--set", "train.save_every=100", "--resume")
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]

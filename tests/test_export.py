@@ -136,3 +136,18 @@ def test_model_card_names_the_data_and_shows_the_eval_table(tmp_path, lora_run):
     assert "synthetic demo tasks (600 records" in card and "base_model: tiny-gptj" in card
     assert "## Evaluation" in card and "| held-out | loss |" in card
     assert "## Recipe" in card and "kind: lora" in card
+
+
+def test_generate_file_chat_and_argument_errors(tmp_path, lora_run):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Reverse the order of the words.\n\nWhat is the last word?\n")
+    from_file = cli("generate", str(lora_run), "--file", str(prompts), "--max-new-tokens", "4")
+    assert from_file.returncode == 0, from_file.stderr[-2000:]
+    assert "> Reverse the order of the words." in from_file.stdout and "> What is the last word?" in from_file.stdout
+    chat = cli("generate", str(lora_run), "--chat", "--max-new-tokens", "4", input="Write the words in capital letters.\n\n")
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    sampled = [cli("generate", str(lora_run), "--prompt", "x", "--raw", "--temperature", "1.0", "--seed", str(seed),
+                   "--max-new-tokens", "12").stdout for seed in (1, 1, 2)]  # fmt: skip
+    assert sampled[0] == sampled[1] != sampled[2]  # sampling follows --seed
+    both = cli("generate", str(lora_run), "--prompt", "x", "--chat")
+    assert both.returncode == 2 and "exactly one of --prompt, --file or --chat" in both.stderr

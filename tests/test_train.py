@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import cli, small_recipe
 
 
@@ -63,21 +64,45 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_the_same_curve(tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "gptj_tune", "run", str(interrupted)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline:  # wait until training is under way, then press Ctrl-C
-        if (tmp_path / "b" / "metrics.jsonl").exists() and len(metrics(tmp_path / "b")) >= 8:
+        if (tmp_path / "b" / "metrics.jsonl").exists() and len(metrics(tmp_path / "b")) >= 4:
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
     assert "checkpoint saved to" in err and "--resume" in err
     [stopped_at] = [int(p.name.split("-")[1]) for p in (tmp_path / "b" / "checkpoints").iterdir()]
-    assert 8 <= stopped_at < 40
+    assert 4 <= stopped_at < 40
     resumed = cli("run", str(interrupted), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resumed from" in resumed.stdout
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert sorted(b) == list(range(1, 41))
     assert max(abs(a[s] - b[s]) for s in a) < 1e-5
+
+
+def test_a_signal_passed_on_twice_by_a_launcher_stops_once_and_a_later_one_aborts(monkeypatch):
+    from rich.console import Console
+
+    from gptj_tune import train
+
+    loop = train._Loop(None, None, None, None, None, None, None, None, Console(quiet=True))
+    clock = [100.0]
+    monkeypatch.setattr(train.time, "monotonic", lambda: clock[0])
+    loop._on_signal(signal.SIGTERM, None)
+    assert loop.stop_requested
+    clock[0] += 0.01  # srun / torchrun hand the same signal on: not an abort
+    loop._on_signal(signal.SIGTERM, None)
+    clock[0] += 5.0  # the user presses Ctrl-C again: abort without saving
+    with pytest.raises(KeyboardInterrupt):
+        loop._on_signal(signal.SIGINT, None)
+
+    # Stopped by another process's signal (through the step's collective), then its own arrives late.
+    other = train._Loop(None, None, None, None, None, None, None, None, Console(quiet=True))
+    other.stop_requested = True
+    clock[0] += 10.0
+    other._on_signal(signal.SIGINT, None)
+    assert other.stop_requested
 
 
 def test_resume_from_a_named_checkpoint_full_finetune(tmp_path):
