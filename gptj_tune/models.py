@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelError
+from .fast import use_sdpa_attention
 from .recipe import TINY_MODEL_NAME, ModelSection
 
 DTYPES = {
@@ -66,17 +67,47 @@ def load_model_and_tokenizer(section: ModelSection, base: str):
 
 
 def _from_pretrained(base: str, section: ModelSection):
+    """Load with the recipe's attention. GPT-J's `sdpa` is ours: load eager, then switch modules."""
+    from transformers import AutoConfig
+
+    requested = section.attn_implementation
+    if requested in ("auto", "sdpa"):
+        try:
+            config = AutoConfig.from_pretrained(base, revision=section.revision, trust_remote_code=section.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise ModelError(_load_hint(base, "model", e)) from None
+        if config.model_type == "gptj":
+            model = _load(base, section, "eager")
+            use_sdpa_attention(model)
+            return model
+        if requested == "auto":
+            try:  # each attempt builds its own config: a failed "sdpa" must not leak into the next
+                return _load(base, section, "sdpa", quiet=True)
+            except _AttentionUnsupported:
+                return _load(base, section, "eager")
+    return _load(base, section, requested)
+
+
+class _AttentionUnsupported(Exception):
+    pass
+
+
+def _load(base: str, section: ModelSection, attn: str, quiet: bool = False):
     from transformers import AutoModelForCausalLM
 
     try:
         return AutoModelForCausalLM.from_pretrained(
-            base,
-            revision=section.revision,
-            dtype=DTYPES[section.dtype],
-            attn_implementation=section.attn_implementation,
-            trust_remote_code=section.trust_remote_code,
-        )
+            base, revision=section.revision, dtype=DTYPES[section.dtype],
+            attn_implementation=attn, trust_remote_code=section.trust_remote_code,
+        )  # fmt: skip
     except (OSError, ValueError, ImportError) as e:
+        if attn != "eager" and ("attn_implementation" in str(e) or "attention" in str(e).lower()):
+            if quiet:
+                raise _AttentionUnsupported from None
+            raise ModelError(
+                f"model.attn_implementation: {attn!r} is not available for {base} ({str(e).splitlines()[0]}); "
+                f"use `auto` or `eager`"
+            ) from None
         raise ModelError(_load_hint(base, "model", e)) from None
 
 

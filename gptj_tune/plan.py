@@ -3,8 +3,9 @@ backend, and which fit, before a GPU-hour is spent.
 
 Model states follow DeepSpeed's own estimators for ZeRO (16-bit weights with fp32 master copy and
 Adam moments: 18 bytes per parameter spread over the devices); activations follow Korthikanti et
-al. (2022) per transformer layer, plus the logits over GPT-J's 50400-entry vocabulary, which at
-2048 tokens are larger than a layer's activations.
+al. (2022) per transformer layer (without the attention-score term under SDPA), plus the logits over
+GPT-J's 50400-entry vocabulary: all of them with `train.loss: plain` (at 2048 tokens larger than a
+layer's activations), one chunk with the fused loss.
 """
 
 from __future__ import annotations
@@ -89,8 +90,11 @@ def activation_bytes(recipe: Recipe, shape: Shape) -> float:
     h, a, n = shape.hidden, shape.heads, shape.layers
     e = 2 if _sixteen_bit(recipe) else 4  # bytes per activation
     # Korthikanti et al.: 34·s·b·h + 5·a·s²·b bytes per layer with 16-bit activations; GPT-J's eager
-    # attention keeps its scores in fp32, so the a·s² term counts 8 bytes instead of 5.
-    per_layer = s * b * h * 34 * e / 2 + a * s * s * b * 8
+    # attention keeps its scores in fp32, so the a·s² term counts 8 bytes instead of 5. SDPA and
+    # FlashAttention keep no s² scores; the packing mask (fp32, s² per row) is shared by all layers.
+    eager = recipe.model.attn_implementation == "eager"
+    per_layer = s * b * h * 34 * e / 2 + (a * s * s * b * 8 if eager else 0)
+    mask = 0 if recipe.model.attn_implementation == "flash_attention_2" else b * s * s * 4
     method = recipe.method
     if method.kind == "lora" and method.dropout > 0:
         # peft keeps each adapted layer's dropped-out input (and its mask) and the rank-r output of A.
@@ -98,8 +102,11 @@ def activation_bytes(recipe: Recipe, shape: Shape) -> float:
         targets = method.target_modules if isinstance(method.target_modules, list) else list(inputs)
         per_layer += sum(inputs.get(t, h) * s * b * (e + 1) + method.r * s * b * e for t in targets)
     layers = (n * s * b * h * e + per_layer) if recipe.model.gradient_checkpointing else n * per_layer
-    logits = b * s * shape.vocab * (e + 4 + 4)  # logits, their fp32 copy in the loss, its gradient
-    return layers + logits
+    # Logits, their fp32 copy in the loss and its gradient: for every token with the plain loss, for
+    # one chunk of target tokens with the fused one.
+    tokens = b * s if recipe.train.loss == "plain" else min(recipe.train.loss_chunk_tokens, b * s)
+    logits = tokens * shape.vocab * (e + 4 + 4)
+    return layers + logits + mask
 
 
 def _sixteen_bit(recipe: Recipe) -> bool:

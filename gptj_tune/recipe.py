@@ -76,8 +76,11 @@ class ModelSection(Section):
     dtype: Literal["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"] = Field(
         "float32", description="Weight dtype. CPUs here have no bf16 hardware: use float32 on CPU."
     )
-    attn_implementation: Literal["eager", "flash_attention_2"] = Field(
-        "eager", description="Attention kernel. transformers' GPT-J has `eager` and `flash_attention_2` (GPU only)."
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto",
+        description="Attention kernel. `sdpa`: torch's fused attention (gptj-tune's own for GPT-J, which "
+        "transformers lacks; transformers' for models that have it). `eager`: transformers' reference. "
+        "`flash_attention_2`: GPU with flash-attn installed. `auto`: sdpa where the model has it, else eager.",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub repo to run. Off unless set.")
@@ -244,6 +247,12 @@ class TrainSection(Section):
     log_every: int = Field(10, ge=1, description="Print a log line every N steps (metrics.jsonl gets every step).")
     save_every: int | None = Field(None, ge=1, description="Save a checkpoint every N steps (always at the end).")
     keep_last: int = Field(2, ge=1, description="Checkpoints to keep; older ones are deleted.")
+    loss: Literal["fused", "plain"] = Field(
+        "fused",
+        description="`fused`: cross-entropy over target tokens only, computed with its gradient a chunk at a time "
+        "(no full fp32 logits). `plain`: full logits, then cross-entropy (the reference).",
+    )
+    loss_chunk_tokens: int = Field(2048, ge=1, description="Tokens per chunk of the fused loss (memory: chunk x vocab x 4 bytes).")
 
     @model_validator(mode="after")
     def _check_choices(self):

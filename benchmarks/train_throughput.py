@@ -1,0 +1,397 @@
+"""Benchmark (not a test): training throughput of gptj-tune against TRL's SFTTrainer and HF Trainer
+on the same work: the same model weights, Alpaca records, GPT-2 tokenizer, tokens, max_length,
+batch size, learning-rate schedule and seed; one epoch, so every engine trains on the same real
+(non-pad) tokens.
+
+    python benchmarks/train_throughput.py [--device cpu|cuda] [--shape tiny|small|gptj-6b]
+        [--method lora|full] [--records 120] [--repeats 1] [--out train_throughput.json]
+
+Engines (each in its own process, so peak memory is its own; the order alternates per repeat):
+  gptj-tune     our loop, recipe defaults (packing, SDPA attention, fused loss)
+  trl-default   TRL SFTTrainer with its defaults (bf16 autocast, gradient checkpointing, padding)
+  trl-best      TRL SFTTrainer at its best for the device (packing; on CPU fp32, no checkpointing)
+
+The packing engines (gptj-tune, trl-best) take as many max_length rows per step as hold the
+padded engines' real tokens per step (--packed-batch-size overrides), so all make about the same
+number of updates of the same size and their held-out losses compare.
+  hf-trainer    transformers Trainer, padding collator (fp32 on CPU)
+
+Reported: real tokens/s, padding efficiency (real tokens / token slots computed), peak memory
+(RSS on CPU, CUDA max allocated on GPU), the held-out loss after the budget (the same records and
+the same loss code for every engine, so equal learning shows), ours / baseline tokens/s, and on a
+GPU the MFU with its FLOPs per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ENGINES = ["gptj-tune", "trl-default", "trl-best", "hf-trainer"]
+SHAPES = {  # GPT-J configs; every shape keeps GPT-J's 50400-row embedding and head
+    "tiny": dict(n_layer=2, n_embd=64, n_head=4, rotary_dim=8),  # the 50400-wide head dominates
+    "small": dict(n_layer=6, n_embd=512, n_head=8, rotary_dim=32),  # the blocks dominate
+    "gptj-6b": dict(n_layer=28, n_embd=4096, n_head=16, rotary_dim=64),
+}
+LORA = dict(r=16, alpha=32, dropout=0.05)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"]
+HELD_OUT = 64  # records after the training records, scored the same way for every engine
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
+
+
+# --------------------------------------------------------------------------------- the workload
+
+
+def build_model(shape: str, folder: Path, device: str) -> None:
+    import torch
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    if shape == "gptj-6b" and device != "cuda":
+        raise SystemExit("the gptj-6b shape runs on a GPU only (--device cuda)")
+    config = GPTJConfig(vocab_size=50400, n_positions=2048, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0, **SHAPES[shape])
+    torch.manual_seed(0)
+    if shape == "gptj-6b":
+        with torch.device("cuda"):
+            model = GPTJForCausalLM(config).to(torch.bfloat16)
+    else:
+        model = GPTJForCausalLM(config)
+    model.save_pretrained(folder)
+
+
+def tokenize(spec: dict, first: int, count: int):
+    """Alpaca records [first, first+count) through gptj-tune's own tokenizer path (prompt masked)."""
+    from transformers import AutoTokenizer
+
+    from gptj_tune.data.formats import read_source
+    from gptj_tune.data.templates import BUILTIN_TEMPLATES
+    from gptj_tune.data.tokenize import tokenize_instructions
+    from gptj_tune.recipe import SourceSection
+
+    tok = AutoTokenizer.from_pretrained(spec["tokenizer"])
+    tok.eos_token = tok.eos_token or "<|endoftext|>"  # GPT-2's files name none
+    tok.pad_token = tok.eos_token
+    source = SourceSection(format="alpaca", path=spec["alpaca"], limit=first + count)
+    records = read_source(source, 0, "skip").records[first:]
+    examples, _ = tokenize_instructions(records, tok, BUILTIN_TEMPLATES["alpaca"], spec["max_length"], False, "truncate")
+    return tok, examples
+
+
+def held_out_loss(model, spec: dict, device) -> float:
+    """Mean target-token cross-entropy on the held-out records; plain padded batches, eager math."""
+    import torch
+    import torch.nn.functional as F
+
+    tok, examples = tokenize(spec, spec["records"], HELD_OUT)
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), 8):
+            chunk = examples[i : i + 8]
+            width = max(len(e.input_ids) for e in chunk)
+            ids = torch.tensor([e.input_ids + [tok.pad_token_id] * (width - len(e.input_ids)) for e in chunk], device=device)
+            labels = torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in chunk], device=device)
+            mask = (torch.arange(width, device=device)[None] < torch.tensor([len(e.input_ids) for e in chunk], device=device)[:, None]).long()
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), reduction="sum"))
+            count += int((labels[:, 1:] != -100).sum())
+    return total / count
+
+
+def peak_memory(device: str) -> float:
+    """GiB: CUDA max allocated, or this process's peak RSS (VmHWM)."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**30
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+# ------------------------------------------------------------------------------------- engines
+
+
+def run_ours(spec: dict, out: Path) -> dict:
+    from rich.console import Console
+
+    from gptj_tune.data.tokenize import make_rows
+    from gptj_tune.recipe import Recipe
+    from gptj_tune.train import train
+
+    recipe = Recipe.model_validate({
+        "model": {"name_or_path": spec["model"], "tokenizer": spec["tokenizer"], "dtype": spec["dtype"]},
+        "method": {"kind": "lora", **LORA} if spec["method"] == "lora" else {"kind": "full"},
+        "data": {"sources": [{"format": "alpaca", "path": spec["alpaca"], "limit": spec["records"]}],
+                 "template": "alpaca", "max_length": spec["max_length"], "eval_fraction": 0.0, "on_bad_record": "skip"},
+        "train": {"lr": spec["lr"], "epochs": 1, "batch_size": spec["packed_batch_size"], "warmup_ratio": 0.03,
+                  "schedule": "cosine", "seed": spec["seed"], "log_every": 10},
+        "eval": {"generate_samples": 0},
+        "output": {"dir": str(out / "run")},
+    })  # fmt: skip
+    result = train(recipe, console=Console(stderr=True))
+    _, examples = tokenize(spec, 0, spec["records"])
+    slots = len(make_rows(examples, spec["max_length"], packing=True)) * spec["max_length"]
+    model = _load_final(out / "run" / "final", spec)
+    return {"seconds": result.seconds, "real_tokens": result.tokens, "slots": slots, "model": model, "steps": result.steps}
+
+
+def _load_final(final: Path, spec: dict):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if spec["dtype"] == "bfloat16" else torch.float32
+    if (final / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype)
+        return PeftModel.from_pretrained(base, final, is_trainable=True).to(spec["device"])
+    return AutoModelForCausalLM.from_pretrained(final, dtype=dtype).to(spec["device"])
+
+
+class CountingCollator:
+    """Wraps a collator and counts the token slots it hands out and the real tokens in them."""
+
+    def __init__(self, inner):
+        self.inner, self.slots, self.real = inner, 0, 0
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        self.slots += batch["input_ids"].numel()
+        mask = batch.get("attention_mask")
+        self.real += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        return batch
+
+
+def _training_args(spec: dict, out: Path, **overrides) -> dict:
+    args = dict(
+        output_dir=str(out / "hf"), per_device_train_batch_size=spec["batch_size"], num_train_epochs=1,
+        learning_rate=spec["lr"], lr_scheduler_type="cosine", warmup_steps=0.03, weight_decay=0.0,
+        max_grad_norm=1.0, logging_steps=10, save_strategy="no", report_to="none", seed=spec["seed"],
+        use_cpu=spec["device"] == "cpu", disable_tqdm=True,
+    )  # fmt: skip
+    args.update(overrides)
+    return args
+
+
+def _base_model(spec: dict, full_precision: bool):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if full_precision or spec["device"] == "cpu" else torch.bfloat16
+    return AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype, attn_implementation="eager")
+
+
+def _lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=LORA_TARGETS,
+                      task_type="CAUSAL_LM")  # fmt: skip
+
+
+def run_trl(spec: dict, out: Path, best: bool) -> dict:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    tok, examples = tokenize(spec, 0, spec["records"])
+    data = Dataset.from_list([
+        {"input_ids": e.input_ids, "completion_mask": [int(x != -100) for x in e.labels]} for e in examples
+    ])  # fmt: skip
+    settings = dict(max_length=spec["max_length"], dataset_num_proc=None)
+    if best:  # what a careful user sets: packing, no recomputation, fp32 where bf16 is emulated
+        on_cpu = spec["device"] == "cpu"
+        settings.update(packing=True, gradient_checkpointing=False, bf16=not on_cpu, fp16=False)
+    batch = {"per_device_train_batch_size": spec["packed_batch_size"]} if best else {}
+    config = SFTConfig(**_training_args(spec, out, **batch), **settings)
+    model = _base_model(spec, full_precision=True)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tok,
+                         peft_config=_lora_config() if spec["method"] == "lora" else None)  # fmt: skip
+    trainer.data_collator = counting = CountingCollator(trainer.data_collator)
+    metrics = trainer.train().metrics
+    return {"seconds": metrics["train_runtime"], "real_tokens": counting.real, "slots": counting.slots,
+            "model": trainer.model, "steps": trainer.state.global_step}  # fmt: skip
+
+
+def run_hf_trainer(spec: dict, out: Path) -> dict:
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    tok, examples = tokenize(spec, 0, spec["records"])
+    data = Dataset.from_list([{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels}
+                              for e in examples])  # fmt: skip
+    model = _base_model(spec, full_precision=False)
+    if spec["method"] == "lora":
+        from peft import get_peft_model
+
+        model = get_peft_model(model, _lora_config())
+    counting = CountingCollator(DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
+    args = TrainingArguments(**_training_args(spec, out, bf16=spec["device"] == "cuda"))
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=counting)
+    metrics = trainer.train().metrics
+    return {"seconds": metrics["train_runtime"], "real_tokens": counting.real, "slots": counting.slots,
+            "model": trainer.model, "steps": trainer.state.global_step}  # fmt: skip
+
+
+def worker(engine: str, spec: dict, result_path: Path) -> None:
+    import torch
+
+    torch.manual_seed(spec["seed"])
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        if engine == "gptj-tune":
+            r = run_ours(spec, out)
+        elif engine in ("trl-default", "trl-best"):
+            r = run_trl(spec, out, best=engine == "trl-best")
+        else:
+            r = run_hf_trainer(spec, out)
+        model = r.pop("model")
+        r["peak_memory_gib"] = peak_memory(spec["device"])
+        r["held_out_loss"] = held_out_loss(model, spec, next(model.parameters()).device)
+        r["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        r["params"] = sum(p.numel() for p in model.parameters())
+    r["tokens_per_s"] = r["real_tokens"] / r["seconds"]
+    r["padding_efficiency"] = r["real_tokens"] / r["slots"]
+    result_path.write_text(json.dumps(r))
+
+
+# ----------------------------------------------------------------------------------------- main
+
+
+def _matching_rows(spec: dict) -> int:
+    _, examples = tokenize(spec, 0, spec["records"])
+    mean = sum(len(e.input_ids) for e in examples) / len(examples)
+    return max(1, round(spec["batch_size"] * mean / spec["max_length"]))
+
+
+def flops_per_token(spec: dict, params: int) -> tuple[float, str]:
+    """Training FLOPs per token: 6N (full) or 4N (LoRA: no weight gradients), plus attention."""
+    shape = SHAPES[spec["shape"]]
+    attention = 12 * shape["n_layer"] * shape["n_embd"] * spec["max_length"] // 2  # causal: half the matrix
+    if spec["method"] == "full":
+        return 6 * params + attention, f"6N + attention (N={params:,})"
+    return 4 * params + attention, f"4N + attention (N={params:,}, LoRA)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--shape", choices=list(SHAPES), default="tiny")
+    parser.add_argument("--method", choices=["lora", "full"], default="lora")
+    parser.add_argument("--records", type=int, default=120, help="Alpaca records trained on (one epoch).")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--packed-batch-size", type=int, default=None,
+                        help="Rows per step for the packing engines (default: the padded engines' tokens per step).")
+    parser.add_argument("--lr", type=float, default=None, help="Default: 2e-4 for LoRA, 5e-5 for full.")
+    parser.add_argument("--repeats", type=int, default=1, help="Runs per engine; the order alternates.")
+    parser.add_argument("--engines", default=",".join(ENGINES), help=f"Comma-separated subset of {ENGINES}.")
+    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads per engine (default: torch's).")
+    parser.add_argument("--out", default="train_throughput.json")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.worker:
+        return worker(args.worker, json.loads(Path(args.spec).read_text()), Path(args.result))
+
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = set(engines) - set(ENGINES)
+    if unknown:
+        raise SystemExit(f"--engines: unknown {sorted(unknown)}; choose from {ENGINES}")
+    data = Path(args.data_dir)
+    if not (data / "alpaca" / "alpaca_2k.json").exists():
+        raise SystemExit(f"--data-dir: {data} has no alpaca/alpaca_2k.json (the shared data folder)")
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    runs: dict[str, list[dict]] = {e: [] for e in engines}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "model"
+        build_model(args.shape, model_dir, args.device)
+        spec = {
+            "device": args.device, "shape": args.shape, "method": args.method, "records": args.records,
+            "max_length": args.max_length, "batch_size": args.batch_size, "seed": 0,
+            "lr": args.lr or (2e-4 if args.method == "lora" else 5e-5), "model": str(model_dir),
+            "tokenizer": str(data / "gpt2-tokenizer"), "alpaca": str(data / "alpaca" / "alpaca_2k.json"),
+            "dtype": "bfloat16" if args.device == "cuda" else "float32",
+        }  # fmt: skip
+        # Packed engines get as many max_length rows per step as carry the padded engines' real
+        # tokens per step, so every engine makes about the same number of updates of the same size.
+        spec["packed_batch_size"] = args.packed_batch_size or _matching_rows(spec)
+        spec_path = Path(tmp) / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+        for repeat in range(args.repeats):
+            for engine in engines if repeat % 2 == 0 else engines[::-1]:
+                console.print(f"[bold]{engine}[/] (run {repeat + 1}/{args.repeats}) ...")
+                result = Path(tmp) / f"{engine}-{repeat}.json"
+                started = time.time()
+                proc = subprocess.run([sys.executable, __file__, "--worker", engine, "--spec", str(spec_path), "--result", str(result)],
+                                      env=env, capture_output=True, text=True)  # fmt: skip
+                if proc.returncode != 0:
+                    console.print(f"[red]{engine} failed[/] after {time.time() - started:.0f} s:\n{proc.stderr[-3000:]}", markup=False)
+                    raise SystemExit(1)
+                runs[engine].append(json.loads(result.read_text()))
+
+    def best(engine: str) -> dict:  # the fastest of the repeats
+        return max(runs[engine], key=lambda r: r["tokens_per_s"])
+
+    rows = {e: best(e) for e in engines}
+    ours = rows.get("gptj-tune")
+    for e, r in rows.items():
+        r["runs_tokens_per_s"] = [x["tokens_per_s"] for x in runs[e]]
+        if ours is not None and e != "gptj-tune":
+            r["ours_over_this"] = ours["tokens_per_s"] / r["tokens_per_s"]
+        if args.device == "cuda":
+            import torch
+
+            per_token, how = flops_per_token(spec, r["params"])
+            name = torch.cuda.get_device_name()
+            peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+            r["flops_per_token"], r["flops_formula"] = per_token, how
+            r["mfu"] = r["tokens_per_s"] * per_token / peak if peak else None
+
+    table = Table(title=f"train throughput: {args.shape} GPT-J, {args.method}, {args.records} Alpaca records, "
+                        f"max_length {args.max_length}, batch {args.batch_size} (packed: {spec['packed_batch_size']} rows), {args.device}")  # fmt: skip
+    for col in ("engine", "real tok/s", "ours / this", "padding eff.", "peak mem GiB", "held-out loss", "steps"):
+        table.add_column(col, justify="left" if col == "engine" else "right")
+    if args.device == "cuda":
+        table.add_column("MFU", justify="right")
+    for e, r in rows.items():
+        cells = [e, f"{r['tokens_per_s']:,.0f}", f"{r['ours_over_this']:.2f}x" if "ours_over_this" in r else "-",
+                 f"{r['padding_efficiency']:.3f}", f"{r['peak_memory_gib']:.2f}", f"{r['held_out_loss']:.4f}", str(r["steps"])]  # fmt: skip
+        if args.device == "cuda":
+            cells.append(f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-")
+        table.add_row(*cells)
+    console.print(table)
+    if args.device == "cuda" and rows:
+        console.print(f"MFU counts {next(iter(rows.values()))['flops_formula']} FLOPs per token")
+    report = {
+        "settings": {k: v for k, v in spec.items() if k not in ("model",)} | {"repeats": args.repeats, "torch_threads": args.threads},
+        "engines": rows,
+    }
+    tmp_out = Path(args.out).with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(report, indent=2))
+    tmp_out.replace(args.out)
+    console.print(f"wrote {args.out}")
+    if any(math.isnan(r["held_out_loss"]) for r in rows.values()):
+        raise SystemExit("a held-out loss is NaN")
+
+
+if __name__ == "__main__":
+    main()

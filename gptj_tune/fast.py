@@ -1,0 +1,183 @@
+"""The speed paths, put into a loaded model in one place (`install`) and each tested equal to what
+it replaces (tests/test_fast.py):
+
+- `sdpa` attention for GPT-J: transformers' GPT-J has only eager attention (Q and K upcast to
+  fp32, the full attention matrix materialised and kept for backward) and FlashAttention-2. Ours
+  keeps GPT-J's projections and rotary embedding and hands the product to
+  `torch.nn.functional.scaled_dot_product_attention` with the same mask, packing boundaries
+  included. The attention modules change class, not weights: state-dict keys, saved configs and
+  exported models are exactly what stock transformers writes and reads (`eager`).
+- a fused, chunked cross-entropy head: the loss over the target tokens only (prompt and padding
+  positions never reach the 50400-wide head), computed a chunk of tokens at a time, with the
+  gradient taken in the same pass, so fp32 logits for the whole batch never exist.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE = -100
+DEFAULT_CHUNK_TOKENS = 2048
+
+
+# ------------------------------------------------------------------------------------ attention
+
+
+def _sdpa_class():
+    from transformers.models.gptj.modeling_gptj import GPTJAttention
+
+    class GPTJSdpaAttention(GPTJAttention):
+        """GPT-J attention through torch's scaled_dot_product_attention (flash / memory-efficient
+        kernels where the device has them). Same inputs, same mask, same result within rounding."""
+
+        def _attn(self, query, key, value, attention_mask=None):
+            q_len, k_len = query.shape[-2], key.shape[-2]
+            if attention_mask is not None and attention_mask.dtype not in (torch.bool, query.dtype):
+                attention_mask = attention_mask.to(query.dtype)  # eager's additive fp32 mask
+            is_causal = False
+            if attention_mask is None and q_len > 1:
+                if q_len == k_len:
+                    is_causal = True
+                else:  # new tokens after a cache: each sees the whole past and the new tokens before it
+                    attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+            out = F.scaled_dot_product_attention(
+                query, key, value.to(query.dtype), attn_mask=attention_mask,
+                dropout_p=self.attn_dropout.p if self.training else 0.0, is_causal=is_causal,
+            )  # fmt: skip
+            return out, None
+
+    return GPTJSdpaAttention
+
+
+_SDPA = None
+
+
+def sdpa_attention_class():
+    global _SDPA
+    if _SDPA is None:
+        _SDPA = _sdpa_class()
+    return _SDPA
+
+
+def use_sdpa_attention(model: nn.Module) -> int:
+    """Switch every GPT-J attention module of `model` to SDPA; returns how many were switched."""
+    from transformers.models.gptj.modeling_gptj import GPTJAttention
+
+    switched = 0
+    for module in model.modules():
+        if type(module) is GPTJAttention:
+            module.__class__ = sdpa_attention_class()
+            switched += 1
+    return switched
+
+
+# ----------------------------------------------------------------------------------------- loss
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """sum over rows of CE(hidden @ W.T + b, target), gradients computed chunk by chunk in forward.
+
+    Each chunk's logits are made, turned into (softmax - one_hot) and multiplied straight back into
+    the hidden-state and weight gradients, then dropped: peak extra memory is one chunk of fp32
+    logits instead of all of them, and nothing is recomputed in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk):
+        need_w = weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start : start + chunk], targets[start : start + chunk]
+            logits = F.linear(h, weight, bias).float()
+            total += F.cross_entropy(logits, t, reduction="sum")
+            grad = torch.softmax(logits, dim=-1)
+            grad[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+            grad = grad.to(hidden.dtype)
+            grad_hidden[start : start + chunk] = grad @ weight
+            if need_w:
+                grad_weight += (grad.t() @ h).float()
+            if need_b:
+                grad_bias += grad.float().sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        scale = grad_output.to(grad_hidden.dtype)
+        return (
+            grad_hidden * scale,
+            (grad_weight * grad_output).to(w_dtype) if grad_weight is not None else None,
+            (grad_bias * grad_output).to(b_dtype) if grad_bias is not None else None,
+            None,
+            None,
+        )
+
+
+def fused_linear_cross_entropy(hidden, weight, bias, targets, chunk: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """Sum of cross-entropies of `hidden @ weight.T + bias` against `targets` (rows of hidden)."""
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0 + weight.sum() * 0.0  # keeps the graph (and DDP) whole
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            logits = F.linear(hidden[start : start + chunk], weight, bias).float()
+            total += F.cross_entropy(logits, targets[start : start + chunk], reduction="sum")
+        return total
+    return _FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk)
+
+
+_request = threading.local()
+
+
+@contextlib.contextmanager
+def loss_from_head(labels: torch.Tensor, chunk: int = DEFAULT_CHUNK_TOKENS):
+    """Inside this block a model whose head is a `LossHead` returns, as its `logits`, the summed
+    next-token cross-entropy against `labels` (IGNORE excluded) instead of logits."""
+    _request.value = (labels, chunk)
+    try:
+        yield
+    finally:
+        _request.value = None
+
+
+class LossHead(nn.Linear):
+    """The LM head (same parameters, same state-dict keys) that can return the loss instead of logits.
+
+    The loss is computed inside the head's own forward so every engine sees an ordinary module
+    call: DDP's and DeepSpeed's hooks run, and ZeRO-3 / FSDP have the weight gathered.
+    """
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        request = getattr(_request, "value", None)
+        if request is None or hidden_states.dim() != 3:
+            return super().forward(hidden_states)
+        labels, chunk = request
+        targets = labels[:, 1:]
+        keep = targets != IGNORE
+        picked = hidden_states[:, :-1][keep]
+        return fused_linear_cross_entropy(picked, self.weight, self.bias, targets[keep], chunk)
+
+
+def use_loss_head(model: nn.Module) -> bool:
+    """Make the output embedding of `model` a LossHead (in place; the same Parameter objects)."""
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        return False
+    head.__class__ = LossHead
+    return True
+
+
+def has_loss_head(model: nn.Module) -> bool:
+    return any(isinstance(m, LossHead) for m in model.modules())

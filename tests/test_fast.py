@@ -1,0 +1,161 @@
+"""The speed paths equal what they replace: SDPA attention vs transformers' eager GPT-J attention,
+the fused chunked cross-entropy vs full logits, on packed rows, padding and generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptj_tune.errors import ModelError
+from gptj_tune.fast import IGNORE, LossHead, fused_linear_cross_entropy, use_loss_head
+from gptj_tune.methods import apply_method
+from gptj_tune.models import block_causal_mask, build_tiny_gptj, load_model_and_tokenizer
+from gptj_tune.recipe import LoraMethod, ModelSection, TinyModelSection
+from gptj_tune.train import batch_loss
+
+SHAPE = TinyModelSection(layers=2, width=64, heads=4, rotary_dim=8)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    build_tiny_gptj(ModelSection(tiny=SHAPE), out)
+    return out
+
+
+def load(path, attn, dtype="float32"):
+    model, tok = load_model_and_tokenizer(ModelSection(tiny=SHAPE, attn_implementation=attn, dtype=dtype), str(path))
+    return model, tok
+
+
+def packed_batch(vocab: int, seed: int = 0):
+    """Two rows; the first packs three examples, the second two and a padding tail."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [[20, 30, 14], [40, 16, 8]]
+    ids = torch.randint(3, vocab, (2, 64), generator=g)
+    positions = torch.cat([torch.cat([torch.arange(n) for n in row])[None] for row in lengths])
+    labels = ids.clone()
+    labels[:, :5] = IGNORE  # a prompt
+    labels[1, 56:] = IGNORE  # the padding tail
+    return {"input_ids": ids, "position_ids": positions, "labels": labels}
+
+
+def test_sdpa_is_used_and_matches_eager_on_packed_rows(tiny):
+    eager, _ = load(tiny, "eager")
+    sdpa, _ = load(tiny, "auto")
+    assert type(sdpa.transformer.h[0].attn).__name__ == "GPTJSdpaAttention"
+    assert type(eager.transformer.h[0].attn).__name__ == "GPTJAttention"
+    batch = packed_batch(sdpa.config.vocab_size)
+    mask = block_causal_mask(batch["position_ids"], torch.float32)
+    outs = {}
+    for name, model in (("eager", eager), ("sdpa", sdpa)):
+        model.train()
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        outs[name] = (logits.detach(), grads)
+    assert (outs["eager"][0] - outs["sdpa"][0]).abs().max() < 1e-5
+    assert max((outs["eager"][1][n] - outs["sdpa"][1][n]).abs().max() for n in outs["eager"][1]) < 1e-5
+    # Without the packing mask SDPA would let examples see each other: the mask really is honoured.
+    leaky = sdpa(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits.detach()
+    assert (leaky - outs["sdpa"][0]).abs().max() > 1e-3
+
+
+def test_sdpa_generation_with_left_padding_and_cache_matches_eager(tiny):
+    eager, tok = load(tiny, "eager")
+    sdpa, _ = load(tiny, "sdpa")
+    ids = torch.tensor([[tok.pad_token_id] * 3 + [5, 6, 7], [8, 9, 10, 11, 12, 13]])
+    attn = torch.tensor([[0, 0, 0, 1, 1, 1], [1] * 6])
+    kwargs = dict(attention_mask=attn, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    a, b = eager.generate(ids, **kwargs), sdpa.generate(ids, **kwargs)
+    assert torch.equal(a, b)
+    scores_a = eager(input_ids=ids, attention_mask=attn).logits[:, -1]
+    scores_b = sdpa(input_ids=ids, attention_mask=attn).logits[:, -1]
+    assert (scores_a - scores_b).abs().max() < 1e-5
+
+
+def test_a_model_trained_with_sdpa_saves_a_stock_eager_config(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    sdpa, _ = load(tiny, "sdpa")
+    sdpa.save_pretrained(tmp_path / "saved")
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    assert stock.config._attn_implementation == "eager"
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    assert (stock(input_ids=ids).logits - sdpa(input_ids=ids).logits).abs().max() < 1e-5
+
+
+def test_sdpa_on_a_model_without_it_is_a_clear_error_and_auto_falls_back(tmp_path):
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    config = GPTNeoConfig(vocab_size=300, max_position_embeddings=64, hidden_size=32, num_layers=2, num_heads=2,
+                          attention_types=[[["global", "local"], 1]], window_size=16)  # fmt: skip
+    GPTNeoForCausalLM(config).save_pretrained(tmp_path / "neo")
+    from gptj_tune.models import _from_pretrained
+
+    model = _from_pretrained(str(tmp_path / "neo"), ModelSection(attn_implementation="auto"))
+    assert model.config._attn_implementation == "eager"
+    with pytest.raises(ModelError, match="model.attn_implementation: 'sdpa' is not available"):
+        _from_pretrained(str(tmp_path / "neo"), ModelSection(attn_implementation="sdpa"))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
+@pytest.mark.parametrize("train_weight", [True, False])
+def test_fused_cross_entropy_equals_full_logits(chunk, train_weight):
+    g = torch.Generator().manual_seed(chunk)
+    hidden = torch.randn(150, 32, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(501, 32, generator=g, dtype=torch.float64).requires_grad_(train_weight)
+    bias = torch.randn(501, generator=g, dtype=torch.float64).requires_grad_(train_weight)
+    targets = torch.randint(0, 501, (150,), generator=g)
+
+    plain = F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")
+    plain_grads = torch.autograd.grad(plain * 0.7, [t for t in (hidden, weight, bias) if t.requires_grad])
+    fused = fused_linear_cross_entropy(hidden, weight, bias, targets, chunk)
+    fused_grads = torch.autograd.grad(fused * 0.7, [t for t in (hidden, weight, bias) if t.requires_grad])
+    assert abs(plain.item() - fused.item()) < 1e-6 * plain.item()
+    for p, f in zip(plain_grads, fused_grads, strict=True):
+        assert p.dtype == f.dtype and (p - f).abs().max() < 1e-5
+
+
+def test_fused_cross_entropy_with_no_targets_is_zero_with_a_graph():
+    hidden = torch.zeros(0, 8, requires_grad=True)
+    weight = torch.randn(20, 8, requires_grad=True)
+    loss = fused_linear_cross_entropy(hidden, weight, None, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and weight.grad is not None and not weight.grad.any()
+
+
+@pytest.mark.parametrize("method", ["full", "lora-with-head"])
+def test_fused_loss_through_the_model_equals_plain(tiny, method):
+    """The same model, the same batch: loss sum and every trainable gradient agree."""
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model, _ = load(tiny, "auto")
+        if fused:
+            assert use_loss_head(model)
+        if method == "lora-with-head":
+            model = apply_method(model, LoraMethod(kind="lora", r=4, dropout=0.0, modules_to_save=["lm_head"]), False)
+        assert any(isinstance(m, LossHead) for m in model.modules()) == fused
+        model.train()
+        loss, targets = batch_loss(model, packed_batch(model.config.vocab_size), 16 if fused else None)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((float(loss), targets, grads))
+    (plain, n_plain, g_plain), (fused, n_fused, g_fused) = results
+    assert n_plain == n_fused == int((packed_batch(10)["labels"][:, 1:] != IGNORE).sum())
+    assert abs(plain - fused) < 1e-4 * max(1.0, abs(plain))
+    assert g_plain.keys() == g_fused.keys() and any("lm_head" in n for n in g_fused)
+    assert max((g_plain[n] - g_fused[n]).abs().max() for n in g_plain) < 1e-5
+
+
+def test_the_fused_head_still_returns_logits_outside_the_loss(tiny):
+    model, _ = load(tiny, "auto")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    before, keys = model(input_ids=ids).logits, list(model.state_dict())
+    use_loss_head(model)
+    after = model(input_ids=ids).logits
+    assert after.shape == before.shape and torch.equal(before, after)
+    assert list(model.state_dict()) == keys  # same parameters under the same names
