@@ -4,17 +4,17 @@ batch size, learning-rate schedule and seed; one epoch, so every engine trains o
 (non-pad) tokens.
 
     python benchmarks/train_throughput.py [--device cpu|cuda] [--shape tiny|small|gptj-6b]
-        [--method lora|full] [--records 120] [--repeats 1] [--out train_throughput.json]
+        [--method lora|full] [--records 120 | --steps N] [--repeats 1] [--out train_throughput.json]
 
 Engines (each in its own process, so peak memory is its own; the order alternates per repeat):
   gptj-tune     our loop, recipe defaults (packing, SDPA attention, fused loss)
   trl-default   TRL SFTTrainer with its defaults (bf16 autocast, gradient checkpointing, padding)
   trl-best      TRL SFTTrainer at its best for the device (packing; on CPU fp32, no checkpointing)
+  hf-trainer    transformers Trainer, padding collator (fp32 on CPU)
 
 The packing engines (gptj-tune, trl-best) take as many max_length rows per step as hold the
 padded engines' real tokens per step (--packed-batch-size overrides), so all make about the same
 number of updates of the same size and their held-out losses compare.
-  hf-trainer    transformers Trainer, padding collator (fp32 on CPU)
 
 Reported: real tokens/s, padding efficiency (real tokens / token slots computed), peak memory
 (RSS on CPU, CUDA max allocated on GPU), the held-out loss after the budget (the same records and
@@ -288,6 +288,8 @@ def main() -> None:
     parser.add_argument("--shape", choices=list(SHAPES), default="tiny")
     parser.add_argument("--method", choices=["lora", "full"], default="lora")
     parser.add_argument("--records", type=int, default=120, help="Alpaca records trained on (one epoch).")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="The budget as the padded engines' optimizer steps: sets --records to steps x batch size.")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--packed-batch-size", type=int, default=None,
@@ -307,13 +309,17 @@ def main() -> None:
     if args.worker:
         return worker(args.worker, json.loads(Path(args.spec).read_text()), Path(args.result))
 
+    if args.steps:
+        args.records = args.steps * args.batch_size
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     unknown = set(engines) - set(ENGINES)
     if unknown:
         raise SystemExit(f"--engines: unknown {sorted(unknown)}; choose from {ENGINES}")
     data = Path(args.data_dir)
-    if not (data / "alpaca" / "alpaca_2k.json").exists():
-        raise SystemExit(f"--data-dir: {data} has no alpaca/alpaca_2k.json (the shared data folder)")
+    if not (data / "alpaca" / "alpaca_data.json").exists():
+        raise SystemExit(f"--data-dir: {data} has no alpaca/alpaca_data.json (the shared data folder)")
+    if not 0 < args.records <= 50_000:
+        raise SystemExit(f"--records {args.records}: use 1 to 50,000 (Alpaca has 52,002; {HELD_OUT} later ones are held out)")
 
     from rich.console import Console
     from rich.table import Table
@@ -327,7 +333,7 @@ def main() -> None:
             "device": args.device, "shape": args.shape, "method": args.method, "records": args.records,
             "max_length": args.max_length, "batch_size": args.batch_size, "seed": 0,
             "lr": args.lr or (2e-4 if args.method == "lora" else 5e-5), "model": str(model_dir),
-            "tokenizer": str(data / "gpt2-tokenizer"), "alpaca": str(data / "alpaca" / "alpaca_2k.json"),
+            "tokenizer": str(data / "gpt2-tokenizer"), "alpaca": str(data / "alpaca" / "alpaca_data.json"),
             "dtype": "bfloat16" if args.device == "cuda" else "float32",
         }  # fmt: skip
         # Packed engines get as many max_length rows per step as carry the padded engines' real

@@ -97,10 +97,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
-            logits = F.linear(h, weight, bias).float()
-            total += F.cross_entropy(logits, t, reduction="sum")
-            grad = torch.softmax(logits, dim=-1)
-            grad[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+            rows = torch.arange(t.shape[0], device=t.device)
+            grad = torch.log_softmax(F.linear(h, weight, bias).float(), dim=-1)  # one pass for loss and gradient
+            total -= grad[rows, t].sum()
+            grad = grad.exp_()
+            grad[rows, t] -= 1.0
             grad = grad.to(hidden.dtype)
             grad_hidden[start : start + chunk] = grad @ weight
             if need_w:
