@@ -89,11 +89,12 @@ def activation_bytes(recipe: Recipe, shape: Shape) -> float:
     b, s = recipe.train.batch_size, recipe.data.max_length
     h, a, n = shape.hidden, shape.heads, shape.layers
     e = 2 if _sixteen_bit(recipe) else 4  # bytes per activation
-    # Korthikanti et al.: 34·s·b·h + 5·a·s²·b bytes per layer with 16-bit activations; GPT-J's eager
-    # attention keeps its scores in fp32, so the a·s² term counts 8 bytes instead of 5. SDPA and
-    # FlashAttention keep no s² scores; the packing mask (fp32, s² per row) is shared by all layers.
+    # Per layer, GPT-J keeps 27 values per token and hidden unit for backward (measured with autograd's
+    # saved-tensor hooks on GPTJBlock; Korthikanti et al. count 17 for blocks with a fused GeLU, GPT-J's
+    # gelu_new is unfused). Eager attention also keeps its fp32 softmax (a·s² per row, plus a 16-bit
+    # copy under bf16/fp16); SDPA keeps only a logsumexp, and the packing mask is shared by all layers.
     eager = recipe.model.attn_implementation == "eager"
-    per_layer = s * b * h * 34 * e / 2 + (a * s * s * b * 8 if eager else 0)
+    per_layer = s * b * h * 27 * e + (a * s * s * b * (4 if e == 4 else 6) if eager else 0)
     mask = 0 if recipe.model.attn_implementation == "flash_attention_2" else b * s * s * 4
     method = recipe.method
     if method.kind == "lora" and method.dropout > 0:
