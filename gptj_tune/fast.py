@@ -178,7 +178,3 @@ def use_loss_head(model: nn.Module) -> bool:
         return False
     head.__class__ = LossHead
     return True
-
-
-def has_loss_head(model: nn.Module) -> bool:
-    return any(isinstance(m, LossHead) for m in model.modules())
