@@ -9,6 +9,7 @@ same entry point notices the launcher's environment and runs as a worker.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -63,11 +64,13 @@ def launch(recipe: Recipe, argv: list[str], console) -> int:
 
         def forward(signum, frame):
             signalled.append(signum)
-            for pid_file in Path(errors).glob("pid-*"):
-                try:
+            pid_files = list(Path(errors).glob("pid-*"))
+            if not pid_files:  # still starting: nothing to save, stop the whole launch
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(launcher.pid, signum)
+            for pid_file in pid_files:
+                with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid_file.read_text()), signum)
-                except (ProcessLookupError, ValueError):
-                    pass
 
         previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
         try:

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import cli, write_recipe
@@ -270,3 +271,25 @@ def test_deepspeed_hostfile_launch(tmp_path, single_run):
     (tmp_path / "hosts").write_text("localhost 2\n")
     bad = cli("run", str(recipe), *args, "--force")
     assert bad.returncode == 2 and "line 1: expected `HOST slots=N`" in bad.stderr + bad.stdout
+
+
+def test_ctrl_c_while_workers_start_stops_the_whole_launch(tmp_path):
+    """Nothing to save yet: every process of the launch ends promptly, exit 130, none left behind."""
+    recipe = recipe_file(tmp_path, steps=500)
+    proc = subprocess.Popen([sys.executable, "-m", "gptj_tune", "run", str(recipe), *run_args(tmp_path / "run", "ddp")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    time.sleep(2)  # the launcher is up, the workers are still importing
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    assert "stopped" in out + err
+    time.sleep(1)
+    left = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline_mentions(p, str(tmp_path))]
+    assert not left, left
+
+
+def _cmdline_mentions(proc_dir, text: str) -> bool:
+    try:
+        return text in (proc_dir / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
