@@ -76,9 +76,9 @@ def run(
     """Train a recipe into its run directory (output.dir)."""
     from .distributed import launch, needs_launch, register_worker
     from .recipe import load_recipe
+    from .train import train
 
     register_worker()  # under our launcher: signals reach this worker through the launching process
-    from .train import train
 
     path = _resolve_recipe_path(recipe)
     recipe_obj = load_recipe(path, set_)

@@ -24,8 +24,8 @@ from .data import PreparedData, prepare_data
 from .data.tokenize import IGNORE, Batches
 from .distributed import full_state_dict, is_deepspeed, prepare_model_and_optimizer, weights_are_sharded
 from .errors import DataError, GptjTuneError, TrainingError
-from .methods import apply_method, count_parameters
 from .fast import loss_from_head, use_loss_head
+from .methods import apply_method, count_parameters
 from .models import block_causal_mask, load_model_and_tokenizer, resolve_base
 from .recipe import Recipe, TrainSection
 from .rundir import RunDir, atomic_dir, atomic_write_text, prepare_run_dir, rewind_metrics
@@ -53,19 +53,35 @@ class TrainResult:
 # ----------------------------------------------------------------------------------- pieces
 
 
-def batch_loss(model, batch: dict[str, torch.Tensor], fused_chunk: int | None = None, varlen: bool = False) -> tuple[torch.Tensor, int]:
-    """(sum of token cross-entropies, number of target tokens) for one batch.
+@dataclass(frozen=True)
+class LossPath:
+    """How a batch's loss is computed.
 
-    With `fused_chunk`, a model whose head is a LossHead (gptj_tune.fast) returns the loss itself.
-    With `varlen` (FlashAttention-2), no mask is built: transformers reads the packing boundaries
-    from the restarting position ids and runs the variable-length kernel.
+    fused_chunk: a model whose head is a LossHead (gptj_tune.fast) returns the loss itself, computed
+        this many tokens at a time; None: full logits, then cross-entropy.
+    varlen: FlashAttention-2: no mask is built; transformers reads the packing boundaries from the
+        restarting position ids and runs the variable-length kernel.
     """
+
+    fused_chunk: int | None = None
+    varlen: bool = False
+
+    @classmethod
+    def of(cls, recipe: Recipe) -> LossPath:
+        return cls(
+            fused_chunk=recipe.train.loss_chunk_tokens if recipe.train.loss == "fused" else None,
+            varlen=recipe.model.attn_implementation == "flash_attention_2",
+        )
+
+
+def batch_loss(model, batch: dict[str, torch.Tensor], path: LossPath = LossPath()) -> tuple[torch.Tensor, int]:
+    """(sum of token cross-entropies, number of target tokens) for one batch."""
     positions, labels = batch["position_ids"], batch["labels"]
-    mask = None if varlen else block_causal_mask(positions, torch.float32)
+    mask = None if path.varlen else block_causal_mask(positions, torch.float32)
     inputs = dict(input_ids=batch["input_ids"], position_ids=positions, attention_mask=mask, use_cache=False)
     targets = int((labels[:, 1:] != IGNORE).sum())
-    if fused_chunk:
-        with loss_from_head(labels, fused_chunk):
+    if path.fused_chunk:
+        with loss_from_head(labels, path.fused_chunk):
             return model(**inputs).logits, targets
     logits = model(**inputs).logits[:, :-1]
     loss_sum = F.cross_entropy(
@@ -74,16 +90,8 @@ def batch_loss(model, batch: dict[str, torch.Tensor], fused_chunk: int | None = 
     return loss_sum, targets
 
 
-def fused_chunk(recipe) -> int | None:
-    return recipe.train.loss_chunk_tokens if recipe.train.loss == "fused" else None
-
-
-def varlen(recipe) -> bool:
-    return recipe.model.attn_implementation == "flash_attention_2"
-
-
 @torch.no_grad()
-def evaluate_loss(model, batches: Batches, accelerator, fused_chunk: int | None = None, flash: bool = False) -> float | None:
+def evaluate_loss(model, batches: Batches, accelerator, path: LossPath = LossPath()) -> float | None:
     """Mean cross-entropy per target token over every eval batch, the batches shared out over processes.
 
     Every process runs the same number of forwards (ZeRO-3 gathers weights collectively), so one
@@ -99,7 +107,7 @@ def evaluate_loss(model, batches: Batches, accelerator, fused_chunk: int | None 
     total, count = 0.0, 0
     for k in range(-(-n // world)):
         j = k * world + rank
-        loss_sum, targets = batch_loss(model, _to(batches.device_batch(min(j, n - 1)), accelerator.device), fused_chunk, flash)
+        loss_sum, targets = batch_loss(model, _to(batches.device_batch(min(j, n - 1)), accelerator.device), path)
         if j < n:
             total, count = total + float(loss_sum), count + targets
     model.train(was_training)
@@ -194,7 +202,7 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     last_loss = loop.run(state, total_steps)
 
     _save_final(recipe, run, accelerator, model, tokenizer)
-    eval_loss = evaluate_loss(model, eval_batches, accelerator, fused_chunk(recipe), varlen(recipe))
+    eval_loss = evaluate_loss(model, eval_batches, accelerator, LossPath.of(recipe))
     peak = memory.peak()
     result = _finish(recipe, run, accelerator, model, base, tokenizer, data, loop, state, last_loss, eval_loss, peak) if main else None
     # Leave together: a process that exits while peers still hold the process group aborts.
@@ -354,6 +362,7 @@ class _Loop:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.train_batches, self.eval_batches = train_batches, eval_batches
         self.stop_requested, self.signalled_at = False, None
+        self.loss_path = LossPath.of(recipe)
 
     def log(self, record: dict) -> None:
         if self.accelerator.is_main_process:
@@ -431,7 +440,7 @@ class _Loop:
         total, grad_norm = 0.0, float("nan")
         for batch in micro:
             with acc.accumulate(self.model):
-                loss_sum, _ = batch_loss(self.model, batch, fused_chunk(self.recipe), varlen(self.recipe))
+                loss_sum, _ = batch_loss(self.model, batch, self.loss_path)
                 value = float(loss_sum.detach())  # note: a host sync per micro-batch; cheap next to a step
                 if not math.isfinite(value):
                     self._stop_on_nan(state, value)
@@ -463,7 +472,7 @@ class _Loop:
     def _after_step(self, state: dict, total_steps: int) -> None:
         step, recipe = state["step"], self.recipe
         if recipe.eval.every_steps and step % recipe.eval.every_steps == 0 and step < total_steps:
-            eval_loss = evaluate_loss(self.model, self.eval_batches, self.accelerator, fused_chunk(self.recipe), varlen(self.recipe))
+            eval_loss = evaluate_loss(self.model, self.eval_batches, self.accelerator, self.loss_path)
             if eval_loss is not None:
                 self.log({"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))})
                 self.console.print(f"step {step}: eval loss {eval_loss:.4f}")

@@ -12,7 +12,7 @@ from gptj_tune.fast import IGNORE, LossHead, fused_linear_cross_entropy, use_los
 from gptj_tune.methods import apply_method
 from gptj_tune.models import block_causal_mask, build_tiny_gptj, load_model_and_tokenizer
 from gptj_tune.recipe import LoraMethod, ModelSection, TinyModelSection
-from gptj_tune.train import batch_loss
+from gptj_tune.train import LossPath, batch_loss
 
 SHAPE = TinyModelSection(layers=2, width=64, heads=4, rotary_dim=8)
 
@@ -140,7 +140,7 @@ def test_fused_loss_through_the_model_equals_plain(tiny, method):
             model = apply_method(model, LoraMethod(kind="lora", r=4, dropout=0.0, modules_to_save=["lm_head"]), False)
         assert any(isinstance(m, LossHead) for m in model.modules()) == fused
         model.train()
-        loss, targets = batch_loss(model, packed_batch(model.config.vocab_size), 16 if fused else None)
+        loss, targets = batch_loss(model, packed_batch(model.config.vocab_size), LossPath(fused_chunk=16 if fused else None))
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         results.append((float(loss), targets, grads))
