@@ -277,13 +277,7 @@ def write_plots(report: dict, run_dir: Path | None, out: Path) -> list[str]:
         if held:
             ax.plot(*zip(*held), "o-", label="held-out loss")
         ax.set_xlabel("step")
-        ax.set_ylabel("loss per target token")
-        ax.set_title("Training")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "loss.png", dpi=120)
-        plt.close(fig)
-        written.append("loss.png")
+        written.append(_save_plot(plt, fig, ax, out / "loss.png", "loss per target token", "Training", legend_size=None))
     during = report.get("during_training") or []
     if during:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -292,13 +286,7 @@ def write_plots(report: dict, run_dir: Path | None, out: Path) -> list[str]:
             if points:
                 ax.plot(*zip(*points), "o-", label=f"{task} ({HEADLINE[task]})")
         ax.set_xlabel("step")
-        ax.set_ylabel("%")
-        ax.set_title("Benchmarks during training")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "benchmarks_during_training.png", dpi=120)
-        plt.close(fig)
-        written.append("benchmarks_during_training.png")
+        written.append(_save_plot(plt, fig, ax, out / "benchmarks_during_training.png", "%", "Benchmarks during training"))
     if report["benchmarks"]:
         tasks = list(report["benchmarks"])
         series = [(report["target"]["label"], report["benchmarks"])]
@@ -314,11 +302,16 @@ def write_plots(report: dict, run_dir: Path | None, out: Path) -> list[str]:
             ax.bar([k + i * width for k in range(len(tasks))], values, width, label=label[:40])
         ax.set_xticks([k + width * (len(series) - 1) / 2 for k in range(len(tasks))])
         ax.set_xticklabels([f"{t}\n({HEADLINE[t]})" for t in tasks], fontsize=8)
-        ax.set_ylabel("%")
-        ax.set_title("Benchmarks (zero-shot)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "benchmarks.png", dpi=120)
-        plt.close(fig)
-        written.append("benchmarks.png")
+        written.append(_save_plot(plt, fig, ax, out / "benchmarks.png", "%", "Benchmarks (zero-shot)"))
     return written
+
+
+def _save_plot(plt, fig, ax, path: Path, ylabel: str, title: str, legend_size: int | None = 8) -> str:
+    """Label, lay out, write and close one figure; returns the file name."""
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(**({"fontsize": legend_size} if legend_size else {}))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
