@@ -1,5 +1,7 @@
-"""The speed paths, put into a loaded model in one place (`install`) and each tested equal to what
-it replaces (tests/test_fast.py):
+"""The speed paths, each a class switch of existing modules (weights, state-dict keys and saved
+configs stay stock), each tested equal to what it replaces (tests/test_fast.py). Attention and
+GELU are switched when a model is loaded (models.py), the loss head and dropout when it is set up
+for training (train.py):
 
 - `sdpa` attention for GPT-J: transformers' GPT-J has only eager attention (Q and K upcast to
   fp32, the full attention matrix materialised and kept for backward) and FlashAttention-2. Ours
@@ -10,6 +12,13 @@ it replaces (tests/test_fast.py):
 - a fused, chunked cross-entropy head: the loss over the target tokens only (prompt and padding
   positions never reach the 50400-wide head), computed a chunk of tokens at a time, with the
   gradient taken in the same pass, so fp32 logits for the whole batch never exist.
+- one-kernel GELU: GPT-J's and GPT-Neo's `gelu_new` is written as eight elementwise operations,
+  each with its own pass over the 4*d_model-wide MLP activations and its own saved tensor;
+  torch's `gelu(approximate="tanh")` is the same function in one kernel (equal within 3e-7).
+- cheaper dropout on CPU (LoRA's input dropout): torch's CPU dropout draws one 32-bit random
+  number per element; ours draws 15 random bits per element (four elements per 64-bit draw), so the
+  drop probability is `p` rounded to a multiple of 1/32768 and the kept values are scaled by the
+  exact inverse of the keep probability. On GPUs torch's fused dropout kernel is kept.
 """
 
 from __future__ import annotations
@@ -72,6 +81,90 @@ def use_sdpa_attention(model: nn.Module) -> int:
     for module in model.modules():
         if type(module) is GPTJAttention:
             module.__class__ = sdpa_attention_class()
+            switched += 1
+    return switched
+
+
+# ------------------------------------------------------------------------------ GELU and dropout
+
+
+def _gelu_class():
+    from transformers.activations import NewGELUActivation
+
+    class OneKernelGELU(NewGELUActivation):
+        """`gelu_new` (the tanh approximation of GELU) as torch's single fused kernel."""
+
+        def forward(self, input: torch.Tensor) -> torch.Tensor:
+            return F.gelu(input, approximate="tanh")
+
+    return OneKernelGELU
+
+
+_GELU = None
+
+
+def use_one_kernel_gelu(model: nn.Module) -> int:
+    """Switch every `gelu_new` activation module of `model` to one kernel; returns how many."""
+    from transformers.activations import NewGELUActivation
+
+    global _GELU
+    if _GELU is None:
+        _GELU = _gelu_class()
+    switched = 0
+    for module in model.modules():
+        if type(module) is NewGELUActivation:
+            module.__class__ = _GELU
+            switched += 1
+    return switched
+
+
+DROPOUT_BITS = 15  # random bits per element: p is rounded to a multiple of 1/32768
+
+
+class _Dropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:
+        n = x.numel()
+        # random_() on int64 gives 63 random bits (the sign bit is 0): four int16 quarters, 15 uniform
+        # bits each once their top bit is masked off.
+        quarters = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_().view(torch.int16)[:n]
+        keep = quarters.view(x.shape).bitwise_and_((1 << DROPOUT_BITS) - 1) >= threshold
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.where(keep, x, 0.0).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad, 0.0).mul_(ctx.scale), None, None
+
+
+def dropout_on_cpu(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout with p rounded to a multiple of 1/32768 (training mode)."""
+    threshold = round(p * (1 << DROPOUT_BITS))
+    if threshold <= 0:
+        return x
+    if threshold >= 1 << DROPOUT_BITS:
+        return x * 0.0
+    scale = (1 << DROPOUT_BITS) / ((1 << DROPOUT_BITS) - threshold)
+    return _Dropout.apply(x, threshold, scale)
+
+
+class CheapDropout(nn.Dropout):
+    """nn.Dropout whose CPU training path is `dropout_on_cpu`; elsewhere torch's own."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0 or input.device.type != "cpu" or self.inplace:
+            return super().forward(input)
+        return dropout_on_cpu(input, self.p)
+
+
+def use_cheap_dropout(model: nn.Module) -> int:
+    """Switch every nn.Dropout of `model` (LoRA's input dropout included) to CheapDropout."""
+    switched = 0
+    for module in model.modules():
+        if type(module) is nn.Dropout:
+            module.__class__ = CheapDropout
             switched += 1
     return switched
 

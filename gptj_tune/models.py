@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelError
-from .fast import use_sdpa_attention
+from .fast import use_one_kernel_gelu, use_sdpa_attention
 from .recipe import TINY_MODEL_NAME, ModelSection
 
 DTYPES = {
@@ -67,7 +67,14 @@ def load_model_and_tokenizer(section: ModelSection, base: str):
 
 
 def _from_pretrained(base: str, section: ModelSection):
-    """Load with the recipe's attention. GPT-J's `sdpa` is ours: load eager, then switch modules."""
+    """Load with the recipe's attention and one-kernel GELU (both from gptj_tune.fast)."""
+    model = _load_with_attention(base, section)
+    use_one_kernel_gelu(model)
+    return model
+
+
+def _load_with_attention(base: str, section: ModelSection):
+    """GPT-J's `sdpa` is ours: load eager, then switch modules."""
     from transformers import AutoConfig
 
     requested = section.attn_implementation

@@ -89,12 +89,13 @@ def activation_bytes(recipe: Recipe, shape: Shape) -> float:
     b, s = recipe.train.batch_size, recipe.data.max_length
     h, a, n = shape.hidden, shape.heads, shape.layers
     e = 2 if _sixteen_bit(recipe) else 4  # bytes per activation
-    # Per layer, GPT-J keeps 27 values per token and hidden unit for backward (measured with autograd's
-    # saved-tensor hooks on GPTJBlock; Korthikanti et al. count 17 for blocks with a fused GeLU, GPT-J's
-    # gelu_new is unfused). Eager attention also keeps its fp32 softmax (a·s² per row, plus a 16-bit
-    # copy under bf16/fp16); SDPA keeps only a logsumexp, and the packing mask is shared by all layers.
+    # Per layer, GPT-J keeps 15 values per token and hidden unit for backward (14.5 measured with
+    # autograd's saved-tensor hooks on GPTJBlock with our one-kernel GELU; stock gelu_new, eight
+    # separate operations, keeps 26.5). Eager attention also keeps its fp32 softmax (a·s² per row,
+    # plus a 16-bit copy under bf16/fp16); SDPA keeps only a logsumexp, and the packing mask is
+    # shared by all layers.
     eager = recipe.model.attn_implementation == "eager"
-    per_layer = s * b * h * 27 * e + (a * s * s * b * (4 if e == 4 else 6) if eager else 0)
+    per_layer = s * b * h * 15 * e + (a * s * s * b * (4 if e == 4 else 6) if eager else 0)
     mask = 0 if recipe.model.attn_implementation == "flash_attention_2" else b * s * s * 4
     method = recipe.method
     if method.kind == "lora" and method.dropout > 0:
@@ -103,6 +104,9 @@ def activation_bytes(recipe: Recipe, shape: Shape) -> float:
         targets = method.target_modules if isinstance(method.target_modules, list) else list(inputs)
         per_layer += sum(inputs.get(t, h) * s * b * (e + 1) + method.r * s * b * e for t in targets)
     layers = (n * s * b * h * e + per_layer) if recipe.model.gradient_checkpointing else n * per_layer
+    # While a layer runs backward its gradients are alive too: the MLP's two 4h-wide ones and a few
+    # h-wide ones, about 12 values per token and hidden unit (an estimate; the CPU check covers it).
+    layers += s * b * h * 12 * e
     # Logits, their fp32 copy in the loss and its gradient: for every token with the plain loss, for
     # one chunk of target tokens with the fused one.
     tokens = b * s if recipe.train.loss == "plain" else min(recipe.train.loss_chunk_tokens, b * s)

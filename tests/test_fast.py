@@ -1,5 +1,6 @@
 """The speed paths equal what they replace: SDPA attention vs transformers' eager GPT-J attention,
-the fused chunked cross-entropy vs full logits, on packed rows, padding and generation."""
+the fused chunked cross-entropy vs full logits, on packed rows, padding and generation; the
+one-kernel GELU vs `gelu_new`; the CPU dropout drops at rate p, independently, and scales exactly."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from gptj_tune.errors import ModelError
-from gptj_tune.fast import IGNORE, LossHead, fused_linear_cross_entropy, use_loss_head
+from gptj_tune.fast import (
+    IGNORE,
+    CheapDropout,
+    LossHead,
+    dropout_on_cpu,
+    fused_linear_cross_entropy,
+    use_cheap_dropout,
+    use_loss_head,
+)
 from gptj_tune.methods import apply_method
 from gptj_tune.models import block_causal_mask, build_tiny_gptj, load_model_and_tokenizer
 from gptj_tune.recipe import LoraMethod, ModelSection, TinyModelSection
@@ -159,3 +168,79 @@ def test_the_fused_head_still_returns_logits_outside_the_loss(tiny):
     after = model(input_ids=ids).logits
     assert after.shape == before.shape and torch.equal(before, after)
     assert list(model.state_dict()) == keys  # same parameters under the same names
+
+
+def test_one_kernel_gelu_is_installed_at_load_and_equals_stock_gelu_new(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import NewGELUActivation
+
+    ours, _ = load(tiny, "eager")
+    stock = AutoModelForCausalLM.from_pretrained(tiny, attn_implementation="eager")
+    assert [type(b.mlp.act).__name__ for b in ours.transformer.h] == ["OneKernelGELU"] * SHAPE.layers
+    assert all(type(b.mlp.act) is NewGELUActivation for b in stock.transformer.h)
+    batch = packed_batch(ours.config.vocab_size)
+    grads = []
+    for model in (stock, ours):
+        model.train()
+        loss, _ = batch_loss(model, batch)
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert max((grads[0][n] - grads[1][n]).abs().max() for n in grads[0]) < 1e-5
+    x = torch.linspace(-8, 8, 10_001)
+    assert (F.gelu(x, approximate="tanh") - NewGELUActivation()(x)).abs().max() < 1e-6
+    ours.save_pretrained(tmp_path / "saved")  # the switch is not written anywhere
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "saved").config.activation_function == "gelu_new"
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_cpu_dropout_drops_at_rate_p_independently_and_scales_exactly(p):
+    torch.manual_seed(0)
+    x = torch.rand(1001, 1001) + 1.0  # odd size: part of the last 64-bit random draw goes unused
+    x.requires_grad_(True)
+    y = dropout_on_cpu(x, p)
+    kept = y != 0
+    n = x.numel()
+    tolerance = 5 * (p * (1 - p) / (n / 4)) ** 0.5  # five standard deviations of a quarter's rate
+    # Each 64-bit draw feeds four elements: each quarter must drop at rate p (a biased bit would show).
+    for k in range(4):
+        assert abs(1 - kept.flatten()[k::4].float().mean().item() - p) < tolerance
+    scale = 32768 / (32768 - round(p * 32768))
+    assert torch.equal(y[kept], x.detach()[kept] * scale)
+    y.backward(torch.full_like(y, 3.0))
+    assert torch.equal(x.grad, kept * (3.0 * scale))
+    # Neighbouring elements are not correlated: P(both kept) = (1-p)^2.
+    pairs = (kept[:, :-1] & kept[:, 1:]).float().mean().item()
+    assert abs(pairs - (1 - p) ** 2) < 5 * ((1 - p) ** 2 * (1 - (1 - p) ** 2) / n) ** 0.5 * 2
+
+
+def test_cpu_dropout_follows_the_seed_and_is_off_in_eval():
+    layer = CheapDropout(0.1)
+    x = torch.ones(64, 64)
+    torch.manual_seed(3)
+    a = layer(x)
+    torch.manual_seed(3)
+    b = layer(x)
+    c = layer(x)
+    assert torch.equal(a, b) and not torch.equal(b, c)
+    layer.eval()
+    assert torch.equal(layer(x), x)
+    assert torch.equal(CheapDropout(0.0)(x), x)
+
+
+def test_lora_dropout_is_switched_and_training_still_learns(tiny):
+    model, _ = load(tiny, "auto")
+    model = apply_method(model, LoraMethod(kind="lora", r=4, dropout=0.1), False)
+    switched = use_cheap_dropout(model)
+    lora_dropouts = [m for n, m in model.named_modules() if ".lora_dropout." in n]
+    assert lora_dropouts and all(type(m) is CheapDropout for m in lora_dropouts) and switched >= len(lora_dropouts)
+    batch = packed_batch(model.config.vocab_size)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(8):
+        loss, targets = batch_loss(model, batch)
+        (loss / targets).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item() / targets)
+    assert losses[-1] < losses[0] - 0.1
