@@ -12,9 +12,11 @@ Engines (each in its own process, so peak memory is its own; the order alternate
   trl-best      TRL SFTTrainer at its best for the device (packing; on CPU fp32, no checkpointing)
   hf-trainer    transformers Trainer, padding collator (fp32 on CPU)
 
-The packing engines (gptj-tune, trl-best) take as many max_length rows per step as hold the
-padded engines' real tokens per step (--packed-batch-size overrides), so all make about the same
-number of updates of the same size and their held-out losses compare.
+The packing engines (gptj-tune, trl-best) take as many full max_length rows per step as fit in
+the padded engines' real tokens per step, rounded down (--packed-batch-size overrides): rows are
+whole, so update counts cannot be equal; rounding down means no packing engine makes fewer
+updates than the padded engines, or larger ones (fewer, larger updates would lose them loss at
+an equal token budget). The steps column shows the counts.
 
 Reported: real tokens/s, padding efficiency (real tokens / token slots computed), peak memory
 (RSS on CPU, CUDA max allocated on GPU), the held-out loss after the budget (the same records and
@@ -125,7 +127,6 @@ def peak_memory(device: str) -> float:
 def run_ours(spec: dict, out: Path) -> dict:
     from rich.console import Console
 
-    from gptj_tune.data.tokenize import make_rows
     from gptj_tune.recipe import Recipe
     from gptj_tune.train import train
 
@@ -140,10 +141,8 @@ def run_ours(spec: dict, out: Path) -> dict:
         "output": {"dir": str(out / "run")},
     })  # fmt: skip
     result = train(recipe, console=Console(stderr=True))
-    _, examples = tokenize(spec, 0, spec["records"])
-    slots = len(make_rows(examples, spec["max_length"], packing=True)) * spec["max_length"]
     model = _load_final(out / "run" / "final", spec)
-    return {"seconds": result.seconds, "real_tokens": result.tokens, "slots": slots, "model": model, "steps": result.steps}
+    return {"seconds": result.seconds, "real_tokens": result.tokens, "slots": result.slots, "model": model, "steps": result.steps}
 
 
 def _load_final(final: Path, spec: dict):
@@ -270,7 +269,7 @@ def worker(engine: str, spec: dict, result_path: Path) -> None:
 def _matching_rows(spec: dict) -> int:
     _, examples = tokenize(spec, 0, spec["records"])
     mean = sum(len(e.input_ids) for e in examples) / len(examples)
-    return max(1, round(spec["batch_size"] * mean / spec["max_length"]))
+    return max(1, math.floor(spec["batch_size"] * mean / spec["max_length"]))
 
 
 def flops_per_token(spec: dict, params: int) -> tuple[float, str]:
@@ -336,8 +335,8 @@ def main() -> None:
             "tokenizer": str(data / "gpt2-tokenizer"), "alpaca": str(data / "alpaca" / "alpaca_data.json"),
             "dtype": "bfloat16" if args.device == "cuda" else "float32",
         }  # fmt: skip
-        # Packed engines get as many max_length rows per step as carry the padded engines' real
-        # tokens per step, so every engine makes about the same number of updates of the same size.
+        # Packed engines get as many max_length rows per step as fit in the padded engines' real
+        # tokens per step: never fewer, larger updates than theirs.
         spec["packed_batch_size"] = args.packed_batch_size or _matching_rows(spec)
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))

@@ -96,8 +96,9 @@ def run(
         table.add_row("held-out loss", f"{result.eval_loss:.4f}")
     if result.exact_match is not None:
         table.add_row("held-out exact match", f"{result.exact_match:.3f}")
-    table.add_row("tokens", f"{result.tokens:,}")
-    table.add_row("wall time", f"{result.seconds:.1f} s")
+    table.add_row("real tokens", f"{result.tokens:,} ({result.tokens / max(result.seconds, 1e-9):,.0f}/s)")
+    table.add_row("padding efficiency", f"{result.tokens / max(result.slots, 1):.3f} (real tokens / token slots computed)")
+    table.add_row("wall time (training)", f"{result.seconds:.1f} s")
     table.add_row("final model", str(result.run_dir / "final"))
     console.print(table)
 

@@ -155,8 +155,7 @@ def held_out_metrics(target: Target, recipe, device: str, generate: bool = True)
 
     model, tokenizer = load_target_model(target, device)
     data = prepare_data(recipe.data, tokenizer)
-    pad_to = recipe.data.max_length if recipe.data.packing else None
-    batches = Batches(data.eval_rows, recipe.eval.batch_size or recipe.train.batch_size, tokenizer.pad_token_id, pad_to, 0, shuffle=False)
+    batches = Batches(data.eval_rows, recipe.eval.batch_size or recipe.train.batch_size, tokenizer.pad_token_id, 0, shuffle=False)
     loss = evaluate_loss(model, batches, Accelerator(cpu=device == "cpu"))
     held_out_sha = hashlib.sha256(json.dumps(data.eval_records, sort_keys=True).encode()).hexdigest()[:16]
     result = {"loss": loss, "perplexity": math.exp(min(loss, 50)) if loss is not None else None,

@@ -24,7 +24,7 @@ from .data import PreparedData, prepare_data
 from .data.tokenize import IGNORE, Batches
 from .distributed import full_state_dict, is_deepspeed, prepare_model_and_optimizer, weights_are_sharded
 from .errors import DataError, GptjTuneError, TrainingError
-from .fast import loss_from_head, use_loss_head
+from .fast import loss_from_head, use_cheap_dropout, use_loss_head
 from .methods import apply_method, count_parameters
 from .models import block_causal_mask, load_model_and_tokenizer, resolve_base
 from .recipe import Recipe, TrainSection
@@ -44,7 +44,8 @@ class TrainResult:
     final_loss: float
     eval_loss: float | None
     exact_match: float | None
-    tokens: int
+    tokens: int  # real (non-pad) tokens trained on
+    slots: int  # token positions computed, padding included
     seconds: float
     peak_memory_bytes: int  # on the main process's device; see memory_measure
     memory_measure: str  # cuda_max_allocated, or cpu_rss_growth (peak RSS minus RSS when training began)
@@ -169,13 +170,13 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     if recipe.train.loss == "fused":
         use_loss_head(model)
     model = apply_method(model, recipe.method, recipe.model.gradient_checkpointing)
+    use_cheap_dropout(model)
     data = _prepare_data_once(recipe, tokenizer, run, accelerator)
     _print_setup(console, recipe, model, data, accelerator.num_processes)
 
-    pad_to = recipe.data.max_length if recipe.data.packing else None
-    train_batches = Batches(data.train_rows, recipe.train.batch_size, tokenizer.pad_token_id, pad_to, recipe.train.seed,
+    train_batches = Batches(data.train_rows, recipe.train.batch_size, tokenizer.pad_token_id, recipe.train.seed,
                             rank=accelerator.process_index, world=accelerator.num_processes)  # fmt: skip
-    eval_batches = Batches(data.eval_rows, recipe.eval.batch_size or recipe.train.batch_size, tokenizer.pad_token_id, pad_to, 0, shuffle=False)
+    eval_batches = Batches(data.eval_rows, recipe.eval.batch_size or recipe.train.batch_size, tokenizer.pad_token_id, 0, shuffle=False)
     if len(train_batches) == 0:
         raise DataError(
             f"{len(data.train_rows)} training rows cannot fill one batch of train.batch_size "
@@ -190,9 +191,9 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, recipe.train.schedule)
     )
-    state = {"step": 0, "micro_batch": 0, "tokens": 0, "seconds": 0.0}
+    state = {"step": 0, "micro_batch": 0, "tokens": 0, "slots": 0, "seconds": 0.0}
     if checkpoint is not None:
-        state = load_checkpoint(recipe, checkpoint, accelerator, model, optimizer, scheduler)
+        state = {"slots": 0} | load_checkpoint(recipe, checkpoint, accelerator, model, optimizer, scheduler)
         if main:
             rewind_metrics(run, state["step"])
         console.print(f"Resumed from [bold]{checkpoint}[/] at step {state['step']}/{total_steps}")
@@ -220,7 +221,7 @@ def _finish(recipe, run, accelerator, model, base, tokenizer, data, loop, state,
         trained = _trained_model_for_generation(recipe, run, accelerator, model, base)
         exact = exact_match(trained, tokenizer, data.template, data.eval_records[: recipe.eval.generate_samples], recipe.eval.max_new_tokens).accuracy
     loop.log({"step": state["step"], "final_eval_loss": eval_loss, "exact_match": exact})
-    result = TrainResult(run.path, state["step"], last_loss, eval_loss, exact, state["tokens"], state["seconds"], *peak)
+    result = TrainResult(run.path, state["step"], last_loss, eval_loss, exact, state["tokens"], state["slots"], state["seconds"], *peak)
     atomic_write_text(run.summary, json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items()}, indent=2))
     return result
 
@@ -404,9 +405,10 @@ class _Loop:
             task = progress.add_task("train", total=total_steps, completed=state["step"], info="")
             while state["step"] < total_steps:
                 tick = time.perf_counter()
-                loss, tokens, grad_norm = self._one_step(state)
+                loss, tokens, slots, grad_norm = self._one_step(state)
                 state["step"] += 1
                 state["tokens"] += tokens
+                state["slots"] += slots
                 state["seconds"] = time.perf_counter() - started
                 record = {
                     "step": state["step"], "epoch": self.train_batches.epoch_of(state["micro_batch"] - 1),
@@ -424,8 +426,8 @@ class _Loop:
                 self._after_step(state, total_steps)
         return loss
 
-    def _one_step(self, state: dict) -> tuple[float, int, float]:
-        """One optimizer step over grad_accum micro-batches; returns (loss, real tokens, grad norm)."""
+    def _one_step(self, state: dict) -> tuple[float, int, int, float]:
+        """One optimizer step over grad_accum micro-batches; returns (loss, real tokens, token slots, grad norm)."""
         from .distributed import all_sum
 
         acc, train = self.accelerator, self.recipe.train
@@ -456,10 +458,11 @@ class _Loop:
         self.optimizer.zero_grad(set_to_none=True)
         state["micro_batch"] = first + len(micro)
         real = sum(int(b["real_tokens"].sum()) for b in micro)
+        slots = sum(b["input_ids"].numel() for b in micro)
         # One collective for the step's numbers, and for agreeing to stop after the same step.
-        total, real, stop = all_sum([total, real, float(self.stop_requested)], acc)
+        total, real, slots, stop = all_sum([total, real, slots, float(self.stop_requested)], acc)
         self.stop_requested = stop > 0
-        return total / max(targets, 1), int(real), grad_norm
+        return total / max(targets, 1), int(real), int(slots), grad_norm
 
     def _stop_on_nan(self, state: dict, value: float) -> None:
         saved = self.rundir.list_checkpoints()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
 
 import pytest
@@ -10,7 +11,14 @@ import pytest
 from gptj_tune.data import prepare_data, split_indices
 from gptj_tune.data.formats import read_source
 from gptj_tune.data.templates import BUILTIN_TEMPLATES
-from gptj_tune.data.tokenize import IGNORE, make_rows, pack_examples, tokenize_instructions, tokenize_text
+from gptj_tune.data.tokenize import (
+    IGNORE,
+    _best_fit_decreasing,
+    make_rows,
+    pack_examples,
+    tokenize_instructions,
+    tokenize_text,
+)
 from gptj_tune.errors import DataError
 from gptj_tune.recipe import DataSection, SourceSection
 
@@ -86,8 +94,12 @@ def test_packing_keeps_every_token_and_respects_max_length(shared_data, gpt2_tok
         for a, b in zip(starts, starts[1:]):
             packed[(tuple(r.input_ids[a:b]), tuple(r.labels[a:b]))] += 1
     assert packed == Counter((tuple(e.input_ids), tuple(e.labels)) for e in examples)
-    efficiency = sum(len(r.input_ids) for r in rows) / (512 * len(rows))
-    assert efficiency > 0.97, efficiency  # best-fit decreasing: ~0.99 on Alpaca
+    total = sum(len(r.input_ids) for r in rows)
+    efficiency = total / (512 * len(rows))
+    assert efficiency > 0.98, efficiency
+    assert len(rows) < len(_best_fit_decreasing([len(e.input_ids) for e in examples], 512))
+    few = examples[:240]  # a small dataset: as few rows as its tokens allow (best fit leaves one more)
+    assert len(make_rows(few, 512, packing=True)) == -(-sum(len(e.input_ids) for e in few) // 512)
 
 
 def test_pack_examples_is_best_fit_decreasing():
@@ -95,6 +107,24 @@ def test_pack_examples_is_best_fit_decreasing():
     assert sorted(sorted(b) for b in bins) == [[0, 3], [1, 2], [4, 5]]  # 5+2, 3+4, 6+1: no waste
     with pytest.raises(ValueError, match="more than the capacity"):
         pack_examples([9], capacity=7)
+
+
+def test_packing_empties_the_last_bin_that_best_fit_decreasing_leaves():
+    # Best-fit decreasing: 5+4, 3+3+3, 2 (three bins); two are enough: 5+3+2 and 4+3+3.
+    assert len(_best_fit_decreasing([3, 3, 3, 5, 4, 2], 10)) == 3
+    bins = pack_examples([3, 3, 3, 5, 4, 2], capacity=10)
+    assert sorted(sum([3, 3, 3, 5, 4, 2][i] for i in b) for b in bins) == [10, 10]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_packing_keeps_every_example_once_within_capacity_and_never_adds_bins(seed):
+    rng = random.Random(seed)
+    lengths = [rng.choice([rng.randint(1, 40), rng.randint(30, 200)]) for _ in range(rng.randint(1, 300))]
+    bins = pack_examples(lengths, 256)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 256 for b in bins)
+    assert -(-sum(lengths) // 256) <= len(bins) <= len(_best_fit_decreasing(lengths, 256))
+    assert pack_examples(lengths, 256) == bins  # deterministic
 
 
 def test_overlong_examples_truncated_or_dropped_with_counts(shared_data, gpt2_tokenizer):
