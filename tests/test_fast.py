@@ -16,6 +16,7 @@ from gptj_tune.fast import (
     dropout_on_cpu,
     fused_linear_cross_entropy,
     use_cheap_dropout,
+    use_fused_lora,
     use_loss_head,
 )
 from gptj_tune.methods import apply_method
@@ -197,7 +198,7 @@ def test_cpu_dropout_drops_at_rate_p_independently_and_scales_exactly(p):
     torch.manual_seed(0)
     x = torch.rand(1001, 1001) + 1.0  # odd size: part of the last 64-bit random draw goes unused
     x.requires_grad_(True)
-    y = dropout_on_cpu(x, p)
+    y, returned_scale = dropout_on_cpu(x, p)
     kept = y != 0
     n = x.numel()
     tolerance = 5 * (p * (1 - p) / (n / 4)) ** 0.5  # five standard deviations of a quarter's rate
@@ -205,6 +206,7 @@ def test_cpu_dropout_drops_at_rate_p_independently_and_scales_exactly(p):
     for k in range(4):
         assert abs(1 - kept.flatten()[k::4].float().mean().item() - p) < tolerance
     scale = 32768 / (32768 - round(p * 32768))
+    assert returned_scale == scale
     assert torch.equal(y[kept], x.detach()[kept] * scale)
     y.backward(torch.full_like(y, 3.0))
     assert torch.equal(x.grad, kept * (3.0 * scale))
@@ -244,3 +246,32 @@ def test_lora_dropout_is_switched_and_training_still_learns(tiny):
         optimizer.zero_grad()
         losses.append(loss.item() / targets)
     assert losses[-1] < losses[0] - 0.1
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_lora_add_equals_peft(tiny, dropout):
+    """Same weights, same seed (so the same dropout masks): the same loss and adapter gradients as
+    peft's own forward, and peft's forward is still used when adapters are disabled."""
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model, _ = load(tiny, "auto")
+        model = apply_method(model, LoraMethod(kind="lora", r=4, dropout=dropout), False)
+        for name, param in model.named_parameters():  # B starts at zero: make the adapters matter
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.02)
+        use_cheap_dropout(model)
+        if fused:
+            assert use_fused_lora(model) == SHAPE.layers * 6
+        model.train()
+        torch.manual_seed(1)
+        loss, _ = batch_loss(model, packed_batch(model.config.vocab_size))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        with model.disable_adapter():
+            base, _ = batch_loss(model, packed_batch(model.config.vocab_size))
+        results.append((loss.item(), grads, base.item()))
+    (plain, g_plain, base_plain), (fused, g_fused, base_fused) = results
+    assert abs(plain - fused) < 1e-4 * abs(plain)
+    assert max((g_plain[n] - g_fused[n]).abs().max() for n in g_plain) < 1e-5
+    assert base_plain == base_fused and abs(base_plain - plain) > 1e-3
