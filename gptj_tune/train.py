@@ -24,7 +24,7 @@ from .data import PreparedData, prepare_data
 from .data.tokenize import IGNORE, Batches
 from .distributed import full_state_dict, is_deepspeed, prepare_model_and_optimizer, weights_are_sharded
 from .errors import DataError, GptjTuneError, TrainingError
-from .fast import loss_from_head, use_cheap_dropout, use_loss_head
+from .fast import loss_from_head, use_cheap_dropout, use_fused_lora, use_loss_head
 from .methods import apply_method, count_parameters
 from .models import block_causal_mask, load_model_and_tokenizer, resolve_base
 from .recipe import Recipe, TrainSection
@@ -123,7 +123,19 @@ def build_optimizer(model, train: TrainSection) -> torch.optim.Optimizer:
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=train.lr, betas=train.adam_betas, eps=train.adam_eps)
+    return torch.optim.AdamW(groups, lr=train.lr, betas=train.adam_betas, eps=train.adam_eps, fused=_can_fuse(decay + no_decay))
+
+
+def _can_fuse(params: list[torch.Tensor]) -> bool:
+    """torch's fused AdamW (one kernel over all parameters; on CPU 5x faster than the per-parameter
+    loop for GPT-J's 50400-row embedding and head) takes plain CPU/CUDA float tensors; FSDP2's
+    sharded DTensor parameters keep the default implementation."""
+    from torch.distributed.tensor import DTensor
+
+    return bool(params) and all(
+        not isinstance(p, DTensor) and p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        for p in params
+    )
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -171,6 +183,7 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
         use_loss_head(model)
     model = apply_method(model, recipe.method, recipe.model.gradient_checkpointing)
     use_cheap_dropout(model)
+    use_fused_lora(model)
     data = _prepare_data_once(recipe, tokenizer, run, accelerator)
     _print_setup(console, recipe, model, data, accelerator.num_processes)
 

@@ -154,3 +154,27 @@ def test_existing_run_dir_is_never_overwritten_silently(tmp_path):
     assert changed.returncode == 2 and "train.lr (0.003 -> 0.5)" in changed.stderr
     forced = cli("run", str(recipe), "--force")
     assert forced.returncode == 0, forced.stderr[-2000:]
+
+
+def test_adamw_is_fused_for_plain_parameters_and_steps_like_the_loop():
+    import torch
+
+    from gptj_tune.recipe import TrainSection
+    from gptj_tune.train import build_optimizer
+
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = build_optimizer(models[0], TrainSection(lr=1e-2, weight_decay=0.1))
+    assert fused.defaults["fused"] is True
+    # the per-parameter loop, with decay on 2-D weights only as build_optimizer does
+    loop = torch.optim.AdamW([{"params": [p for p in models[1].parameters() if p.ndim >= 2], "weight_decay": 0.1},
+                              {"params": [p for p in models[1].parameters() if p.ndim < 2], "weight_decay": 0.0}], lr=1e-2)  # fmt: skip
+    x = torch.randn(64, 16)
+    for _ in range(5):
+        for model, opt in ((models[0], fused), (models[1], loop)):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert (a - b).abs().max() < 1e-6
