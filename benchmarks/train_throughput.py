@@ -4,7 +4,7 @@ batch size, learning-rate schedule and seed; one epoch, so every engine trains o
 (non-pad) tokens.
 
     python benchmarks/train_throughput.py [--device cpu|cuda] [--shape tiny|small|gptj-6b]
-        [--method lora|full] [--records 120 | --steps N] [--repeats 1] [--out train_throughput.json]
+        [--method lora|full] [--records 120 | --steps N] [--repeats 1] [--seed 0] [--out train_throughput.json]
 
 Engines (each in its own process, so peak memory is its own; the order alternates per repeat):
   gptj-tune     our loop, recipe defaults (packing, SDPA attention, fused loss)
@@ -295,6 +295,7 @@ def main() -> None:
                         help="Rows per step for the packing engines (default: the padded engines' tokens per step).")
     parser.add_argument("--lr", type=float, default=None, help="Default: 2e-4 for LoRA, 5e-5 for full.")
     parser.add_argument("--repeats", type=int, default=1, help="Runs per engine; the order alternates.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of every engine (data order, dropout, adapter init).")
     parser.add_argument("--engines", default=",".join(ENGINES), help=f"Comma-separated subset of {ENGINES}.")
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per engine (default: torch's).")
@@ -330,7 +331,7 @@ def main() -> None:
         build_model(args.shape, model_dir, args.device)
         spec = {
             "device": args.device, "shape": args.shape, "method": args.method, "records": args.records,
-            "max_length": args.max_length, "batch_size": args.batch_size, "seed": 0,
+            "max_length": args.max_length, "batch_size": args.batch_size, "seed": args.seed,
             "lr": args.lr or (2e-4 if args.method == "lora" else 5e-5), "model": str(model_dir),
             "tokenizer": str(data / "gpt2-tokenizer"), "alpaca": str(data / "alpaca" / "alpaca_data.json"),
             "dtype": "bfloat16" if args.device == "cuda" else "float32",

@@ -265,7 +265,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad[rows, t] -= 1.0
             grad = grad.to(hidden.dtype)
             grad_hidden[start : start + chunk] = grad @ weight
-            if need_w:
+            if need_w and grad_weight.dtype == grad.dtype:
+                grad_weight.addmm_(grad.t(), h)  # accumulated in place: no vocab x hidden temporary
+            elif need_w:
                 grad_weight += (grad.t() @ h).float()
             if need_b:
                 grad_bias += grad.float().sum(0)
@@ -278,10 +280,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
         scale = grad_output.to(grad_hidden.dtype)
+        # In place: the saved gradients are used once (the graph is not kept for a second backward).
         return (
-            grad_hidden * scale,
-            (grad_weight * grad_output).to(w_dtype) if grad_weight is not None else None,
-            (grad_bias * grad_output).to(b_dtype) if grad_bias is not None else None,
+            grad_hidden.mul_(scale),
+            grad_weight.mul_(grad_output).to(w_dtype) if grad_weight is not None else None,
+            grad_bias.mul_(grad_output).to(b_dtype) if grad_bias is not None else None,
             None,
             None,
         )

@@ -445,8 +445,12 @@ class _Loop:
 
         acc, train = self.accelerator, self.recipe.train
         first = state["micro_batch"]
-        micro = [_to(self.train_batches.get(first + k), acc.device) for k in range(train.grad_accum)]
-        local_targets = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+        on_host = [self.train_batches.get(first + k) for k in range(train.grad_accum)]
+        # Counted before the batches move to the device: no device-to-host wait for them.
+        local_targets = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in on_host)
+        real = sum(int(b["real_tokens"].sum()) for b in on_host)
+        slots = sum(b["input_ids"].numel() for b in on_host)
+        micro = [_to(b, acc.device) for b in on_host]
         targets = all_sum([local_targets], acc)[0]
         # The update is the mean loss over every target token of the step, on every process.
         # DDP/DeepSpeed average gradients over processes and accelerate (or DeepSpeed) divides each
@@ -470,8 +474,6 @@ class _Loop:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         state["micro_batch"] = first + len(micro)
-        real = sum(int(b["real_tokens"].sum()) for b in micro)
-        slots = sum(b["input_ids"].numel() for b in micro)
         # One collective for the step's numbers, and for agreeing to stop after the same step.
         total, real, slots, stop = all_sum([total, real, slots, float(self.stop_requested)], acc)
         self.stop_requested = stop > 0
