@@ -153,7 +153,7 @@ def test_fused_loss_through_the_model_equals_plain(tiny, method):
         loss, targets = batch_loss(model, packed_batch(model.config.vocab_size), LossPath(fused_chunk=16 if fused else None))
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        results.append((float(loss), targets, grads))
+        results.append((float(loss.detach()), targets, grads))
     (plain, n_plain, g_plain), (fused, n_fused, g_fused) = results
     assert n_plain == n_fused == int((packed_batch(10)["labels"][:, 1:] != IGNORE).sum())
     assert abs(plain - fused) < 1e-4 * max(1.0, abs(plain))
