@@ -27,6 +27,7 @@ for training (train.py):
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 
 import torch
@@ -40,6 +41,7 @@ DEFAULT_CHUNK_TOKENS = 2048
 # ------------------------------------------------------------------------------------ attention
 
 
+@functools.cache
 def _sdpa_class():
     from transformers.models.gptj.modeling_gptj import GPTJAttention
 
@@ -66,24 +68,19 @@ def _sdpa_class():
     return GPTJSdpaAttention
 
 
-_SDPA = None
-
-
-def sdpa_attention_class():
-    global _SDPA
-    if _SDPA is None:
-        _SDPA = _sdpa_class()
-    return _SDPA
-
-
 def use_sdpa_attention(model: nn.Module) -> int:
     """Switch every GPT-J attention module of `model` to SDPA; returns how many were switched."""
     from transformers.models.gptj.modeling_gptj import GPTJAttention
 
+    return _switch_class(model, GPTJAttention, _sdpa_class())
+
+
+def _switch_class(model: nn.Module, old: type, new: type) -> int:
+    """Give every module of exactly type `old` the subclass `new` (same parameters, same names)."""
     switched = 0
     for module in model.modules():
-        if type(module) is GPTJAttention:
-            module.__class__ = sdpa_attention_class()
+        if type(module) is old:
+            module.__class__ = new
             switched += 1
     return switched
 
@@ -91,6 +88,7 @@ def use_sdpa_attention(model: nn.Module) -> int:
 # ------------------------------------------------------------------------------ GELU and dropout
 
 
+@functools.cache
 def _gelu_class():
     from transformers.activations import NewGELUActivation
 
@@ -103,22 +101,11 @@ def _gelu_class():
     return OneKernelGELU
 
 
-_GELU = None
-
-
 def use_one_kernel_gelu(model: nn.Module) -> int:
     """Switch every `gelu_new` activation module of `model` to one kernel; returns how many."""
     from transformers.activations import NewGELUActivation
 
-    global _GELU
-    if _GELU is None:
-        _GELU = _gelu_class()
-    switched = 0
-    for module in model.modules():
-        if type(module) is NewGELUActivation:
-            module.__class__ = _GELU
-            switched += 1
-    return switched
+    return _switch_class(model, NewGELUActivation, _gelu_class())
 
 
 DROPOUT_BITS = 15  # random bits per element: p is rounded to a multiple of 1/32768
@@ -173,14 +160,10 @@ class CheapDropout(nn.Dropout):
 
 def use_cheap_dropout(model: nn.Module) -> int:
     """Switch every nn.Dropout of `model` (LoRA's input dropout included) to CheapDropout."""
-    switched = 0
-    for module in model.modules():
-        if type(module) is nn.Dropout:
-            module.__class__ = CheapDropout
-            switched += 1
-    return switched
+    return _switch_class(model, nn.Dropout, CheapDropout)
 
 
+@functools.cache
 def _lora_linear_class():
     from peft.tuners.lora.layer import Linear as LoraLinear
 
@@ -217,24 +200,11 @@ def _lora_linear_class():
     return FusedLoraLinear
 
 
-_LORA = None
-
-
 def use_fused_lora(model: nn.Module) -> int:
     """Switch every peft LoRA Linear of `model` to FusedLoraLinear; returns how many."""
-    try:
-        from peft.tuners.lora.layer import Linear as LoraLinear
-    except ImportError:
-        return 0
-    global _LORA
-    switched = 0
-    for module in model.modules():
-        if type(module) is LoraLinear:
-            if _LORA is None:
-                _LORA = _lora_linear_class()
-            module.__class__ = _LORA
-            switched += 1
-    return switched
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    return _switch_class(model, LoraLinear, _lora_linear_class())
 
 
 # ----------------------------------------------------------------------------------------- loss
