@@ -75,20 +75,24 @@ class LossPath:
         )
 
 
-def batch_loss(model, batch: dict[str, torch.Tensor], path: LossPath = LossPath()) -> tuple[torch.Tensor, int]:
-    """(sum of token cross-entropies, number of target tokens) for one batch."""
+def target_count(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens of a batch that are predicted and scored (next-token labels that are not IGNORE).
+    Counted on the host batch, before it moves to the device: no device-to-host wait."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def batch_loss(model, batch: dict[str, torch.Tensor], path: LossPath = LossPath()) -> torch.Tensor:
+    """Sum of the token cross-entropies of one batch (divide by `target_count` for the mean)."""
     positions, labels = batch["position_ids"], batch["labels"]
     mask = None if path.varlen else block_causal_mask(positions, torch.float32)
     inputs = dict(input_ids=batch["input_ids"], position_ids=positions, attention_mask=mask, use_cache=False)
-    targets = int((labels[:, 1:] != IGNORE).sum())
     if path.fused_chunk:
         with loss_from_head(labels, path.fused_chunk):
-            return model(**inputs).logits, targets
+            return model(**inputs).logits
     logits = model(**inputs).logits[:, :-1]
-    loss_sum = F.cross_entropy(
+    return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum"
     )
-    return loss_sum, targets
 
 
 @torch.no_grad()
@@ -108,9 +112,10 @@ def evaluate_loss(model, batches: Batches, accelerator, path: LossPath = LossPat
     total, count = 0.0, 0
     for k in range(-(-n // world)):
         j = k * world + rank
-        loss_sum, targets = batch_loss(model, _to(batches.device_batch(min(j, n - 1)), accelerator.device), path)
+        batch = batches.device_batch(min(j, n - 1))
+        loss_sum = batch_loss(model, _to(batch, accelerator.device), path)
         if j < n:
-            total, count = total + float(loss_sum), count + targets
+            total, count = total + float(loss_sum), count + target_count(batch)
     model.train(was_training)
     total, count = all_sum([total, count], accelerator)
     return total / max(count, 1)
@@ -447,7 +452,7 @@ class _Loop:
         first = state["micro_batch"]
         on_host = [self.train_batches.get(first + k) for k in range(train.grad_accum)]
         # Counted before the batches move to the device: no device-to-host wait for them.
-        local_targets = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in on_host)
+        local_targets = sum(target_count(b) for b in on_host)
         real = sum(int(b["real_tokens"].sum()) for b in on_host)
         slots = sum(b["input_ids"].numel() for b in on_host)
         micro = [_to(b, acc.device) for b in on_host]
@@ -459,7 +464,7 @@ class _Loop:
         total, grad_norm = 0.0, float("nan")
         for batch in micro:
             with acc.accumulate(self.model):
-                loss_sum, _ = batch_loss(self.model, batch, self.loss_path)
+                loss_sum = batch_loss(self.model, batch, self.loss_path)
                 value = float(loss_sum.detach())  # note: a host sync per micro-batch; cheap next to a step
                 if not math.isfinite(value):
                     self._stop_on_nan(state, value)

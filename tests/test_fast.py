@@ -22,7 +22,7 @@ from gptj_tune.fast import (
 from gptj_tune.methods import apply_method
 from gptj_tune.models import block_causal_mask, build_tiny_gptj, load_model_and_tokenizer
 from gptj_tune.recipe import LoraMethod, ModelSection, TinyModelSection
-from gptj_tune.train import LossPath, batch_loss
+from gptj_tune.train import LossPath, batch_loss, target_count
 
 SHAPE = TinyModelSection(layers=2, width=64, heads=4, rotary_dim=8)
 
@@ -150,7 +150,8 @@ def test_fused_loss_through_the_model_equals_plain(tiny, method):
             model = apply_method(model, LoraMethod(kind="lora", r=4, dropout=0.0, modules_to_save=["lm_head"]), False)
         assert any(isinstance(m, LossHead) for m in model.modules()) == fused
         model.train()
-        loss, targets = batch_loss(model, packed_batch(model.config.vocab_size), LossPath(fused_chunk=16 if fused else None))
+        batch = packed_batch(model.config.vocab_size)
+        loss, targets = batch_loss(model, batch, LossPath(fused_chunk=16 if fused else None)), target_count(batch)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         results.append((float(loss.detach()), targets, grads))
@@ -183,7 +184,7 @@ def test_one_kernel_gelu_is_installed_at_load_and_equals_stock_gelu_new(tiny, tm
     grads = []
     for model in (stock, ours):
         model.train()
-        loss, _ = batch_loss(model, batch)
+        loss = batch_loss(model, batch)
         loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
     assert max((grads[0][n] - grads[1][n]).abs().max() for n in grads[0]) < 1e-5
@@ -240,7 +241,7 @@ def test_lora_dropout_is_switched_and_training_still_learns(tiny):
     model.train()
     losses = []
     for _ in range(8):
-        loss, targets = batch_loss(model, batch)
+        loss, targets = batch_loss(model, batch), target_count(batch)
         (loss / targets).backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -265,11 +266,11 @@ def test_fused_lora_add_equals_peft(tiny, dropout):
             assert use_fused_lora(model) == SHAPE.layers * 6
         model.train()
         torch.manual_seed(1)
-        loss, _ = batch_loss(model, packed_batch(model.config.vocab_size))
+        loss = batch_loss(model, packed_batch(model.config.vocab_size))
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         with model.disable_adapter():
-            base, _ = batch_loss(model, packed_batch(model.config.vocab_size))
+            base = batch_loss(model, packed_batch(model.config.vocab_size))
         results.append((loss.item(), grads, base.item()))
     (plain, g_plain, base_plain), (fused, g_fused, base_fused) = results
     assert abs(plain - fused) < 1e-4 * abs(plain)
