@@ -253,6 +253,11 @@ class TrainSection(Section):
         "(no full fp32 logits). `plain`: full logits, then cross-entropy (the reference).",
     )
     loss_chunk_tokens: int = Field(2048, ge=1, description="Tokens per chunk of the fused loss (memory: chunk x vocab x 4 bytes).")
+    keep_freed_memory: bool = Field(
+        True,
+        description="On CPU, keep memory the loop frees for reuse instead of handing it back to the OS each step "
+        "(glibc only): about 10% faster full fine-tuning with a 50400-row vocabulary, for more resident memory.",
+    )
 
     @model_validator(mode="after")
     def _check_choices(self):

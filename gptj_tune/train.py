@@ -24,7 +24,7 @@ from .data import PreparedData, prepare_data
 from .data.tokenize import IGNORE, Batches
 from .distributed import full_state_dict, is_deepspeed, prepare_model_and_optimizer, weights_are_sharded
 from .errors import DataError, GptjTuneError, TrainingError
-from .fast import loss_from_head, use_cheap_dropout, use_fused_lora, use_loss_head
+from .fast import keep_freed_memory, loss_from_head, use_cheap_dropout, use_fused_lora, use_loss_head
 from .methods import apply_method, count_parameters
 from .models import block_causal_mask, load_model_and_tokenizer, resolve_base
 from .recipe import Recipe, TrainSection
@@ -176,6 +176,8 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     from .distributed import make_accelerator
 
     accelerator = make_accelerator(recipe)
+    if accelerator.device.type == "cpu" and recipe.train.keep_freed_memory:
+        keep_freed_memory()  # no page faults for the tensors each step frees and allocates again
     memory = _MemoryMeter()
     main = accelerator.is_main_process
     console = (console or Console()) if main else Console(quiet=True)  # only the main process prints

@@ -4,6 +4,9 @@ one-kernel GELU vs `gelu_new`; the CPU dropout drops at rate p, independently, a
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -276,3 +279,38 @@ def test_fused_lora_add_equals_peft(tiny, dropout):
     assert abs(plain - fused) < 1e-4 * abs(plain)
     assert max((g_plain[n] - g_fused[n]).abs().max() for n in g_plain) < 1e-5
     assert base_plain == base_fused and abs(base_plain - plain) > 1e-3
+
+
+_ALLOCATE_AND_FREE = """
+import sys, torch
+from gptj_tune.fast import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+
+def heap():
+    for line in open("/proc/self/maps"):
+        if line.rstrip().endswith("[heap]"):
+            return [int(x, 16) for x in line.split()[0].split("-")]
+
+def rss_kib():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:"))
+
+x = torch.ones(64 * 2**20 // 4)  # 64 MiB: over glibc's largest mmap threshold (32 MiB)
+low, high = heap()
+in_heap = low <= x.data_ptr() < high
+before = rss_kib()
+del x
+print(kept, in_heap, (before - rss_kib()) // 1024)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_keep_freed_memory_serves_large_tensors_from_the_heap_and_keeps_them_when_freed():
+    """Plain glibc maps a 64 MiB tensor straight from the OS and gives it back on free (so the next
+    one is page-faulted in again); after keep_freed_memory() it comes from the heap and stays."""
+    seen = {}
+    for mode in ("plain", "keep"):
+        out = subprocess.run([sys.executable, "-c", _ALLOCATE_AND_FREE, mode], capture_output=True, text=True, check=True)
+        kept, in_heap, released_mib = out.stdout.split()
+        seen[mode] = (kept, in_heap, int(released_mib))
+    assert seen["plain"][:2] == ("None", "False") and seen["plain"][2] >= 60
+    assert seen["keep"][:2] == ("True", "True") and seen["keep"][2] <= 4
