@@ -8,7 +8,8 @@ for training (train.py):
   keeps GPT-J's projections and rotary embedding and hands the product to
   `torch.nn.functional.scaled_dot_product_attention` with the same mask, packing boundaries
   included. The attention modules change class, not weights: state-dict keys, saved configs and
-  exported models are exactly what stock transformers writes and reads (`eager`).
+  exported models are exactly what stock transformers writes and reads (`eager`). On CPU a step
+  runs it one packed example at a time (`attention_segments`): the masked pairs are never computed.
 - a fused, chunked cross-entropy head: the loss over the target tokens only (prompt and padding
   positions never reach the 50400-wide head), computed a chunk of tokens at a time, with the
   gradient taken in the same pass, so fp32 logits for the whole batch never exist.
@@ -58,6 +59,10 @@ def _sdpa_class():
 
         def _attn(self, query, key, value, attention_mask=None):
             q_len, k_len = query.shape[-2], key.shape[-2]
+            segments = getattr(_segments, "value", None)
+            dropout_p = self.attn_dropout.p if self.training else 0.0
+            if segments is not None and q_len == k_len == segments.length and query.shape[0] == len(segments.rows):
+                return _segmented_attention(query, key, value.to(query.dtype), segments, dropout_p), None
             if attention_mask is not None and attention_mask.dtype not in (torch.bool, query.dtype):
                 attention_mask = attention_mask.to(query.dtype)  # eager's additive fp32 mask
             is_causal = False
@@ -68,11 +73,59 @@ def _sdpa_class():
                     attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
             out = F.scaled_dot_product_attention(
                 query, key, value.to(query.dtype), attn_mask=attention_mask,
-                dropout_p=self.attn_dropout.p if self.training else 0.0, is_causal=is_causal,
+                dropout_p=dropout_p, is_causal=is_causal,
             )  # fmt: skip
             return out, None
 
     return GPTJSdpaAttention
+
+
+class Segments:
+    """Where each packed example starts and ends in each row of a batch (from its position ids:
+    a segment starts wherever the position does not follow the previous one, as in
+    `models.block_causal_mask`)."""
+
+    def __init__(self, position_ids: torch.Tensor):
+        starts = torch.ones(position_ids.shape, dtype=torch.bool)
+        positions = position_ids.cpu()
+        starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+        self.length = position_ids.shape[1]
+        self.rows = []
+        for row in starts:
+            begin = row.nonzero().flatten().tolist()
+            self.rows.append(list(zip(begin, begin[1:] + [self.length], strict=True)))
+
+
+_segments = threading.local()
+
+
+@contextlib.contextmanager
+def attention_segments(position_ids: torch.Tensor):
+    """Inside this block GPT-J's SDPA attention runs causal attention within each packed example,
+    one example at a time, instead of the whole row under the block-causal mask: the same result,
+    without the work for the (masked) pairs of tokens from different examples. For CPUs, where a
+    kernel call is cheap and each skipped pair saves its arithmetic; on GPUs FlashAttention-2's
+    variable-length kernel does this in one call. The mask is still passed to the model, so any
+    attention that is not ours stays correct."""
+    _segments.value = Segments(position_ids)
+    try:
+        yield
+    finally:
+        _segments.value = None
+
+
+def _segmented_attention(query, key, value, segments: Segments, dropout_p: float) -> torch.Tensor:
+    rows = []
+    for b, spans in enumerate(segments.rows):
+        parts = [
+            F.scaled_dot_product_attention(
+                query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e],
+                dropout_p=dropout_p, is_causal=True,
+            )  # fmt: skip
+            for s, e in spans
+        ]
+        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+    return torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
 
 
 def use_sdpa_attention(model: nn.Module) -> int:

@@ -8,6 +8,7 @@ run continues the same loss curve.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,7 +25,7 @@ from .data import PreparedData, prepare_data
 from .data.tokenize import IGNORE, Batches
 from .distributed import full_state_dict, is_deepspeed, prepare_model_and_optimizer, weights_are_sharded
 from .errors import DataError, GptjTuneError, TrainingError
-from .fast import keep_freed_memory, loss_from_head, use_cheap_dropout, use_fused_lora, use_loss_head
+from .fast import attention_segments, keep_freed_memory, loss_from_head, use_cheap_dropout, use_fused_lora, use_loss_head
 from .methods import apply_method, count_parameters
 from .models import block_causal_mask, load_model_and_tokenizer, resolve_base
 from .recipe import Recipe, TrainSection
@@ -62,16 +63,21 @@ class LossPath:
         this many tokens at a time; None: full logits, then cross-entropy.
     varlen: FlashAttention-2: no mask is built; transformers reads the packing boundaries from the
         restarting position ids and runs the variable-length kernel.
+    segmented: batches on the CPU run GPT-J's SDPA attention one packed example at a time
+        (`fast.attention_segments`); elsewhere, and for other attention, the block-causal mask.
     """
 
     fused_chunk: int | None = None
     varlen: bool = False
+    segmented: bool = False
 
     @classmethod
     def of(cls, recipe: Recipe) -> LossPath:
         return cls(
             fused_chunk=recipe.train.loss_chunk_tokens if recipe.train.loss == "fused" else None,
             varlen=recipe.model.attn_implementation == "flash_attention_2",
+            # Recomputation (gradient checkpointing) runs outside the step's context: the mask there.
+            segmented=recipe.model.attn_implementation != "flash_attention_2" and not recipe.model.gradient_checkpointing,
         )
 
 
@@ -86,10 +92,12 @@ def batch_loss(model, batch: dict[str, torch.Tensor], path: LossPath = LossPath(
     positions, labels = batch["position_ids"], batch["labels"]
     mask = None if path.varlen else block_causal_mask(positions, torch.float32)
     inputs = dict(input_ids=batch["input_ids"], position_ids=positions, attention_mask=mask, use_cache=False)
-    if path.fused_chunk:
-        with loss_from_head(labels, path.fused_chunk):
-            return model(**inputs).logits
-    logits = model(**inputs).logits[:, :-1]
+    on_cpu = positions.device.type == "cpu"
+    with attention_segments(positions) if path.segmented and on_cpu else contextlib.nullcontext():
+        if path.fused_chunk:
+            with loss_from_head(labels, path.fused_chunk):
+                return model(**inputs).logits
+        logits = model(**inputs).logits[:, :-1]
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum"
     )

@@ -16,15 +16,18 @@ from gptj_tune.fast import (
     IGNORE,
     CheapDropout,
     LossHead,
+    Segments,
+    attention_segments,
     dropout_on_cpu,
     fused_linear_cross_entropy,
+    loss_from_head,
     use_cheap_dropout,
     use_fused_lora,
     use_loss_head,
 )
 from gptj_tune.methods import apply_method
 from gptj_tune.models import block_causal_mask, build_tiny_gptj, load_model_and_tokenizer
-from gptj_tune.recipe import LoraMethod, ModelSection, TinyModelSection
+from gptj_tune.recipe import LoraMethod, ModelSection, Recipe, TinyModelSection
 from gptj_tune.train import LossPath, batch_loss, target_count
 
 SHAPE = TinyModelSection(layers=2, width=64, heads=4, rotary_dim=8)
@@ -74,6 +77,44 @@ def test_sdpa_is_used_and_matches_eager_on_packed_rows(tiny):
     # Without the packing mask SDPA would let examples see each other: the mask really is honoured.
     leaky = sdpa(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits.detach()
     assert (leaky - outs["sdpa"][0]).abs().max() > 1e-3
+
+
+def test_segmented_attention_equals_the_masked_row_and_ignores_the_mask(tiny):
+    """On CPU the step runs attention one packed example at a time: the same loss and gradients as
+    the whole row under the block-causal mask, and with the segments set the mask is not what keeps
+    examples apart (a mask that lets every token see every other changes nothing)."""
+    batch = packed_batch(512)
+    results = {}
+    for name in ("masked", "segmented", "segmented-open-mask"):
+        model, _ = load(tiny, "auto")
+        use_loss_head(model)
+        model.train()
+        path = LossPath(fused_chunk=16, segmented=name != "masked")
+        if name == "segmented-open-mask":
+            with attention_segments(batch["position_ids"]):
+                open_mask = torch.zeros(2, 1, 64, 64)  # every token sees every token, also the future
+                with loss_from_head(batch["labels"], 16):
+                    loss = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=open_mask).logits
+        else:
+            loss = batch_loss(model, batch, path)
+        loss.backward()
+        results[name] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    base_loss, base_grads = results["masked"]
+    for name in ("segmented", "segmented-open-mask"):
+        loss, grads = results[name]
+        assert abs(loss - base_loss) < 1e-5 * abs(base_loss), name
+        assert max((grads[n] - base_grads[n]).abs().max() for n in grads) < 1e-5, name
+
+
+def test_segments_follow_the_restarting_positions():
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 0, 0, 1]])
+    assert Segments(positions).rows == [[(0, 3), (3, 5), (5, 9)], [(0, 6), (6, 7), (7, 9)]]
+    output = {"dir": "unused"}
+    assert LossPath.of(Recipe.model_validate({"output": output})).segmented
+    checkpointed = {"gradient_checkpointing": True}
+    assert not LossPath.of(Recipe.model_validate({"model": checkpointed, "output": output})).segmented
+    flash = {"attn_implementation": "flash_attention_2"}
+    assert not LossPath.of(Recipe.model_validate({"model": flash, "output": output})).segmented
 
 
 def test_sdpa_generation_with_left_padding_and_cache_matches_eager(tiny):
