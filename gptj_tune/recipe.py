@@ -258,6 +258,12 @@ class TrainSection(Section):
         description="On CPU, keep memory the loop frees for reuse instead of handing it back to the OS each step "
         "(glibc only): about 10% faster full fine-tuning with a 50400-row vocabulary, for more resident memory.",
     )
+    compile: bool = Field(
+        False,
+        description="Compile each transformer block's training forward with torch.compile (regional: the blocks "
+        "share one compiled graph, built in the first steps). Evaluation and generation stay eager. Needs a C++ "
+        "compiler on CPU, Triton on GPU; single-process and ddp runs only.",
+    )
 
     @model_validator(mode="after")
     def _check_choices(self):
@@ -430,6 +436,15 @@ class Recipe(Section):
             raise ValueError(
                 "eval.benchmark_every needs the whole model on one process, which ZeRO-3/FSDP do not give; "
                 "run `gptj-tune eval RUN` after training instead"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_compile(self):
+        if self.train.compile and self.distributed.backend in ("deepspeed", "fsdp"):
+            raise ValueError(
+                f"train.compile works with distributed.backend single or ddp, not {self.distributed.backend} "
+                "(its weight gathering runs inside the blocks); set train.compile: false"
             )
         return self
 

@@ -24,8 +24,18 @@ from .checkpoints import load_checkpoint, save_checkpoint
 from .data import PreparedData, prepare_data
 from .data.tokenize import IGNORE, Batches
 from .distributed import full_state_dict, is_deepspeed, prepare_model_and_optimizer, weights_are_sharded
-from .errors import DataError, GptjTuneError, TrainingError
-from .fast import attention_segments, keep_freed_memory, loss_from_head, use_cheap_dropout, use_fused_lora, use_loss_head
+from .errors import DataError, GptjTuneError, RecipeError, TrainingError
+from .fast import (
+    CompileUnavailable,
+    attention_segments,
+    check_can_compile,
+    compile_blocks,
+    keep_freed_memory,
+    loss_from_head,
+    use_cheap_dropout,
+    use_fused_lora,
+    use_loss_head,
+)
 from .methods import apply_method, count_parameters
 from .models import block_causal_mask, load_model_and_tokenizer, resolve_base
 from .recipe import Recipe, TrainSection
@@ -76,8 +86,11 @@ class LossPath:
         return cls(
             fused_chunk=recipe.train.loss_chunk_tokens if recipe.train.loss == "fused" else None,
             varlen=recipe.model.attn_implementation == "flash_attention_2",
-            # Recomputation (gradient checkpointing) runs outside the step's context: the mask there.
-            segmented=recipe.model.attn_implementation != "flash_attention_2" and not recipe.model.gradient_checkpointing,
+            # Recomputation (gradient checkpointing) runs outside the step's context, and compiled
+            # blocks would recompile for every batch's segments: the mask there.
+            segmented=recipe.model.attn_implementation != "flash_attention_2"
+            and not recipe.model.gradient_checkpointing
+            and not recipe.train.compile,
         )
 
 
@@ -169,6 +182,18 @@ def warmup_steps(train: TrainSection, total: int) -> int:
     return int(round((train.warmup_ratio if train.warmup_ratio is not None else 0.03) * total))
 
 
+def _compile(model, device) -> int:
+    try:
+        check_can_compile(device)
+    except CompileUnavailable as e:
+        raise RecipeError([f"train.compile: {e}; or set train.compile: false"]) from None
+    compiled = compile_blocks(model)
+    if compiled == 0:
+        raise RecipeError([f"train.compile: {type(model).__name__} has no transformer blocks gptj-tune can compile "
+                           "(transformers' GradientCheckpointingLayer); set train.compile: false"])  # fmt: skip
+    return compiled
+
+
 def _to(batch, device):
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -199,8 +224,11 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     model = apply_method(model, recipe.method, recipe.model.gradient_checkpointing)
     use_cheap_dropout(model)
     use_fused_lora(model)
+    compiled = _compile(model, accelerator.device) if recipe.train.compile else 0
     data = _prepare_data_once(recipe, tokenizer, run, accelerator)
     _print_setup(console, recipe, model, data, accelerator.num_processes)
+    if compiled:
+        console.print(f"torch.compile: {compiled} blocks share one compiled forward, built during the first steps")
 
     train_batches = Batches(data.train_rows, recipe.train.batch_size, tokenizer.pad_token_id, recipe.train.seed,
                             rank=accelerator.process_index, world=accelerator.num_processes)  # fmt: skip

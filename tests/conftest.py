@@ -26,6 +26,7 @@ def _offline(tmp_path_factory):
         "HF_HOME": str(cache),
         "HF_DATASETS_CACHE": str(cache / "datasets"),
         "TOKENIZERS_PARALLELISM": "false",
+        "TORCHINDUCTOR_CACHE_DIR": str(cache / "torchinductor"),  # train.compile's kernels
     }.items():
         os.environ[key] = value
     yield

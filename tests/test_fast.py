@@ -17,7 +17,10 @@ from gptj_tune.fast import (
     CheapDropout,
     LossHead,
     Segments,
+    _segmented_attention,
     attention_segments,
+    check_can_compile,
+    compile_blocks,
     dropout_on_cpu,
     fused_linear_cross_entropy,
     loss_from_head,
@@ -26,7 +29,11 @@ from gptj_tune.fast import (
     use_loss_head,
 )
 from gptj_tune.methods import apply_method
-from gptj_tune.models import block_causal_mask, build_tiny_gptj, load_model_and_tokenizer
+from gptj_tune.models import (
+    block_causal_mask,
+    build_tiny_gptj,
+    load_model_and_tokenizer,
+)
 from gptj_tune.recipe import LoraMethod, ModelSection, Recipe, TinyModelSection
 from gptj_tune.train import LossPath, batch_loss, target_count
 
@@ -89,14 +96,15 @@ def test_segmented_attention_equals_the_masked_row_and_ignores_the_mask(tiny):
         model, _ = load(tiny, "auto")
         use_loss_head(model)
         model.train()
-        path = LossPath(fused_chunk=16, segmented=name != "masked")
-        if name == "segmented-open-mask":
-            with attention_segments(batch["position_ids"]):
-                open_mask = torch.zeros(2, 1, 64, 64)  # every token sees every token, also the future
+        if name == "masked":
+            loss = batch_loss(model, batch, LossPath(fused_chunk=16))
+        else:  # `always`: these rows are too short for the per-example calls to pay in a run
+            with attention_segments(batch["position_ids"], always=True):
+                mask = block_causal_mask(batch["position_ids"], torch.float32)
+                if name == "segmented-open-mask":
+                    mask = torch.zeros(2, 1, 64, 64)  # every token sees every token, also the future
                 with loss_from_head(batch["labels"], 16):
-                    loss = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=open_mask).logits
-        else:
-            loss = batch_loss(model, batch, path)
+                    loss = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask).logits
         loss.backward()
         results[name] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
     base_loss, base_grads = results["masked"]
@@ -104,6 +112,31 @@ def test_segmented_attention_equals_the_masked_row_and_ignores_the_mask(tiny):
         loss, grads = results[name]
         assert abs(loss - base_loss) < 1e-5 * abs(base_loss), name
         assert max((grads[n] - base_grads[n]).abs().max() for n in grads) < 1e-5, name
+
+
+def test_a_step_runs_attention_per_example_only_where_it_pays(tiny, monkeypatch):
+    """512-token rows of 128-token examples: one attention call per example in every layer; the
+    same step on short rows, or on rows of short examples, keeps the masked call."""
+    import gptj_tune.fast as fast
+
+    calls = []
+    monkeypatch.setattr(fast, "_segmented_attention", lambda *a, **k: calls.append(1) or segmented(*a, **k))
+    segmented = _segmented_attention
+    model, _ = load(tiny, "auto")
+    model.train()
+
+    def batch(width, example):
+        positions = torch.arange(width).remainder(example)[None].repeat(2, 1)
+        ids = torch.randint(3, model.config.vocab_size, (2, width))
+        return {"input_ids": ids, "position_ids": positions, "labels": ids.clone()}
+
+    for width, example, segments in [(512, 128, True), (512, 32, False), (128, 128, False)]:
+        calls.clear()
+        batch_loss(model, batch(width, example), LossPath(segmented=True)).backward()
+        assert len(calls) == (SHAPE.layers if segments else 0), (width, example)
+    calls.clear()
+    batch_loss(model, batch(512, 128), LossPath(segmented=False)).backward()
+    assert not calls
 
 
 def test_segments_follow_the_restarting_positions():
@@ -320,6 +353,64 @@ def test_fused_lora_add_equals_peft(tiny, dropout):
     assert abs(plain - fused) < 1e-4 * abs(plain)
     assert max((g_plain[n] - g_fused[n]).abs().max() for n in g_plain) < 1e-5
     assert base_plain == base_fused and abs(base_plain - plain) > 1e-3
+
+
+def _can_compile() -> bool:
+    try:
+        check_can_compile(torch.device("cpu"))
+    except RuntimeError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _can_compile(), reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.parametrize("method", ["full", "lora-checkpointed"])
+def test_compiled_blocks_train_like_eager_and_evaluate_eagerly(tiny, method):
+    """`train.compile`: the same loss and gradients as the eager blocks on packed rows, twice (the
+    second batch is narrower: a dynamic width), the blocks share compiled code, evaluation runs
+    the eager forward, and the state-dict keys do not change."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    vocab = load(tiny, "auto")[0].config.vocab_size
+    batches = [packed_batch(vocab, seed=0), {k: v[:, :50] for k, v in packed_batch(vocab, seed=1).items()}]
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model, _ = load(tiny, "auto")
+        if method == "lora-checkpointed":  # in the order models.py and methods.py apply them
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model = apply_method(model, LoraMethod(kind="lora", r=4, dropout=0.0), True)
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    torch.nn.init.normal_(param, std=0.02)
+            use_fused_lora(model)
+        if compiled:
+            captured = counters["stats"]["calls_captured"]
+            assert compile_blocks(model) == SHAPE.layers
+            assert compile_blocks(model) == 0  # already switched
+        model.train()
+        runs = []
+        for batch in batches:
+            model.zero_grad(set_to_none=True)
+            loss = batch_loss(model, batch, LossPath(fused_chunk=None))
+            loss.backward()
+            runs.append((float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        if compiled:
+            traced = counters["stats"]["calls_captured"]
+            assert traced > captured  # the blocks ran compiled code
+            model.eval()
+            with torch.no_grad():
+                eval_loss = float(batch_loss(model, batches[0]))
+            assert counters["stats"]["calls_captured"] == traced  # evaluation: eager, nothing traced
+            assert abs(eval_loss - results[0][0][0][0]) < 1e-4 * abs(eval_loss)
+        results.append((runs, list(model.state_dict())))
+    (eager_runs, eager_keys), (compiled_runs, compiled_keys) = results
+    assert compiled_keys == eager_keys
+    for (eager_loss, eager_grads), (compiled_loss, compiled_grads) in zip(eager_runs, compiled_runs):
+        assert abs(eager_loss - compiled_loss) < 1e-4 * abs(eager_loss)
+        assert eager_grads.keys() == compiled_grads.keys()
+        assert max((eager_grads[n] - compiled_grads[n]).abs().max() for n in eager_grads) < 1e-5
 
 
 _ALLOCATE_AND_FREE = """
