@@ -363,6 +363,18 @@ def _can_compile() -> bool:
     return True
 
 
+def test_compile_without_a_cpu_compiler_is_a_clear_recipe_error(tiny, monkeypatch):
+    from gptj_tune.errors import RecipeError
+    from gptj_tune.train import _compile
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("CXX", raising=False)
+    model, _ = load(tiny, "auto")
+    with pytest.raises(RecipeError, match="train.compile: torch.compile on CPU needs a C\\+\\+ compiler.*set train.compile: false"):
+        _compile(model, torch.device("cpu"))
+    assert type(model.transformer.h[0]).__name__ == "GPTJBlock" and not hasattr(type(model.transformer.h[0]), "compiled_for_training")
+
+
 @pytest.mark.skipif(not _can_compile(), reason="torch.compile on CPU needs a C++ compiler")
 @pytest.mark.parametrize("method", ["full", "lora-checkpointed"])
 def test_compiled_blocks_train_like_eager_and_evaluate_eagerly(tiny, method):

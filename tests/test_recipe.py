@@ -63,6 +63,7 @@ def test_method_kind_is_a_tagged_union(tmp_path):
         ("model:\n  name_or_path: EleutherAI/gpt-j-6b\n  tiny: {layers: 2}\n", "model.tiny only shapes the built-in"),
         ("model:\n  tiny: {width: 30, heads: 4}\n", r"width \(30\) must be divisible by model.tiny.heads"),
         ("data:\n  template: {prompt: 'Q: {question}'}\n", "may use only"),
+        ("train:\n  compile: true\ndistributed:\n  backend: fsdp\n  num_processes: 2\n", "train.compile works with distributed.backend single or ddp, not fsdp"),
     ],
 )
 def test_contradictions_are_errors(tmp_path, text, match):
