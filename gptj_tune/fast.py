@@ -301,8 +301,8 @@ class CompileUnavailable(RuntimeError):
 def check_can_compile(device: torch.device) -> None:
     """Raise CompileUnavailable, saying what is missing, where inductor could not build kernels."""
     if device.type == "cpu":
-        compiler = os.environ.get("CXX") or next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
-        if compiler is None or shutil.which(compiler) is None:
+        compilers = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+        if not any(shutil.which(c) for c in compilers):
             raise CompileUnavailable("torch.compile on CPU needs a C++ compiler (g++ or clang++) on PATH, or CXX set")
     elif device.type == "cuda" and importlib.util.find_spec("triton") is None:
         raise CompileUnavailable("torch.compile on CUDA needs Triton (`pip install triton`, shipped with CUDA torch)")

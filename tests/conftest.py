@@ -108,6 +108,17 @@ def small_recipe(tmp_path: Path, method="lora", steps=20, save_every=10, lr=3e-3
     return write_recipe(tmp_path / name, text)
 
 
+def can_compile() -> bool:
+    """Whether torch.compile can build CPU kernels here (train.compile's tests need a C++ compiler)."""
+    from gptj_tune.fast import CompileUnavailable, check_can_compile
+
+    try:
+        check_can_compile(torch.device("cpu"))
+    except CompileUnavailable:
+        return False
+    return True
+
+
 def cli(*args: str, timeout: int = 600, **kwargs):
     """Run the real `gptj-tune` entry point in a subprocess."""
     import subprocess

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import can_compile
 
 from gptj_tune.errors import ModelError
 from gptj_tune.fast import (
@@ -19,7 +20,6 @@ from gptj_tune.fast import (
     Segments,
     _segmented_attention,
     attention_segments,
-    check_can_compile,
     compile_blocks,
     dropout_on_cpu,
     fused_linear_cross_entropy,
@@ -355,14 +355,6 @@ def test_fused_lora_add_equals_peft(tiny, dropout):
     assert base_plain == base_fused and abs(base_plain - plain) > 1e-3
 
 
-def _can_compile() -> bool:
-    try:
-        check_can_compile(torch.device("cpu"))
-    except RuntimeError:
-        return False
-    return True
-
-
 def test_compile_without_a_cpu_compiler_is_a_clear_recipe_error(tiny, monkeypatch):
     from gptj_tune.errors import RecipeError
     from gptj_tune.train import _compile
@@ -375,7 +367,7 @@ def test_compile_without_a_cpu_compiler_is_a_clear_recipe_error(tiny, monkeypatc
     assert type(model.transformer.h[0]).__name__ == "GPTJBlock" and not hasattr(type(model.transformer.h[0]), "compiled_for_training")
 
 
-@pytest.mark.skipif(not _can_compile(), reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.skipif(not can_compile(), reason="torch.compile on CPU needs a C++ compiler")
 @pytest.mark.parametrize("method", ["full", "lora-checkpointed"])
 def test_compiled_blocks_train_like_eager_and_evaluate_eagerly(tiny, method):
     """`train.compile`: the same loss and gradients as the eager blocks on packed rows, twice (the

@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import RECIPES, cli, small_recipe
+from conftest import RECIPES, can_compile, cli, small_recipe
 
 
 def metrics(run_dir):
@@ -59,8 +59,7 @@ def test_final_adapter_loads_on_the_base_model(tmp_path):
 def test_a_compiled_run_follows_the_eager_curve_and_saves_the_same_adapter(tmp_path):
     """train.compile: the same LoRA run (no dropout: inductor draws its own random numbers) with
     compiled blocks logs the eager run's losses, over batches of different widths."""
-    pytest.importorskip("torch._inductor")
-    if shutil.which("g++") is None and shutil.which("c++") is None:
+    if not can_compile():
         pytest.skip("torch.compile on CPU needs a C++ compiler")
     curves = {}
     for mode in ("eager", "compiled"):
