@@ -164,6 +164,27 @@ def _can_fuse(params: list[torch.Tensor]) -> bool:
     )
 
 
+def clip_in_fused_step(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+    """Gradient clipping for torch's fused AdamW without a pass over the gradients: the total norm
+    is measured, and the step divides every gradient by max(1, norm / max_norm) inside its one
+    kernel (the `grad_scale` a GradScaler hands the fused optimizers), instead of clipping
+    multiplying them all in place first. Returns the norm before clipping, like
+    `clip_grad_norm_`. Call `optimizer.step()` next; it uses the scale once."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    optimizer.grad_scale = torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0)
+    return norm
+
+
+def _step_takes_the_clip(optimizer, accelerator) -> torch.optim.Optimizer | None:
+    """The torch optimizer to hand clipping to, when it is fused AdamW and nothing else scales its
+    gradients (no fp16 GradScaler, not DeepSpeed, whose engine clips); DDP's gradients are already
+    averaged over processes when the step runs, so their norm is the global one."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    plain = getattr(optimizer, "scaler", None) is None and not is_deepspeed(accelerator)
+    return inner if plain and isinstance(inner, torch.optim.AdamW) and inner.defaults.get("fused") else None
+
+
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     """Multiplier of the peak lr at `step` (0-based): linear warmup, then cosine/linear/constant."""
     if step < warmup:
@@ -420,6 +441,7 @@ class _Loop:
         self.train_batches, self.eval_batches = train_batches, eval_batches
         self.stop_requested, self.signalled_at = False, None
         self.loss_path = LossPath.of(recipe)
+        self.fused_clip = _step_takes_the_clip(optimizer, accelerator)
 
     def log(self, record: dict) -> None:
         if self.accelerator.is_main_process:
@@ -508,12 +530,16 @@ class _Loop:
                     self._stop_on_nan(state, value)
                 acc.backward(loss_sum * scale)  # under DeepSpeed the last one also steps the optimizer
                 total += value
-        if train.max_grad_norm is not None or is_deepspeed(acc):
+        if train.max_grad_norm is not None and self.fused_clip is not None:
+            grad_norm = float(clip_in_fused_step(self.fused_clip, train.max_grad_norm))
+        elif train.max_grad_norm is not None or is_deepspeed(acc):
             norm = acc.clip_grad_norm_(self.model.parameters(), train.max_grad_norm or float("inf"))
             if hasattr(norm, "full_tensor"):  # FSDP2: the norm is a DTensor
                 norm = norm.full_tensor()
             grad_norm = float(norm) if norm is not None else float("nan")
         self.optimizer.step()
+        if self.fused_clip is not None:
+            self.fused_clip.__dict__.pop("grad_scale", None)  # one step only
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         state["micro_batch"] = first + len(micro)

@@ -200,3 +200,44 @@ def test_adamw_is_fused_for_plain_parameters_and_steps_like_the_loop():
             opt.step()
     for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
         assert (a - b).abs().max() < 1e-6
+
+
+def test_clipping_inside_the_fused_step_equals_clip_grad_norm():
+    """The loop hands clipping to fused AdamW (gradients divided inside its kernel): the same norms
+    and parameters as clip_grad_norm_ then the step, clipped or not; only for fused AdamW."""
+    from types import SimpleNamespace
+
+    import torch
+    from accelerate.utils import DistributedType
+
+    from gptj_tune.recipe import TrainSection
+    from gptj_tune.train import _step_takes_the_clip, build_optimizer, clip_in_fused_step
+
+    single, deepspeed = (SimpleNamespace(distributed_type=t) for t in (DistributedType.NO, DistributedType.DEEPSPEED))
+
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [build_optimizer(m, TrainSection(lr=1e-2, weight_decay=0.1)) for m in models]
+    assert _step_takes_the_clip(optimizers[0], single) is optimizers[0]
+    assert _step_takes_the_clip(optimizers[0], deepspeed) is None  # its engine clips
+    assert _step_takes_the_clip(torch.optim.AdamW(models[1].parameters()), single) is None  # not fused
+    clipped = 0
+    for step in range(6):
+        x, scale = torch.randn(64, 16), (100.0 if step % 2 else 1e-3)  # norms far above and below max_norm
+        norms = []
+        for k, (model, opt) in enumerate(zip(models, optimizers, strict=True)):
+            opt.zero_grad()
+            (model(x).pow(2).mean() * scale).backward()
+            if k == 0:
+                norms.append(float(clip_in_fused_step(opt, 1.0)))
+                opt.step()
+                del opt.grad_scale
+            else:
+                norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
+                opt.step()
+        assert abs(norms[0] - norms[1]) <= 1e-6 * norms[1]
+        clipped += norms[1] > 1.0
+        for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+            assert (a - b).abs().max() < 1e-6, step
+    assert clipped == 3
