@@ -91,17 +91,18 @@ class Segments:
     a segment starts wherever the position does not follow the previous one, as in
     `models.block_causal_mask`).
 
-    One attention call per example pays only when rows are long and examples are not short: each
-    call costs far more than its arithmetic on a CPU. Measured per layer, forward and backward (2
-    threads, fp32): 512-token rows, 8 heads of 64: masked 7.6 ms, examples of 112 tokens 3.8 ms, of
-    50 4.7 ms, of 16 7.3 ms; 128-token rows of 16-token examples, 16 rows: 12 ms masked, 174 ms
-    per example; 2048-token rows, 16 heads of 256: 744 ms masked, 657 ms for 110-token examples,
-    2,770 ms for 20-token ones. Hence `pays_off`: rows of at least MIN_WIDTH tokens whose
-    examples average at least MIN_MEAN_LENGTH.
+    One attention call per example pays when rows are not short and examples are not tiny: each
+    call has a fixed cost that, on a CPU, outweighs the saved arithmetic of short examples.
+    Measured per layer, forward and backward (2 threads, fp32), masked -> per example: 8 rows of
+    512 tokens, 8 heads of 64, examples of 112 tokens 83 -> 44 ms, of 32 83 -> 41 ms; 8 rows of
+    256, 4 heads of 32, examples of 32: 6.6 -> 6.6 ms; 2048 tokens, 16 heads of 256, examples of
+    20: 892 -> 184 ms; but 16 rows of 128 tokens, examples of 16 (the quickstart): 3.4 -> 10.3 ms
+    with 4 heads of 32. Hence `pays_off`: rows of at least MIN_WIDTH tokens whose examples average
+    at least MIN_MEAN_LENGTH.
     """
 
-    MIN_WIDTH = 512
-    MIN_MEAN_LENGTH = 48
+    MIN_WIDTH = 256
+    MIN_MEAN_LENGTH = 32
 
     def __init__(self, position_ids: torch.Tensor):
         starts = torch.ones(position_ids.shape, dtype=torch.bool)
@@ -139,17 +140,17 @@ def attention_segments(position_ids: torch.Tensor, always: bool = False):
 
 
 def _segmented_attention(query, key, value, segments: Segments, dropout_p: float) -> torch.Tensor:
+    # unbind/split, not slicing: their backward is one stack/cat, where each slice's backward would
+    # allocate and fill a zero tensor the size of the whole batch (a cost that grows with the rows).
     rows = []
-    for b, spans in enumerate(segments.rows):
+    for spans, q, k, v in zip(segments.rows, query.unbind(0), key.unbind(0), value.unbind(0), strict=True):
+        lengths = [e - s for s, e in spans]
         parts = [
-            F.scaled_dot_product_attention(
-                query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e],
-                dropout_p=dropout_p, is_causal=True,
-            )  # fmt: skip
-            for s, e in spans
+            F.scaled_dot_product_attention(qs[None], ks[None], vs[None], dropout_p=dropout_p, is_causal=True)[0]
+            for qs, ks, vs in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1), strict=True)
         ]
-        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
-    return torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
+        rows.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+    return torch.stack(rows)
 
 
 def use_sdpa_attention(model: nn.Module) -> int:

@@ -116,7 +116,7 @@ def test_segmented_attention_equals_the_masked_row_and_ignores_the_mask(tiny):
 
 def test_a_step_runs_attention_per_example_only_where_it_pays(tiny, monkeypatch):
     """512-token rows of 128-token examples: one attention call per example in every layer; the
-    same step on short rows, or on rows of short examples, keeps the masked call."""
+    same step on short rows, or on rows of tiny examples, keeps the masked call."""
     import gptj_tune.fast as fast
 
     calls = []
@@ -130,7 +130,7 @@ def test_a_step_runs_attention_per_example_only_where_it_pays(tiny, monkeypatch)
         ids = torch.randint(3, model.config.vocab_size, (2, width))
         return {"input_ids": ids, "position_ids": positions, "labels": ids.clone()}
 
-    for width, example, segments in [(512, 128, True), (512, 32, False), (128, 128, False)]:
+    for width, example, segments in [(512, 128, True), (512, 16, False), (128, 128, False)]:
         calls.clear()
         batch_loss(model, batch(width, example), LossPath(segmented=True)).backward()
         assert len(calls) == (SHAPE.layers if segments else 0), (width, example)
