@@ -181,8 +181,9 @@ def _step_takes_the_clip(optimizer, accelerator) -> torch.optim.Optimizer | None
     gradients (no fp16 GradScaler, not DeepSpeed, whose engine clips); DDP's gradients are already
     averaged over processes when the step runs, so their norm is the global one."""
     inner = getattr(optimizer, "optimizer", optimizer)
-    plain = getattr(optimizer, "scaler", None) is None and not is_deepspeed(accelerator)
-    return inner if plain and isinstance(inner, torch.optim.AdamW) and inner.defaults.get("fused") else None
+    if not (isinstance(inner, torch.optim.AdamW) and inner.defaults.get("fused")):
+        return None
+    return inner if getattr(optimizer, "scaler", None) is None and not is_deepspeed(accelerator) else None
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
