@@ -151,7 +151,7 @@ def held_out_metrics(target: Target, recipe, device: str, generate: bool = True)
 
     from .data import prepare_data
     from .data.tokenize import Batches
-    from .train import evaluate_loss
+    from .step import evaluate_loss
 
     model, tokenizer = load_target_model(target, device)
     data = prepare_data(recipe.data, tokenizer)

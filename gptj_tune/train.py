@@ -8,7 +8,6 @@ run continues the same loss curve.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -18,28 +17,37 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .checkpoints import load_checkpoint, save_checkpoint
 from .data import PreparedData, prepare_data
-from .data.tokenize import IGNORE, Batches
+from .data.tokenize import Batches
 from .distributed import full_state_dict, is_deepspeed, prepare_model_and_optimizer, weights_are_sharded
 from .errors import DataError, GptjTuneError, RecipeError, TrainingError
 from .fast import (
     CompileUnavailable,
-    attention_segments,
     check_can_compile,
     compile_blocks,
     keep_freed_memory,
-    loss_from_head,
     use_cheap_dropout,
     use_fused_lora,
     use_loss_head,
 )
 from .methods import apply_method, count_parameters
-from .models import block_causal_mask, load_model_and_tokenizer, resolve_base
-from .recipe import Recipe, TrainSection
+from .models import load_model_and_tokenizer, resolve_base
+from .recipe import Recipe
 from .rundir import RunDir, atomic_dir, atomic_write_text, prepare_run_dir, rewind_metrics
+from .step import (
+    LossPath,
+    batch_loss,
+    build_optimizer,
+    clip_in_fused_step,
+    evaluate_loss,
+    lr_factor,
+    step_takes_the_clip,
+    target_count,
+    to_device,
+    warmup_steps,
+)
 
 
 class Interrupted(GptjTuneError):
@@ -65,145 +73,6 @@ class TrainResult:
 # ----------------------------------------------------------------------------------- pieces
 
 
-@dataclass(frozen=True)
-class LossPath:
-    """How a batch's loss is computed.
-
-    fused_chunk: a model whose head is a LossHead (gptj_tune.fast) returns the loss itself, computed
-        this many tokens at a time; None: full logits, then cross-entropy.
-    varlen: FlashAttention-2: no mask is built; transformers reads the packing boundaries from the
-        restarting position ids and runs the variable-length kernel.
-    segmented: batches on the CPU run GPT-J's SDPA attention one packed example at a time
-        (`fast.attention_segments`); elsewhere, and for other attention, the block-causal mask.
-    """
-
-    fused_chunk: int | None = None
-    varlen: bool = False
-    segmented: bool = False
-
-    @classmethod
-    def of(cls, recipe: Recipe) -> LossPath:
-        return cls(
-            fused_chunk=recipe.train.loss_chunk_tokens if recipe.train.loss == "fused" else None,
-            varlen=recipe.model.attn_implementation == "flash_attention_2",
-            # Recomputation (gradient checkpointing) runs outside the step's context, and compiled
-            # blocks would recompile for every batch's segments: the mask there.
-            segmented=recipe.model.attn_implementation != "flash_attention_2"
-            and not recipe.model.gradient_checkpointing
-            and not recipe.train.compile,
-        )
-
-
-def target_count(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens of a batch that are predicted and scored (next-token labels that are not IGNORE).
-    Counted on the host batch, before it moves to the device: no device-to-host wait."""
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
-
-
-def batch_loss(model, batch: dict[str, torch.Tensor], path: LossPath = LossPath()) -> torch.Tensor:
-    """Sum of the token cross-entropies of one batch (divide by `target_count` for the mean)."""
-    positions, labels = batch["position_ids"], batch["labels"]
-    mask = None if path.varlen else block_causal_mask(positions, torch.float32)
-    inputs = dict(input_ids=batch["input_ids"], position_ids=positions, attention_mask=mask, use_cache=False)
-    on_cpu = positions.device.type == "cpu"
-    with attention_segments(positions) if path.segmented and on_cpu else contextlib.nullcontext():
-        if path.fused_chunk:
-            with loss_from_head(labels, path.fused_chunk):
-                return model(**inputs).logits
-        logits = model(**inputs).logits[:, :-1]
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
-
-
-@torch.no_grad()
-def evaluate_loss(model, batches: Batches, accelerator, path: LossPath = LossPath()) -> float | None:
-    """Mean cross-entropy per target token over every eval batch, the batches shared out over processes.
-
-    Every process runs the same number of forwards (ZeRO-3 gathers weights collectively), so one
-    whose share is a batch short repeats its last batch and does not count it.
-    """
-    from .distributed import all_sum
-
-    if not batches.rows:
-        return None
-    was_training = model.training
-    model.eval()
-    world, rank, n = accelerator.num_processes, accelerator.process_index, batches.device_batches
-    total, count = 0.0, 0
-    for k in range(-(-n // world)):
-        j = k * world + rank
-        batch = batches.device_batch(min(j, n - 1))
-        loss_sum = batch_loss(model, _to(batch, accelerator.device), path)
-        if j < n:
-            total, count = total + float(loss_sum), count + target_count(batch)
-    model.train(was_training)
-    total, count = all_sum([total, count], accelerator)
-    return total / max(count, 1)
-
-
-def build_optimizer(model, train: TrainSection) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights (1-D parameters)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=train.lr, betas=train.adam_betas, eps=train.adam_eps, fused=_can_fuse(decay + no_decay))
-
-
-def _can_fuse(params: list[torch.Tensor]) -> bool:
-    """torch's fused AdamW (one kernel over all parameters; on CPU 5x faster than the per-parameter
-    loop for GPT-J's 50400-row embedding and head) takes plain CPU/CUDA float tensors; FSDP2's
-    sharded DTensor parameters keep the default implementation."""
-    from torch.distributed.tensor import DTensor
-
-    return bool(params) and all(
-        not isinstance(p, DTensor) and p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        for p in params
-    )
-
-
-def clip_in_fused_step(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
-    """Gradient clipping for torch's fused AdamW without a pass over the gradients: the total norm
-    is measured, and the step divides every gradient by max(1, norm / max_norm) inside its one
-    kernel (the `grad_scale` a GradScaler hands the fused optimizers), instead of clipping
-    multiplying them all in place first. Returns the norm before clipping, like
-    `clip_grad_norm_`. Call `optimizer.step()` next; it uses the scale once."""
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads)
-    optimizer.grad_scale = torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0)
-    return norm
-
-
-def _step_takes_the_clip(optimizer, accelerator) -> torch.optim.Optimizer | None:
-    """The torch optimizer to hand clipping to, when it is fused AdamW and nothing else scales its
-    gradients (no fp16 GradScaler, not DeepSpeed, whose engine clips); DDP's gradients are already
-    averaged over processes when the step runs, so their norm is the global one."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    if not (isinstance(inner, torch.optim.AdamW) and inner.defaults.get("fused")):
-        return None
-    return inner if getattr(optimizer, "scaler", None) is None and not is_deepspeed(accelerator) else None
-
-
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Multiplier of the peak lr at `step` (0-based): linear warmup, then cosine/linear/constant."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def warmup_steps(train: TrainSection, total: int) -> int:
-    if train.warmup_steps is not None:
-        return train.warmup_steps
-    return int(round((train.warmup_ratio if train.warmup_ratio is not None else 0.03) * total))
-
-
 def _compile(model, device) -> int:
     try:
         check_can_compile(device)
@@ -214,10 +83,6 @@ def _compile(model, device) -> int:
         raise RecipeError([f"train.compile: {type(model).__name__} has no transformer blocks gptj-tune can compile "
                            "(transformers' GradientCheckpointingLayer); set train.compile: false"])  # fmt: skip
     return compiled
-
-
-def _to(batch, device):
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------------- train
@@ -442,7 +307,7 @@ class _Loop:
         self.train_batches, self.eval_batches = train_batches, eval_batches
         self.stop_requested, self.signalled_at = False, None
         self.loss_path = LossPath.of(recipe)
-        self.fused_clip = _step_takes_the_clip(optimizer, accelerator)
+        self.fused_clip = step_takes_the_clip(optimizer, accelerator)
 
     def log(self, record: dict) -> None:
         if self.accelerator.is_main_process:
@@ -516,7 +381,7 @@ class _Loop:
         local_targets = sum(target_count(b) for b in on_host)
         real = sum(int(b["real_tokens"].sum()) for b in on_host)
         slots = sum(b["input_ids"].numel() for b in on_host)
-        micro = [_to(b, acc.device) for b in on_host]
+        micro = [to_device(b, acc.device) for b in on_host]
         targets = all_sum([local_targets], acc)[0]
         # The update is the mean loss over every target token of the step, on every process.
         # DDP/DeepSpeed average gradients over processes and accelerate (or DeepSpeed) divides each

@@ -35,7 +35,7 @@ from gptj_tune.models import (
     load_model_and_tokenizer,
 )
 from gptj_tune.recipe import LoraMethod, ModelSection, Recipe, TinyModelSection
-from gptj_tune.train import LossPath, batch_loss, target_count
+from gptj_tune.step import LossPath, batch_loss, target_count
 
 SHAPE = TinyModelSection(layers=2, width=64, heads=4, rotary_dim=8)
 

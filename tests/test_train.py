@@ -182,7 +182,7 @@ def test_adamw_is_fused_for_plain_parameters_and_steps_like_the_loop():
     import torch
 
     from gptj_tune.recipe import TrainSection
-    from gptj_tune.train import build_optimizer
+    from gptj_tune.step import build_optimizer
 
     torch.manual_seed(0)
     models = [torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4)) for _ in range(2)]
@@ -211,7 +211,7 @@ def test_clipping_inside_the_fused_step_equals_clip_grad_norm():
     from accelerate.utils import DistributedType
 
     from gptj_tune.recipe import TrainSection
-    from gptj_tune.train import _step_takes_the_clip, build_optimizer, clip_in_fused_step
+    from gptj_tune.step import build_optimizer, clip_in_fused_step, step_takes_the_clip
 
     single, deepspeed = (SimpleNamespace(distributed_type=t) for t in (DistributedType.NO, DistributedType.DEEPSPEED))
 
@@ -219,9 +219,9 @@ def test_clipping_inside_the_fused_step_equals_clip_grad_norm():
     models = [torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4)) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     optimizers = [build_optimizer(m, TrainSection(lr=1e-2, weight_decay=0.1)) for m in models]
-    assert _step_takes_the_clip(optimizers[0], single) is optimizers[0]
-    assert _step_takes_the_clip(optimizers[0], deepspeed) is None  # its engine clips
-    assert _step_takes_the_clip(torch.optim.AdamW(models[1].parameters()), single) is None  # not fused
+    assert step_takes_the_clip(optimizers[0], single) is optimizers[0]
+    assert step_takes_the_clip(optimizers[0], deepspeed) is None  # its engine clips
+    assert step_takes_the_clip(torch.optim.AdamW(models[1].parameters()), single) is None  # not fused
     clipped = 0
     for step in range(6):
         x, scale = torch.randn(64, 16), (100.0 if step % 2 else 1e-3)  # norms far above and below max_norm
