@@ -12,7 +12,8 @@ for training (train.py):
   runs it one packed example at a time (`attention_segments`): the masked pairs are never computed.
 - a fused, chunked cross-entropy head: the loss over the target tokens only (prompt and padding
   positions never reach the 50400-wide head), computed a chunk of tokens at a time, with the
-  gradient taken in the same pass, so fp32 logits for the whole batch never exist.
+  gradient taken in the same pass, so fp32 logits for the whole batch never exist. Under bf16
+  autocast its products run in bf16 (the weight cast once, its gradient summed in fp32).
 - one-kernel GELU: GPT-J's and GPT-Neo's `gelu_new` is written as eight elementwise operations,
   each with its own pass over the 4*d_model-wide MLP activations and its own saved tensor;
   torch's `gelu(approximate="tanh")` is the same function in one kernel (equal within 3e-7).
@@ -377,39 +378,88 @@ def keep_freed_memory() -> bool:
 # ----------------------------------------------------------------------------------------- loss
 
 
+# Rows of a logits chunk turned into probabilities at a time on the CPU: 8 rows of GPT-J's 50400
+# fp32 logits (1.6 MB) stay in a core's L2 cache through max, exp and sum, where whole-chunk
+# passes each stream the chunk through memory (2-4x slower here). Accelerators take the chunk in one.
+CPU_SOFTMAX_ROWS = 8
+PAD_ROWS = 256
+
+
+def _logit_grad_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Turn a chunk of logits, in place, into d(sum of cross-entropies)/d(logits) = softmax - one_hot
+    and return the summed cross-entropy (fp32). 16-bit logits are exponentiated in fp32, and the
+    target entries (p - 1, the largest) are computed from fp32 values, not from a 16-bit p."""
+    n = logits.shape[0]
+    rows = torch.arange(n, device=logits.device)
+    target_logits = logits[rows, targets].float()
+    lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+    step = CPU_SOFTMAX_ROWS if logits.device.type == "cpu" else max(n, 1)
+    for start in range(0, n, step):
+        block = logits[start : start + step]
+        x = block.float()  # a copy for 16-bit logits; the block itself (a view) for fp32
+        block_lse = torch.logsumexp(x, dim=-1, keepdim=True)
+        lse[start : start + step] = block_lse[:, 0]
+        probabilities = x.sub_(block_lse).exp_()
+        if probabilities.data_ptr() != block.data_ptr():
+            block.copy_(probabilities)
+    logits[rows, targets] = (torch.exp(target_logits - lse) - 1.0).to(logits.dtype)
+    return (lse - target_logits).sum()
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """sum over rows of CE(hidden @ W.T + b, target), gradients computed chunk by chunk in forward.
 
     Each chunk's logits are made, turned into (softmax - one_hot) and multiplied straight back into
-    the hidden-state and weight gradients, then dropped: peak extra memory is one chunk of fp32
-    logits instead of all of them, and nothing is recomputed in backward.
+    the hidden-state and weight gradients, then dropped: peak extra memory is one chunk of logits
+    instead of all of them, and nothing is recomputed in backward. `compute` is the matmuls' dtype:
+    under autocast the 16-bit type, with the weight cast once per call (autocast would cast it for
+    each of the chunk's products) and its gradient accumulated in fp32.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk):
+    def forward(ctx, hidden, weight, bias, targets, chunk, compute):
         need_w = weight.requires_grad
         need_b = bias is not None and bias.requires_grad
         grad_hidden = torch.empty_like(hidden)
         grad_weight = None  # made by the first chunk's product: no zero-filled vocab x hidden start
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk):
-            h, t = hidden[start : start + chunk], targets[start : start + chunk]
-            rows = torch.arange(t.shape[0], device=t.device)
-            grad = torch.log_softmax(F.linear(h, weight, bias).float(), dim=-1)  # one pass for loss and gradient
-            total -= grad[rows, t].sum()
-            grad = grad.exp_()
-            grad[rows, t] -= 1.0
-            grad = grad.to(hidden.dtype)
-            grad_hidden[start : start + chunk] = grad @ weight
-            if need_w and grad_weight is None:
-                grad_weight = (grad.t() @ h).float()
-            elif need_w and grad_weight.dtype == grad.dtype:
-                grad_weight.addmm_(grad.t(), h)  # accumulated in place: no vocab x hidden temporary
-            elif need_w:
-                grad_weight += (grad.t() @ h).float()
-            if need_b:
-                grad_bias += grad.float().sum(0)
+        n, device = hidden.shape[0], hidden.device
+        with torch.autocast(device.type, enabled=False):
+            w, h_all = weight.to(compute), hidden.to(compute)
+            b = bias.to(compute) if bias is not None else None
+            # 16-bit products on the CPU run on oneDNN, which keeps a plan, and memory with it, per
+            # matrix shape: with a target count that differed each step, training held ~70 MB more
+            # every step (GPT-J's head, 512 wide). There a chunk's rows are padded with zeros to a
+            # multiple of PAD_ROWS, so a run meets a few shapes only.
+            step = PAD_ROWS if device.type == "cpu" and compute.itemsize == 2 else 1
+            rows = -(-min(chunk, n) // step) * step
+            logits = torch.empty(rows, w.shape[0], dtype=compute, device=device)  # reused by every chunk
+            padded = torch.zeros(rows, w.shape[1], dtype=compute, device=device) if step > 1 else None
+            for start in range(0, n, chunk):
+                h, t = h_all[start : start + chunk], targets[start : start + chunk]
+                real = h.shape[0]
+                if padded is not None:
+                    h = padded[: -(-real // step) * step]
+                    h[:real] = h_all[start : start + real]
+                    h[real:] = 0
+                grad = logits[: h.shape[0]]
+                if b is None:
+                    torch.mm(h, w.t(), out=grad)
+                else:
+                    torch.addmm(b, h, w.t(), out=grad)
+                total += _logit_grad_(grad[:real], t)
+                grad[real:] = 0  # padding rows: no loss, no gradient
+                grad_hidden[start : start + real] = (grad @ w)[:real]
+                if need_w and grad_weight is None:
+                    grad_weight = (grad.t() @ h).float()
+                elif need_w and grad_weight.dtype == grad.dtype:
+                    grad_weight.addmm_(grad.t(), h)  # accumulated in place: no vocab x hidden temporary
+                elif need_w:
+                    grad_weight += (grad.t() @ h).float()
+                if need_b:
+                    # A product, not grad.sum(0): a column sum of 16-bit rows converts as it goes (8x slower).
+                    grad_bias += (grad.new_ones(1, grad.shape[0]) @ grad)[0].float()
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return total
@@ -426,20 +476,26 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_bias.mul_(grad_output).to(b_dtype) if grad_bias is not None else None,
             None,
             None,
+            None,
         )
 
 
 def fused_linear_cross_entropy(hidden, weight, bias, targets, chunk: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
-    """Sum of cross-entropies of `hidden @ weight.T + bias` against `targets` (rows of hidden)."""
+    """Sum of cross-entropies of `hidden @ weight.T + bias` against `targets` (rows of hidden).
+    Under autocast the products run in its 16-bit type, as an autocast `F.linear` would."""
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0 + weight.sum() * 0.0  # keeps the graph (and DDP) whole
-    if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    device = hidden.device.type
+    compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk, compute)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    with torch.autocast(device, enabled=False):
+        w, b = weight.to(compute), bias.to(compute) if bias is not None else None
         for start in range(0, hidden.shape[0], chunk):
-            logits = F.linear(hidden[start : start + chunk], weight, bias).float()
+            logits = F.linear(hidden[start : start + chunk].to(compute), w, b).float()
             total += F.cross_entropy(logits, targets[start : start + chunk], reduction="sum")
-        return total
-    return _FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk)
+    return total
 
 
 _request = threading.local()
