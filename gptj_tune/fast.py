@@ -375,6 +375,37 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
 
 
+# ------------------------------------------------------------------------------------ precision
+
+# Narrower models gain nothing from bf16 on the CPU (the casts cost what the products save):
+# measured here, the benchmark's tiny GPT-J (64 wide) 9,443 vs 9,475 tok/s, the quickstart 8% slower.
+BF16_CPU_MIN_WIDTH = 256
+
+
+@functools.cache
+def cpu_multiplies_bf16() -> bool:
+    """Whether this CPU has AMX (Intel Sapphire Rapids and later), whose tiles multiply bf16 matrices
+    several times faster than fp32 (a 1024-square product here: 756 vs 157 GFLOP/s on one core)."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(check and check())
+    except RuntimeError:
+        return False
+
+
+def bf16_advice(model: nn.Module, device: torch.device, mixed_precision: str, has_amx: bool | None = None) -> str | None:
+    """A one-line tip when bf16 autocast would train this model faster than the fp32 it is about to
+    use: a CPU with AMX, fp32 weights, no autocast asked for, and a model at least 256 wide."""
+    width = getattr(model.config, "hidden_size", 0) or 0
+    weights_fp32 = next(model.parameters()).dtype == torch.float32
+    if device.type != "cpu" or mixed_precision != "no" or not weights_fp32 or width < BF16_CPU_MIN_WIDTH:
+        return None
+    if not (cpu_multiplies_bf16() if has_amx is None else has_amx):
+        return None
+    return ("this CPU multiplies bf16 in hardware (AMX): `--set distributed.mixed_precision=bf16` (fp32 weights, "
+            "bf16 products) trained a 512-wide GPT-J 1.5-1.7x faster here")  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------- loss
 
 

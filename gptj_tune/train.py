@@ -25,6 +25,7 @@ from .distributed import full_state_dict, is_deepspeed, prepare_model_and_optimi
 from .errors import DataError, GptjTuneError, RecipeError, TrainingError
 from .fast import (
     CompileUnavailable,
+    bf16_advice,
     check_can_compile,
     compile_blocks,
     keep_freed_memory,
@@ -114,6 +115,8 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     compiled = _compile(model, accelerator.device) if recipe.train.compile else 0
     data = _prepare_data_once(recipe, tokenizer, run, accelerator)
     _print_setup(console, recipe, model, data, accelerator.num_processes)
+    if advice := bf16_advice(model, accelerator.device, recipe.distributed.mixed_precision):
+        console.print(f"[cyan]tip:[/] {advice}")
     if compiled:
         console.print(f"torch.compile: {compiled} blocks share one compiled forward, built during the first steps")
 

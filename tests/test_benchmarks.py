@@ -16,11 +16,12 @@ pytestmark = pytest.mark.slow
 def test_train_throughput_harness_runs_every_engine_on_the_same_tokens(tmp_path, shared_data):
     out = tmp_path / "tt.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--records", "16", "--max-length", "128",
-           "--data-dir", str(shared_data), "--out", str(out)]  # fmt: skip
+           "--mixed-precision", "bf16", "--data-dir", str(shared_data), "--out", str(out)]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "train throughput: tiny GPT-J, lora" in result.stdout and "hf-trainer" in result.stdout.replace("\n", "")
     report = json.loads(out.read_text())
+    assert report["settings"]["mixed_precision"] == "bf16" and "bf16 autocast" in result.stdout.replace("\n", "")
     engines = report["engines"]
     assert set(engines) == {"gptj-tune", "trl-default", "trl-best", "hf-trainer"}
     # The same work: every engine saw exactly the same real tokens, and trained the same adapter size.

@@ -506,3 +506,22 @@ def test_keep_freed_memory_serves_large_tensors_from_the_heap_and_keeps_them_whe
         seen[mode] = (kept, in_heap, int(released_mib))
     assert seen["plain"][:2] == ("None", "False") and seen["plain"][2] >= 60
     assert seen["keep"][:2] == ("True", "True") and seen["keep"][2] <= 4
+
+
+def test_bf16_advice_only_where_bf16_pays():
+    """The setup's tip names bf16 autocast only for fp32 training of a 256+ wide model on an AMX CPU."""
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    from gptj_tune.fast import bf16_advice
+
+    def model(width, dtype=torch.float32):
+        config = GPTJConfig(vocab_size=32, n_positions=16, n_embd=width, n_layer=1, n_head=4, rotary_dim=8)
+        return GPTJForCausalLM(config).to(dtype)
+
+    cpu, wide = torch.device("cpu"), model(256)
+    assert "distributed.mixed_precision=bf16" in bf16_advice(wide, cpu, "no", has_amx=True)
+    assert bf16_advice(wide, cpu, "no", has_amx=False) is None  # no AMX: bf16 is emulated, slower
+    assert bf16_advice(wide, cpu, "bf16", has_amx=True) is None  # already asked for
+    assert bf16_advice(wide, torch.device("cuda"), "no", has_amx=True) is None
+    assert bf16_advice(model(64), cpu, "no", has_amx=True) is None  # too narrow to gain
+    assert bf16_advice(model(256, torch.bfloat16), cpu, "no", has_amx=True) is None  # 16-bit weights
