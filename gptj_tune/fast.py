@@ -380,6 +380,8 @@ def keep_freed_memory() -> bool:
 # Narrower models gain nothing from bf16 on the CPU (the casts cost what the products save):
 # measured here, the benchmark's tiny GPT-J (64 wide) 9,443 vs 9,475 tok/s, the quickstart 8% slower.
 BF16_CPU_MIN_WIDTH = 256
+# Batch widths are rounded up to this on the CPU when products run in 16 bits (train.py: oneDNN's plans).
+CPU_16BIT_WIDTH_MULTIPLE = 64
 
 
 @functools.cache

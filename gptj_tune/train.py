@@ -24,6 +24,7 @@ from .data.tokenize import Batches
 from .distributed import full_state_dict, is_deepspeed, prepare_model_and_optimizer, weights_are_sharded
 from .errors import DataError, GptjTuneError, RecipeError, TrainingError
 from .fast import (
+    CPU_16BIT_WIDTH_MULTIPLE,
     CompileUnavailable,
     bf16_advice,
     check_can_compile,
@@ -74,6 +75,10 @@ class TrainResult:
 # ----------------------------------------------------------------------------------- pieces
 
 
+def _products_in_16_bits(recipe: Recipe) -> bool:
+    return recipe.distributed.mixed_precision != "no" or recipe.model.dtype in ("bfloat16", "bf16", "float16", "fp16")
+
+
 def _compile(model, device) -> int:
     try:
         check_can_compile(device)
@@ -120,9 +125,13 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     if compiled:
         console.print(f"torch.compile: {compiled} blocks share one compiled forward, built during the first steps")
 
+    # 16-bit products on the CPU run on oneDNN, which builds (and keeps) a plan for every new matrix
+    # shape: batch widths rounded up to a multiple of 64 give it a few shapes instead of one per width.
+    width = CPU_16BIT_WIDTH_MULTIPLE if accelerator.device.type == "cpu" and _products_in_16_bits(recipe) else 1
     train_batches = Batches(data.train_rows, recipe.train.batch_size, tokenizer.pad_token_id, recipe.train.seed,
-                            rank=accelerator.process_index, world=accelerator.num_processes)  # fmt: skip
-    eval_batches = Batches(data.eval_rows, recipe.eval.batch_size or recipe.train.batch_size, tokenizer.pad_token_id, 0, shuffle=False)
+                            rank=accelerator.process_index, world=accelerator.num_processes, width_multiple=width)  # fmt: skip
+    eval_batches = Batches(data.eval_rows, recipe.eval.batch_size or recipe.train.batch_size, tokenizer.pad_token_id, 0,
+                           shuffle=False, width_multiple=width)  # fmt: skip
     if len(train_batches) == 0:
         raise DataError(
             f"{len(data.train_rows)} training rows cannot fill one batch of train.batch_size "

@@ -525,3 +525,27 @@ def test_bf16_advice_only_where_bf16_pays():
     assert bf16_advice(wide, torch.device("cuda"), "no", has_amx=True) is None
     assert bf16_advice(model(64), cpu, "no", has_amx=True) is None  # too narrow to gain
     assert bf16_advice(model(256, torch.bfloat16), cpu, "no", has_amx=True) is None  # 16-bit weights
+
+
+def test_batches_rounded_up_to_a_width_multiple_give_the_same_loss(tiny):
+    """With 16-bit products on a CPU, batch widths are rounded up to a multiple of 64 (few matrix
+    shapes for oneDNN): the padding is its own segment and never a target, so loss and target count
+    are those of the batch as wide as its longest row."""
+    from gptj_tune.data.tokenize import Batches, Row
+
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for parts in ([20, 17], [30, 12, 8]):  # packed rows of 37 and 50 tokens
+        ids = torch.randint(3, 200, (sum(parts),), generator=g).tolist()
+        labels = [IGNORE] * 4 + ids[4:]
+        rows.append(Row(ids, labels, [p for n in parts for p in range(n)]))
+    torch.manual_seed(0)
+    model, tok = load(tiny, "auto")
+    model.eval()
+    seen = []
+    for multiple in (1, 64):
+        batch = Batches(rows, 2, tok.pad_token_id, 0, shuffle=False, width_multiple=multiple).device_batch(0)
+        seen.append((batch["input_ids"].shape[1], target_count(batch), float(batch_loss(model, batch))))
+    (w1, n1, loss1), (w64, n64, loss64) = seen
+    assert (w1, w64) == (50, 64) and n1 == n64 > 0
+    assert abs(loss1 - loss64) < 1e-5 * loss1

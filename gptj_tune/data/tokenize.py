@@ -280,6 +280,7 @@ class Batches:
     shuffle: bool = True
     rank: int = 0  # with several processes, batch g of process r is device batch g * world + r
     world: int = 1
+    width_multiple: int = 1  # widths rounded up to a multiple of this (fewer distinct matrix shapes)
     _orders: dict[int, list[int]] = field(default_factory=dict, repr=False)
 
     @property
@@ -301,8 +302,9 @@ class Batches:
 
     def device_batch(self, j: int, epoch: int = 0) -> dict[str, torch.Tensor]:
         order = self._order(epoch)
-        chosen = order[j * self.batch_size : (j + 1) * self.batch_size]
-        return collate([self.rows[i] for i in chosen], self.pad_id)
+        rows = [self.rows[i] for i in order[j * self.batch_size : (j + 1) * self.batch_size]]
+        longest = max(len(r.input_ids) for r in rows)
+        return collate(rows, self.pad_id, pad_to=-(-longest // self.width_multiple) * self.width_multiple)
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
