@@ -405,7 +405,7 @@ def bf16_advice(model: nn.Module, device: torch.device, mixed_precision: str, ha
     if not (cpu_multiplies_bf16() if has_amx is None else has_amx):
         return None
     return ("this CPU multiplies bf16 in hardware (AMX): `--set distributed.mixed_precision=bf16` (fp32 weights, "
-            "bf16 products) trained a 512-wide GPT-J 1.5-1.7x faster here")  # fmt: skip
+            "bf16 products) trained a 512-wide GPT-J 1.3-1.7x faster here")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------- loss

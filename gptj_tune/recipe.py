@@ -333,7 +333,7 @@ class DistributedSection(Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no",
         description="Autocast precision; `no` trains in model.dtype. On a CPU with AMX (Intel Sapphire Rapids and "
-        "later) `bf16` multiplies in bf16 on fp32 weights: 1.5-1.7x faster for models 256+ wide (the setup prints "
+        "later) `bf16` multiplies in bf16 on fp32 weights: 1.3-1.7x faster for models 256+ wide (the setup prints "
         "a tip where it pays); on CPUs without AMX bf16 is emulated and much slower: keep `no`.",
     )
     timeout_minutes: int = Field(
