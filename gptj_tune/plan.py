@@ -88,7 +88,7 @@ def activation_bytes(recipe: Recipe, shape: Shape) -> float:
     """Activations kept for backward on one device, for one micro-batch."""
     b, s = recipe.train.batch_size, recipe.data.max_length
     h, a, n = shape.hidden, shape.heads, shape.layers
-    e = 2 if _sixteen_bit(recipe) else 4  # bytes per activation
+    e = 2 if recipe.computes_in_16_bits() else 4  # bytes per activation
     # Per layer, GPT-J keeps 15 values per token and hidden unit for backward (14.5 measured with
     # autograd's saved-tensor hooks on GPTJBlock with our one-kernel GELU; stock gelu_new, eight
     # separate operations, keeps 26.5). Eager attention also keeps its fp32 softmax (a·s² per row,
@@ -114,10 +114,6 @@ def activation_bytes(recipe: Recipe, shape: Shape) -> float:
     return layers + logits + mask
 
 
-def _sixteen_bit(recipe: Recipe) -> bool:
-    return recipe.model.dtype in ("bfloat16", "bf16", "float16", "fp16") or recipe.distributed.mixed_precision != "no"
-
-
 def state_bytes(recipe: Recipe, shape: Shape, setup: str, devices: int) -> float:
     """Weights, gradients and AdamW states on one device for `setup` (single, ddp, zero2, zero3,
     zero3-offload-optimizer, zero3-offload-all, fsdp, fsdp-offload)."""
@@ -135,7 +131,7 @@ def state_bytes(recipe: Recipe, shape: Shape, setup: str, devices: int) -> float
         return frozen * w + T * per_trainable
     if setup.startswith("zero"):
         # DeepSpeed holds the weights in 16 bits whenever bf16/fp16 is on (weights or autocast).
-        w = 2 if _sixteen_bit(recipe) else 4
+        w = 2 if recipe.computes_in_16_bits() else 4
         frozen_bytes = frozen * w
         ds_trainable = 18 if (w == 2 and not lora) else per_trainable
         if setup == "zero2":

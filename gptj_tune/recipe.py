@@ -463,6 +463,10 @@ class Recipe(Section):
             )
         return self
 
+    def computes_in_16_bits(self) -> bool:
+        """Whether products run in 16 bits: 16-bit weights, or fp32 weights under autocast."""
+        return self.model.dtype in ("bfloat16", "bf16", "float16", "fp16") or self.distributed.mixed_precision != "no"
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 

@@ -75,10 +75,6 @@ class TrainResult:
 # ----------------------------------------------------------------------------------- pieces
 
 
-def _products_in_16_bits(recipe: Recipe) -> bool:
-    return recipe.distributed.mixed_precision != "no" or recipe.model.dtype in ("bfloat16", "bf16", "float16", "fp16")
-
-
 def _compile(model, device) -> int:
     try:
         check_can_compile(device)
@@ -127,7 +123,7 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
 
     # 16-bit products on the CPU run on oneDNN, which builds (and keeps) a plan for every new matrix
     # shape: batch widths rounded up to a multiple of 64 give it a few shapes instead of one per width.
-    width = CPU_16BIT_WIDTH_MULTIPLE if accelerator.device.type == "cpu" and _products_in_16_bits(recipe) else 1
+    width = CPU_16BIT_WIDTH_MULTIPLE if accelerator.device.type == "cpu" and recipe.computes_in_16_bits() else 1
     train_batches = Batches(data.train_rows, recipe.train.batch_size, tokenizer.pad_token_id, recipe.train.seed,
                             rank=accelerator.process_index, world=accelerator.num_processes, width_multiple=width)  # fmt: skip
     eval_batches = Batches(data.eval_rows, recipe.eval.batch_size or recipe.train.batch_size, tokenizer.pad_token_id, 0,
