@@ -24,10 +24,6 @@ for training (train.py):
 - fused LoRA add: peft adds an adapter's output as `base + B(A(dropout(x))) * scaling`, three
   passes over the output; ours is one `torch.add(base, B(A(h)), alpha=scale)`, with the CPU
   dropout's rescaling folded into `scale`.
-- freed memory kept for reuse on CPU: a training step frees and re-allocates the same large
-  tensors (gradients, the head's logits chunk, the embedding's dense gradient); glibc hands
-  allocations over 32 MB back to the OS on free, so every step page-faults them in again. On CPU
-  the loop asks glibc to serve allocations from its heap and keep what is freed.
 - regional `torch.compile` (`train.compile`, off by default): each transformer block's forward is
   compiled once (the blocks share the compiled code) and used for training steps; evaluation and
   generation run the blocks eagerly. Hooks (DDP) and gradient checkpointing stay outside.
@@ -36,13 +32,10 @@ for training (train.py):
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import functools
 import importlib.util
 import os
 import shutil
-import sys
 import threading
 
 import torch
@@ -344,68 +337,6 @@ def _compiled_block_class(cls: type) -> type:
 
     # transformers wraps the forward of every subclass for gradient checkpointing (outermost class only).
     return type(cls.__name__, (cls,), {"forward": forward, "compiled_for_training": True, "__module__": cls.__module__})
-
-
-# ---------------------------------------------------------------------------------- host memory
-
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, <malloc.h>
-KEEP_FREED_BYTES = 2**30
-
-
-@functools.cache
-def keep_freed_memory() -> bool:
-    """Ask glibc to serve every allocation from its heap and to keep up to 1 GiB of freed memory
-    for reuse, for the rest of this process. True when glibc took both settings; False where
-    there is no glibc (macOS, musl), which changes nothing.
-
-    Why: glibc maps allocations over 32 MB (the most its threshold adapts to) straight from the
-    OS and unmaps them on free, so tensors a CPU training step frees and allocates again (the
-    50400-row embedding's and head's gradients, a chunk of logits) are page-faulted in again on
-    every step: 10% of a `small` full fine-tuning step. The cost: memory a run frees stays with
-    the process (peak RSS 6% higher on that benchmark) until it ends.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
-
-
-# ------------------------------------------------------------------------------------ precision
-
-# Narrower models gain nothing from bf16 on the CPU (the casts cost what the products save):
-# measured here, the benchmark's tiny GPT-J (64 wide) 9,443 vs 9,475 tok/s, the quickstart 8% slower.
-BF16_CPU_MIN_WIDTH = 256
-# Batch widths are rounded up to this on the CPU when products run in 16 bits (train.py: oneDNN's plans).
-CPU_16BIT_WIDTH_MULTIPLE = 64
-
-
-@functools.cache
-def cpu_multiplies_bf16() -> bool:
-    """Whether this CPU has AMX (Intel Sapphire Rapids and later), whose tiles multiply bf16 matrices
-    several times faster than fp32 (a 1024-square product here: 756 vs 157 GFLOP/s on one core)."""
-    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        return bool(check and check())
-    except RuntimeError:
-        return False
-
-
-def bf16_advice(model: nn.Module, device: torch.device, mixed_precision: str, has_amx: bool | None = None) -> str | None:
-    """A one-line tip when bf16 autocast would train this model faster than the fp32 it is about to
-    use: a CPU with AMX, fp32 weights, no autocast asked for, and a model at least 256 wide."""
-    width = getattr(model.config, "hidden_size", 0) or 0
-    weights_fp32 = next(model.parameters()).dtype == torch.float32
-    if device.type != "cpu" or mixed_precision != "no" or not weights_fp32 or width < BF16_CPU_MIN_WIDTH:
-        return None
-    if not (cpu_multiplies_bf16() if has_amx is None else has_amx):
-        return None
-    return ("this CPU multiplies bf16 in hardware (AMX): `--set distributed.mixed_precision=bf16` (fp32 weights, "
-            "bf16 products) trained a 512-wide GPT-J 1.3-1.7x faster here")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------- loss

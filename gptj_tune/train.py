@@ -23,17 +23,8 @@ from .data import PreparedData, prepare_data
 from .data.tokenize import Batches
 from .distributed import full_state_dict, is_deepspeed, prepare_model_and_optimizer, weights_are_sharded
 from .errors import DataError, GptjTuneError, RecipeError, TrainingError
-from .fast import (
-    CPU_16BIT_WIDTH_MULTIPLE,
-    CompileUnavailable,
-    bf16_advice,
-    check_can_compile,
-    compile_blocks,
-    keep_freed_memory,
-    use_cheap_dropout,
-    use_fused_lora,
-    use_loss_head,
-)
+from .fast import CompileUnavailable, check_can_compile, compile_blocks, use_cheap_dropout, use_fused_lora, use_loss_head
+from .host import CPU_16BIT_WIDTH_MULTIPLE, bf16_advice, keep_freed_memory, own_trainable_weights
 from .methods import apply_method, count_parameters
 from .models import load_model_and_tokenizer, resolve_base
 from .recipe import Recipe
@@ -111,6 +102,8 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     if recipe.train.loss == "fused":
         use_loss_head(model)
     model = apply_method(model, recipe.method, recipe.model.gradient_checkpointing)
+    if accelerator.device.type == "cpu":
+        own_trainable_weights(model)  # off the checkpoint's file mapping: no copy-on-write fault per page in step 1
     use_cheap_dropout(model)
     use_fused_lora(model)
     compiled = _compile(model, accelerator.device) if recipe.train.compile else 0

@@ -233,7 +233,8 @@ def test_fused_cross_entropy_under_autocast_equals_autocast_logits(rows, chunk):
 _TARGET_COUNTS_VARY = """
 import resource, torch
 from transformers import GPTJConfig, GPTJForCausalLM
-from gptj_tune.fast import keep_freed_memory, loss_from_head, use_loss_head
+from gptj_tune.fast import loss_from_head, use_loss_head
+from gptj_tune.host import keep_freed_memory
 keep_freed_memory()
 torch.manual_seed(0)
 config = GPTJConfig(vocab_size=50400, n_positions=512, n_embd=512, n_layer=1, n_head=8, rotary_dim=32)
@@ -471,60 +472,6 @@ def test_compiled_blocks_train_like_eager_and_evaluate_eagerly(tiny, method):
         assert abs(eager_loss - compiled_loss) < 1e-4 * abs(eager_loss)
         assert eager_grads.keys() == compiled_grads.keys()
         assert max((eager_grads[n] - compiled_grads[n]).abs().max() for n in eager_grads) < 1e-5
-
-
-_ALLOCATE_AND_FREE = """
-import sys, torch
-from gptj_tune.fast import keep_freed_memory
-kept = keep_freed_memory() if sys.argv[1] == "keep" else None
-
-def heap():
-    for line in open("/proc/self/maps"):
-        if line.rstrip().endswith("[heap]"):
-            return [int(x, 16) for x in line.split()[0].split("-")]
-
-def rss_kib():
-    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:"))
-
-x = torch.ones(64 * 2**20 // 4)  # 64 MiB: over glibc's largest mmap threshold (32 MiB)
-low, high = heap()
-in_heap = low <= x.data_ptr() < high
-before = rss_kib()
-del x
-print(kept, in_heap, (before - rss_kib()) // 1024)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
-def test_keep_freed_memory_serves_large_tensors_from_the_heap_and_keeps_them_when_freed():
-    """Plain glibc maps a 64 MiB tensor straight from the OS and gives it back on free (so the next
-    one is page-faulted in again); after keep_freed_memory() it comes from the heap and stays."""
-    seen = {}
-    for mode in ("plain", "keep"):
-        out = subprocess.run([sys.executable, "-c", _ALLOCATE_AND_FREE, mode], capture_output=True, text=True, check=True)
-        kept, in_heap, released_mib = out.stdout.split()
-        seen[mode] = (kept, in_heap, int(released_mib))
-    assert seen["plain"][:2] == ("None", "False") and seen["plain"][2] >= 60
-    assert seen["keep"][:2] == ("True", "True") and seen["keep"][2] <= 4
-
-
-def test_bf16_advice_only_where_bf16_pays():
-    """The setup's tip names bf16 autocast only for fp32 training of a 256+ wide model on an AMX CPU."""
-    from transformers import GPTJConfig, GPTJForCausalLM
-
-    from gptj_tune.fast import bf16_advice
-
-    def model(width, dtype=torch.float32):
-        config = GPTJConfig(vocab_size=32, n_positions=16, n_embd=width, n_layer=1, n_head=4, rotary_dim=8)
-        return GPTJForCausalLM(config).to(dtype)
-
-    cpu, wide = torch.device("cpu"), model(256)
-    assert "distributed.mixed_precision=bf16" in bf16_advice(wide, cpu, "no", has_amx=True)
-    assert bf16_advice(wide, cpu, "no", has_amx=False) is None  # no AMX: bf16 is emulated, slower
-    assert bf16_advice(wide, cpu, "bf16", has_amx=True) is None  # already asked for
-    assert bf16_advice(wide, torch.device("cuda"), "no", has_amx=True) is None
-    assert bf16_advice(model(64), cpu, "no", has_amx=True) is None  # too narrow to gain
-    assert bf16_advice(model(256, torch.bfloat16), cpu, "no", has_amx=True) is None  # 16-bit weights
 
 
 def test_batches_rounded_up_to_a_width_multiple_give_the_same_loss(tiny):
