@@ -312,7 +312,8 @@ def normalize_argv(args: list[str]) -> list[str]:
     return out
 
 
-def main():
+def quiet_libraries() -> None:
+    """Environment defaults and filters for library chatter; `main` runs it before the app."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our progress is the one to read
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -320,6 +321,10 @@ def main():
     # DeepSpeed (imported by accelerate) announcing at WARNING level that this machine has no GPU.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
+
+
+def main():
+    quiet_libraries()
     app(args=normalize_argv(sys.argv[1:]), prog_name="gptj-tune")
 
 

@@ -119,10 +119,54 @@ def can_compile() -> bool:
     return True
 
 
-def cli(*args: str, timeout: int = 600, **kwargs):
-    """Run the real `gptj-tune` entry point in a subprocess."""
+# Settings a fresh process must see: a run that launches workers, compiles, or measures its own
+# memory (this process's heap, kept by earlier in-process runs, would hide its peak).
+_NEEDS_OWN_PROCESS = ("distributed", "compile: true", "train.compile", "keep_freed_memory")
+
+
+def cli(*args: str, timeout: int = 600, own_process: bool | None = None, **kwargs):
+    """Run the real `gptj-tune` app and return (returncode, stdout, stderr) like subprocess.run.
+
+    In this process (through typer's runner, the same app `main` runs) unless the command needs a
+    process of its own: a new Python process pays ~3 s of imports (torch, transformers, peft), and
+    the suite runs the CLI about 60 times. Runs with a `distributed` section, `train.compile`, a
+    memory measurement, or `env`/`cwd` arguments get a subprocess, as do callers that ask.
+    """
     import subprocess
 
-    return subprocess.run(
-        [sys.executable, "-m", "gptj_tune", *args], capture_output=True, text=True, timeout=timeout, **kwargs
-    )
+    if own_process is None:
+        own_process = bool(set(kwargs) - {"input"}) or any(_needs_own_process(a) for a in args)
+    if own_process:
+        return subprocess.run(
+            [sys.executable, "-m", "gptj_tune", *args], capture_output=True, text=True, timeout=timeout, **kwargs
+        )
+    return _cli_in_process(list(args), kwargs.get("input"))
+
+
+def _needs_own_process(arg: str) -> bool:
+    if any(key in arg for key in _NEEDS_OWN_PROCESS):
+        return True
+    path = Path(arg)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        text = path.read_text()
+        return any(key in text for key in _NEEDS_OWN_PROCESS)
+    return False
+
+
+def _cli_in_process(args: list[str], input: str | None):
+    import subprocess
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from gptj_tune.cli import app, normalize_argv, quiet_libraries
+
+    quiet_libraries()
+    result = CliRunner().invoke(app, normalize_argv(args), input=input, prog_name="gptj-tune")
+    stderr = result.stderr
+    code = result.exit_code
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        # What a process would print on an uncaught exception, and its exit status.
+        stderr += "".join(traceback.format_exception(result.exception))
+        code = 1
+    return subprocess.CompletedProcess(["gptj-tune", *args], code, result.stdout, stderr)
