@@ -68,6 +68,37 @@ def test_trainable_weights_leave_the_checkpoint_mapping_frozen_and_tied_ones_sta
     assert own_trainable_weights(model) == 0  # nothing left to move
 
 
+@linux_only
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_training_setup_copies_off_the_mapping_the_weights_it_will_write(tmp_path, monkeypatch, method):
+    """The loop's setup (CPU) calls own_trainable_weights: a full run trains no mapped weight and
+    moves every one; a LoRA run moves none (its adapters are new tensors), its frozen base stays mapped."""
+    from conftest import small_recipe
+    from rich.console import Console
+
+    import gptj_tune.train as train_module
+    from gptj_tune.recipe import load_recipe
+
+    seen = []
+
+    def spy(model, ranges=None):
+        moved = own_trainable_weights(model, ranges)
+        now = file_mapped_ranges()
+        params = list(model.parameters())
+        trainable = [p for p in params if p.requires_grad]
+        seen.append((moved, len(trainable), sum(_in_files(p, now) for p in trainable), sum(_in_files(p, now) for p in params)))
+        return moved
+
+    monkeypatch.setattr(train_module, "own_trainable_weights", spy)
+    train_module.train(load_recipe(small_recipe(tmp_path, method=method, steps=2, save_every=2)), console=Console(quiet=True))
+    ((moved, trainable, trainable_mapped, mapped),) = seen
+    assert trainable > 0 and trainable_mapped == 0
+    if method == "full":
+        assert moved == trainable and mapped == 0
+    else:
+        assert moved == 0 and mapped > 0
+
+
 _ALLOCATE_AND_FREE = """
 import sys, torch
 from gptj_tune.host import keep_freed_memory
