@@ -119,7 +119,7 @@ def state_bytes(recipe: Recipe, shape: Shape, setup: str, devices: int) -> float
     zero3-offload-optimizer, zero3-offload-all, fsdp, fsdp-offload)."""
     P, T, n = shape.params, shape.trainable, devices
     frozen = P - T
-    w = 2 if recipe.model.dtype in ("bfloat16", "bf16", "float16", "fp16") else 4
+    w = 2 if recipe.model.weights_in_16_bits else 4
     # Trainable bytes per parameter besides its weight: gradient + Adam moments. Our AdamW keeps
     # moments in the parameter's dtype; DeepSpeed with 16-bit weights adds an fp32 master copy
     # (its 18 = 2 grad16 + 4 grad32 + 4 param32 + 8 Adam). LoRA adapters are fp32 (peft upcasts them).

@@ -97,6 +97,10 @@ class ModelSection(Section):
             )
         return self
 
+    @property
+    def weights_in_16_bits(self) -> bool:
+        return self.dtype in ("bfloat16", "bf16", "float16", "fp16")
+
 
 # -------------------------------------------------------------------------------------- method
 
@@ -465,7 +469,7 @@ class Recipe(Section):
 
     def computes_in_16_bits(self) -> bool:
         """Whether products run in 16 bits: 16-bit weights, or fp32 weights under autocast."""
-        return self.model.dtype in ("bfloat16", "bf16", "float16", "fp16") or self.distributed.mixed_precision != "no"
+        return self.model.weights_in_16_bits or self.distributed.mixed_precision != "no"
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
