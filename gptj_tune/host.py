@@ -70,6 +70,12 @@ def file_mapped_ranges(maps: Path = Path("/proc/self/maps")) -> list[tuple[int, 
     return ranges
 
 
+def in_file_mapping(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
+    """Whether a tensor's storage lies in one of `ranges` (from `file_mapped_ranges`)."""
+    address = tensor.untyped_storage().data_ptr()
+    return any(start <= address < end for start, end in ranges)
+
+
 def own_trainable_weights(model: nn.Module, ranges: list[tuple[int, int]] | None = None) -> int:
     """Copy every trainable CPU parameter that lives in a file mapping (a safetensors checkpoint
     `from_pretrained` mapped) into the process's own memory, one parameter at a time. Frozen weights
@@ -81,10 +87,7 @@ def own_trainable_weights(model: nn.Module, ranges: list[tuple[int, int]] | None
     moved = 0
     with torch.no_grad():
         for p in model.parameters():
-            if not (p.requires_grad and p.device.type == "cpu" and p.numel()):
-                continue
-            address = p.untyped_storage().data_ptr()
-            if any(start <= address < end for start, end in ranges):
+            if p.requires_grad and p.device.type == "cpu" and p.numel() and in_file_mapping(p, ranges):
                 p.data = p.data.clone(memory_format=torch.preserve_format)
                 moved += 1
     return moved

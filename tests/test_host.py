@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from gptj_tune.host import bf16_advice, file_mapped_ranges, own_trainable_weights
+from gptj_tune.host import bf16_advice, file_mapped_ranges, in_file_mapping, own_trainable_weights
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/maps and glibc: Linux only")
 
@@ -25,11 +25,6 @@ def test_file_mapped_ranges_keeps_file_backed_lines_only(tmp_path):
     )
     assert file_mapped_ranges(maps) == [(0x7F0000000000, 0x7F0000100000), (0x7F0000400000, 0x7F0000401000)]
     assert file_mapped_ranges(tmp_path / "absent") == []  # not Linux: nothing seen, nothing moved
-
-
-def _in_files(tensor: torch.Tensor, ranges) -> bool:
-    address = tensor.untyped_storage().data_ptr()
-    return any(start <= address < end for start, end in ranges)
 
 
 @linux_only
@@ -51,7 +46,7 @@ def test_trainable_weights_leave_the_checkpoint_mapping_frozen_and_tied_ones_sta
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     ranges = file_mapped_ranges()
-    mapped = [name for name, p in model.named_parameters() if _in_files(p, ranges)]
+    mapped = [name for name, p in model.named_parameters() if in_file_mapping(p, ranges)]
     assert mapped, "transformers no longer maps the checkpoint: own_trainable_weights has nothing to do"
     frozen = next(name for name in mapped if ".h.0." in name)
     model.get_parameter(frozen).requires_grad_(False)
@@ -61,7 +56,7 @@ def test_trainable_weights_leave_the_checkpoint_mapping_frozen_and_tied_ones_sta
     ranges = file_mapped_ranges()
     params = dict(model.named_parameters())
     assert moved == len(mapped) - 1
-    assert [name for name, p in params.items() if _in_files(p, ranges)] == [frozen]
+    assert [name for name, p in params.items() if in_file_mapping(p, ranges)] == [frozen]
     assert all(torch.equal(p, before[name]) for name, p in params.items())
     if family == "gpt_neo":
         assert model.lm_head.weight is model.transformer.wte.weight
@@ -86,7 +81,7 @@ def test_training_setup_copies_off_the_mapping_the_weights_it_will_write(tmp_pat
         now = file_mapped_ranges()
         params = list(model.parameters())
         trainable = [p for p in params if p.requires_grad]
-        seen.append((moved, len(trainable), sum(_in_files(p, now) for p in trainable), sum(_in_files(p, now) for p in params)))
+        seen.append((moved, len(trainable), sum(in_file_mapping(p, now) for p in trainable), sum(in_file_mapping(p, now) for p in params)))
         return moved
 
     monkeypatch.setattr(train_module, "own_trainable_weights", spy)
