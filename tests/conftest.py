@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -153,15 +154,23 @@ def _needs_own_process(arg: str) -> bool:
     return False
 
 
+@functools.cache
+def _quiet_libraries_once() -> None:
+    """What `main` sets up before the app, once per session (it adds a logging filter each call)."""
+    from gptj_tune.cli import quiet_libraries
+
+    quiet_libraries()
+
+
 def _cli_in_process(args: list[str], input: str | None):
     import subprocess
     import traceback
 
     from typer.testing import CliRunner
 
-    from gptj_tune.cli import app, normalize_argv, quiet_libraries
+    from gptj_tune.cli import app, normalize_argv
 
-    quiet_libraries()
+    _quiet_libraries_once()
     result = CliRunner().invoke(app, normalize_argv(args), input=input, prog_name="gptj-tune")
     stderr = result.stderr
     code = result.exit_code
