@@ -76,7 +76,6 @@ def run(
     """Train a recipe into its run directory (output.dir)."""
     from .distributed import launch, needs_launch, register_worker
     from .recipe import load_recipe
-    from .train import train
 
     register_worker()  # under our launcher: signals reach this worker through the launching process
 
@@ -86,6 +85,8 @@ def run(
         argv = ["run", str(path.resolve()), *(a for o in set_ for a in ("--set", o))]
         argv += (["--resume", resume] if resume else []) + (["--force"] if force else [])
         raise typer.Exit(launch(recipe_obj, argv, console))
+    from .train import train  # torch and transformers: only where this process trains
+
     result = train(recipe_obj, resume=resume or False, force=force, console=console)
     if result is None:  # a worker other than rank 0: rank 0 reports
         return

@@ -20,8 +20,8 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-import torch
-
+# torch is imported inside the functions that run in workers: `gptj-tune run` on a multi-process
+# recipe only starts the launcher, and starts it ~1 s sooner without importing torch first.
 from .errors import RecipeError
 from .recipe import Recipe
 
@@ -169,6 +169,8 @@ def report_worker_error(message: str, exit_code: int) -> None:
 
 def make_accelerator(recipe: Recipe):
     """The Accelerator for the recipe's backend. On CPU, collectives run on gloo."""
+    import torch
+
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
@@ -199,6 +201,8 @@ def make_accelerator(recipe: Recipe):
 
 def deepspeed_config(recipe: Recipe) -> dict:
     """The DeepSpeed JSON: built from the recipe, or the user's file with `auto` values filled in."""
+    import torch
+
     d, t = recipe.distributed, recipe.train
     filled = {
         "train_micro_batch_size_per_gpu": t.batch_size,
@@ -277,6 +281,8 @@ def is_zero3(recipe: Recipe) -> bool:
 
 def all_sum(values: list[float], accelerator) -> list[float]:
     """Sum a few numbers over every process (one small collective; none with one process)."""
+    import torch
+
     if accelerator.num_processes == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
@@ -307,6 +313,7 @@ def prepare_model_and_optimizer(accelerator, recipe: Recipe, model, make_optimiz
 
 def shard_with_fsdp(model, recipe: Recipe):
     """FSDP2 in place: each transformer block is one shard unit, then the whole model (embeddings, head)."""
+    import torch
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -351,6 +358,8 @@ def full_state_dict(accelerator, model, recipe: Recipe) -> dict | None:
 def save_engine_state(folder: Path, accelerator, model, optimizer, recipe: Recipe) -> None:
     """A checkpoint's weights and optimizer state, as the backend holds them. Collective: every
     process calls it; each writes its own shards."""
+    import torch
+
     backend, raw_optimizer = recipe.distributed.backend, getattr(optimizer, "optimizer", optimizer)
     if backend == "deepspeed":
         model.save_checkpoint(str(folder / "deepspeed"), tag="state")
@@ -374,6 +383,8 @@ def save_engine_state(folder: Path, accelerator, model, optimizer, recipe: Recip
 
 def load_engine_state(folder: Path, accelerator, model, optimizer, recipe: Recipe, load_weights) -> None:
     """Inverse of save_engine_state. `load_weights(folder, model)` reads the one-process format."""
+    import torch
+
     backend, raw_optimizer = recipe.distributed.backend, getattr(optimizer, "optimizer", optimizer)
     if backend == "deepspeed":
         loaded, _ = model.load_checkpoint(str(folder / "deepspeed"), tag="state", load_lr_scheduler_states=False)
