@@ -188,6 +188,23 @@ def test_a_failing_worker_ends_the_job_with_its_message(tmp_path):
     assert time.time() - started < 120  # rank 1 was waiting for the data: it was stopped, not left hanging
 
 
+def test_the_launching_process_does_not_import_torch(tmp_path):
+    """`gptj-tune run` on a multi-process recipe only reads the recipe and starts the launcher: the
+    workers import torch, transformers and peft; the process that waits for them does not."""
+    recipe = recipe_file(tmp_path)
+    code = (
+        "import sys\n"
+        "from gptj_tune import cli, distributed, recipe\n"
+        f"r = recipe.load_recipe({str(recipe)!r}, ['distributed.backend=ddp', 'distributed.num_processes=2'])\n"
+        "assert distributed.needs_launch(r)\n"
+        "distributed._launcher_command(r, ['run'])\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'deepspeed') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+
+
 # ------------------------------------------------------------------------------- recipe checks
 
 
