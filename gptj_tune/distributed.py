@@ -78,19 +78,27 @@ def launch(recipe: Recipe, argv: list[str], console) -> int:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-        if code == 0:
+        reports = sorted(Path(errors).glob("rank-*.json"), key=lambda p: p.stat().st_mtime) if code else []
+        first = json.loads(reports[0].read_text()) if reports else None
+        stopped = first["exit_code"] == 130 if first else bool(signalled)
+        # The launcher's log (workers' stderr) is kept only for a failure, and only if it holds anything.
+        kept = code != 0 and not stopped and os.path.getsize(log.name) > 0
+        if not kept:
             os.unlink(log.name)
+        if code == 0:
             return 0
-        reports = sorted(Path(errors).glob("rank-*.json"), key=lambda p: p.stat().st_mtime)
-        if reports:
-            first = json.loads(reports[0].read_text())
-            what = "[yellow]stopped[/]" if first["exit_code"] == 130 else "[red]error[/]"
+        if first:
+            what = "[yellow]stopped[/]" if stopped else "[red]error[/]"
             console.print(f"{what} (rank {first['rank']}): {first['message']}", soft_wrap=True)
-            console.print(f"[dim]launcher log: {log.name}[/]")
+            if kept:
+                console.print(f"[dim]launcher log: {log.name}[/]")
             return int(first["exit_code"])
-        if signalled:
+        if stopped:
             console.print("[yellow]stopped:[/] the workers ended on the signal before saving a checkpoint")
             return 130
+        if not kept:
+            console.print("[red]error:[/] a worker died without a message (killed, or out of memory?); the launcher printed nothing")
+            return code if code > 0 else 1
         log.seek(0)
         tail = log.read().splitlines()[-15:]
         console.print("[red]error:[/] a worker died without a message (killed, or out of memory?). Last lines of the launcher log:")

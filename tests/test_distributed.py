@@ -115,8 +115,11 @@ def test_sharded_run_interrupted_and_resumed_continues_the_same_curve(tmp_path, 
     # workers are in a session of their own: only `gptj-tune run` gets it, and hands it on once.
     # Early (3 of 30 steps), so that a fast machine cannot finish the run before the signal lands.
     args = [*run_args(tmp_path / "cut", backend, stage), *extra]
+    temp = tmp_path / "tmp"
+    temp.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "gptj_tune", "run", str(recipe), *args, "--set", "train.save_every=100"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "TMPDIR": str(temp)})  # fmt: skip
     metrics = tmp_path / "cut" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -129,6 +132,7 @@ def test_sharded_run_interrupted_and_resumed_continues_the_same_curve(tmp_path, 
     assert "checkpoint saved" in out + err
     saved = sorted((tmp_path / "cut" / "checkpoints").iterdir())
     assert len(saved) == 1 and 3 <= int(saved[0].name.split("-")[1]) < 30, saved
+    assert not list(temp.glob("gptj-tune-launcher-*")), "a stopped run leaves no launcher log behind"
 
     resumed = cli("run", str(recipe), *args, "--set", "train.save_every=100", "--resume")
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
@@ -181,11 +185,16 @@ def test_a_failing_worker_ends_the_job_with_its_message(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(method=FULL, steps=4).replace(
         "[{format: synthetic, count: 600}]", f"[{{format: alpaca, path: {bad}}}]"))  # fmt: skip
     started = time.time()
-    result = cli("run", str(recipe), *run_args(tmp_path / "run", "ddp"), timeout=180)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    result = cli("run", str(recipe), *run_args(tmp_path / "run", "ddp"), timeout=180, env={**os.environ, "TMPDIR": str(temp)})
     assert result.returncode == 2, result.stdout + result.stderr
     assert "(rank 0)" in result.stdout and "bad.jsonl:2" in result.stdout and "output" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
     assert time.time() - started < 120  # rank 1 was waiting for the data: it was stopped, not left hanging
+    # The launcher's log is kept only when it holds something, and then the message names it.
+    logs = list(temp.glob("gptj-tune-launcher-*.log"))
+    assert all(log.stat().st_size > 0 and str(log) in result.stdout.replace("\n", "") for log in logs), logs
 
 
 def test_the_launching_process_does_not_import_torch(tmp_path):
