@@ -80,6 +80,73 @@ def test_unknown_family_needs_explicit_targets(tiny):
         lora_targets("llama")
 
 
+@pytest.fixture(scope="module")
+def gpt_neo_folder(tiny, tmp_path_factory):
+    """A tiny GPT-Neo saved like a hub checkpoint (local + global layers, a 32-token window),
+    with the tiny tokenizer."""
+    from transformers import AutoTokenizer, GPTNeoConfig, GPTNeoForCausalLM
+
+    out = tmp_path_factory.mktemp("gpt-neo") / "model"
+    tok = AutoTokenizer.from_pretrained(tiny[0])
+    config = GPTNeoConfig(vocab_size=len(tok), max_position_embeddings=256, hidden_size=64, num_layers=2, num_heads=4,
+                          attention_types=[[["global", "local"], 1]], window_size=32,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    GPTNeoForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_gpt_neo_packed_rows_keep_the_local_window(gpt_neo_folder):
+    """Two examples longer than GPT-Neo's local window, packed in one row under our block-causal mask,
+    get the logits each gets alone: the local layers still see only the last 32 tokens."""
+    model, _ = load_model_and_tokenizer(ModelSection(name_or_path=str(gpt_neo_folder)), str(gpt_neo_folder))
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(3, 500, (1, 60), generator=g), torch.randint(3, 500, (1, 50), generator=g)
+    positions = torch.cat([torch.arange(60), torch.arange(50)])[None]
+    with torch.no_grad():
+        packed = model(input_ids=torch.cat([a, b], 1), position_ids=positions,
+                       attention_mask=block_causal_mask(positions, torch.float32)).logits  # fmt: skip
+        alone = torch.cat([model(input_ids=a).logits, model(input_ids=b).logits], 1)
+        unwindowed = model(input_ids=a, attention_mask=block_causal_mask(torch.arange(60)[None], torch.float32)).logits
+    assert (packed - alone).abs().max() < 1e-5
+    assert torch.equal(unwindowed, alone[:, :60])  # the mask did not replace the window
+    from transformers import AutoModelForCausalLM
+
+    wide = AutoModelForCausalLM.from_pretrained(gpt_neo_folder, window_size=256).eval()  # the same weights, no window
+    with torch.no_grad():
+        assert (wide(input_ids=a).logits - alone[:, :60]).abs()[0, 40:].max() > 1e-3  # so the window matters here
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_gpt_neo_checkpoint_trains_from_a_recipe(tmp_path, gpt_neo_folder, method):
+    import json
+
+    from conftest import cli, write_recipe
+    from peft import PeftConfig
+
+    recipe = write_recipe(tmp_path / "neo.yaml", f"""\
+model: {{name_or_path: {gpt_neo_folder}}}
+method: {{kind: {method}}}
+data: {{sources: [{{format: synthetic, count: 600}}], template: plain, max_length: 128}}
+train: {{lr: 1.0e-3, max_steps: 30, batch_size: 4, warmup_steps: 2, log_every: 5, save_every: 30, seed: 7}}
+output: {{dir: {tmp_path / "run"}}}
+""")
+    result = cli("run", str(recipe))
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    loss = {x["step"]: x["loss"] for x in lines if "loss" in x}
+    if method == "full":
+        assert loss[30] < loss[5] - 0.3, loss
+        from transformers import AutoModelForCausalLM
+
+        assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final").config.model_type == "gpt_neo"
+    else:  # GPT-Neo's own module names got the adapters (no GPT-J names like fc_in)
+        targets = set(PeftConfig.from_pretrained(tmp_path / "run" / "final").target_modules)
+        assert targets == {"q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"}
+
+
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(ModelError, match=r"'EleutherAI/gpt-j-6b' is not a local folder.*HF_HUB_OFFLINE is set"):
         load_model_and_tokenizer(ModelSection(name_or_path="EleutherAI/gpt-j-6b"), "EleutherAI/gpt-j-6b")
