@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def build_model(shape: str, folder: Path, tokenizer_dir: Path, device: str) -> None:
+def build_model(shape: str, folder: Path, tokenizer_dir: Path) -> None:
     from gptj_tune.models import build_tiny_gptj
     from gptj_tune.recipe import ModelSection
 
@@ -28,8 +28,6 @@ def build_model(shape: str, folder: Path, tokenizer_dir: Path, device: str) -> N
     import torch
     from transformers import AutoTokenizer, GPTJConfig, GPTJForCausalLM
 
-    if device != "cuda":
-        raise SystemExit("the gptj-6b shape runs on a GPU only (--device cuda)")
     with torch.device("cuda"):
         model = GPTJForCausalLM(GPTJConfig()).to(torch.bfloat16)
     model.save_pretrained(folder)
@@ -47,17 +45,29 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for name in ("limit", "batch_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: use 1 or more")
+    data = Path(args.data_dir)
+    if not (data / "benchmarks").is_dir() or not (data / "gpt2-tokenizer").is_dir():
+        raise SystemExit(f"--data-dir: {data} has no benchmarks/ and gpt2-tokenizer/ (the shared data folder)")
+    if args.shape == "gptj-6b" and args.device != "cuda":
+        raise SystemExit("the gptj-6b shape runs on a GPU only (--device cuda)")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: this torch sees no CUDA device (torch.cuda.is_available() is False)")
 
     from rich.console import Console
     from rich.table import Table
 
     from gptj_tune.harness import TASKS, prepare_tasks, run_benchmarks
 
-    data = Path(args.data_dir)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
-        build_model(args.shape, model_dir, data / "gpt2-tokenizer", args.device)
+        build_model(args.shape, model_dir, data / "gpt2-tokenizer")
         for task in TASKS:
             files = prepare_tasks([task], data / "benchmarks", Path(tmp) / "tasks" / task)
             run_benchmarks({"pretrained": str(model_dir)}, files, 2, args.batch_size, args.device)  # warm-up
@@ -74,7 +84,9 @@ def main() -> None:
 
     meta = {"shape": args.shape, "device": args.device, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}  # fmt: skip
-    Path(args.out).write_text(json.dumps({**meta, "results": rows}, indent=2))
+    tmp_out = Path(args.out).with_suffix(".json.tmp")  # an earlier result is replaced whole or not at all
+    tmp_out.write_text(json.dumps({**meta, "results": rows}, indent=2))
+    tmp_out.replace(args.out)
     print(f"wrote {args.out}")
 
 

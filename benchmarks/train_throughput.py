@@ -54,12 +54,10 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
 # --------------------------------------------------------------------------------- the workload
 
 
-def build_model(shape: str, folder: Path, device: str) -> None:
+def build_model(shape: str, folder: Path) -> None:
     import torch
     from transformers import GPTJConfig, GPTJForCausalLM
 
-    if shape == "gptj-6b" and device != "cuda":
-        raise SystemExit("the gptj-6b shape runs on a GPU only (--device cuda)")
     config = GPTJConfig(vocab_size=50400, n_positions=2048, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0, **SHAPES[shape])
     torch.manual_seed(0)
     if shape == "gptj-6b":
@@ -315,8 +313,24 @@ def main() -> None:
     if args.worker:
         return worker(args.worker, json.loads(Path(args.spec).read_text()), Path(args.result))
 
+    if args.steps is not None and args.steps < 1:
+        raise SystemExit(f"--steps {args.steps}: use 1 or more")
     if args.steps:
         args.records = args.steps * args.batch_size
+    if not 64 <= args.max_length <= 2048:
+        raise SystemExit(f"--max-length {args.max_length}: use 64 to 2048 (GPT-J's context; the Alpaca template's "
+                         f"prompt alone takes ~40 tokens, so shorter rows keep no response tokens to train on)")  # fmt: skip
+    for name in ("batch_size", "packed_batch_size", "repeats", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} {value}: use 1 or more")
+    if args.shape == "gptj-6b" and args.device != "cuda":
+        raise SystemExit("the gptj-6b shape runs on a GPU only (--device cuda)")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: this torch sees no CUDA device (torch.cuda.is_available() is False)")
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     unknown = set(engines) - set(ENGINES)
     if unknown:
@@ -334,7 +348,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {e: [] for e in engines}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
-        build_model(args.shape, model_dir, args.device)
+        build_model(args.shape, model_dir)
         spec = {
             "device": args.device, "shape": args.shape, "method": args.method, "records": args.records,
             "max_length": args.max_length, "batch_size": args.batch_size, "seed": args.seed,

@@ -34,3 +34,50 @@ def test_train_throughput_harness_runs_every_engine_on_the_same_tokens(tmp_path,
             assert e["ours_over_this"] == pytest.approx(engines["gptj-tune"]["tokens_per_s"] / e["tokens_per_s"])
     assert engines["trl-best"]["padding_efficiency"] == 1.0  # padding-free packing
     assert engines["hf-trainer"]["padding_efficiency"] < 0.95  # per-batch padding
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--max-length", "32"], "--max-length 32: use 64 to 2048"),
+        (["--steps", "0"], "--steps 0: use 1 or more"),
+        (["--batch-size", "0"], "--batch-size 0: use 1 or more"),
+        (["--records", "60000"], "--records 60000: use 1 to 50,000"),
+        (["--engines", "gptj-tune,axolotl"], "--engines: unknown ['axolotl']"),
+        (["--shape", "gptj-6b"], "the gptj-6b shape runs on a GPU only"),
+    ],
+)
+def test_harness_arguments_are_checked_before_any_work(tmp_path, shared_data, args, message):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--data-dir", str(shared_data),
+           "--out", str(tmp_path / "x.json"), *args]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "x.json").exists()
+
+
+def test_eval_speed_runs_every_task_and_writes_json(tmp_path, shared_data):
+    out = tmp_path / "es.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "eval_speed.py"), "--limit", "2", "--batch-size", "2",
+           "--data-dir", str(shared_data), "--out", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["shape"] == "tiny" and report["device"] == "cpu" and report["batch_size"] == 2
+    assert [r["task"] for r in report["results"]] == ["lambada_openai", "hellaswag", "piqa", "winogrande", "arc_easy"]
+    for r in report["results"]:
+        assert r["items"] == 2 and r["items_per_s"] == pytest.approx(2 / r["seconds"]) and 0 <= r["metrics"]["acc"] <= 1
+    assert "lm-eval speed: tiny on cpu" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--limit", "0"], "--limit 0: use 1 or more"),
+        (["--shape", "gptj-6b"], "the gptj-6b shape runs on a GPU only"),
+    ],
+)
+def test_eval_speed_arguments_are_checked_before_any_work(tmp_path, shared_data, args, message):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "eval_speed.py"), "--data-dir", str(shared_data), "--out", str(tmp_path / "x.json"), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "x.json").exists()
