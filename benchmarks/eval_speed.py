@@ -1,6 +1,7 @@
 """Benchmark (not a test): lm-eval items/s for each shipped task, through `gptj-tune`'s task files.
 
-    python benchmarks/eval_speed.py [--shape tiny|gptj-6b] [--device cpu|cuda] [--limit 50] [--out eval_speed.json]
+    python benchmarks/eval_speed.py [--shape tiny|gptj-6b] [--device cpu|cuda] [--limit 50]
+        [--tasks piqa,arc_easy] [--out eval_speed.json]
 
 `tiny` is the built-in tiny GPT-J around the real GPT-2 tokenizer (so GPT-J's 50400-row head);
 `gptj-6b` is GPT-J-6B's shape with random weights in bf16 (GPU only). Data: ../shared/data/benchmarks.
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--limit", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--tasks", default=None, help="Comma-separated subset of the shipped tasks (default: all five).")
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--out", default="eval_speed.json")
     args = parser.parse_args()
@@ -48,6 +50,12 @@ def main() -> None:
     for name in ("limit", "batch_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: use 1 or more")
+    from gptj_tune.harness import TASKS
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(TASKS)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise SystemExit(f"--tasks: unknown {unknown or '(none given)'}; choose from {', '.join(TASKS)}")
     data = Path(args.data_dir)
     if not (data / "benchmarks").is_dir() or not (data / "gpt2-tokenizer").is_dir():
         raise SystemExit(f"--data-dir: {data} has no benchmarks/ and gpt2-tokenizer/ (the shared data folder)")
@@ -62,13 +70,13 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from gptj_tune.harness import TASKS, prepare_tasks, run_benchmarks
+    from gptj_tune.harness import prepare_tasks, run_benchmarks
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
         build_model(args.shape, model_dir, data / "gpt2-tokenizer")
-        for task in TASKS:
+        for task in tasks:
             files = prepare_tasks([task], data / "benchmarks", Path(tmp) / "tasks" / task)
             run_benchmarks({"pretrained": str(model_dir)}, files, 2, args.batch_size, args.device)  # warm-up
             start = time.perf_counter()
