@@ -47,10 +47,10 @@ def launch(recipe: Recipe, argv: list[str], console) -> int:
     The launcher stops all workers as soon as one fails, so a failure never turns into a hang.
     """
     d = recipe.distributed
+    command = _launcher_command(recipe, argv)  # a bad hostfile is an error before any file is made
     with tempfile.TemporaryDirectory(prefix="gptj-tune-errors-") as errors, tempfile.NamedTemporaryFile(
         "w+", prefix="gptj-tune-launcher-", suffix=".log", delete=False
     ) as log:
-        command = _launcher_command(recipe, argv)
         env = {**os.environ, ERROR_DIR_ENV: errors, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         console.print(
             f"Launching {d.num_processes} worker(s) on machine {d.machine_rank} of {d.num_machines} "

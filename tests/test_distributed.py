@@ -291,12 +291,16 @@ def test_deepspeed_hostfile_launch(tmp_path, single_run):
     ours, reference = losses(tmp_path / "run"), losses(single_run)
     assert max(abs(ours[s] - reference[s]) for s in ours) < TOLERANCE
 
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp)}
     (tmp_path / "hosts").write_text("localhost slots=2\nother slots=2\n")
-    mismatch = cli("run", str(recipe), *args, "--force")
+    mismatch = cli("run", str(recipe), *args, "--force", env=env)
     assert mismatch.returncode == 2 and "lists 2 machine(s)" in mismatch.stderr + mismatch.stdout
     (tmp_path / "hosts").write_text("localhost 2\n")
-    bad = cli("run", str(recipe), *args, "--force")
+    bad = cli("run", str(recipe), *args, "--force", env=env)
     assert bad.returncode == 2 and "line 1: expected `HOST slots=N`" in bad.stderr + bad.stdout
+    assert not list(temp.iterdir()), "a hostfile error leaves no launcher files behind"
 
 
 def test_ctrl_c_while_workers_start_stops_the_whole_launch(tmp_path):
