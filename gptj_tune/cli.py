@@ -5,11 +5,13 @@ Library errors (GptjTuneError) become one clear message and an exit code, never 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -20,7 +22,7 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
-from .errors import GptjTuneError, RecipeError
+from .errors import GptjTuneError, RecipeError, Stopped
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="Fine-tune GPT-J (and GPT-Neo) from a YAML recipe.")
 recipes_app = typer.Typer(help="List shipped recipes, or copy one out to edit.", invoke_without_command=True)
@@ -39,7 +41,8 @@ def _friendly(fn):
         try:
             return fn(*args, **kwargs)
         except GptjTuneError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+            text = f"[yellow]{e}[/]" if isinstance(e, Stopped) else f"[bold red]error:[/] {e}"  # a stop says "stopped ..."
+            err_console.print(text, highlight=False, markup=True, soft_wrap=True)
             report_worker_error(str(e), e.exit_code)
             raise typer.Exit(e.exit_code)
         except Exception as e:  # a bug or a library failure: keep the traceback, tell the launcher why
@@ -63,6 +66,35 @@ def _resolve_recipe_path(recipe: str) -> Path:
     return shipped if shipped.exists() else path
 
 
+@contextlib.contextmanager
+def _signals_stop_the_command():
+    """Ctrl-C or SIGTERM outside the training loop (imports, loading, data preparation, the final
+    save) stops the command at once with exit 130. A signal can land inside an import, which some
+    libraries then report as another error (seen: a worker stopped while importing said
+    `ModuleNotFoundError: No module named 'version'`), so after a signal whatever ends the command
+    is reported as the stop. The training loop installs its own handlers (finish the step, save a
+    checkpoint, stop) and gives these back when it ends."""
+    received: list[int] = []
+
+    def handler(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except (Exception, KeyboardInterrupt) as e:
+        if not received or isinstance(e, (GptjTuneError, typer.Exit)):
+            raise
+        raise Stopped(
+            f"stopped by {signal.Signals(received[0]).name} outside the training loop; files are written whole or "
+            f"not at all, and a run with a checkpoint continues with --resume"
+        ) from None
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 @app.command()
 @_friendly
 def run(
@@ -77,17 +109,17 @@ def run(
     from .distributed import launch, needs_launch, register_worker
     from .recipe import load_recipe
 
-    register_worker()  # under our launcher: signals reach this worker through the launching process
+    with _signals_stop_the_command():
+        register_worker()  # under our launcher: signals reach this worker through the launching process
+        path = _resolve_recipe_path(recipe)
+        recipe_obj = load_recipe(path, set_)
+        if needs_launch(recipe_obj):  # start the workers, which run this same command
+            argv = ["run", str(path.resolve()), *(a for o in set_ for a in ("--set", o))]
+            argv += (["--resume", resume] if resume else []) + (["--force"] if force else [])
+            raise typer.Exit(launch(recipe_obj, argv, console))
+        from .train import train  # torch and transformers: only where this process trains
 
-    path = _resolve_recipe_path(recipe)
-    recipe_obj = load_recipe(path, set_)
-    if needs_launch(recipe_obj):  # start the workers, which run this same command
-        argv = ["run", str(path.resolve()), *(a for o in set_ for a in ("--set", o))]
-        argv += (["--resume", resume] if resume else []) + (["--force"] if force else [])
-        raise typer.Exit(launch(recipe_obj, argv, console))
-    from .train import train  # torch and transformers: only where this process trains
-
-    result = train(recipe_obj, resume=resume or False, force=force, console=console)
+        result = train(recipe_obj, resume=resume or False, force=force, console=console)
     if result is None:  # a worker other than rank 0: rank 0 reports
         return
     table = Table(title=f"Run finished: {result.run_dir}", show_header=False)

@@ -48,63 +48,78 @@ def launch(recipe: Recipe, argv: list[str], console) -> int:
     """
     d = recipe.distributed
     command = _launcher_command(recipe, argv)  # a bad hostfile is an error before any file is made
-    with tempfile.TemporaryDirectory(prefix="gptj-tune-errors-") as errors, tempfile.NamedTemporaryFile(
-        "w+", prefix="gptj-tune-launcher-", suffix=".log", delete=False
-    ) as log:
-        env = {**os.environ, ERROR_DIR_ENV: errors, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        console.print(
-            f"Launching {d.num_processes} worker(s) on machine {d.machine_rank} of {d.num_machines} "
-            f"({d.backend}, world size {d.world_size})"
-        )
-        # The launcher runs in its own session, so Ctrl-C (or a SIGTERM sent to this process) never
-        # reaches it: torch's launcher would pass the signal on a second time and SIGKILL workers
-        # still saving after 30 s. This process hands each signal to the workers, once.
-        launcher = subprocess.Popen(command, env=env, stderr=log, start_new_session=True)
-        signalled: list[int] = []
+    console.print(
+        f"Launching {d.num_processes} worker(s) on machine {d.machine_rank} of {d.num_machines} "
+        f"({d.backend}, world size {d.world_size})"
+    )
+    # The launcher runs in its own session, so Ctrl-C (or a SIGTERM sent to this process) never
+    # reaches it: torch's launcher would pass the signal on a second time and SIGKILL workers
+    # still saving after 30 s. This process hands each signal to the workers, once. The handler is
+    # in place before any file or process exists, so no signal can leave either behind.
+    signalled: list[int] = []
+    launcher: subprocess.Popen | None = None
+    errors = ""
 
-        def forward(signum, frame):
-            signalled.append(signum)
-            pid_files = list(Path(errors).glob("pid-*"))
-            if not pid_files:  # still starting: nothing to save, stop the whole launch
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(launcher.pid, signum)
-            for pid_file in pid_files:
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid_file.read_text()), signum)
+    def forward(signum, frame):
+        signalled.append(signum)
+        if launcher is None or launcher.returncode is not None:  # not started (it will not be), or ended
+            return
+        pid_files = list(Path(errors).glob("pid-*"))
+        if not pid_files:  # still starting: nothing to save, stop the whole launch
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(launcher.pid, signum)
+        for pid_file in pid_files:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_file.read_text()), signum)
 
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            code = launcher.wait()
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-        reports = sorted(Path(errors).glob("rank-*.json"), key=lambda p: p.stat().st_mtime) if code else []
-        first = json.loads(reports[0].read_text()) if reports else None
-        stopped = first["exit_code"] == 130 if first else bool(signalled)
-        # The launcher's log (workers' stderr) is kept only for a failure, and only if it holds anything.
-        kept = code != 0 and not stopped and os.path.getsize(log.name) > 0
-        if not kept:
-            os.unlink(log.name)
-        if code == 0:
-            return 0
-        if first:
-            what = "[yellow]stopped[/]" if stopped else "[red]error[/]"
-            console.print(f"{what} (rank {first['rank']}): {first['message']}", soft_wrap=True)
-            if kept:
-                console.print(f"[dim]launcher log: {log.name}[/]")
-            return int(first["exit_code"])
-        if stopped:
-            console.print("[yellow]stopped:[/] the workers ended on the signal before saving a checkpoint")
-            return 130
-        if not kept:
-            console.print("[red]error:[/] a worker died without a message (killed, or out of memory?); the launcher printed nothing")
-            return code if code > 0 else 1
-        log.seek(0)
-        tail = log.read().splitlines()[-15:]
-        console.print("[red]error:[/] a worker died without a message (killed, or out of memory?). Last lines of the launcher log:")
-        console.print("\n".join(tail), markup=False, highlight=False)
-        console.print(f"[dim]full log: {log.name}[/]")
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with tempfile.TemporaryDirectory(prefix="gptj-tune-errors-") as errors, tempfile.NamedTemporaryFile(
+            "w+", prefix="gptj-tune-launcher-", suffix=".log", delete=False
+        ) as log:
+            code = None
+            if not signalled:
+                env = {**os.environ, ERROR_DIR_ENV: errors, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+                launcher = subprocess.Popen(command, env=env, stderr=log, start_new_session=True)
+                if signalled:  # it came while the launcher was being started
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(launcher.pid, signalled[0])
+                code = launcher.wait()
+            return _outcome(code, Path(errors), log, bool(signalled), console)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _outcome(code: int | None, errors: Path, log, signalled: bool, console) -> int:
+    """What a launch ended with (code None: stopped before it started), said once; the exit code."""
+    reports = sorted(errors.glob("rank-*.json"), key=lambda p: p.stat().st_mtime) if code else []
+    first = json.loads(reports[0].read_text()) if reports else None
+    stopped = first["exit_code"] == 130 if first else signalled
+    # The launcher's log (workers' stderr) is kept only for a failure, and only if it holds anything.
+    kept = code is not None and code != 0 and not stopped and os.path.getsize(log.name) > 0
+    if not kept:
+        os.unlink(log.name)
+    if code == 0:
+        return 0
+    if first:
+        what = "[yellow]stopped[/]" if stopped else "[red]error[/]"
+        console.print(f"{what} (rank {first['rank']}): {first['message']}", soft_wrap=True)
+        if kept:
+            console.print(f"[dim]launcher log: {log.name}[/]")
+        return int(first["exit_code"])
+    if stopped:
+        console.print("[yellow]stopped:[/] the workers ended on the signal before saving a checkpoint")
+        return 130
+    if not kept:
+        console.print("[red]error:[/] a worker died without a message (killed, or out of memory?); the launcher printed nothing")
         return code if code > 0 else 1
+    log.seek(0)
+    tail = log.read().splitlines()[-15:]
+    console.print("[red]error:[/] a worker died without a message (killed, or out of memory?). Last lines of the launcher log:")
+    console.print("\n".join(tail), markup=False, highlight=False)
+    console.print(f"[dim]full log: {log.name}[/]")
+    return code if code > 0 else 1
 
 
 def _launcher_command(recipe: Recipe, argv: list[str]) -> list[str]:

@@ -35,6 +35,12 @@ class RunDirError(GptjTuneError):
     """The run directory is missing, already used, or its checkpoints are unusable."""
 
 
+class Stopped(GptjTuneError):
+    """Stopped by Ctrl-C or SIGTERM: exit code 130, as a shell reports a Ctrl-C."""
+
+    exit_code = 130
+
+
 class TrainingError(GptjTuneError):
     """Training cannot continue (e.g. the loss became NaN). The last good checkpoint is kept."""
 

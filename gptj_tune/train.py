@@ -22,7 +22,7 @@ from .checkpoints import load_checkpoint, save_checkpoint
 from .data import PreparedData, prepare_data
 from .data.tokenize import Batches
 from .distributed import full_state_dict, is_deepspeed, prepare_model_and_optimizer, weights_are_sharded
-from .errors import DataError, GptjTuneError, RecipeError, TrainingError
+from .errors import DataError, RecipeError, Stopped, TrainingError
 from .fast import CompileUnavailable, check_can_compile, compile_blocks, use_cheap_dropout, use_fused_lora, use_loss_head
 from .host import CPU_16BIT_WIDTH_MULTIPLE, bf16_advice, keep_freed_memory, own_trainable_weights
 from .methods import apply_method, count_parameters
@@ -43,10 +43,8 @@ from .step import (
 )
 
 
-class Interrupted(GptjTuneError):
+class Interrupted(Stopped):
     """Stopped by Ctrl-C / SIGTERM after saving a checkpoint."""
-
-    exit_code = 130
 
 
 @dataclass

@@ -303,19 +303,32 @@ def test_deepspeed_hostfile_launch(tmp_path, single_run):
     assert not list(temp.iterdir()), "a hostfile error leaves no launcher files behind"
 
 
-def test_ctrl_c_while_workers_start_stops_the_whole_launch(tmp_path):
-    """Nothing to save yet: every process of the launch ends promptly, exit 130, none left behind."""
+@pytest.mark.parametrize("when", ["launcher-starting", "workers-importing"])
+def test_ctrl_c_while_workers_start_stops_the_whole_launch(tmp_path, when):
+    """Nothing to save yet: every process of the launch ends promptly, exit 130, reported as a stop
+    (not as whatever error an import cut short turns into), none left behind. `launcher-starting`:
+    the signal lands before any worker runs our code; `workers-importing`: once every worker has
+    registered, while it imports torch and transformers."""
     recipe = recipe_file(tmp_path, steps=500)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "gptj_tune", "run", str(recipe), *run_args(tmp_path / "run", "ddp")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
-    time.sleep(2)  # the launcher is up, the workers are still importing
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "TMPDIR": str(temp)})  # fmt: skip
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        folders = list(temp.glob("gptj-tune-errors-*"))
+        if folders and (when == "launcher-starting" or len(list(folders[0].glob("pid-*"))) == 2):
+            break
+        time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, out[-2000:] + err[-2000:]
-    assert "stopped" in out + err
+    assert "stopped" in out + err and "error" not in out + err, out[-2000:] + err[-2000:]
     time.sleep(1)
     left = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline_mentions(p, str(tmp_path))]
     assert not left, left
+    assert not list(temp.glob("gptj-tune-launcher-*")), "a stopped launch leaves no launcher log"
 
 
 def _cmdline_mentions(proc_dir, text: str) -> bool:

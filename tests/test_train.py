@@ -103,6 +103,22 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_the_same_curve(tmp_path)
     assert max(abs(a[s] - b[s]) for s in a) < 1e-5
 
 
+def test_ctrl_c_before_the_training_loop_stops_at_once_without_a_traceback(tmp_path):
+    """A signal while the run prepares (here: tokenizing 30,000 records) ends it with exit 130 and one
+    line, not a KeyboardInterrupt traceback from inside a library, and leaves no checkpoint."""
+    recipe = small_recipe(tmp_path, steps=40)
+    recipe.write_text(recipe.read_text().replace("count: 600", "count: 30000"))
+    proc = subprocess.Popen([sys.executable, "-m", "gptj_tune", "run", str(recipe)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (tmp_path / "run" / "recipe.yaml").exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-2000:] + err[-3000:]
+    assert "stopped by SIGINT outside the training loop" in err and "Traceback" not in out + err, err[-3000:]
+    assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
+
+
 def test_a_signal_passed_on_twice_by_a_launcher_stops_once_and_a_later_one_aborts(monkeypatch):
     from rich.console import Console
 
