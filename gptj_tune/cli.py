@@ -84,7 +84,7 @@ def _signals_stop_the_command():
     try:
         yield
     except (Exception, KeyboardInterrupt) as e:
-        if not received or isinstance(e, (GptjTuneError, typer.Exit)):
+        if not received or isinstance(e, (Stopped, typer.Exit)):  # (our own errors too: ModelError wraps ImportError)
             raise
         raise Stopped(
             f"stopped by {signal.Signals(received[0]).name} outside the training loop; files are written whole or "
