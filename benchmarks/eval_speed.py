@@ -16,6 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from checks import require_at_least_one, require_device
+
+from gptj_tune.rundir import atomic_write_text
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -47,9 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    for name in ("limit", "batch_size"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: use 1 or more")
+    require_at_least_one(args, "limit", "batch_size")
     from gptj_tune.harness import TASKS
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(TASKS)
@@ -59,13 +61,7 @@ def main() -> None:
     data = Path(args.data_dir)
     if not (data / "benchmarks").is_dir() or not (data / "gpt2-tokenizer").is_dir():
         raise SystemExit(f"--data-dir: {data} has no benchmarks/ and gpt2-tokenizer/ (the shared data folder)")
-    if args.shape == "gptj-6b" and args.device != "cuda":
-        raise SystemExit("the gptj-6b shape runs on a GPU only (--device cuda)")
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: this torch sees no CUDA device (torch.cuda.is_available() is False)")
+    require_device(args.shape, args.device)
 
     from rich.console import Console
     from rich.table import Table
@@ -92,9 +88,7 @@ def main() -> None:
 
     meta = {"shape": args.shape, "device": args.device, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}  # fmt: skip
-    tmp_out = Path(args.out).with_suffix(".json.tmp")  # an earlier result is replaced whole or not at all
-    tmp_out.write_text(json.dumps({**meta, "results": rows}, indent=2))
-    tmp_out.replace(args.out)
+    atomic_write_text(Path(args.out), json.dumps({**meta, "results": rows}, indent=2))  # whole or not at all
     print(f"wrote {args.out}")
 
 

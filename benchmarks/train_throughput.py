@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from checks import require_at_least_one, require_device
+
 REPO = Path(__file__).resolve().parent.parent
 ENGINES = ["gptj-tune", "trl-default", "trl-best", "hf-trainer"]
 SHAPES = {  # GPT-J configs; every shape keeps GPT-J's 50400-row embedding and head
@@ -313,24 +315,13 @@ def main() -> None:
     if args.worker:
         return worker(args.worker, json.loads(Path(args.spec).read_text()), Path(args.result))
 
-    if args.steps is not None and args.steps < 1:
-        raise SystemExit(f"--steps {args.steps}: use 1 or more")
+    require_at_least_one(args, "steps", "batch_size", "packed_batch_size", "repeats", "threads")
     if args.steps:
         args.records = args.steps * args.batch_size
     if not 64 <= args.max_length <= 2048:
         raise SystemExit(f"--max-length {args.max_length}: use 64 to 2048 (GPT-J's context; the Alpaca template's "
                          f"prompt alone takes ~40 tokens, so shorter rows keep no response tokens to train on)")  # fmt: skip
-    for name in ("batch_size", "packed_batch_size", "repeats", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} {value}: use 1 or more")
-    if args.shape == "gptj-6b" and args.device != "cuda":
-        raise SystemExit("the gptj-6b shape runs on a GPU only (--device cuda)")
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: this torch sees no CUDA device (torch.cuda.is_available() is False)")
+    require_device(args.shape, args.device)
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     unknown = set(engines) - set(ENGINES)
     if unknown:
@@ -412,9 +403,9 @@ def main() -> None:
         "settings": {k: v for k, v in spec.items() if k not in ("model",)} | {"repeats": args.repeats, "torch_threads": args.threads},
         "engines": rows,
     }
-    tmp_out = Path(args.out).with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(report, indent=2))
-    tmp_out.replace(args.out)
+    from gptj_tune.rundir import atomic_write_text
+
+    atomic_write_text(Path(args.out), json.dumps(report, indent=2))  # an earlier result is replaced whole or not at all
     console.print(f"wrote {args.out}")
     if any(math.isnan(r["held_out_loss"]) for r in rows.values()):
         raise SystemExit("a held-out loss is NaN")
