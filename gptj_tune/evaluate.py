@@ -54,10 +54,7 @@ def greedy_answers(model, tokenizer, template: Template, records: list[dict], ma
             for i, new in zip(batch, out[:, length:].tolist()):
                 if eos is not None and eos in new:  # rows that finished early are padded after their EOS
                     new = new[: new.index(eos)]
-                text = tokenizer.decode(new, skip_special_tokens=True)
-                for stop in template.stop:
-                    text = text.split(stop)[0]
-                answers[i] = text.strip()
+                answers[i] = template.answer_in(tokenizer.decode(new, skip_special_tokens=True))
     return answers
 
 

@@ -47,9 +47,7 @@ class Generator:
             stop_strings=stops or None, tokenizer=self.tokenizer if stops else None, **self.options,
         )  # fmt: skip
         text = self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-        for stop in stops:
-            text = text.split(stop)[0]
-        return text.strip()
+        return self.template.answer_in(text) if self.template else text.strip()
 
     def stream(self, prompt: str, console, input: str = "") -> str:
         from transformers import TextStreamer

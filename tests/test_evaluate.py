@@ -70,3 +70,9 @@ def test_rouge_l():
     assert rouge_l("the cat sat", "dog") == 0.0
     assert rouge_l("a b c d", "a c") == pytest.approx(2 * (1.0 * 0.5) / 1.5)  # LCS 2: precision 1, recall 1/2
     assert rouge_l("", "") == 1.0 and rouge_l("a", "") == 0.0
+
+
+def test_the_answer_ends_at_the_templates_stop_string():
+    dolly = get_template("dolly")
+    assert dolly.answer_in(" Paris.\n\n### End\n### Instruction: more") == "Paris."
+    assert TEMPLATE.answer_in("  a ### End b \n") == "a ### End b"  # `plain` has no stop strings

@@ -34,6 +34,12 @@ class Template:
     def render_response(self, response: str) -> str:
         return response + self.response_suffix
 
+    def answer_in(self, generated: str) -> str:
+        """The answer in a model's generated text: up to the first stop string, stripped."""
+        for stop in self.stop:
+            generated = generated.split(stop)[0]
+        return generated.strip()
+
 
 BUILTIN_TEMPLATES = {
     # Stanford Alpaca's two prompts.
