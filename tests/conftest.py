@@ -109,6 +109,15 @@ def small_recipe(tmp_path: Path, method="lora", steps=20, save_every=10, lr=3e-3
     return write_recipe(tmp_path / name, text)
 
 
+def tiny_gpt_neo_config(vocab_size: int, width: int, heads: int, window: int, positions: int = 64, **extra):
+    """A two-layer GPT-Neo config with one global and one local (sliding-window) attention layer,
+    GPT-Neo's own alternation."""
+    from transformers import GPTNeoConfig
+
+    return GPTNeoConfig(vocab_size=vocab_size, max_position_embeddings=positions, hidden_size=width, num_layers=2,
+                        num_heads=heads, attention_types=[[["global", "local"], 1]], window_size=window, **extra)  # fmt: skip
+
+
 def can_compile() -> bool:
     """Whether torch.compile can build CPU kernels here (train.compile's tests need a C++ compiler)."""
     from gptj_tune.fast import CompileUnavailable, check_can_compile

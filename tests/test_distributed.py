@@ -57,6 +57,14 @@ def run_args(out, backend=None, stage=None, processes=2):
     return args
 
 
+def own_tmpdir(tmp_path):
+    """A TMPDIR of the test's own, and the environment that points a process at it: what the launch
+    leaves in its temp dir can then be checked."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    return temp, {**os.environ, "TMPDIR": str(temp)}
+
+
 def losses(run_dir):
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {m["step"]: m["loss"] for m in lines if "loss" in m}
@@ -115,11 +123,9 @@ def test_sharded_run_interrupted_and_resumed_continues_the_same_curve(tmp_path, 
     # workers are in a session of their own: only `gptj-tune run` gets it, and hands it on once.
     # Early (3 of 30 steps), so that a fast machine cannot finish the run before the signal lands.
     args = [*run_args(tmp_path / "cut", backend, stage), *extra]
-    temp = tmp_path / "tmp"
-    temp.mkdir()
+    temp, env = own_tmpdir(tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "gptj_tune", "run", str(recipe), *args, "--set", "train.save_every=100"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "TMPDIR": str(temp)})  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)  # fmt: skip
     metrics = tmp_path / "cut" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -185,9 +191,8 @@ def test_a_failing_worker_ends_the_job_with_its_message(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(method=FULL, steps=4).replace(
         "[{format: synthetic, count: 600}]", f"[{{format: alpaca, path: {bad}}}]"))  # fmt: skip
     started = time.time()
-    temp = tmp_path / "tmp"
-    temp.mkdir()
-    result = cli("run", str(recipe), *run_args(tmp_path / "run", "ddp"), timeout=180, env={**os.environ, "TMPDIR": str(temp)})
+    temp, env = own_tmpdir(tmp_path)
+    result = cli("run", str(recipe), *run_args(tmp_path / "run", "ddp"), timeout=180, env=env)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "(rank 0)" in result.stdout and "bad.jsonl:2" in result.stdout and "output" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
@@ -291,9 +296,7 @@ def test_deepspeed_hostfile_launch(tmp_path, single_run):
     ours, reference = losses(tmp_path / "run"), losses(single_run)
     assert max(abs(ours[s] - reference[s]) for s in ours) < TOLERANCE
 
-    temp = tmp_path / "tmp"
-    temp.mkdir()
-    env = {**os.environ, "TMPDIR": str(temp)}
+    temp, env = own_tmpdir(tmp_path)
     (tmp_path / "hosts").write_text("localhost slots=2\nother slots=2\n")
     mismatch = cli("run", str(recipe), *args, "--force", env=env)
     assert mismatch.returncode == 2 and "lists 2 machine(s)" in mismatch.stderr + mismatch.stdout
@@ -310,11 +313,9 @@ def test_ctrl_c_while_workers_start_stops_the_whole_launch(tmp_path, when):
     the signal lands before any worker runs our code; `workers-importing`: once every worker has
     registered, while it imports torch and transformers."""
     recipe = recipe_file(tmp_path, steps=500)
-    temp = tmp_path / "tmp"
-    temp.mkdir()
+    temp, env = own_tmpdir(tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "gptj_tune", "run", str(recipe), *run_args(tmp_path / "run", "ddp")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "TMPDIR": str(temp)})  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)  # fmt: skip
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
         folders = list(temp.glob("gptj-tune-errors-*"))

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import can_compile
+from conftest import can_compile, tiny_gpt_neo_config
 
 from gptj_tune.errors import ModelError
 from gptj_tune.fast import (
@@ -175,11 +175,9 @@ def test_a_model_trained_with_sdpa_saves_a_stock_eager_config(tiny, tmp_path):
 
 
 def test_sdpa_on_a_model_without_it_is_a_clear_error_and_auto_falls_back(tmp_path):
-    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+    from transformers import GPTNeoForCausalLM
 
-    config = GPTNeoConfig(vocab_size=300, max_position_embeddings=64, hidden_size=32, num_layers=2, num_heads=2,
-                          attention_types=[[["global", "local"], 1]], window_size=16)  # fmt: skip
-    GPTNeoForCausalLM(config).save_pretrained(tmp_path / "neo")
+    GPTNeoForCausalLM(tiny_gpt_neo_config(300, width=32, heads=2, window=16)).save_pretrained(tmp_path / "neo")
     from gptj_tune.models import _from_pretrained
 
     model = _from_pretrained(str(tmp_path / "neo"), ModelSection(attn_implementation="auto"))

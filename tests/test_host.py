@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_gpt_neo_config
 
 from gptj_tune.host import bf16_advice, file_mapped_ranges, in_file_mapping, own_trainable_weights
 
@@ -34,14 +35,13 @@ def test_trainable_weights_leave_the_checkpoint_mapping_frozen_and_tied_ones_sta
     on its first write, in the first optimizer step). After own_trainable_weights the trainable ones
     live in process memory with the same values; frozen ones stay mapped; GPT-Neo's tied head and
     embedding are still one tensor."""
-    from transformers import AutoModelForCausalLM, GPTJConfig, GPTNeoConfig
+    from transformers import AutoModelForCausalLM, GPTJConfig
 
     torch.manual_seed(0)
     if family == "gptj":
         config = GPTJConfig(vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=4, rotary_dim=8)
     else:
-        config = GPTNeoConfig(vocab_size=512, max_position_embeddings=64, hidden_size=64, num_layers=2, num_heads=4,
-                              attention_types=[[["global", "local"], 1]], window_size=16)  # fmt: skip
+        config = tiny_gpt_neo_config(512, width=64, heads=4, window=16)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}

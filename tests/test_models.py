@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import cli, tiny_gpt_neo_config, write_recipe
 
 from gptj_tune.data.templates import BUILTIN_TEMPLATES
 from gptj_tune.data.tokenize import IGNORE, collate, make_rows, tokenize_instructions
@@ -84,13 +85,12 @@ def test_unknown_family_needs_explicit_targets(tiny):
 def gpt_neo_folder(tiny, tmp_path_factory):
     """A tiny GPT-Neo saved like a hub checkpoint (local + global layers, a 32-token window),
     with the tiny tokenizer."""
-    from transformers import AutoTokenizer, GPTNeoConfig, GPTNeoForCausalLM
+    from transformers import AutoTokenizer, GPTNeoForCausalLM
 
     out = tmp_path_factory.mktemp("gpt-neo") / "model"
     tok = AutoTokenizer.from_pretrained(tiny[0])
-    config = GPTNeoConfig(vocab_size=len(tok), max_position_embeddings=256, hidden_size=64, num_layers=2, num_heads=4,
-                          attention_types=[[["global", "local"], 1]], window_size=32,
-                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    config = tiny_gpt_neo_config(len(tok), width=64, heads=4, window=32, positions=256,
+                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
     torch.manual_seed(0)
     GPTNeoForCausalLM(config).save_pretrained(out)
     tok.save_pretrained(out)
@@ -123,7 +123,6 @@ def test_gpt_neo_packed_rows_keep_the_local_window(gpt_neo_folder):
 def test_a_gpt_neo_checkpoint_trains_from_a_recipe(tmp_path, gpt_neo_folder, method):
     import json
 
-    from conftest import cli, write_recipe
     from peft import PeftConfig
 
     recipe = write_recipe(tmp_path / "neo.yaml", f"""\
