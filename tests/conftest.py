@@ -154,13 +154,10 @@ def cli(*args: str, timeout: int = 600, own_process: bool | None = None, **kwarg
 
 
 def _needs_own_process(arg: str) -> bool:
-    if any(key in arg for key in _NEEDS_OWN_PROCESS):
-        return True
+    """Whether the argument, or the recipe file it names, asks for any of _NEEDS_OWN_PROCESS."""
     path = Path(arg)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        text = path.read_text()
-        return any(key in text for key in _NEEDS_OWN_PROCESS)
-    return False
+    recipe = path.read_text() if path.suffix in (".yaml", ".yml") and path.is_file() else ""
+    return any(key in arg or key in recipe for key in _NEEDS_OWN_PROCESS)
 
 
 @functools.cache
