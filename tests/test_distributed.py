@@ -1,5 +1,6 @@
-"""Two CPU processes on gloo, for real: DDP and DeepSpeed ZeRO-2/3 train the same curve as one
-process with the same global batch; ZeRO-3 checkpoints resume; final/ is complete; failures end the job."""
+"""Two CPU processes on gloo, for real: DDP, DeepSpeed ZeRO-2/3 and FSDP train the same curve as one
+process with the same global batch; ZeRO-3 and FSDP checkpoints resume, and `export` consolidates
+their shards offline; final/ is complete; failures end the job."""
 
 from __future__ import annotations
 
@@ -94,21 +95,26 @@ def test_two_processes_train_the_single_process_curve(tmp_path, single_run, back
 
 
 def _final_logits_diff(run_a, run_b) -> float:
-    """Largest logit difference between two runs' final/ folders, each loaded with plain
-    from_pretrained (here in the test process; test_export checks loading in a fresh one)."""
+    """Largest logit difference between two runs' final/ folders."""
+    return _logits_diff(run_a / "final", run_b / "final")
+
+
+def _logits_diff(folder_a, folder_b) -> float:
+    """Largest logit difference between two model folders, each loaded with plain from_pretrained
+    (here in the test process; test_export checks loading in a fresh one)."""
     from transformers import AutoModelForCausalLM
 
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     with torch.no_grad():
-        a, b = (AutoModelForCausalLM.from_pretrained(run / "final")(input_ids=ids).logits for run in (run_a, run_b))
+        a, b = (AutoModelForCausalLM.from_pretrained(folder)(input_ids=ids).logits for folder in (folder_a, folder_b))
     return (a - b).abs().max().item()
 
 
 ENGINES = {
     "zero3-full": (FULL, "deepspeed", 3, []),
     "zero3-lora": (LORA, "deepspeed", 3, []),
-    "fsdp-lora-sharded": (LORA, "fsdp", None, []),
-    "fsdp-full-fullstate": (FULL, "fsdp", None, ["--set", "distributed.fsdp.state_dict_type=full"]),
+    "fsdp-full-sharded": (FULL, "fsdp", None, []),
+    "fsdp-lora-fullstate": (LORA, "fsdp", None, ["--set", "distributed.fsdp.state_dict_type=full"]),
 }
 
 
@@ -118,6 +124,11 @@ def test_sharded_run_interrupted_and_resumed_continues_the_same_curve(tmp_path, 
     recipe = recipe_file(tmp_path, method=method, steps=30)
     straight = cli("run", str(recipe), *run_args(tmp_path / "straight", backend, stage), *extra)
     assert straight.returncode == 0, straight.stderr[-3000:]
+    if method == FULL:  # ZeRO-3's / FSDP's shards in the last checkpoint, consolidated offline, are final/
+        assert not (tmp_path / "straight" / "checkpoints" / "step-30" / "model").exists()  # only shards there
+        exported = cli("export", str(tmp_path / "straight"), "--checkpoint", "step-30", "--out", str(tmp_path / "m"))
+        assert exported.returncode == 0 and "verified: reloaded in a fresh process" in exported.stdout, exported.stderr[-3000:]
+        assert _logits_diff(tmp_path / "m", tmp_path / "straight" / "final") < 1e-5
 
     # Ctrl-C as a terminal sends it: SIGINT to the whole process group, mid-run. The launcher and
     # workers are in a session of their own: only `gptj-tune run` gets it, and hands it on once.
