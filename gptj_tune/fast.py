@@ -8,8 +8,9 @@ for training (train.py):
   keeps GPT-J's projections and rotary embedding and hands the product to
   `torch.nn.functional.scaled_dot_product_attention` with the same mask, packing boundaries
   included. The attention modules change class, not weights: state-dict keys, saved configs and
-  exported models are exactly what stock transformers writes and reads (`eager`). On CPU a step
-  runs it one packed example at a time (`attention_segments`): the masked pairs are never computed.
+  exported models are exactly what stock transformers writes and reads (`eager`). A step runs it
+  within each packed example (`attention_segments`), so the masked pairs are never computed: on a
+  GPU one variable-length FlashAttention call over the batch, on a CPU one SDPA call per example.
 - a fused, chunked cross-entropy head: the loss over the target tokens only (prompt and padding
   positions never reach the 50400-wide head), computed a chunk of tokens at a time, with the
   gradient taken in the same pass, so fp32 logits for the whole batch never exist. Under bf16
@@ -62,7 +63,13 @@ def _sdpa_class():
             segments = getattr(_segments, "value", None)
             dropout_p = self.attn_dropout.p if self.training else 0.0
             if segments is not None and q_len == k_len == segments.length and query.shape[0] == len(segments.rows):
-                return _segmented_attention(query, key, value.to(query.dtype), segments, dropout_p), None
+                value = value.to(query.dtype)
+                kernel = varlen_kernel(query.device, getattr(self, "varlen", "torch"))
+                if kernel is not None and kernel.takes(query, dropout_p):
+                    return _varlen_attention(query, key, value, segments, kernel, dropout_p), None
+                if query.device.type == "cpu":
+                    return _segmented_attention(query, key, value, segments, dropout_p), None
+                # no variable-length kernel for this device, dtype or dropout: the mask below
             if attention_mask is not None and attention_mask.dtype not in (torch.bool, query.dtype):
                 attention_mask = attention_mask.to(query.dtype)  # eager's additive fp32 mask
             is_causal = False
@@ -108,6 +115,18 @@ class Segments:
             begin = row.nonzero().flatten().tolist()
             self.rows.append(list(zip(begin, begin[1:] + [self.length], strict=True)))
 
+    @functools.cached_property
+    def longest(self) -> int:
+        return max(end - start for spans in self.rows for start, end in spans)
+
+    def cu_seqlens(self, device: torch.device) -> torch.Tensor:
+        """Where each example starts with the rows laid end to end, then the total: int32 on
+        `device`, made once per batch (every layer asks)."""
+        if getattr(self, "_cu", None) is None or self._cu.device != device:
+            starts = [r * self.length + start for r, spans in enumerate(self.rows) for start, _ in spans]
+            self._cu = torch.tensor(starts + [self.length * len(self.rows)], dtype=torch.int32).to(device)
+        return self._cu
+
     @property
     def pays_off(self) -> bool:
         calls = sum(len(spans) for spans in self.rows)
@@ -119,18 +138,83 @@ _segments = threading.local()
 
 @contextlib.contextmanager
 def attention_segments(position_ids: torch.Tensor, always: bool = False):
-    """Inside this block GPT-J's SDPA attention runs causal attention within each packed example,
-    one example at a time, instead of the whole row under the block-causal mask: the same result,
-    without the work for the (masked) pairs of tokens from different examples. For CPUs, and only
-    for batches where that pays (`Segments.pays_off`, unless `always`); on GPUs FlashAttention-2's
-    variable-length kernel does this in one call. The mask is still passed to the model, so any
-    attention that is not ours stays correct."""
+    """Inside this block GPT-J's SDPA attention runs causal attention within each packed example
+    instead of over the whole row under the block-causal mask: the same result, without the work
+    for the (masked) pairs of tokens from different examples. On a GPU that is one call to a
+    variable-length FlashAttention kernel over all the batch's examples (`varlen_kernel`); on a CPU
+    one SDPA call per example, and only for batches where that pays (`Segments.pays_off`, unless
+    `always`). The mask is still passed to the model, so any attention that is not ours, or a
+    case no kernel takes, stays correct."""
     segments = Segments(position_ids)
-    _segments.value = segments if always or segments.pays_off else None
+    on_cpu = position_ids.device.type == "cpu"
+    _segments.value = segments if always or not on_cpu or segments.pays_off else None
     try:
         yield
     finally:
         _segments.value = None
+
+
+class VarlenKernel:
+    """A causal variable-length attention function over packed examples laid end to end:
+    q, k, v of shape (tokens, heads, head_dim), `cu_seqlens` the int32 start of every example and
+    the end. From torch (`torch.nn.attention.varlen.varlen_attn`, torch >= 2.10, CUDA; no dropout)
+    or from the flash-attn package (`flash_attn_varlen_func`)."""
+
+    def __init__(self, name: str, call, dropout: bool):
+        self.name, self._call, self.dropout = name, call, dropout
+
+    def takes(self, query: torch.Tensor, dropout_p: float) -> bool:
+        return query.dtype in (torch.float16, torch.bfloat16) and (dropout_p == 0.0 or self.dropout)
+
+    def __call__(self, q, k, v, cu_seqlens, max_length: int, dropout_p: float) -> torch.Tensor:
+        return self._call(q, k, v, cu_seqlens, max_length, dropout_p)
+
+
+def varlen_kernel(device: torch.device, source: str = "torch") -> VarlenKernel | None:
+    """The variable-length kernel for packed rows on `device`, or None (CPUs; a GPU with neither
+    torch's kernel nor flash-attn). `source` "flash_attn" (`attn_implementation:
+    flash_attention_2`) takes the flash-attn package's; "torch" takes torch's own, else flash-attn's."""
+    if device.type != "cuda":
+        return None
+    return _cuda_varlen_kernel(source)
+
+
+@functools.cache
+def _cuda_varlen_kernel(source: str) -> VarlenKernel | None:
+    import inspect
+
+    if source == "torch":
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            varlen_attn = None
+        if varlen_attn is not None:
+            params = inspect.signature(varlen_attn).parameters
+            # torch 2.10 takes is_causal; later versions a window, (-1, 0) being causal
+            causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+
+            def torch_varlen(q, k, v, cu, length, dropout_p):
+                return varlen_attn(q, k, v, cu, cu, length, length, **causal)
+
+            return VarlenKernel("torch", torch_varlen, dropout=False)
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+
+    def flash_varlen(q, k, v, cu, length, dropout_p):
+        return flash_attn_varlen_func(q, k, v, cu, cu, length, length, dropout_p=dropout_p, causal=True)
+
+    return VarlenKernel("flash_attn", flash_varlen, dropout=True)
+
+
+def _varlen_attention(query, key, value, segments: Segments, kernel: VarlenKernel, dropout_p: float) -> torch.Tensor:
+    # (batch, heads, L, head_dim) -> the rows end to end, (batch*L, heads, head_dim). GPT-J's q, k
+    # and v are permuted views of (batch, L, heads, head_dim) tensors: transposing back is free.
+    b, h, length, d = query.shape
+    q, k, v = (t.transpose(1, 2).reshape(b * length, h, d) for t in (query, key, value))
+    out = kernel(q, k, v, segments.cu_seqlens(query.device), segments.longest, dropout_p)
+    return out.view(b, length, h, d).transpose(1, 2)  # GPT-J's _merge_heads permutes it back, no copy
 
 
 def _segmented_attention(query, key, value, segments: Segments, dropout_p: float) -> torch.Tensor:
@@ -147,11 +231,20 @@ def _segmented_attention(query, key, value, segments: Segments, dropout_p: float
     return torch.stack(rows)
 
 
-def use_sdpa_attention(model: nn.Module) -> int:
-    """Switch every GPT-J attention module of `model` to SDPA; returns how many were switched."""
+def use_sdpa_attention(model: nn.Module, varlen: str = "torch") -> int:
+    """Switch every GPT-J attention module of `model` to SDPA; returns how many were switched.
+    `varlen`: whose variable-length kernel runs packed rows on a GPU (see `varlen_kernel`)."""
     from transformers.models.gptj.modeling_gptj import GPTJAttention
 
-    return _switch_class(model, GPTJAttention, _sdpa_class())
+    switched = _switch_class(model, GPTJAttention, _sdpa_class())
+    for module in model.modules():
+        if type(module) is _sdpa_class():
+            module.varlen = varlen
+    return switched
+
+
+def uses_our_attention(model: nn.Module) -> bool:
+    return any(type(m) is _sdpa_class() for m in model.modules())
 
 
 def _switch_class(model: nn.Module, old: type, new: type) -> int:

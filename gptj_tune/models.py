@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import os
 from pathlib import Path
 
@@ -74,18 +76,26 @@ def _from_pretrained(base: str, section: ModelSection):
 
 
 def _load_with_attention(base: str, section: ModelSection):
-    """GPT-J's `sdpa` is ours: load eager, then switch modules."""
+    """GPT-J's `sdpa` and `flash_attention_2` are ours: load eager, then switch modules. (transformers'
+    GPT-J FlashAttention-2 would attend across packed examples: it passes the kernel neither a mask
+    nor the restarting positions.)"""
     from transformers import AutoConfig
 
     requested = section.attn_implementation
-    if requested in ("auto", "sdpa"):
+    if requested in ("auto", "sdpa", "flash_attention_2"):
         try:
             config = AutoConfig.from_pretrained(base, revision=section.revision, trust_remote_code=section.trust_remote_code)
         except (OSError, ValueError) as e:
             raise ModelError(_load_hint(base, "model", e)) from None
         if config.model_type == "gptj":
+            if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+                raise ModelError(
+                    "model.attn_implementation: flash_attention_2 needs the flash-attn package (`pip install flash-attn`, "
+                    "CUDA GPUs); `auto` needs nothing: on a GPU it runs packed rows through torch's own variable-length "
+                    "FlashAttention kernel (torch >= 2.10)"
+                )
             model = _load(base, section, "eager")
-            use_sdpa_attention(model)
+            use_sdpa_attention(model, varlen="flash_attn" if requested == "flash_attention_2" else "torch")
             return model
         if requested == "auto":
             try:  # each attempt builds its own config: a failed "sdpa" must not leak into the next

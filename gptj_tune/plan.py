@@ -96,7 +96,7 @@ def activation_bytes(recipe: Recipe, shape: Shape) -> float:
     # shared by all layers.
     eager = recipe.model.attn_implementation == "eager"
     per_layer = s * b * h * 15 * e + (a * s * s * b * (4 if e == 4 else 6) if eager else 0)
-    mask = 0 if recipe.model.attn_implementation == "flash_attention_2" else b * s * s * 4
+    mask = b * s * s * 4  # GPT-J's attention gets the block-causal mask also when a varlen kernel runs it
     method = recipe.method
     if method.kind == "lora" and method.dropout > 0:
         # peft keeps each adapted layer's dropped-out input (and its mask) and the rank-r output of A.

@@ -81,8 +81,11 @@ class ModelSection(Section):
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto",
         description="Attention kernel. `sdpa`: torch's fused attention (gptj-tune's own for GPT-J, which "
-        "transformers lacks; transformers' for models that have it). `eager`: transformers' reference. "
-        "`flash_attention_2`: GPU with flash-attn installed. `auto`: sdpa where the model has it, else eager.",
+        "transformers lacks, and on a GPU packed rows in one call of torch's variable-length FlashAttention; "
+        "transformers' for models that have it). `eager`: transformers' reference. `flash_attention_2`: the "
+        "flash-attn package (GPU): for GPT-J gptj-tune's attention with flash-attn's variable-length kernel; for "
+        "other models transformers', which mixes packed examples, so it needs data.packing: false. "
+        "`auto`: sdpa where the model has it, else eager.",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub repo to run. Off unless set.")

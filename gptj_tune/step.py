@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from .data.tokenize import IGNORE, Batches
 from .distributed import is_deepspeed
-from .fast import attention_segments, loss_from_head
+from .errors import RecipeError
+from .fast import attention_segments, loss_from_head, uses_our_attention
 from .models import block_causal_mask
 from .recipe import Recipe, TrainSection
 
@@ -23,10 +24,11 @@ class LossPath:
 
     fused_chunk: a model whose head is a LossHead (gptj_tune.fast) returns the loss itself, computed
         this many tokens at a time; None: full logits, then cross-entropy.
-    varlen: FlashAttention-2: no mask is built; transformers reads the packing boundaries from the
-        restarting position ids and runs the variable-length kernel.
-    segmented: batches on the CPU run GPT-J's SDPA attention one packed example at a time
-        (`fast.attention_segments`); elsewhere, and for other attention, the block-causal mask.
+    varlen: transformers' own FlashAttention-2 (models other than GPT-J): it takes no 4D mask, so
+        none is built; it attends across packed examples, so packing is refused with it.
+    segmented: GPT-J's attention (ours) runs within each packed example (`fast.attention_segments`):
+        one variable-length FlashAttention call on a GPU, one SDPA call per example on a CPU;
+        the block-causal mask is passed too, for every case those do not take.
     """
 
     fused_chunk: int | None = None
@@ -34,15 +36,23 @@ class LossPath:
     segmented: bool = False
 
     @classmethod
-    def of(cls, recipe: Recipe) -> LossPath:
+    def of(cls, recipe: Recipe, model=None) -> LossPath:
+        """The recipe's path for `model` (None: as if its attention were ours, GPT-J's)."""
+        ours = model is None or uses_our_attention(model)
+        flash = recipe.model.attn_implementation == "flash_attention_2" and not ours
+        if flash and recipe.data.packing:
+            raise RecipeError([
+                f"model.attn_implementation: flash_attention_2 with data.packing: transformers' FlashAttention-2 "
+                f"for {getattr(getattr(model, 'config', None), 'model_type', 'this model')} ignores the boundaries "
+                f"between packed examples (each would attend to the ones before it in its row); use `auto` "
+                f"(SDPA with the block-causal mask), or set data.packing: false"
+            ])  # fmt: skip
         return cls(
             fused_chunk=recipe.train.loss_chunk_tokens if recipe.train.loss == "fused" else None,
-            varlen=recipe.model.attn_implementation == "flash_attention_2",
+            varlen=flash,
             # Recomputation (gradient checkpointing) runs outside the step's context, and compiled
             # blocks would recompile for every batch's segments: the mask there.
-            segmented=recipe.model.attn_implementation != "flash_attention_2"
-            and not recipe.model.gradient_checkpointing
-            and not recipe.train.compile,
+            segmented=ours and not recipe.model.gradient_checkpointing and not recipe.train.compile,
         )
 
 
@@ -57,8 +67,7 @@ def batch_loss(model, batch: dict[str, torch.Tensor], path: LossPath = LossPath(
     positions, labels = batch["position_ids"], batch["labels"]
     mask = None if path.varlen else block_causal_mask(positions, torch.float32)
     inputs = dict(input_ids=batch["input_ids"], position_ids=positions, attention_mask=mask, use_cache=False)
-    on_cpu = positions.device.type == "cpu"
-    with attention_segments(positions) if path.segmented and on_cpu else contextlib.nullcontext():
+    with attention_segments(positions) if path.segmented else contextlib.nullcontext():
         if path.fused_chunk:
             with loss_from_head(labels, path.fused_chunk):
                 return model(**inputs).logits

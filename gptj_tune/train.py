@@ -105,6 +105,7 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     use_cheap_dropout(model)
     use_fused_lora(model)
     compiled = _compile(model, accelerator.device) if recipe.train.compile else 0
+    loss_path = LossPath.of(recipe, model)  # (refuses packing under attention that ignores its boundaries)
     data = _prepare_data_once(recipe, tokenizer, run, accelerator)
     _print_setup(console, recipe, model, data, accelerator.num_processes)
     if advice := bf16_advice(model, accelerator.device, recipe.distributed.mixed_precision):
@@ -141,11 +142,11 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
         console.print(f"Resumed from [bold]{checkpoint}[/] at step {state['step']}/{total_steps}")
 
     benchmarks = _benchmarks_during_training(recipe, run, accelerator, tokenizer, console)
-    loop = _Loop(recipe, run, accelerator, model, optimizer, scheduler, train_batches, eval_batches, console, benchmarks)
+    loop = _Loop(recipe, run, accelerator, model, optimizer, scheduler, train_batches, eval_batches, loss_path, console, benchmarks)
     last_loss = loop.run(state, total_steps)
 
     _save_final(recipe, run, accelerator, model, tokenizer)
-    eval_loss = evaluate_loss(model, eval_batches, accelerator, LossPath.of(recipe))
+    eval_loss = evaluate_loss(model, eval_batches, accelerator, loss_path)
     peak = memory.peak()
     result = _finish(recipe, run, accelerator, model, base, tokenizer, data, loop, state, last_loss, eval_loss, peak) if main else None
     # Leave together: a process that exits while peers still hold the process group aborts.
@@ -299,13 +300,13 @@ def _print_setup(console, recipe: Recipe, model, data: PreparedData, world: int)
 class _Loop:
     """The step loop, with its logging, eval, checkpoints and signal handling."""
 
-    def __init__(self, recipe, run, accelerator, model, optimizer, scheduler, train_batches, eval_batches, console, benchmarks=None):
+    def __init__(self, recipe, run, accelerator, model, optimizer, scheduler, train_batches, eval_batches, loss_path, console, benchmarks=None):
         self.recipe, self.rundir, self.accelerator, self.console = recipe, run, accelerator, console
         self.benchmarks = benchmarks
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.train_batches, self.eval_batches = train_batches, eval_batches
         self.stop_requested, self.signalled_at = False, None
-        self.loss_path = LossPath.of(recipe)
+        self.loss_path = loss_path
         self.fused_clip = step_takes_the_clip(optimizer, accelerator)
 
     def log(self, record: dict) -> None:

@@ -12,12 +12,13 @@ import torch
 import torch.nn.functional as F
 from conftest import can_compile, tiny_gpt_neo_config
 
-from gptj_tune.errors import ModelError
+from gptj_tune.errors import ModelError, RecipeError
 from gptj_tune.fast import (
     IGNORE,
     CheapDropout,
     LossHead,
     Segments,
+    VarlenKernel,
     _segmented_attention,
     attention_segments,
     compile_blocks,
@@ -27,6 +28,8 @@ from gptj_tune.fast import (
     use_cheap_dropout,
     use_fused_lora,
     use_loss_head,
+    use_sdpa_attention,
+    varlen_kernel,
 )
 from gptj_tune.methods import apply_method
 from gptj_tune.models import (
@@ -141,13 +144,130 @@ def test_a_step_runs_attention_per_example_only_where_it_pays(tiny, monkeypatch)
 
 def test_segments_follow_the_restarting_positions():
     positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 0, 0, 1]])
-    assert Segments(positions).rows == [[(0, 3), (3, 5), (5, 9)], [(0, 6), (6, 7), (7, 9)]]
+    segments = Segments(positions)
+    assert segments.rows == [[(0, 3), (3, 5), (5, 9)], [(0, 6), (6, 7), (7, 9)]]
+    # for a variable-length kernel: the rows laid end to end, every example's start, then the total
+    assert segments.cu_seqlens(torch.device("cpu")).tolist() == [0, 3, 5, 9, 15, 16, 18] and segments.longest == 6
+
+
+def test_loss_path_of_a_recipe_and_its_model(tiny):
     output = {"dir": "unused"}
     assert LossPath.of(Recipe.model_validate({"output": output})).segmented
     checkpointed = {"gradient_checkpointing": True}
     assert not LossPath.of(Recipe.model_validate({"model": checkpointed, "output": output})).segmented
-    flash = {"attn_implementation": "flash_attention_2"}
-    assert not LossPath.of(Recipe.model_validate({"model": flash, "output": output})).segmented
+    flash = Recipe.model_validate({"model": {"attn_implementation": "flash_attention_2"}, "output": output})
+    gptj, _ = load(tiny, "auto")
+    assert LossPath.of(flash, gptj) == LossPath(fused_chunk=2048, varlen=False, segmented=True)  # GPT-J's is ours
+    # transformers' own FlashAttention-2 (here: GPT-Neo's) attends across packed examples: refused
+    from transformers import GPTNeoForCausalLM
+
+    neo = GPTNeoForCausalLM(tiny_gpt_neo_config(vocab_size=64, width=32, heads=2, window=8))
+    with pytest.raises(RecipeError, match="flash_attention_2 with data.packing: transformers' FlashAttention-2 for gpt_neo "
+                                          "ignores the boundaries.*use `auto`.*data.packing: false"):  # fmt: skip
+        LossPath.of(flash, neo)
+    unpacked = flash.model_copy(update={"data": flash.data.model_copy(update={"packing": False})})
+    assert LossPath.of(unpacked, neo) == LossPath(fused_chunk=2048, varlen=True, segmented=False)  # no mask for it
+
+
+class ReferenceVarlen(VarlenKernel):
+    """A plain causal attention per example over the rows laid end to end: what a GPU's
+    variable-length FlashAttention computes, in fp32 on a CPU."""
+
+    def __init__(self):
+        super().__init__("reference", self.attend, dropout=False)
+        self.calls = []
+
+    def takes(self, query, dropout_p):
+        return dropout_p == 0.0
+
+    def attend(self, q, k, v, cu, longest, dropout_p):
+        self.calls.append((cu.tolist(), longest, q.shape))
+        out = torch.empty_like(q)
+        for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            part = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))  # (1, heads, n, head_dim)
+            out[start:end] = F.scaled_dot_product_attention(*part, is_causal=True)[0].transpose(0, 1)
+        return out
+
+
+def test_varlen_kernel_path_equals_the_masked_row(tiny, monkeypatch):
+    """On a GPU a packed batch's attention is one variable-length kernel call per layer over the
+    rows laid end to end. The reshaping around the kernel and the example boundaries it gets give
+    the masked row's loss and gradients (here with a reference kernel on the CPU; the real kernel
+    on a GPU: test_varlen_kernel_on_a_gpu)."""
+    import gptj_tune.fast as fast
+
+    batch = packed_batch(512)
+    kernel = ReferenceVarlen()
+    results = {}
+    for name in ("masked", "varlen"):
+        model, _ = load(tiny, "auto")
+        model.train()
+        if name == "varlen":  # (on a GPU a batch always takes the segments; on a CPU where it pays)
+            monkeypatch.setattr(fast, "varlen_kernel", lambda device, source: kernel)
+            monkeypatch.setattr(Segments, "MIN_WIDTH", 0)
+            monkeypatch.setattr(Segments, "MIN_MEAN_LENGTH", 0)
+        loss = batch_loss(model, batch, LossPath(segmented=name == "varlen"))
+        loss.backward()
+        results[name] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert kernel.calls == [([0, 20, 50, 64, 104, 120, 128], 40, (128, 4, 16))] * SHAPE.layers
+    (base_loss, base_grads), (loss, grads) = results["masked"], results["varlen"]
+    assert abs(loss - base_loss) < 1e-5 * abs(base_loss)
+    assert max((grads[n] - base_grads[n]).abs().max() for n in grads) < 1e-5
+    # A case the kernel does not take (attention dropout here) goes the other way (on a CPU per
+    # example, on a GPU the mask): no kernel call.
+    model, _ = load(tiny, "auto")
+    model.train()
+    for block in model.transformer.h:
+        block.attn.attn_dropout.p = 0.5
+    calls = len(kernel.calls)
+    torch.manual_seed(0)
+    with_dropout = batch_loss(model, batch, LossPath(segmented=True))
+    assert len(kernel.calls) == calls and torch.isfinite(with_dropout)
+
+
+def test_no_varlen_kernel_on_a_cpu_and_flash_attention_2_needs_its_package(tiny):
+    import importlib.util
+
+    assert varlen_kernel(torch.device("cpu")) is None
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(ModelError, match="flash_attention_2 needs the flash-attn package.*`auto` needs nothing"):
+            load(tiny, "flash_attention_2")
+    else:  # GPT-J's FlashAttention-2 is ours too, with flash-attn's kernel for packed rows
+        model, _ = load(tiny, "flash_attention_2")
+        assert {(type(b.attn).__name__, b.attn.varlen) for b in model.transformer.h} == {("GPTJSdpaAttention", "flash_attn")}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run it on the GPU machine)")
+@pytest.mark.parametrize("width,heads", [(64, 4), (512, 2)])  # heads of 16, and of 256 as in GPT-J-6B
+def test_varlen_kernel_on_a_gpu(width, heads, monkeypatch):
+    """torch's variable-length FlashAttention (or flash-attn's) on packed bf16 rows: the masked
+    row's loss and gradients within bf16 rounding, one kernel call per layer."""
+    import gptj_tune.fast as fast
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    kernel = varlen_kernel(torch.device("cuda"))
+    assert kernel is not None, "no variable-length kernel: torch < 2.10 and no flash-attn"
+    calls = []
+    monkeypatch.setattr(fast, "varlen_kernel", lambda device, source: calls.append(1) or kernel)
+    config = GPTJConfig(vocab_size=512, n_positions=128, n_embd=width, n_head=heads, n_layer=2, rotary_dim=8, bos_token_id=1,
+                        eos_token_id=1, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)  # fmt: skip
+    torch.manual_seed(0)
+    reference = GPTJForCausalLM(config).to("cuda", torch.bfloat16)
+    batch = {k: v.cuda() for k, v in packed_batch(512).items()}
+    results = {}
+    for name in ("masked", "varlen"):
+        model = GPTJForCausalLM(config).to("cuda", torch.bfloat16)
+        model.load_state_dict(reference.state_dict())
+        use_sdpa_attention(model)
+        model.train()
+        loss = batch_loss(model, batch, LossPath(segmented=name == "varlen"))
+        loss.backward()
+        results[name] = (loss.item(), {n: p.grad.float() for n, p in model.named_parameters()})
+    assert len(calls) == 2  # the varlen run's two layers
+    (base_loss, base_grads), (loss, grads) = results["masked"], results["varlen"]
+    assert abs(loss - base_loss) < 2e-2 * abs(base_loss)
+    for n in grads:
+        assert (grads[n] - base_grads[n]).abs().max() <= 0.05 * base_grads[n].abs().max() + 1e-3, n
 
 
 def test_sdpa_generation_with_left_padding_and_cache_matches_eager(tiny):

@@ -126,7 +126,7 @@ def test_a_signal_passed_on_twice_by_a_launcher_stops_once_and_a_later_one_abort
     from gptj_tune.recipe import load_recipe
 
     recipe = load_recipe(RECIPES / "quickstart.yaml")
-    loop = train._Loop(recipe, None, None, None, None, None, None, None, Console(quiet=True))
+    loop = train._Loop(recipe, None, None, None, None, None, None, None, None, Console(quiet=True))
     clock = [100.0]
     monkeypatch.setattr(train.time, "monotonic", lambda: clock[0])
     loop._on_signal(signal.SIGTERM, None)
@@ -138,7 +138,7 @@ def test_a_signal_passed_on_twice_by_a_launcher_stops_once_and_a_later_one_abort
         loop._on_signal(signal.SIGINT, None)
 
     # Stopped by another process's signal (through the step's collective), then its own arrives late.
-    other = train._Loop(recipe, None, None, None, None, None, None, None, Console(quiet=True))
+    other = train._Loop(recipe, None, None, None, None, None, None, None, None, Console(quiet=True))
     other.stop_requested = True
     clock[0] += 10.0
     other._on_signal(signal.SIGINT, None)
