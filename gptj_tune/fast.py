@@ -9,7 +9,7 @@ for training (train.py):
   `torch.nn.functional.scaled_dot_product_attention` with the same mask, packing boundaries
   included. The attention modules change class, not weights: state-dict keys, saved configs and
   exported models are exactly what stock transformers writes and reads (`eager`). A step runs it
-  within each packed example (`attention_segments`), so the masked pairs are never computed: on a
+  within each packed example (`mark_segments`), so the masked pairs are never computed: on a
   GPU one variable-length FlashAttention call over the batch, on a CPU one SDPA call per example.
 - a fused, chunked cross-entropy head: the loss over the target tokens only (prompt and padding
   positions never reach the 50400-wide head), computed a chunk of tokens at a time, with the
@@ -58,9 +58,18 @@ def _sdpa_class():
         """GPT-J attention through torch's scaled_dot_product_attention (flash / memory-efficient
         kernels where the device has them). Same inputs, same mask, same result within rounding."""
 
+        def forward(self, *args, position_ids=None, **kwargs):
+            # The batch's packed examples travel on its position ids (`mark_segments`): a block that
+            # gradient checkpointing recomputes in backward gets the same tensor, so it runs the same way.
+            self._segments = getattr(position_ids, SEGMENTS, None)
+            try:
+                return super().forward(*args, position_ids=position_ids, **kwargs)
+            finally:
+                self._segments = None
+
         def _attn(self, query, key, value, attention_mask=None):
             q_len, k_len = query.shape[-2], key.shape[-2]
-            segments = getattr(_segments, "value", None)
+            segments = getattr(self, "_segments", None)
             dropout_p = self.attn_dropout.p if self.training else 0.0
             if segments is not None and q_len == k_len == segments.length and query.shape[0] == len(segments.rows):
                 value = value.to(query.dtype)
@@ -133,25 +142,25 @@ class Segments:
         return self.length >= self.MIN_WIDTH and self.length * len(self.rows) >= self.MIN_MEAN_LENGTH * calls
 
 
-_segments = threading.local()
+SEGMENTS = "_gptj_tune_segments"  # the attribute of a batch's position ids that holds its Segments
 
 
-@contextlib.contextmanager
-def attention_segments(position_ids: torch.Tensor, always: bool = False):
-    """Inside this block GPT-J's SDPA attention runs causal attention within each packed example
+def mark_segments(position_ids: torch.Tensor, always: bool = False, use: bool = True) -> Segments | None:
+    """Make GPT-J's SDPA attention run causal attention within each packed example of this batch
     instead of over the whole row under the block-causal mask: the same result, without the work
     for the (masked) pairs of tokens from different examples. On a GPU that is one call to a
     variable-length FlashAttention kernel over all the batch's examples (`varlen_kernel`); on a CPU
     one SDPA call per example, and only for batches where that pays (`Segments.pays_off`, unless
-    `always`). The mask is still passed to the model, so any attention that is not ours, or a
-    case no kernel takes, stays correct."""
-    segments = Segments(position_ids)
-    on_cpu = position_ids.device.type == "cpu"
-    _segments.value = segments if always or not on_cpu or segments.pays_off else None
-    try:
-        yield
-    finally:
-        _segments.value = None
+    `always`). The segments are attached to the position-id tensor the model is called with, so a
+    block recomputed in backward (gradient checkpointing) sees them too, on whatever thread autograd
+    runs it. The mask is still passed to the model, so any attention that is not ours, or a case no
+    kernel takes, stays correct. Returns the segments, or None where the masked call is kept
+    (always with `use` False)."""
+    segments = Segments(position_ids) if use else None
+    if segments is not None and not (always or position_ids.device.type != "cpu" or segments.pays_off):
+        segments = None
+    setattr(position_ids, SEGMENTS, segments)
+    return segments
 
 
 class VarlenKernel:

@@ -3,7 +3,6 @@ clipping folded into its fused step, and the learning-rate schedule. The loop in
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 from .data.tokenize import IGNORE, Batches
 from .distributed import is_deepspeed
 from .errors import RecipeError
-from .fast import attention_segments, loss_from_head, uses_our_attention
+from .fast import loss_from_head, mark_segments, uses_our_attention
 from .models import block_causal_mask
 from .recipe import Recipe, TrainSection
 
@@ -26,9 +25,10 @@ class LossPath:
         this many tokens at a time; None: full logits, then cross-entropy.
     varlen: transformers' own FlashAttention-2 (models other than GPT-J): it takes no 4D mask, so
         none is built; it attends across packed examples, so packing is refused with it.
-    segmented: GPT-J's attention (ours) runs within each packed example (`fast.attention_segments`):
+    segmented: GPT-J's attention (ours) runs within each packed example (`fast.mark_segments`):
         one variable-length FlashAttention call on a GPU, one SDPA call per example on a CPU;
-        the block-causal mask is passed too, for every case those do not take.
+        the block-causal mask is passed too, for every case those do not take. Blocks recomputed
+        by gradient checkpointing run the same way (the segments travel on the position ids).
     """
 
     fused_chunk: int | None = None
@@ -50,9 +50,8 @@ class LossPath:
         return cls(
             fused_chunk=recipe.train.loss_chunk_tokens if recipe.train.loss == "fused" else None,
             varlen=flash,
-            # Recomputation (gradient checkpointing) runs outside the step's context, and compiled
-            # blocks would recompile for every batch's segments: the mask there.
-            segmented=ours and not recipe.model.gradient_checkpointing and not recipe.train.compile,
+            # Compiled blocks would recompile for every batch's segments: the mask there.
+            segmented=ours and not recipe.train.compile,
         )
 
 
@@ -67,11 +66,11 @@ def batch_loss(model, batch: dict[str, torch.Tensor], path: LossPath = LossPath(
     positions, labels = batch["position_ids"], batch["labels"]
     mask = None if path.varlen else block_causal_mask(positions, torch.float32)
     inputs = dict(input_ids=batch["input_ids"], position_ids=positions, attention_mask=mask, use_cache=False)
-    with attention_segments(positions) if path.segmented else contextlib.nullcontext():
-        if path.fused_chunk:
-            with loss_from_head(labels, path.fused_chunk):
-                return model(**inputs).logits
-        logits = model(**inputs).logits[:, :-1]
+    mark_segments(positions, use=path.segmented)  # GPT-J's attention per packed example, or the mask
+    if path.fused_chunk:
+        with loss_from_head(labels, path.fused_chunk):
+            return model(**inputs).logits
+    logits = model(**inputs).logits[:, :-1]
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum"
     )

@@ -20,11 +20,11 @@ from gptj_tune.fast import (
     Segments,
     VarlenKernel,
     _segmented_attention,
-    attention_segments,
     compile_blocks,
     dropout_on_cpu,
     fused_linear_cross_entropy,
     loss_from_head,
+    mark_segments,
     use_cheap_dropout,
     use_fused_lora,
     use_loss_head,
@@ -102,12 +102,13 @@ def test_segmented_attention_equals_the_masked_row_and_ignores_the_mask(tiny):
         if name == "masked":
             loss = batch_loss(model, batch, LossPath(fused_chunk=16))
         else:  # `always`: these rows are too short for the per-example calls to pay in a run
-            with attention_segments(batch["position_ids"], always=True):
-                mask = block_causal_mask(batch["position_ids"], torch.float32)
-                if name == "segmented-open-mask":
-                    mask = torch.zeros(2, 1, 64, 64)  # every token sees every token, also the future
-                with loss_from_head(batch["labels"], 16):
-                    loss = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask).logits
+            positions = batch["position_ids"].clone()
+            mark_segments(positions, always=True)
+            mask = block_causal_mask(positions, torch.float32)
+            if name == "segmented-open-mask":
+                mask = torch.zeros(2, 1, 64, 64)  # every token sees every token, also the future
+            with loss_from_head(batch["labels"], 16):
+                loss = model(input_ids=batch["input_ids"], position_ids=positions, attention_mask=mask).logits
         loss.backward()
         results[name] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
     base_loss, base_grads = results["masked"]
@@ -142,6 +143,34 @@ def test_a_step_runs_attention_per_example_only_where_it_pays(tiny, monkeypatch)
     assert not calls
 
 
+def test_checkpointed_blocks_recompute_per_example_too(tiny, monkeypatch):
+    """With gradient checkpointing, backward recomputes each block with the inputs forward had: the
+    packed examples travel on the position ids, so the recomputation runs per example too (on a
+    GPU: the same variable-length kernel) and gives the masked row's loss and gradients. (Had it
+    taken the masked call, torch's checkpoint would refuse: a different number of saved tensors.)"""
+    import gptj_tune.fast as fast
+
+    calls = []
+    monkeypatch.setattr(fast, "_segmented_attention", lambda *a, **k: calls.append(1) or segmented(*a, **k))
+    segmented = _segmented_attention
+    positions = torch.arange(512).remainder(128)[None].repeat(2, 1)  # rows where per-example pays
+    ids = torch.randint(3, 500, (2, 512), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for name in ("masked", "per example"):
+        batch = {"input_ids": ids, "position_ids": positions.clone(), "labels": ids.clone()}
+        model, _ = load(tiny, "auto")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        calls.clear()
+        loss = batch_loss(model, batch, LossPath(segmented=name != "masked"))
+        loss.backward()
+        results[name] = (len(calls), loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    (masked_calls, base_loss, base_grads), (calls_made, loss, grads) = results["masked"], results["per example"]
+    assert (masked_calls, calls_made) == (0, 2 * SHAPE.layers)  # forward and recomputation
+    assert abs(loss - base_loss) < 1e-5 * abs(base_loss)
+    assert max((grads[n] - base_grads[n]).abs().max() for n in grads) < 1e-5
+
+
 def test_segments_follow_the_restarting_positions():
     positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 0, 0, 1]])
     segments = Segments(positions)
@@ -154,7 +183,9 @@ def test_loss_path_of_a_recipe_and_its_model(tiny):
     output = {"dir": "unused"}
     assert LossPath.of(Recipe.model_validate({"output": output})).segmented
     checkpointed = {"gradient_checkpointing": True}
-    assert not LossPath.of(Recipe.model_validate({"model": checkpointed, "output": output})).segmented
+    assert LossPath.of(Recipe.model_validate({"model": checkpointed, "output": output})).segmented  # see above
+    compiled = {"compile": True}
+    assert not LossPath.of(Recipe.model_validate({"train": compiled, "output": output})).segmented
     flash = Recipe.model_validate({"model": {"attn_implementation": "flash_attention_2"}, "output": output})
     gptj, _ = load(tiny, "auto")
     assert LossPath.of(flash, gptj) == LossPath(fused_chunk=2048, varlen=False, segmented=True)  # GPT-J's is ours
