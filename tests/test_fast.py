@@ -273,8 +273,9 @@ def test_no_varlen_kernel_on_a_cpu_and_flash_attention_2_needs_its_package(tiny)
 def test_varlen_kernel_on_a_gpu(width, heads, monkeypatch):
     """torch's variable-length FlashAttention (or flash-attn's) on packed bf16 rows: the masked
     row's loss and gradients within bf16 rounding, one kernel call per layer."""
-    import gptj_tune.fast as fast
     from transformers import GPTJConfig, GPTJForCausalLM
+
+    import gptj_tune.fast as fast
 
     kernel = varlen_kernel(torch.device("cuda"))
     assert kernel is not None, "no variable-length kernel: torch < 2.10 and no flash-attn"
