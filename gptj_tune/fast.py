@@ -96,10 +96,17 @@ def _sdpa_class():
     return GPTJSdpaAttention
 
 
+def segment_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """True where a packed example (or the padding tail) starts in each row: wherever the position
+    does not follow the previous one. Shared by `Segments` and `models.block_causal_mask`."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts
+
+
 class Segments:
-    """Where each packed example starts and ends in each row of a batch (from its position ids:
-    a segment starts wherever the position does not follow the previous one, as in
-    `models.block_causal_mask`).
+    """Where each packed example starts and ends in each row of a batch (`segment_starts` of its
+    position ids, the boundaries `models.block_causal_mask` keeps apart).
 
     One attention call per example pays when rows are not short and examples are not tiny: each
     call has a fixed cost that, on a CPU, outweighs the saved arithmetic of short examples.
@@ -115,14 +122,12 @@ class Segments:
     MIN_MEAN_LENGTH = 32
 
     def __init__(self, position_ids: torch.Tensor):
-        starts = torch.ones(position_ids.shape, dtype=torch.bool)
-        positions = position_ids.cpu()
-        starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
         self.length = position_ids.shape[1]
         self.rows = []
-        for row in starts:
+        for row in segment_starts(position_ids.cpu()):
             begin = row.nonzero().flatten().tolist()
             self.rows.append(list(zip(begin, begin[1:] + [self.length], strict=True)))
+        self._cu: torch.Tensor | None = None  # cu_seqlens on the device that asked last
 
     @functools.cached_property
     def longest(self) -> int:
@@ -131,7 +136,7 @@ class Segments:
     def cu_seqlens(self, device: torch.device) -> torch.Tensor:
         """Where each example starts with the rows laid end to end, then the total: int32 on
         `device`, made once per batch (every layer asks)."""
-        if getattr(self, "_cu", None) is None or self._cu.device != device:
+        if self._cu is None or self._cu.device != device:
             starts = [r * self.length + start for r, spans in enumerate(self.rows) for start, _ in spans]
             self._cu = torch.tensor(starts + [self.length * len(self.rows)], dtype=torch.int32).to(device)
         return self._cu
@@ -169,8 +174,8 @@ class VarlenKernel:
     the end. From torch (`torch.nn.attention.varlen.varlen_attn`, torch >= 2.10, CUDA; no dropout)
     or from the flash-attn package (`flash_attn_varlen_func`)."""
 
-    def __init__(self, name: str, call, dropout: bool):
-        self.name, self._call, self.dropout = name, call, dropout
+    def __init__(self, call, dropout: bool):
+        self._call, self.dropout = call, dropout
 
     def takes(self, query: torch.Tensor, dropout_p: float) -> bool:
         return query.dtype in (torch.float16, torch.bfloat16) and (dropout_p == 0.0 or self.dropout)
@@ -205,7 +210,7 @@ def _cuda_varlen_kernel(source: str) -> VarlenKernel | None:
             def torch_varlen(q, k, v, cu, length, dropout_p):
                 return varlen_attn(q, k, v, cu, cu, length, length, **causal)
 
-            return VarlenKernel("torch", torch_varlen, dropout=False)
+            return VarlenKernel(torch_varlen, dropout=False)
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError:
@@ -214,7 +219,7 @@ def _cuda_varlen_kernel(source: str) -> VarlenKernel | None:
     def flash_varlen(q, k, v, cu, length, dropout_p):
         return flash_attn_varlen_func(q, k, v, cu, cu, length, length, dropout_p=dropout_p, causal=True)
 
-    return VarlenKernel("flash_attn", flash_varlen, dropout=True)
+    return VarlenKernel(flash_varlen, dropout=True)
 
 
 def _varlen_attention(query, key, value, segments: Segments, kernel: VarlenKernel, dropout_p: float) -> torch.Tensor:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelError
-from .fast import use_one_kernel_gelu, use_sdpa_attention
+from .fast import segment_starts, use_one_kernel_gelu, use_sdpa_attention
 from .recipe import TINY_MODEL_NAME, ModelSection
 
 DTYPES = {
@@ -256,9 +256,7 @@ def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.T
     packed example and for the padding tail). Passed explicitly so correctness never depends on
     transformers' packed-sequence detection, which is skipped whenever a KV cache object exists.
     """
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    segment = starts.cumsum(-1)
+    segment = segment_starts(position_ids).cumsum(-1)
     length = position_ids.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
     allowed = (segment[:, :, None] == segment[:, None, :]) & causal

@@ -205,7 +205,7 @@ class ReferenceVarlen(VarlenKernel):
     variable-length FlashAttention computes, in fp32 on a CPU."""
 
     def __init__(self):
-        super().__init__("reference", self.attend, dropout=False)
+        super().__init__(self.attend, dropout=False)
         self.calls = []
 
     def takes(self, query, dropout_p):
