@@ -13,11 +13,15 @@ from conftest import REPO
 pytestmark = pytest.mark.slow
 
 
+def run_benchmark(script: str, shared_data, out, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python benchmarks/<script>.py ... --data-dir <shared data> --out <out>`, as a user runs it."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / f"{script}.py"), *args, "--data-dir", str(shared_data), "--out", str(out)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
 def test_train_throughput_harness_runs_every_engine_on_the_same_tokens(tmp_path, shared_data):
     out = tmp_path / "tt.json"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--records", "16", "--max-length", "128",
-           "--mixed-precision", "bf16", "--data-dir", str(shared_data), "--out", str(out)]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    result = run_benchmark("train_throughput", shared_data, out, "--records", "16", "--max-length", "128", "--mixed-precision", "bf16")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "train throughput: tiny GPT-J, lora" in result.stdout and "hf-trainer" in result.stdout.replace("\n", "")
     report = json.loads(out.read_text())
@@ -51,9 +55,7 @@ def test_train_throughput_harness_runs_every_engine_on_the_same_tokens(tmp_path,
     ],
 )
 def test_benchmark_arguments_are_checked_before_any_work(tmp_path, shared_data, script, args, message):
-    cmd = [sys.executable, str(REPO / "benchmarks" / f"{script}.py"), "--data-dir", str(shared_data),
-           "--out", str(tmp_path / "x.json"), *args]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    result = run_benchmark(script, shared_data, tmp_path / "x.json", *args, timeout=120)
     assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not (tmp_path / "x.json").exists()
 
@@ -62,9 +64,7 @@ def test_eval_speed_runs_the_chosen_tasks_and_writes_json(tmp_path, shared_data)
     out = tmp_path / "es.json"
     # Two tasks (a loglikelihood-of-continuation one and a multiple-choice one): every task's
     # scoring through the harness is tested in test_eval.py; this checks the script's own work.
-    cmd = [sys.executable, str(REPO / "benchmarks" / "eval_speed.py"), "--limit", "2", "--batch-size", "2",
-           "--tasks", "lambada_openai,piqa", "--data-dir", str(shared_data), "--out", str(out)]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    result = run_benchmark("eval_speed", shared_data, out, "--limit", "2", "--batch-size", "2", "--tasks", "lambada_openai,piqa")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["shape"] == "tiny" and report["device"] == "cpu" and report["batch_size"] == 2
