@@ -1,16 +1,8 @@
-"""The speed paths, each a class switch of existing modules (weights, state-dict keys and saved
-configs stay stock), each tested equal to what it replaces (tests/test_fast.py). Attention and
-GELU are switched when a model is loaded (models.py), the loss head and dropout when it is set up
-for training (train.py):
+"""The speed paths other than attention (gptj_tune/attention.py), each a class switch of existing
+modules (weights, state-dict keys and saved configs stay stock), each tested equal to what it
+replaces (tests/test_fast.py). GELU is switched when a model is loaded (models.py), the loss head,
+dropout and LoRA add when it is set up for training (train.py):
 
-- `sdpa` attention for GPT-J: transformers' GPT-J has only eager attention (Q and K upcast to
-  fp32, the full attention matrix materialised and kept for backward) and FlashAttention-2. Ours
-  keeps GPT-J's projections and rotary embedding and hands the product to
-  `torch.nn.functional.scaled_dot_product_attention` with the same mask, packing boundaries
-  included. The attention modules change class, not weights: state-dict keys, saved configs and
-  exported models are exactly what stock transformers writes and reads (`eager`). A step runs it
-  within each packed example (`mark_segments`), so the masked pairs are never computed: on a
-  GPU one variable-length FlashAttention call over the batch, on a CPU one SDPA call per example.
 - a fused, chunked cross-entropy head: the loss over the target tokens only (prompt and padding
   positions never reach the 50400-wide head), computed a chunk of tokens at a time, with the
   gradient taken in the same pass, so fp32 logits for the whole batch never exist. Under bf16
@@ -47,221 +39,7 @@ IGNORE = -100
 DEFAULT_CHUNK_TOKENS = 2048
 
 
-# ------------------------------------------------------------------------------------ attention
-
-
-@functools.cache
-def _sdpa_class():
-    from transformers.models.gptj.modeling_gptj import GPTJAttention
-
-    class GPTJSdpaAttention(GPTJAttention):
-        """GPT-J attention through torch's scaled_dot_product_attention (flash / memory-efficient
-        kernels where the device has them). Same inputs, same mask, same result within rounding."""
-
-        def forward(self, *args, position_ids=None, **kwargs):
-            # The batch's packed examples travel on its position ids (`mark_segments`): a block that
-            # gradient checkpointing recomputes in backward gets the same tensor, so it runs the same way.
-            self._segments = getattr(position_ids, SEGMENTS, None)
-            try:
-                return super().forward(*args, position_ids=position_ids, **kwargs)
-            finally:
-                self._segments = None
-
-        def _attn(self, query, key, value, attention_mask=None):
-            q_len, k_len = query.shape[-2], key.shape[-2]
-            segments = getattr(self, "_segments", None)
-            dropout_p = self.attn_dropout.p if self.training else 0.0
-            if segments is not None and q_len == k_len == segments.length and query.shape[0] == len(segments.rows):
-                value = value.to(query.dtype)
-                kernel = varlen_kernel(query.device, getattr(self, "varlen", "torch"))
-                if kernel is not None and kernel.takes(query, dropout_p):
-                    return _varlen_attention(query, key, value, segments, kernel, dropout_p), None
-                if query.device.type == "cpu":
-                    return _segmented_attention(query, key, value, segments, dropout_p), None
-                # no variable-length kernel for this device, dtype or dropout: the mask below
-            if attention_mask is not None and attention_mask.dtype not in (torch.bool, query.dtype):
-                attention_mask = attention_mask.to(query.dtype)  # eager's additive fp32 mask
-            is_causal = False
-            if attention_mask is None and q_len > 1:
-                if q_len == k_len:
-                    is_causal = True
-                else:  # new tokens after a cache: each sees the whole past and the new tokens before it
-                    attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
-            out = F.scaled_dot_product_attention(
-                query, key, value.to(query.dtype), attn_mask=attention_mask,
-                dropout_p=dropout_p, is_causal=is_causal,
-            )  # fmt: skip
-            return out, None
-
-    return GPTJSdpaAttention
-
-
-def segment_starts(position_ids: torch.Tensor) -> torch.Tensor:
-    """True where a packed example (or the padding tail) starts in each row: wherever the position
-    does not follow the previous one. Shared by `Segments` and `models.block_causal_mask`."""
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    return starts
-
-
-class Segments:
-    """Where each packed example starts and ends in each row of a batch (`segment_starts` of its
-    position ids, the boundaries `models.block_causal_mask` keeps apart).
-
-    One attention call per example pays when rows are not short and examples are not tiny: each
-    call has a fixed cost that, on a CPU, outweighs the saved arithmetic of short examples.
-    Measured per layer, forward and backward (2 threads, fp32), masked -> per example: 8 rows of
-    512 tokens, 8 heads of 64, examples of 112 tokens 83 -> 44 ms, of 32 83 -> 41 ms; 8 rows of
-    256, 4 heads of 32, examples of 32: 6.6 -> 6.6 ms; 2048 tokens, 16 heads of 256, examples of
-    20: 892 -> 184 ms; but 16 rows of 128 tokens, examples of 16 (the quickstart): 3.4 -> 10.3 ms
-    with 4 heads of 32. Hence `pays_off`: rows of at least MIN_WIDTH tokens whose examples average
-    at least MIN_MEAN_LENGTH.
-    """
-
-    MIN_WIDTH = 256
-    MIN_MEAN_LENGTH = 32
-
-    def __init__(self, position_ids: torch.Tensor):
-        self.length = position_ids.shape[1]
-        self.rows = []
-        for row in segment_starts(position_ids.cpu()):
-            begin = row.nonzero().flatten().tolist()
-            self.rows.append(list(zip(begin, begin[1:] + [self.length], strict=True)))
-        self._cu: torch.Tensor | None = None  # cu_seqlens on the device that asked last
-
-    @functools.cached_property
-    def longest(self) -> int:
-        return max(end - start for spans in self.rows for start, end in spans)
-
-    def cu_seqlens(self, device: torch.device) -> torch.Tensor:
-        """Where each example starts with the rows laid end to end, then the total: int32 on
-        `device`, made once per batch (every layer asks)."""
-        if self._cu is None or self._cu.device != device:
-            starts = [r * self.length + start for r, spans in enumerate(self.rows) for start, _ in spans]
-            self._cu = torch.tensor(starts + [self.length * len(self.rows)], dtype=torch.int32).to(device)
-        return self._cu
-
-    @property
-    def pays_off(self) -> bool:
-        calls = sum(len(spans) for spans in self.rows)
-        return self.length >= self.MIN_WIDTH and self.length * len(self.rows) >= self.MIN_MEAN_LENGTH * calls
-
-
-SEGMENTS = "_gptj_tune_segments"  # the attribute of a batch's position ids that holds its Segments
-
-
-def mark_segments(position_ids: torch.Tensor, always: bool = False, use: bool = True) -> Segments | None:
-    """Make GPT-J's SDPA attention run causal attention within each packed example of this batch
-    instead of over the whole row under the block-causal mask: the same result, without the work
-    for the (masked) pairs of tokens from different examples. On a GPU that is one call to a
-    variable-length FlashAttention kernel over all the batch's examples (`varlen_kernel`); on a CPU
-    one SDPA call per example, and only for batches where that pays (`Segments.pays_off`, unless
-    `always`). The segments are attached to the position-id tensor the model is called with, so a
-    block recomputed in backward (gradient checkpointing) sees them too, on whatever thread autograd
-    runs it. The mask is still passed to the model, so any attention that is not ours, or a case no
-    kernel takes, stays correct. Returns the segments, or None where the masked call is kept
-    (always with `use` False)."""
-    segments = Segments(position_ids) if use else None
-    if segments is not None and not (always or position_ids.device.type != "cpu" or segments.pays_off):
-        segments = None
-    setattr(position_ids, SEGMENTS, segments)
-    return segments
-
-
-class VarlenKernel:
-    """A causal variable-length attention function over packed examples laid end to end:
-    q, k, v of shape (tokens, heads, head_dim), `cu_seqlens` the int32 start of every example and
-    the end. From torch (`torch.nn.attention.varlen.varlen_attn`, torch >= 2.10, CUDA; no dropout)
-    or from the flash-attn package (`flash_attn_varlen_func`)."""
-
-    def __init__(self, call, dropout: bool):
-        self._call, self.dropout = call, dropout
-
-    def takes(self, query: torch.Tensor, dropout_p: float) -> bool:
-        return query.dtype in (torch.float16, torch.bfloat16) and (dropout_p == 0.0 or self.dropout)
-
-    def __call__(self, q, k, v, cu_seqlens, max_length: int, dropout_p: float) -> torch.Tensor:
-        return self._call(q, k, v, cu_seqlens, max_length, dropout_p)
-
-
-def varlen_kernel(device: torch.device, source: str = "torch") -> VarlenKernel | None:
-    """The variable-length kernel for packed rows on `device`, or None (CPUs; a GPU with neither
-    torch's kernel nor flash-attn). `source` "flash_attn" (`attn_implementation:
-    flash_attention_2`) takes the flash-attn package's; "torch" takes torch's own, else flash-attn's."""
-    if device.type != "cuda":
-        return None
-    return _cuda_varlen_kernel(source)
-
-
-@functools.cache
-def _cuda_varlen_kernel(source: str) -> VarlenKernel | None:
-    import inspect
-
-    if source == "torch":
-        try:
-            from torch.nn.attention.varlen import varlen_attn
-        except ImportError:
-            varlen_attn = None
-        if varlen_attn is not None:
-            params = inspect.signature(varlen_attn).parameters
-            # torch 2.10 takes is_causal; later versions a window, (-1, 0) being causal
-            causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-
-            def torch_varlen(q, k, v, cu, length, dropout_p):
-                return varlen_attn(q, k, v, cu, cu, length, length, **causal)
-
-            return VarlenKernel(torch_varlen, dropout=False)
-    try:
-        from flash_attn import flash_attn_varlen_func
-    except ImportError:
-        return None
-
-    def flash_varlen(q, k, v, cu, length, dropout_p):
-        return flash_attn_varlen_func(q, k, v, cu, cu, length, length, dropout_p=dropout_p, causal=True)
-
-    return VarlenKernel(flash_varlen, dropout=True)
-
-
-def _varlen_attention(query, key, value, segments: Segments, kernel: VarlenKernel, dropout_p: float) -> torch.Tensor:
-    # (batch, heads, L, head_dim) -> the rows end to end, (batch*L, heads, head_dim). GPT-J's q, k
-    # and v are permuted views of (batch, L, heads, head_dim) tensors: transposing back is free.
-    b, h, length, d = query.shape
-    q, k, v = (t.transpose(1, 2).reshape(b * length, h, d) for t in (query, key, value))
-    out = kernel(q, k, v, segments.cu_seqlens(query.device), segments.longest, dropout_p)
-    return out.view(b, length, h, d).transpose(1, 2)  # GPT-J's _merge_heads permutes it back, no copy
-
-
-def _segmented_attention(query, key, value, segments: Segments, dropout_p: float) -> torch.Tensor:
-    # unbind/split, not slicing: their backward is one stack/cat, where each slice's backward would
-    # allocate and fill a zero tensor the size of the whole batch (a cost that grows with the rows).
-    rows = []
-    for spans, q, k, v in zip(segments.rows, query.unbind(0), key.unbind(0), value.unbind(0), strict=True):
-        lengths = [e - s for s, e in spans]
-        parts = [
-            F.scaled_dot_product_attention(qs[None], ks[None], vs[None], dropout_p=dropout_p, is_causal=True)[0]
-            for qs, ks, vs in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1), strict=True)
-        ]
-        rows.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
-    return torch.stack(rows)
-
-
-def use_sdpa_attention(model: nn.Module, varlen: str = "torch") -> int:
-    """Switch every GPT-J attention module of `model` to SDPA; returns how many were switched.
-    `varlen`: whose variable-length kernel runs packed rows on a GPU (see `varlen_kernel`)."""
-    from transformers.models.gptj.modeling_gptj import GPTJAttention
-
-    switched = _switch_class(model, GPTJAttention, _sdpa_class())
-    for module in model.modules():
-        if type(module) is _sdpa_class():
-            module.varlen = varlen
-    return switched
-
-
-def uses_our_attention(model: nn.Module) -> bool:
-    return any(type(m) is _sdpa_class() for m in model.modules())
-
-
-def _switch_class(model: nn.Module, old: type, new: type) -> int:
+def switch_class(model: nn.Module, old: type, new: type) -> int:
     """Give every module of exactly type `old` the subclass `new` (same parameters, same names)."""
     switched = 0
     for module in model.modules():
@@ -291,7 +69,7 @@ def use_one_kernel_gelu(model: nn.Module) -> int:
     """Switch every `gelu_new` activation module of `model` to one kernel; returns how many."""
     from transformers.activations import NewGELUActivation
 
-    return _switch_class(model, NewGELUActivation, _gelu_class())
+    return switch_class(model, NewGELUActivation, _gelu_class())
 
 
 DROPOUT_BITS = 15  # random bits per element: p is rounded to a multiple of 1/32768
@@ -346,7 +124,7 @@ class CheapDropout(nn.Dropout):
 
 def use_cheap_dropout(model: nn.Module) -> int:
     """Switch every nn.Dropout of `model` (LoRA's input dropout included) to CheapDropout."""
-    return _switch_class(model, nn.Dropout, CheapDropout)
+    return switch_class(model, nn.Dropout, CheapDropout)
 
 
 @functools.cache
@@ -390,7 +168,7 @@ def use_fused_lora(model: nn.Module) -> int:
     """Switch every peft LoRA Linear of `model` to FusedLoraLinear; returns how many."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    return _switch_class(model, LoraLinear, _lora_linear_class())
+    return switch_class(model, LoraLinear, _lora_linear_class())
 
 
 # -------------------------------------------------------------------------------------- compile

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from .attention import use_sdpa_attention
 from .errors import ModelError
-from .fast import segment_starts, use_one_kernel_gelu, use_sdpa_attention
+from .fast import use_one_kernel_gelu
 from .recipe import TINY_MODEL_NAME, ModelSection
 
 DTYPES = {
@@ -68,7 +69,7 @@ def load_model_and_tokenizer(section: ModelSection, base: str):
 
 
 def _from_pretrained(base: str, section: ModelSection):
-    """Load with the recipe's attention and one-kernel GELU (both from gptj_tune.fast)."""
+    """Load with the recipe's attention and one-kernel GELU (gptj_tune.attention, gptj_tune.fast)."""
     model = _load_with_attention(base, section)
     use_one_kernel_gelu(model)
     return model
@@ -244,21 +245,3 @@ def _train_demo_tokenizer(vocab_size: int):
     )
     bpe.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS_TEXT, pad_token=EOS_TEXT, bos_token=EOS_TEXT)
-
-
-# ------------------------------------------------------------------------------------ masking
-
-
-def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive 4D mask (batch, 1, L, L): causal, and no token sees another segment.
-
-    A segment starts wherever the position does not follow the previous one (positions restart per
-    packed example and for the padding tail). Passed explicitly so correctness never depends on
-    transformers' packed-sequence detection, which is skipped whenever a KV cache object exists.
-    """
-    segment = segment_starts(position_ids).cumsum(-1)
-    length = position_ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
-    allowed = (segment[:, :, None] == segment[:, None, :]) & causal
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]

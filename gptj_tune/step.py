@@ -9,11 +9,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .attention import block_causal_mask, mark_segments, uses_our_attention
 from .data.tokenize import IGNORE, Batches
 from .distributed import is_deepspeed
 from .errors import RecipeError
-from .fast import loss_from_head, mark_segments, uses_our_attention
-from .models import block_causal_mask
+from .fast import loss_from_head
 from .recipe import Recipe, TrainSection
 
 
@@ -25,7 +25,7 @@ class LossPath:
         this many tokens at a time; None: full logits, then cross-entropy.
     varlen: transformers' own FlashAttention-2 (models other than GPT-J): it takes no 4D mask, so
         none is built; it attends across packed examples, so packing is refused with it.
-    segmented: GPT-J's attention (ours) runs within each packed example (`fast.mark_segments`):
+    segmented: GPT-J's attention (ours) runs within each packed example (`attention.mark_segments`):
         one variable-length FlashAttention call on a GPU, one SDPA call per example on a CPU;
         the block-causal mask is passed too, for every case those do not take. Blocks recomputed
         by gradient checkpointing run the same way (the segments travel on the position ids).

@@ -118,6 +118,43 @@ def tiny_gpt_neo_config(vocab_size: int, width: int, heads: int, window: int, po
                         num_heads=heads, attention_types=[[["global", "local"], 1]], window_size=window, **extra)  # fmt: skip
 
 
+# The tiny GPT-J the speed-path tests (test_fast.py, test_attention.py) compare against stock code.
+SPEED_SHAPE_ARGS = dict(layers=2, width=64, heads=4, rotary_dim=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_gptj(tmp_path_factory) -> Path:
+    """A saved tiny GPT-J (SPEED_SHAPE_ARGS), built once per test module."""
+    from gptj_tune.models import build_tiny_gptj
+    from gptj_tune.recipe import ModelSection, TinyModelSection
+
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    build_tiny_gptj(ModelSection(tiny=TinyModelSection(**SPEED_SHAPE_ARGS)), out)
+    return out
+
+
+def load_tiny(path, attn: str, dtype: str = "float32"):
+    """The saved tiny GPT-J loaded as gptj-tune loads models, under `attn` (model.attn_implementation)."""
+    from gptj_tune.models import load_model_and_tokenizer
+    from gptj_tune.recipe import ModelSection, TinyModelSection
+
+    section = ModelSection(tiny=TinyModelSection(**SPEED_SHAPE_ARGS), attn_implementation=attn, dtype=dtype)
+    return load_model_and_tokenizer(section, str(path))
+
+
+def packed_batch(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Two packed rows of 64 tokens: the first packs three examples, the second two and a padding
+    tail; the first 5 tokens of each row are prompt (label -100)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [[20, 30, 14], [40, 16, 8]]
+    ids = torch.randint(3, vocab, (2, 64), generator=g)
+    positions = torch.cat([torch.cat([torch.arange(n) for n in row])[None] for row in lengths])
+    labels = ids.clone()
+    labels[:, :5] = -100  # a prompt
+    labels[1, 56:] = -100  # the padding tail
+    return {"input_ids": ids, "position_ids": positions, "labels": labels}
+
+
 def can_compile() -> bool:
     """Whether torch.compile can build CPU kernels here (train.compile's tests need a C++ compiler)."""
     from gptj_tune.fast import CompileUnavailable, check_can_compile

@@ -11,7 +11,8 @@ from gptj_tune.data.templates import BUILTIN_TEMPLATES
 from gptj_tune.data.tokenize import IGNORE, collate, make_rows, tokenize_instructions
 from gptj_tune.errors import ModelError
 from gptj_tune.methods import apply_method, count_parameters
-from gptj_tune.models import block_causal_mask, build_tiny_gptj, load_model_and_tokenizer
+from gptj_tune.attention import block_causal_mask
+from gptj_tune.models import build_tiny_gptj, load_model_and_tokenizer
 from gptj_tune.recipe import FullMethod, LoraMethod, ModelSection, TinyModelSection
 
 SMALL = TinyModelSection(layers=2, width=64, heads=4, rotary_dim=8)
