@@ -52,6 +52,9 @@ def main() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     require_at_least_one(args, "limit", "batch_size")
+    from gptj_tune.cli import quiet_libraries
+
+    quiet_libraries()
     from gptj_tune.harness import TASKS
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(TASKS)

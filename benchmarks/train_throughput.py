@@ -312,6 +312,9 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from gptj_tune.cli import quiet_libraries
+
+    quiet_libraries()  # no save progress bars or "no GPU" notices between the table's lines
     if args.worker:
         return worker(args.worker, json.loads(Path(args.spec).read_text()), Path(args.result))
 
@@ -384,10 +387,10 @@ def main() -> None:
             r["mfu"] = r["tokens_per_s"] * per_token / peak if peak else None
 
     table = Table(title=f"train throughput: {args.shape} GPT-J, {args.method}, {args.records} Alpaca records, "
-                        f"max_length {args.max_length}, batch {args.batch_size} (packed: {spec['packed_batch_size']} rows), {args.device}"
+                        f"max_length {args.max_length}, batch {args.batch_size} (packed: {spec['packed_batch_size']} row{'s' if spec['packed_batch_size'] != 1 else ''}), {args.device}"
                         f"{', gptj-tune in bf16 autocast' if args.mixed_precision == 'bf16' else ''}")  # fmt: skip
     for col in ("engine", "real tok/s", "ours / this", "padding eff.", "peak mem GiB", "held-out loss", "steps"):
-        table.add_column(col, justify="left" if col == "engine" else "right")
+        table.add_column(col, justify="left" if col == "engine" else "right", no_wrap=col == "engine")
     if args.device == "cuda":
         table.add_column("MFU", justify="right")
     for e, r in rows.items():
