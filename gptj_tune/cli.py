@@ -164,7 +164,7 @@ def eval_(
     force: bool = typer.Option(False, "--force", help="Replace an existing report folder."),
 ):
     """Benchmarks (lm-eval on local files), held-out loss and instruction following; writes eval/report.*."""
-    from .report import EvalRequest, run_eval
+    from .report import EvalRequest, format_metric, format_number, run_eval
 
     chosen = None if tasks is None else [] if tasks.strip() == "none" else [t.strip() for t in tasks.split(",") if t.strip()]
     request = EvalRequest(target, chosen, limit, data_dir, batch_size, compare, out, checkpoint, force=force)
@@ -173,11 +173,10 @@ def eval_(
     table = Table("task", "metric", "value", title=f"Evaluation of {target}")
     for task, metrics in report["benchmarks"].items():
         for metric, pair in metrics.items():
-            stderr = f" ± {pair['stderr']:.4f}" if pair["stderr"] is not None else ""
-            table.add_row(task, metric, f"{pair['value']:.4f}{stderr}")
+            table.add_row(task, metric, format_metric(metric, (pair["value"], pair["stderr"])))
     for key, value in (report.get("held_out") or {}).items():
         if key in ("loss", "perplexity", "exact_match", "rouge_l") and value is not None:
-            table.add_row("held-out", key, f"{value:.4f}")
+            table.add_row("held-out", key, format_number(value, 4))
     console.print(table)
     console.print(f"Report: {folder / 'report.md'}")
 

@@ -9,9 +9,11 @@ JSONL per task; the YAMLs, written next to them, are ordinary lm-eval task confi
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 from .errors import GptjTuneError
 
@@ -238,17 +240,25 @@ def _evaluate(model, model_args, files: TaskFiles, limit, batch_size) -> dict:
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise GptjTuneError('benchmarks need lm-eval: pip install -e ".[eval]"') from None
+    # lm-eval records the git commit of the current directory (`git describe` in a subprocess, which
+    # prints "fatal: not a git repository" outside one); the reports do not use it.
+    no_git = (
+        mock.patch.object(evaluator, "get_git_commit_hash", return_value=None)
+        if hasattr(evaluator, "get_git_commit_hash")
+        else contextlib.nullcontext()
+    )
     try:
-        results = evaluator.simple_evaluate(
-            model=model,
-            model_args=model_args,
-            tasks=[f"gptj_{t}" for t in files.tasks],
-            limit=limit,
-            batch_size=batch_size,
-            task_manager=TaskManager(include_path=str(files.folder), include_defaults=False),
-            log_samples=False,
-            bootstrap_iters=1000,
-        )
+        with no_git:
+            results = evaluator.simple_evaluate(
+                model=model,
+                model_args=model_args,
+                tasks=[f"gptj_{t}" for t in files.tasks],
+                limit=limit,
+                batch_size=batch_size,
+                task_manager=TaskManager(include_path=str(files.folder), include_defaults=False),
+                log_samples=False,
+                bootstrap_iters=1000,
+            )
     except OSError as e:  # a model or tokenizer that is not there (offline hub name, empty folder)
         name = (model_args or {}).get("pretrained", "the model")
         raise GptjTuneError(f"cannot load {name} for the benchmarks ({str(e).splitlines()[0]})") from None

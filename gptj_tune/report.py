@@ -185,13 +185,21 @@ def _jsonable(value):
 # ------------------------------------------------------------------------------------ markdown
 
 
-def _fmt(metric: str, pair) -> str:
+def format_metric(metric: str, pair) -> str:
+    """A benchmark figure as people read it: accuracies in percent, perplexities as numbers
+    (with an exponent once they pass a million: an untrained model's LAMBADA perplexity has 20
+    digits), each with lm-eval's standard error where it gave one."""
     if not pair:
         return "-"
     value, stderr = pair
     if metric == "perplexity":
-        return f"{value:,.2f}" + (f" ± {stderr:,.2f}" if stderr is not None else "")
+        return format_number(value) + (f" ± {format_number(stderr)}" if stderr is not None else "")
     return f"{100 * value:.1f}%" + (f" ± {100 * stderr:.1f}" if stderr is not None else "")
+
+
+def format_number(value: float, digits: int = 2) -> str:
+    """`value` with `digits` decimals and thousands separators, or as 4.315e+21 from a million on."""
+    return f"{value:.3e}" if abs(value) >= 1e6 else f"{value:,.{digits}f}"
 
 
 def report_markdown(report: dict) -> str:
@@ -211,9 +219,9 @@ def report_markdown(report: dict) -> str:
         lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         for task, metrics in report["benchmarks"].items():
             for metric, pair in metrics.items():
-                row = [task, metric, _fmt(metric, pair)]
+                row = [task, metric, format_metric(metric, pair)]
                 if comparison:
-                    row.append(_fmt(metric, comparison["benchmarks"].get(task, {}).get(metric)))
+                    row.append(format_metric(metric, comparison["benchmarks"].get(task, {}).get(metric)))
                 if published:
                     value = published.get(task, {}).get(metric)
                     row.append("-" if value is None else (f"{value:.2f}" if metric == "perplexity" else f"{100 * value:.1f}%"))
@@ -227,7 +235,7 @@ def report_markdown(report: dict) -> str:
         for key, label in [("loss", "loss per target token"), ("perplexity", "perplexity"), ("exact_match", "exact match"), ("rouge_l", "ROUGE-L")]:
             if held.get(key) is None:
                 continue
-            value = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+            value = lambda v: "-" if v is None else format_number(v, 4)  # noqa: E731
             lines.append(f"| {label} | {value(held.get(key))} |" + (f" {value(other.get(key))} |" if comparison else ""))
         lines.append("")
         if held.get("samples"):

@@ -32,9 +32,11 @@ def _report(folder):
     return json.loads((folder / "report.json").read_text())
 
 
-def test_every_task_runs_on_local_files_and_the_report_is_complete(lora_run, shared_data):
+def test_every_task_runs_on_local_files_and_the_report_is_complete(lora_run, shared_data, tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)  # outside a git repository: lm-eval's `git describe` must not print there
     result = cli("eval", str(lora_run), "--tasks", ALL, "--limit", "6", "--data-dir", str(shared_data / "benchmarks"))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "not a git repository" not in capfd.readouterr().err + result.stderr
     report = _report(lora_run / "eval")
     assert list(report["benchmarks"]) == ALL.split(",")
     assert set(report["benchmarks"]["lambada_openai"]) == {"perplexity", "acc"}
@@ -182,3 +184,16 @@ def test_a_checkpoint_can_be_evaluated_and_data_is_fingerprinted(tmp_path, lora_
     assert len(held["data_sha256"]) == 16
     missing = cli("eval", str(lora_run), "--checkpoint", "step-99", "--tasks", "none", "--out", str(tmp_path / "x"))
     assert missing.returncode == 2 and "no checkpoint 'step-99'; available: step-20" in missing.stderr
+
+
+def test_benchmark_figures_read_as_percentages_and_perplexities_stay_short():
+    from gptj_tune.report import format_metric, format_number
+
+    assert format_metric("acc", (0.2, 0.0918)) == "20.0% ± 9.2"
+    assert format_metric("acc_norm", (0.655, None)) == "65.5%"
+    assert format_metric("perplexity", (3.99, 0.12)) == "3.99 ± 0.12"
+    assert format_metric("perplexity", (12345.678, None)) == "12,345.68"
+    # an untrained model's LAMBADA perplexity (20 digits) keeps the table narrow
+    assert format_metric("perplexity", (4.315e21, 5.389e23)) == "4.315e+21 ± 5.389e+23"
+    assert format_metric("acc", None) == "-"
+    assert format_number(0.17823, 4) == "0.1782" and format_number(2.5e6) == "2.500e+06"
