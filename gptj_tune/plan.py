@@ -128,7 +128,8 @@ def state_bytes(recipe: Recipe, shape: Shape, setup: str, devices: int) -> float
     per_trainable = t_w + (t_w + 2 * t_w)  # weight + grad + m + v in the same dtype
     unit = 2 * shape.block * w  # one gathered block, and the next one prefetched
     if setup in ("single", "ddp"):
-        return frozen * w + T * per_trainable
+        kahan = 2 if t_w == 2 and recipe.train.kahan_summation else 0  # KahanAdamW's compensation (step.py)
+        return frozen * w + T * (per_trainable + kahan)
     if setup.startswith("zero"):
         # DeepSpeed holds the weights in 16 bits whenever bf16/fp16 is on (weights or autocast).
         w = 2 if recipe.computes_in_16_bits() else 4

@@ -248,6 +248,14 @@ class TrainSection(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    kahan_summation: bool = Field(
+        True,
+        description="Where trainable weights are held in 16 bits (full fine-tuning with model.dtype bfloat16/float16 "
+        "on `single` or `ddp`), give each a 16-bit compensation buffer that keeps what rounding drops, so small "
+        "updates add up (plain AdamW on bf16 weights rounds an update of lr 2e-5 to nothing for most of GPT-J's "
+        "weights). 2 bytes per trainable parameter. DeepSpeed keeps fp32 master weights itself; FSDP: use "
+        "model.dtype float32 with distributed.mixed_precision bf16.",
+    )
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate decay after warmup.")
     warmup_steps: int | None = Field(None, ge=0, description="Linear warmup steps (or use warmup_ratio).")
     warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Warmup as a fraction of all steps (default 0.03).")

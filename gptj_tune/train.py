@@ -39,6 +39,7 @@ from .step import (
     step_takes_the_clip,
     target_count,
     to_device,
+    updates_round_away,
     warmup_steps,
 )
 
@@ -128,7 +129,14 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     accum = recipe.train.grad_accum
     total_steps = recipe.train.max_steps or (recipe.train.epochs or 1) * -(-len(train_batches) // accum)
     warmup = warmup_steps(recipe.train, total_steps)
-    model, optimizer = prepare_model_and_optimizer(accelerator, recipe, model, lambda m: build_optimizer(m, recipe.train))
+    ds = recipe.distributed.backend == "deepspeed"
+    model, optimizer = prepare_model_and_optimizer(accelerator, recipe, model, lambda m: build_optimizer(m, recipe.train, ds))
+    if not ds and updates_round_away(optimizer):
+        console.print(
+            "[yellow]warning:[/] AdamW updates the 16-bit weights directly, so updates much smaller than a weight "
+            "round to nothing (at lr 2e-5, for most of GPT-J's weights): " + ("set train.kahan_summation: true"
+            if not recipe.train.kahan_summation else "under FSDP use model.dtype: float32 with distributed.mixed_precision: bf16")
+        )  # fmt: skip
     # Built on the prepared optimizer (ZeRO-3 regroups the parameters), and not handed to
     # accelerate, whose scheduler wrapper steps once per process: stepped once per update here.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
