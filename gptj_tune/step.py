@@ -144,10 +144,15 @@ class KahanAdamW(torch.optim.Optimizer):
     gradients divided by it, for clipping without a pass of its own; see `clip_in_fused_step`).
     """
 
-    CHUNK = 1 << 24  # elements computed in fp32 at once: bounds the step's temporary memory (~5 x 64 MB)
+    # Elements computed in fp32 at once, in three reused fp32 buffers: on a CPU a chunk that stays in
+    # the core's cache, so the ~20 passes below read cache, not memory (50M bf16 weights: 119 ms a
+    # step against 589 ms in 16M-element chunks; torch's fused AdamW, without compensation, 27 ms);
+    # on a GPU large chunks, for few kernel launches (3 x 64 MB of buffers).
+    CPU_CHUNK, DEVICE_CHUNK = 1 << 17, 1 << 24
 
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self._scratch: dict[torch.device, torch.Tensor] = {}
 
     @staticmethod
     def serves(params: list[torch.Tensor]) -> bool:
@@ -174,29 +179,56 @@ class KahanAdamW(torch.optim.Optimizer):
                         state["compensation"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 state["step"] += 1
                 t = float(state["step"])
-                tensors = [p, p.grad, state["exp_avg"], state["exp_avg_sq"], state.get("compensation")]
-                flat = [None if x is None else x.view(-1) if x.is_contiguous() else x for x in tensors]
-                n = flat[0].numel()
-                for start in range(0, n, self.CHUNK) if flat[0].dim() == 1 else [None]:
-                    part = [x if x is None or start is None else x[start : start + self.CHUNK] for x in flat]
-                    _adamw_part(*part, lr, b1, b2, eps, wd, 1 - b1**t, 1 - b2**t, scale)
+                hyper = (lr, b1, b2, eps, wd, 1 - b1**t, 1 - b2**t, scale)
+                if "compensation" not in state:  # an fp32 weight: torch's AdamW update, in place
+                    _fp32_adamw(p, p.grad, state["exp_avg"], state["exp_avg_sq"], *hyper)
+                    continue
+                flat = [x.reshape(-1) for x in (p.grad, state["exp_avg"], state["exp_avg_sq"], state["compensation"])]
+                chunk = self.CPU_CHUNK if p.device.type == "cpu" else self.DEVICE_CHUNK
+                if not p.is_contiguous():  # no flat view of it: one chunk
+                    chunk = p.numel()
+                weight = p.view(-1) if p.is_contiguous() else p.data
+                buffers = self._buffers(p.device, min(chunk, p.numel()))
+                for start in range(0, p.numel(), chunk):
+                    part = slice(start, start + chunk)
+                    _kahan_adamw(weight[part] if p.is_contiguous() else weight, *(x[part] for x in flat), buffers, *hyper)
         return loss
 
+    def _buffers(self, device: torch.device, size: int) -> list[torch.Tensor]:
+        scratch = self._scratch.get(device)
+        if scratch is None or scratch.shape[1] < size:
+            scratch = self._scratch[device] = torch.empty(3, size, dtype=torch.float32, device=device)
+        return list(scratch)
 
-def _adamw_part(w, g, m, v, c, lr, b1, b2, eps, wd, bc1, bc2, scale) -> None:
-    """One AdamW update of `w` (in place, with its moments), computed in fp32; `c`: the 16-bit
-    weight's compensation, what rounding the weight has dropped so far (None for fp32 weights)."""
-    g = g.float() if scale is None else g.float() / scale
-    m32, v32 = m.float().lerp_(g, 1 - b1), v.float().mul_(b2).addcmul_(g, g, value=1 - b2)
+
+def _kahan_adamw(w, g, m, v, c, buffers, lr, b1, b2, eps, wd, bc1, bc2, scale) -> None:
+    """One AdamW update of a chunk of 16-bit weights `w`, in place with its 16-bit moments and
+    compensation `c` (what rounding the weight has dropped so far), computed in fp32 in `buffers`."""
+    n = w.numel()
+    g32, m32, v32 = (b[:n] for b in buffers)
+    g32.copy_(g)
+    if scale is not None:
+        g32.div_(scale)
+    m32.copy_(m).lerp_(g32, 1 - b1)
     m.copy_(m32)
+    v32.copy_(v).mul_(b2).addcmul_(g32, g32, value=1 - b2)
     v.copy_(v32)
-    exact = w.float() if c is None else w.float().add_(c)  # for fp32 weights: w itself
+    denominator = v32.div_(bc2).sqrt_().add_(eps)
+    exact = g32.copy_(w.reshape(-1)).add_(c)  # the weight as it would be without rounding
     if wd:
         exact.mul_(1 - lr * wd)
-    exact.addcdiv_(m32, (v32 / bc2).sqrt_().add_(eps), value=-lr / bc1)
-    if c is not None:
-        w.copy_(exact)  # rounded to the nearest 16-bit value
-        c.copy_(exact.sub_(w))  # and what that rounding dropped
+    exact.addcdiv_(m32, denominator, value=-lr / bc1)
+    w.copy_(exact.view_as(w))  # rounded to the nearest 16-bit value
+    c.copy_(exact.sub_(w.reshape(-1)))  # and what that rounding dropped
+
+
+def _fp32_adamw(w, g, m, v, lr, b1, b2, eps, wd, bc1, bc2, scale) -> None:
+    g = g if scale is None else g / scale
+    m.lerp_(g, 1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    if wd:
+        w.mul_(1 - lr * wd)
+    w.addcdiv_(m, (v / bc2).sqrt_().add_(eps), value=-lr / bc1)
 
 
 def _can_fuse(params: list[torch.Tensor]) -> bool:
