@@ -175,8 +175,8 @@ class KahanAdamW(torch.optim.Optimizer):
                     state["step"] = torch.zeros((), dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                    if p.dtype in _SIXTEEN_BITS:
-                        state["compensation"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                if p.dtype in _SIXTEEN_BITS and "compensation" not in state:  # also: resumed from plain AdamW's state
+                    state["compensation"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 state["step"] += 1
                 t = float(state["step"])
                 hyper = (lr, b1, b2, eps, wd, 1 - b1**t, 1 - b2**t, scale)

@@ -361,6 +361,15 @@ def test_kahan_adamw_is_torchs_adamw_on_fp32_weights_takes_the_clip_and_resumes_
         assert torch.equal(whole_opt.state[a]["compensation"], resumed_opt.state[b]["compensation"])
         assert resumed_opt.state[b]["compensation"].dtype == torch.bfloat16 and resumed_opt.state[b]["compensation"].abs().max() > 0
 
+    # a checkpoint of plain AdamW (train.kahan_summation was off) resumed with it on: compensation starts at zero
+    plain = copy_of(start)
+    plain_opt = torch.optim.AdamW(groups(plain), lr=1e-3)
+    steps(plain, plain_opt, 0, 3)
+    switched = KahanAdamW(groups(plain), lr=1e-3)
+    switched.load_state_dict(plain_opt.state_dict())
+    steps(plain, switched, 3, 1)
+    assert all(switched.state[p]["compensation"].abs().max() > 0 for p in plain.parameters())
+
 
 def test_a_bf16_full_run_uses_kahan_summation_and_resumes_the_same_curve(tmp_path):
     recipe = small_recipe(tmp_path, method="full", steps=20, save_every=10, lr=1e-4)
