@@ -132,11 +132,7 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     ds = recipe.distributed.backend == "deepspeed"
     model, optimizer = prepare_model_and_optimizer(accelerator, recipe, model, lambda m: build_optimizer(m, recipe.train, ds))
     if not ds and updates_round_away(optimizer):
-        console.print(
-            "[yellow]warning:[/] AdamW updates the 16-bit weights directly, so updates much smaller than a weight "
-            "round to nothing (at lr 2e-5, for most of GPT-J's weights): " + ("set train.kahan_summation: true"
-            if not recipe.train.kahan_summation else "under FSDP use model.dtype: float32 with distributed.mixed_precision: bf16")
-        )  # fmt: skip
+        _warn_updates_round_away(console, recipe)
     # Built on the prepared optimizer (ZeRO-3 regroups the parameters), and not handed to
     # accelerate, whose scheduler wrapper steps once per process: stepped once per update here.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -284,6 +280,15 @@ def _prepare_data_once(recipe: Recipe, tokenizer, run: RunDir, accelerator) -> P
         return data
     wait_for_file(cache)
     return torch.load(cache, weights_only=False)  # our own file, written above by this job
+
+
+def _warn_updates_round_away(console, recipe: Recipe) -> None:
+    fix = ("set train.kahan_summation: true" if not recipe.train.kahan_summation
+           else "under FSDP use model.dtype: float32 with distributed.mixed_precision: bf16")  # fmt: skip
+    console.print(
+        "[yellow]warning:[/] AdamW updates the 16-bit weights directly, so updates much smaller than a weight "
+        f"round to nothing (at lr 2e-5, for most of GPT-J's weights): {fix}"
+    )
 
 
 def _print_setup(console, recipe: Recipe, model, data: PreparedData, world: int) -> None:
