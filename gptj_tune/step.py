@@ -117,15 +117,15 @@ def build_optimizer(model, train: TrainSection, master_weights_elsewhere: bool =
     return torch.optim.AdamW(groups, **hparams, fused=_can_fuse(decay + no_decay))
 
 
+_SIXTEEN_BITS = (torch.bfloat16, torch.float16)
+
+
 def updates_round_away(optimizer: torch.optim.Optimizer) -> bool:
     """Whether plain AdamW updates 16-bit trainable weights here (small updates round to nothing)."""
     inner = getattr(optimizer, "optimizer", optimizer)
     return isinstance(inner, torch.optim.AdamW) and any(
         p.dtype in _SIXTEEN_BITS for group in inner.param_groups for p in group["params"]
     )
-
-
-_SIXTEEN_BITS = (torch.bfloat16, torch.float16)
 
 
 class KahanAdamW(torch.optim.Optimizer):
@@ -180,18 +180,16 @@ class KahanAdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 t = float(state["step"])
                 hyper = (lr, b1, b2, eps, wd, 1 - b1**t, 1 - b2**t, scale)
-                if "compensation" not in state:  # an fp32 weight: torch's AdamW update, in place
-                    _fp32_adamw(p, p.grad, state["exp_avg"], state["exp_avg_sq"], *hyper)
-                    continue
-                flat = [x.reshape(-1) for x in (p.grad, state["exp_avg"], state["exp_avg_sq"], state["compensation"])]
-                chunk = self.CPU_CHUNK if p.device.type == "cpu" else self.DEVICE_CHUNK
-                if not p.is_contiguous():  # no flat view of it: one chunk
-                    chunk = p.numel()
-                weight = p.view(-1) if p.is_contiguous() else p.data
-                buffers = self._buffers(p.device, min(chunk, p.numel()))
+                weight = p.view(-1) if p.is_contiguous() else p.detach().contiguous().view(-1)  # (then copied back)
+                grad, m, v = p.grad.reshape(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
+                c = state["compensation"].view(-1) if "compensation" in state else None  # fp32 weights: none
+                chunk = min(self.CPU_CHUNK if p.device.type == "cpu" else self.DEVICE_CHUNK, p.numel())
+                buffers = self._buffers(p.device, chunk)
                 for start in range(0, p.numel(), chunk):
                     part = slice(start, start + chunk)
-                    _kahan_adamw(weight[part] if p.is_contiguous() else weight, *(x[part] for x in flat), buffers, *hyper)
+                    _adamw_update(weight[part], grad[part], m[part], v[part], None if c is None else c[part], buffers, *hyper)
+                if not p.is_contiguous():
+                    p.copy_(weight.view_as(p))
         return loss
 
     def _buffers(self, device: torch.device, size: int) -> list[torch.Tensor]:
@@ -201,9 +199,10 @@ class KahanAdamW(torch.optim.Optimizer):
         return list(scratch)
 
 
-def _kahan_adamw(w, g, m, v, c, buffers, lr, b1, b2, eps, wd, bc1, bc2, scale) -> None:
-    """One AdamW update of a chunk of 16-bit weights `w`, in place with its 16-bit moments and
-    compensation `c` (what rounding the weight has dropped so far), computed in fp32 in `buffers`."""
+def _adamw_update(w, g, m, v, c, buffers, lr, b1, b2, eps, wd, bc1, bc2, scale) -> None:
+    """One AdamW update of a chunk of weights `w`, in place with its moments, computed in fp32 in
+    `buffers`; `c`: a 16-bit weight's compensation, what rounding it has dropped so far (None for
+    fp32 weights, which are then updated exactly as torch's AdamW does)."""
     n = w.numel()
     g32, m32, v32 = (b[:n] for b in buffers)
     g32.copy_(g)
@@ -214,21 +213,15 @@ def _kahan_adamw(w, g, m, v, c, buffers, lr, b1, b2, eps, wd, bc1, bc2, scale) -
     v32.copy_(v).mul_(b2).addcmul_(g32, g32, value=1 - b2)
     v.copy_(v32)
     denominator = v32.div_(bc2).sqrt_().add_(eps)
-    exact = g32.copy_(w.reshape(-1)).add_(c)  # the weight as it would be without rounding
+    exact = g32.copy_(w.reshape(-1))  # the weight as it would be without rounding
+    if c is not None:
+        exact.add_(c)
     if wd:
         exact.mul_(1 - lr * wd)
     exact.addcdiv_(m32, denominator, value=-lr / bc1)
-    w.copy_(exact.view_as(w))  # rounded to the nearest 16-bit value
-    c.copy_(exact.sub_(w.reshape(-1)))  # and what that rounding dropped
-
-
-def _fp32_adamw(w, g, m, v, lr, b1, b2, eps, wd, bc1, bc2, scale) -> None:
-    g = g if scale is None else g / scale
-    m.lerp_(g, 1 - b1)
-    v.mul_(b2).addcmul_(g, g, value=1 - b2)
-    if wd:
-        w.mul_(1 - lr * wd)
-    w.addcdiv_(m, (v / bc2).sqrt_().add_(eps), value=-lr / bc1)
+    w.copy_(exact.view_as(w))  # a 16-bit weight: rounded to the nearest 16-bit value
+    if c is not None:
+        c.copy_(exact.sub_(w.reshape(-1)))  # and what that rounding dropped
 
 
 def _can_fuse(params: list[torch.Tensor]) -> bool:
@@ -256,9 +249,9 @@ def clip_in_fused_step(optimizer: torch.optim.Optimizer, max_norm: float) -> tor
 
 
 def step_takes_the_clip(optimizer, accelerator) -> torch.optim.Optimizer | None:
-    """The torch optimizer to hand clipping to, when it is fused AdamW or KahanAdamW and nothing else scales its
-    gradients (no fp16 GradScaler, not DeepSpeed, whose engine clips); DDP's gradients are already
-    averaged over processes when the step runs, so their norm is the global one."""
+    """The torch optimizer to hand clipping to, when it is fused AdamW or KahanAdamW and nothing else
+    scales its gradients (no fp16 GradScaler, not DeepSpeed, whose engine clips); DDP's gradients are
+    already averaged over processes when the step runs, so their norm is the global one."""
     inner = getattr(optimizer, "optimizer", optimizer)
     if not (isinstance(inner, KahanAdamW) or isinstance(inner, torch.optim.AdamW) and inner.defaults.get("fused")):
         return None

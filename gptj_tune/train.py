@@ -129,7 +129,7 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     accum = recipe.train.grad_accum
     total_steps = recipe.train.max_steps or (recipe.train.epochs or 1) * -(-len(train_batches) // accum)
     warmup = warmup_steps(recipe.train, total_steps)
-    ds = recipe.distributed.backend == "deepspeed"
+    ds = is_deepspeed(accelerator)  # DeepSpeed steps the optimizer on fp32 master weights of its own
     model, optimizer = prepare_model_and_optimizer(accelerator, recipe, model, lambda m: build_optimizer(m, recipe.train, ds))
     if not ds and updates_round_away(optimizer):
         _warn_updates_round_away(console, recipe)
