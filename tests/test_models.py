@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from conftest import cli, tiny_gpt_neo_config, write_recipe
 
+from gptj_tune.attention import block_causal_mask
 from gptj_tune.data.templates import BUILTIN_TEMPLATES
 from gptj_tune.data.tokenize import IGNORE, collate, make_rows, tokenize_instructions
 from gptj_tune.errors import ModelError
 from gptj_tune.methods import apply_method, count_parameters
-from gptj_tune.attention import block_causal_mask
 from gptj_tune.models import build_tiny_gptj, load_model_and_tokenizer
 from gptj_tune.recipe import FullMethod, LoraMethod, ModelSection, TinyModelSection
 

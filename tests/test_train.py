@@ -21,6 +21,28 @@ def losses(run_dir):
     return {m["step"]: m["loss"] for m in metrics(run_dir) if "loss" in m}
 
 
+def resume_a_copy(recipe, run, copy, *args: str):
+    """Copy a finished 20-step run, drop its step-20 checkpoint and final/, and resume the copy from step-10."""
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "checkpoints" / "step-20")
+    shutil.rmtree(copy / "final")
+    return cli("run", str(recipe), *args, "--resume", "step-10", "--set", f"output.dir={copy}")
+
+
+def small_net(dtype=None):
+    """Linear, LayerNorm, Linear: 2-D weights with weight decay and 1-D ones without."""
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4))
+    return net if dtype is None else net.to(dtype)
+
+
+def decay_groups(model):
+    """The parameter groups build_optimizer makes (weight decay 0.1): decay on 2-D weights only."""
+    return [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": 0.1},
+            {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]  # fmt: skip
+
+
 def test_loss_falls_and_run_dir_is_complete(tmp_path):
     recipe = small_recipe(tmp_path, steps=30, save_every=10)
     result = cli("run", str(recipe))
@@ -149,10 +171,7 @@ def test_resume_from_a_named_checkpoint_full_finetune(tmp_path):
     recipe = small_recipe(tmp_path, method="full", steps=20, save_every=10, lr=1e-3)
     assert cli("run", str(recipe)).returncode == 0
     run, copy = tmp_path / "run", tmp_path / "copy"
-    shutil.copytree(run, copy)
-    shutil.rmtree(copy / "checkpoints" / "step-20")
-    shutil.rmtree(copy / "final")
-    resumed = cli("run", str(recipe), "--resume", "step-10", "--set", f"output.dir={copy}")
+    resumed = resume_a_copy(recipe, run, copy)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = losses(run), losses(copy)
     assert sorted(b) == list(range(1, 21)) and max(abs(a[s] - b[s]) for s in range(11, 21)) < 1e-5
@@ -201,13 +220,11 @@ def test_adamw_is_fused_for_plain_parameters_and_steps_like_the_loop():
     from gptj_tune.step import build_optimizer
 
     torch.manual_seed(0)
-    models = [torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4)) for _ in range(2)]
+    models = [small_net() for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     fused = build_optimizer(models[0], TrainSection(lr=1e-2, weight_decay=0.1))
     assert fused.defaults["fused"] is True
-    # the per-parameter loop, with decay on 2-D weights only as build_optimizer does
-    loop = torch.optim.AdamW([{"params": [p for p in models[1].parameters() if p.ndim >= 2], "weight_decay": 0.1},
-                              {"params": [p for p in models[1].parameters() if p.ndim < 2], "weight_decay": 0.0}], lr=1e-2)  # fmt: skip
+    loop = torch.optim.AdamW(decay_groups(models[1]), lr=1e-2)  # the per-parameter loop
     x = torch.randn(64, 16)
     for _ in range(5):
         for model, opt in ((models[0], fused), (models[1], loop)):
@@ -232,7 +249,7 @@ def test_clipping_inside_the_fused_step_equals_clip_grad_norm():
     single, deepspeed = (SimpleNamespace(distributed_type=t) for t in (DistributedType.NO, DistributedType.DEEPSPEED))
 
     torch.manual_seed(0)
-    models = [torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4)) for _ in range(2)]
+    models = [small_net() for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     optimizers = [build_optimizer(m, TrainSection(lr=1e-2, weight_decay=0.1)) for m in models]
     assert step_takes_the_clip(optimizers[0], single) is optimizers[0]
@@ -302,8 +319,8 @@ def test_kahan_adamw_keeps_the_updates_that_bf16_weights_round_away(monkeypatch)
 
 
 def test_kahan_adamw_is_torchs_adamw_on_fp32_weights_takes_the_clip_and_resumes_exactly():
+    import copy
     import io
-    from copy import deepcopy as copy_of
     from types import SimpleNamespace
 
     import torch
@@ -311,14 +328,10 @@ def test_kahan_adamw_is_torchs_adamw_on_fp32_weights_takes_the_clip_and_resumes_
 
     from gptj_tune.step import KahanAdamW, clip_in_fused_step, step_takes_the_clip
 
-    def groups(model):
-        return [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": 0.1},
-                {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]  # fmt: skip
-
     torch.manual_seed(0)
-    models = [torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4)) for _ in range(2)]
+    models = [small_net() for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    ours, theirs = KahanAdamW(groups(models[0]), lr=1e-2), torch.optim.AdamW(groups(models[1]), lr=1e-2)
+    ours, theirs = KahanAdamW(decay_groups(models[0]), lr=1e-2), torch.optim.AdamW(decay_groups(models[1]), lr=1e-2)
     assert step_takes_the_clip(ours, SimpleNamespace(distributed_type=DistributedType.NO)) is ours
     for step in range(6):
         x, scale = torch.randn(64, 16), (100.0 if step % 2 else 1e-3)  # clipped, and not
@@ -341,19 +354,19 @@ def test_kahan_adamw_is_torchs_adamw_on_fp32_weights_takes_the_clip_and_resumes_
             opt.step()
 
     torch.manual_seed(1)
-    start = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4)).bfloat16()
-    whole = copy_of(start)
-    whole_opt = KahanAdamW(groups(whole), lr=1e-3)
+    start = small_net(torch.bfloat16)
+    whole = copy.deepcopy(start)
+    whole_opt = KahanAdamW(decay_groups(whole), lr=1e-3)
     steps(whole, whole_opt, 0, 6)
-    half = copy_of(start)
-    half_opt = KahanAdamW(groups(half), lr=1e-3)
+    half = copy.deepcopy(start)
+    half_opt = KahanAdamW(decay_groups(half), lr=1e-3)
     steps(half, half_opt, 0, 3)
     saved_model, saved_opt = io.BytesIO(), io.BytesIO()
     torch.save(half.state_dict(), saved_model)
     torch.save(half_opt.state_dict(), saved_opt)
-    resumed = copy_of(start)
+    resumed = copy.deepcopy(start)
     resumed.load_state_dict(torch.load(io.BytesIO(saved_model.getvalue())))
-    resumed_opt = KahanAdamW(groups(resumed), lr=1e-3)
+    resumed_opt = KahanAdamW(decay_groups(resumed), lr=1e-3)
     resumed_opt.load_state_dict(torch.load(io.BytesIO(saved_opt.getvalue())))
     steps(resumed, resumed_opt, 3, 3)
     for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
@@ -362,10 +375,10 @@ def test_kahan_adamw_is_torchs_adamw_on_fp32_weights_takes_the_clip_and_resumes_
         assert resumed_opt.state[b]["compensation"].dtype == torch.bfloat16 and resumed_opt.state[b]["compensation"].abs().max() > 0
 
     # a checkpoint of plain AdamW (train.kahan_summation was off) resumed with it on: compensation starts at zero
-    plain = copy_of(start)
-    plain_opt = torch.optim.AdamW(groups(plain), lr=1e-3)
+    plain = copy.deepcopy(start)
+    plain_opt = torch.optim.AdamW(decay_groups(plain), lr=1e-3)
     steps(plain, plain_opt, 0, 3)
-    switched = KahanAdamW(groups(plain), lr=1e-3)
+    switched = KahanAdamW(decay_groups(plain), lr=1e-3)
     switched.load_state_dict(plain_opt.state_dict())
     steps(plain, switched, 3, 1)
     assert all(switched.state[p]["compensation"].abs().max() > 0 for p in plain.parameters())
@@ -378,13 +391,9 @@ def test_a_bf16_full_run_uses_kahan_summation_and_resumes_the_same_curve(tmp_pat
     assert "round to nothing" not in run.stdout + run.stderr
     curve = losses(tmp_path / "run")
     assert curve[20] < curve[1] - 0.1
-    copy = tmp_path / "copy"
-    shutil.copytree(tmp_path / "run", copy)
-    shutil.rmtree(copy / "checkpoints" / "step-20")
-    shutil.rmtree(copy / "final")
-    resumed = cli("run", str(recipe), "--set", "model.dtype=bfloat16", "--resume", "step-10", "--set", f"output.dir={copy}")
+    resumed = resume_a_copy(recipe, tmp_path / "run", tmp_path / "copy", "--set", "model.dtype=bfloat16")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    again = losses(copy)
+    again = losses(tmp_path / "copy")
     assert max(abs(curve[s] - again[s]) for s in range(11, 21)) < 1e-5
     plain = cli("run", str(recipe), "--set", "model.dtype=bfloat16", "--set", "train.kahan_summation=false",
                 "--set", "train.max_steps=2", "--set", f"output.dir={tmp_path / 'plain'}")  # fmt: skip
