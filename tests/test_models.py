@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import cli, tiny_gpt_neo_config, write_recipe
+from conftest import SPEED_SHAPE_ARGS, cli, tiny_gpt_neo_config, write_recipe
 
 from gptj_tune.attention import block_causal_mask
 from gptj_tune.data.templates import BUILTIN_TEMPLATES
@@ -15,15 +15,12 @@ from gptj_tune.methods import apply_method, count_parameters
 from gptj_tune.models import build_tiny_gptj, load_model_and_tokenizer
 from gptj_tune.recipe import FullMethod, LoraMethod, ModelSection, TinyModelSection
 
-SMALL = TinyModelSection(layers=2, width=64, heads=4, rotary_dim=8)
+SMALL = TinyModelSection(**SPEED_SHAPE_ARGS)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    section = ModelSection(tiny=SMALL)
-    build_tiny_gptj(section, out)
-    return out, section
+def tiny(tiny_gptj):
+    return tiny_gptj, ModelSection(tiny=SMALL)
 
 
 @pytest.fixture(scope="module")
