@@ -5,6 +5,7 @@ Library errors (GptjTuneError) become one clear message and an exit code, never 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import json
@@ -13,6 +14,7 @@ import os
 import shutil
 import signal
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -357,7 +359,37 @@ def quiet_libraries() -> None:
 
 def main():
     quiet_libraries()
-    app(args=normalize_argv(sys.argv[1:]), prog_name="gptj-tune")
+    from .distributed import in_worker
+
+    if not in_worker():
+        app(args=normalize_argv(sys.argv[1:]), prog_name="gptj-tune")
+        return
+    try:
+        app(args=normalize_argv(sys.argv[1:]), prog_name="gptj-tune")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if isinstance(e.code, str):
+            sys.stderr.write(e.code + "\n")
+    except BaseException:  # a bug: the traceback, as Python would print it
+        traceback.print_exc()
+        code = 1
+    else:
+        code = 0
+    _leave_worker(code)
+
+
+def _leave_worker(code: int) -> None:
+    """End a worker process without the interpreter's teardown. DeepSpeed keeps a process group in a
+    module global after the group is destroyed (deepspeed.utils.groups._WORLD_GROUP); it is then
+    freed while the interpreter is being torn down, and gloo's C++ side sometimes aborts there
+    ("terminate called without an active exception", SIGABRT: seen in CI after a finished ZeRO-2 run,
+    whose launcher then reported a failure). atexit handlers still run and output is flushed; only
+    the finalization of leftover objects is skipped."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

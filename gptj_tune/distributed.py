@@ -329,9 +329,32 @@ def prepare_model_and_optimizer(accelerator, recipe: Recipe, model, make_optimiz
     """Wrap the model for the backend and build its optimizer. FSDP is applied here with torch's
     FSDP2 `fully_shard` (accelerate's FSDP path does not shard on CPU); the rest goes through accelerate."""
     if recipe.distributed.backend != "fsdp":
-        return accelerator.prepare(model, make_optimizer(model))
+        prepared = accelerator.prepare(model, make_optimizer(model))
+        if is_deepspeed(accelerator) and accelerator.num_processes > 1:
+            accelerator.wait_for_everyone()  # every rank has opened every rank's segment
+            unlink_deepspeed_shared_memory()
+        return prepared
     model = shard_with_fsdp(model.to(accelerator.device), recipe)
     return model, accelerator.prepare(make_optimizer(model))  # after sharding: it holds the shards
+
+
+def deepspeed_shared_memory_name() -> Path:
+    """Where DeepSpeed's CPU all-reduce keeps this rank's buffer (named from the launcher's environment,
+    as its C++ side names it)."""
+    env = os.environ
+    return Path("/dev/shm") / (
+        f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_{env.get('RANK', '0')}"
+    )
+
+
+def unlink_deepspeed_shared_memory() -> None:
+    """DeepSpeed on CPU, when every rank is on one machine and its launcher says so (LOCAL_SIZE, set
+    by `deepspeed`, our hostfile launch), maps a 69 MB shared-memory buffer per rank and never
+    unlinks it: each such run would leave 69 MB of RAM per process in /dev/shm until reboot. Once
+    all ranks have opened all buffers, the names can go: the mappings live until the processes end,
+    and a run killed later leaves nothing behind."""
+    with contextlib.suppress(FileNotFoundError):
+        deepspeed_shared_memory_name().unlink()
 
 
 def shard_with_fsdp(model, recipe: Recipe):
