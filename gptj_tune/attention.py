@@ -137,7 +137,9 @@ class Segments:
 SEGMENTS = "_gptj_tune_segments"  # the attribute of a batch's position ids that holds its Segments
 
 
-def mark_segments(position_ids: torch.Tensor, always: bool = False, use: bool = True) -> Segments | None:
+def mark_segments(
+    position_ids: torch.Tensor, always: bool = False, use: bool = True, host: torch.Tensor | None = None
+) -> Segments | None:
     """Make GPT-J's SDPA attention run causal attention within each packed example of this batch
     instead of over the whole row under the block-causal mask: the same result, without the work
     for the (masked) pairs of tokens from different examples. On a GPU that is one call to a
@@ -146,9 +148,11 @@ def mark_segments(position_ids: torch.Tensor, always: bool = False, use: bool = 
     `always`). The segments are attached to the position-id tensor the model is called with, so a
     block recomputed in backward (gradient checkpointing) sees them too, on whatever thread autograd
     runs it. The mask is still passed to the model, so any attention that is not ours, or a case no
-    kernel takes, stays correct. Returns the segments, or None where the masked call is kept
-    (always with `use` False)."""
-    segments = Segments(position_ids) if use else None
+    kernel takes, stays correct. `host`: the same position ids on the CPU (the batch before it
+    moved), read instead of `position_ids`, which on a GPU would cost a device-to-host wait for
+    every micro-batch. Returns the segments, or None where the masked call is kept (always with
+    `use` False)."""
+    segments = Segments(position_ids if host is None else host) if use else None
     if segments is not None and not (always or position_ids.device.type != "cpu" or segments.pays_off):
         segments = None
     setattr(position_ids, SEGMENTS, segments)

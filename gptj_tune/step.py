@@ -61,12 +61,16 @@ def target_count(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
-def batch_loss(model, batch: dict[str, torch.Tensor], path: LossPath = LossPath()) -> torch.Tensor:
-    """Sum of the token cross-entropies of one batch (divide by `target_count` for the mean)."""
+def batch_loss(
+    model, batch: dict[str, torch.Tensor], path: LossPath = LossPath(), host_positions: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sum of the token cross-entropies of one batch (divide by `target_count` for the mean).
+    `host_positions`: the batch's position ids still on the CPU, where the packed examples are read
+    without waiting for the device."""
     positions, labels = batch["position_ids"], batch["labels"]
     mask = None if path.varlen else block_causal_mask(positions, torch.float32)
     inputs = dict(input_ids=batch["input_ids"], position_ids=positions, attention_mask=mask, use_cache=False)
-    mark_segments(positions, use=path.segmented)  # GPT-J's attention per packed example, or the mask
+    mark_segments(positions, use=path.segmented, host=host_positions)  # GPT-J's attention per packed example, or the mask
     if path.fused_chunk:
         with loss_from_head(labels, path.fused_chunk):
             return model(**inputs).logits
@@ -94,7 +98,7 @@ def evaluate_loss(model, batches: Batches, accelerator, path: LossPath = LossPat
     for k in range(-(-n // world)):
         j = k * world + rank
         batch = batches.device_batch(min(j, n - 1))
-        loss_sum = batch_loss(model, to_device(batch, accelerator.device), path)
+        loss_sum = batch_loss(model, to_device(batch, accelerator.device), path, host_positions=batch["position_ids"])
         if j < n:
             total, count = total + float(loss_sum), count + target_count(batch)
     model.train(was_training)

@@ -401,9 +401,9 @@ class _Loop:
         # micro-batch by grad_accum: the scale undoes both.
         scale = acc.num_processes * train.grad_accum / max(targets, 1)
         total, grad_norm = 0.0, float("nan")
-        for batch in micro:
+        for batch, host in zip(micro, on_host, strict=True):
             with acc.accumulate(self.model):
-                loss_sum = batch_loss(self.model, batch, self.loss_path)
+                loss_sum = batch_loss(self.model, batch, self.loss_path, host_positions=host["position_ids"])
                 value = float(loss_sum.detach())  # note: a host sync per micro-batch; cheap next to a step
                 if not math.isfinite(value):
                     self._stop_on_nan(state, value)

@@ -102,6 +102,19 @@ def test_a_step_runs_attention_per_example_only_where_it_pays(tiny_gptj, monkeyp
     assert not calls
 
 
+def test_the_segments_are_read_from_the_host_copy_of_the_positions():
+    """On a GPU the packed examples are read from the batch before it moved (no device-to-host wait
+    per micro-batch): given `host`, the device tensor is never read. A meta tensor stands in for
+    the device one: reading it would raise."""
+    positions = torch.arange(512).remainder(100)[None].repeat(2, 1)
+    on_device = positions.to("meta")
+    segments = mark_segments(on_device, host=positions)
+    assert getattr(on_device, attention.SEGMENTS) is segments
+    assert segments.rows == Segments(positions).rows == [[(0, 100), (100, 200), (200, 300), (300, 400), (400, 500), (500, 512)]] * 2
+    with pytest.raises(NotImplementedError):
+        mark_segments(positions.to("meta"))  # without the host copy it reads the device tensor
+
+
 def test_checkpointed_blocks_recompute_per_example_too(tiny_gptj, monkeypatch):
     """With gradient checkpointing, backward recomputes each block with the inputs forward had: the
     packed examples travel on the position ids, so the recomputation runs per example too (on a
