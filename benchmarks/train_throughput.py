@@ -22,8 +22,18 @@ an equal token budget). The steps column shows the counts.
 
 Reported: real tokens/s, padding efficiency (real tokens / token slots computed), peak memory
 (RSS on CPU, CUDA max allocated on GPU), the held-out loss after the budget (the same records and
-the same loss code for every engine, so equal learning shows), ours / baseline tokens/s, and on a
-GPU the MFU with its FLOPs per token.
+the same loss code for every engine, so equal learning shows), ours / baseline tokens/s, the model
+FLOP rate, and on a GPU the MFU (model FLOP rate / the GPU's dense bf16 peak).
+
+Model FLOPs count the work the training needs, the same for every engine, whatever an engine
+computes on top (padding, masked attention pairs, logits nobody scores): per real token
+k * N_blocks (the blocks' weight matrices) + k * N_head * the share of tokens the loss scores
+(prompt tokens need no logits) + 6 * N_lora (adapters) + 12 * layers * d_model * the mean causal
+span (a token attends to its example's earlier tokens and itself), with k = 6 for full
+fine-tuning (forward 2, input and weight gradients 2 each) and 4 for LoRA (frozen weights get no
+weight gradient). The input embedding is a lookup: no FLOPs. This is below the common
+"6N + attention over the whole row" count, which would credit every engine with the embedding's
+and the unscored logits' FLOPs and with attention across packed examples.
 """
 
 from __future__ import annotations
@@ -50,7 +60,10 @@ SHAPES = {  # GPT-J configs; every shape keeps GPT-J's 50400-row embedding and h
 LORA = dict(r=16, alpha=32, dropout=0.05)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"]
 HELD_OUT = 64  # records after the training records, scored the same way for every engine
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
+# Dense bf16 peaks, by the first of these names found in torch.cuda.get_device_name() (SXM parts
+# report e.g. "NVIDIA H100 80GB HBM3").
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+VOCAB = 50400  # GPT-J's embedding and head rows, in every shape
 
 
 # --------------------------------------------------------------------------------- the workload
@@ -60,7 +73,7 @@ def build_model(shape: str, folder: Path) -> None:
     import torch
     from transformers import GPTJConfig, GPTJForCausalLM
 
-    config = GPTJConfig(vocab_size=50400, n_positions=2048, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0, **SHAPES[shape])
+    config = GPTJConfig(vocab_size=VOCAB, n_positions=2048, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0, **SHAPES[shape])
     torch.manual_seed(0)
     if shape == "gptj-6b":
         with torch.device("cuda"):
@@ -269,19 +282,41 @@ def worker(engine: str, spec: dict, result_path: Path) -> None:
 # ----------------------------------------------------------------------------------------- main
 
 
-def _matching_rows(spec: dict) -> int:
-    _, examples = tokenize(spec, 0, spec["records"])
+def _matching_rows(spec: dict, examples) -> int:
     mean = sum(len(e.input_ids) for e in examples) / len(examples)
     return max(1, math.floor(spec["batch_size"] * mean / spec["max_length"]))
 
 
-def flops_per_token(spec: dict, params: int) -> tuple[float, str]:
-    """Training FLOPs per token: 6N (full) or 4N (LoRA: no weight gradients), plus attention."""
-    shape = SHAPES[spec["shape"]]
-    attention = 12 * shape["n_layer"] * shape["n_embd"] * spec["max_length"] // 2  # causal: half the matrix
-    if spec["method"] == "full":
-        return 6 * params + attention, f"6N + attention (N={params:,})"
-    return 4 * params + attention, f"4N + attention (N={params:,}, LoRA)"
+def matmul_params(shape: str, method: str) -> dict[str, int]:
+    """Weights that multiply tokens: the blocks' (q, k, v, out: d x d; fc_in, fc_out: d x 4d), the
+    head's (vocab x d) and, for LoRA, the adapters' (rank r x (in + out) on each target)."""
+    d, layers = SHAPES[shape]["n_embd"], SHAPES[shape]["n_layer"]
+    adapters = LORA["r"] * layers * (4 * (d + d) + 2 * (d + 4 * d)) if method == "lora" else 0
+    return {"blocks": 12 * d * d * layers, "head": VOCAB * d, "adapters": adapters}
+
+
+def token_stats(examples) -> dict[str, float]:
+    """Over the workload's real tokens: the share whose next token the loss scores, and the mean
+    causal span (keys a token attends to: its position in its example, plus one)."""
+    real = sum(len(e.input_ids) for e in examples)
+    scored = sum(sum(1 for label in e.labels[1:] if label != -100) for e in examples)
+    spans = sum(len(e.input_ids) * (len(e.input_ids) + 1) // 2 for e in examples)
+    return {"scored_share": scored / real, "mean_span": spans / real}
+
+
+def flops_per_token(spec: dict, stats: dict[str, float]) -> tuple[float, str]:
+    """Model FLOPs per real training token, and the formula with its numbers (module docstring)."""
+    shape, n = SHAPES[spec["shape"]], matmul_params(spec["shape"], spec["method"])
+    k = 6 if spec["method"] == "full" else 4
+    attention = 12 * shape["n_layer"] * shape["n_embd"] * stats["mean_span"]
+    total = k * n["blocks"] + k * n["head"] * stats["scored_share"] + 6 * n["adapters"] + attention
+    formula = (
+        f"{k}*N_blocks + {k}*N_head*{stats['scored_share']:.3f} (scored share)"
+        + (" + 6*N_lora" if n["adapters"] else "")
+        + f" + 12*layers*d_model*{stats['mean_span']:.1f} (mean causal span) = {total / 1e9:.3g} GFLOP per token; "
+        f"N_blocks {n['blocks']:,}, N_head {n['head']:,}" + (f", N_lora {n['adapters']:,}" if n["adapters"] else "")
+    )
+    return total, formula
 
 
 def main() -> None:
@@ -352,7 +387,9 @@ def main() -> None:
         }  # fmt: skip
         # Packed engines get as many max_length rows per step as fit in the padded engines' real
         # tokens per step: never fewer, larger updates than theirs.
-        spec["packed_batch_size"] = args.packed_batch_size or _matching_rows(spec)
+        _, examples = tokenize(spec, 0, spec["records"])
+        spec["packed_batch_size"] = args.packed_batch_size or _matching_rows(spec, examples)
+        per_token, formula = flops_per_token(spec, token_stats(examples))
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
         env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
@@ -377,31 +414,30 @@ def main() -> None:
         r["runs_tokens_per_s"] = [x["tokens_per_s"] for x in runs[e]]
         if ours is not None and e != "gptj-tune":
             r["ours_over_this"] = ours["tokens_per_s"] / r["tokens_per_s"]
+        r["flops_per_token"], r["flops_formula"] = per_token, formula
+        r["model_tflops"] = r["tokens_per_s"] * per_token / 1e12
         if args.device == "cuda":
             import torch
 
-            per_token, how = flops_per_token(spec, r["params"])
             name = torch.cuda.get_device_name()
             peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-            r["flops_per_token"], r["flops_formula"] = per_token, how
             r["mfu"] = r["tokens_per_s"] * per_token / peak if peak else None
 
     table = Table(title=f"train throughput: {args.shape} GPT-J, {args.method}, {args.records} Alpaca records, "
                         f"max_length {args.max_length}, batch {args.batch_size} (packed: {spec['packed_batch_size']} row{'s' if spec['packed_batch_size'] != 1 else ''}), {args.device}"
                         f"{', gptj-tune in bf16 autocast' if args.mixed_precision == 'bf16' else ''}")  # fmt: skip
-    for col in ("engine", "real tok/s", "ours / this", "padding eff.", "peak mem GiB", "held-out loss", "steps"):
+    for col in ("engine", "real tok/s", "ours / this", "padding eff.", "peak mem GiB", "held-out loss", "steps", "model TFLOP/s"):
         table.add_column(col, justify="left" if col == "engine" else "right", no_wrap=col == "engine")
     if args.device == "cuda":
         table.add_column("MFU", justify="right")
     for e, r in rows.items():
         cells = [e, f"{r['tokens_per_s']:,.0f}", f"{r['ours_over_this']:.2f}x" if "ours_over_this" in r else "-",
-                 f"{r['padding_efficiency']:.3f}", f"{r['peak_memory_gib']:.2f}", f"{r['held_out_loss']:.4f}", str(r["steps"])]  # fmt: skip
+                 f"{r['padding_efficiency']:.3f}", f"{r['peak_memory_gib']:.2f}", f"{r['held_out_loss']:.4f}", str(r["steps"]), f"{r['model_tflops']:.3g}"]  # fmt: skip
         if args.device == "cuda":
             cells.append(f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-")
         table.add_row(*cells)
     console.print(table)
-    if args.device == "cuda" and rows:
-        console.print(f"MFU counts {next(iter(rows.values()))['flops_formula']} FLOPs per token")
+    console.print(f"model FLOPs: {formula}" + (" (MFU: over the GPU's dense bf16 peak)" if args.device == "cuda" else ""))
     report = {
         "settings": {k: v for k, v in spec.items() if k not in ("model",)} | {"repeats": args.repeats, "torch_threads": args.threads},
         "engines": rows,

@@ -36,6 +36,11 @@ def test_train_throughput_harness_runs_every_engine_on_the_same_tokens(tmp_path,
         assert 5 < e["held_out_loss"] < 12, name  # near ln(50400) = 10.8 after two steps from random init
         if name != "gptj-tune":
             assert e["ours_over_this"] == pytest.approx(engines["gptj-tune"]["tokens_per_s"] / e["tokens_per_s"])
+    # Model FLOPs are the workload's, the same for every engine; the rate follows each one's speed.
+    assert len({(e["flops_per_token"], e["flops_formula"]) for e in engines.values()}) == 1
+    for e in engines.values():
+        assert e["model_tflops"] == pytest.approx(e["tokens_per_s"] * e["flops_per_token"] / 1e12) and "mfu" not in e
+    assert "model FLOPs: 4*N_blocks + 4*N_head*" in result.stdout.replace("\n", "")
     assert engines["trl-best"]["padding_efficiency"] == 1.0  # padding-free packing
     assert engines["hf-trainer"]["padding_efficiency"] < 0.95  # per-batch padding
 
@@ -72,3 +77,50 @@ def test_eval_speed_runs_the_chosen_tasks_and_writes_json(tmp_path, shared_data)
     for r in report["results"]:
         assert r["items"] == 2 and r["items_per_s"] == pytest.approx(2 / r["seconds"]) and 0 <= r["metrics"]["acc"] <= 1
     assert "lm-eval speed: tiny on cpu" in result.stdout
+
+
+def _benchmark_module():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import train_throughput
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return train_throughput
+
+
+@pytest.mark.parametrize("shape", ["tiny", "small", "gptj-6b"])
+def test_the_flop_count_counts_the_weights_a_real_model_multiplies_by(shape):
+    """The benchmark's weight counts are those of the GPT-J it builds, and of the adapters peft adds."""
+    import torch
+    from peft import get_peft_model
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    tt = _benchmark_module()
+    with torch.device("meta"):
+        model = GPTJForCausalLM(GPTJConfig(vocab_size=tt.VOCAB, **tt.SHAPES[shape]))
+    counts = tt.matmul_params(shape, "lora")
+    assert counts["blocks"] == sum(p.numel() for p in model.transformer.h.parameters() if p.dim() == 2)
+    assert counts["head"] == model.lm_head.weight.numel() == model.transformer.wte.weight.numel()
+    lora = get_peft_model(model, tt._lora_config())
+    assert counts["adapters"] == sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n) > 0
+    assert tt.matmul_params(shape, "full") == counts | {"adapters": 0}
+
+
+def test_the_flop_count_takes_the_scored_tokens_and_the_spans_of_the_examples():
+    from types import SimpleNamespace as Example
+
+    tt = _benchmark_module()
+    # 3 + 2 real tokens; next-token labels scored: 1 of the first's, 1 of the second's; causal
+    # spans 1+2+3 and 1+2.
+    examples = [Example(input_ids=[5, 6, 7], labels=[-100, -100, 7]), Example(input_ids=[8, 9], labels=[-100, 9])]
+    stats = tt.token_stats(examples)
+    assert stats == {"scored_share": 2 / 5, "mean_span": 9 / 5}
+    d, layers, n = 64, 2, tt.matmul_params("tiny", "full")
+    full, formula = tt.flops_per_token({"shape": "tiny", "method": "full"}, stats)
+    assert full == pytest.approx(6 * 12 * d * d * layers + 6 * 50400 * d * 0.4 + 12 * layers * d * 1.8)
+    assert full == pytest.approx(6 * n["blocks"] + 6 * n["head"] * 0.4 + 12 * layers * d * 1.8)
+    assert "6*N_blocks + 6*N_head*0.400" in formula and "1.8 (mean causal span)" in formula
+    lora, formula = tt.flops_per_token({"shape": "tiny", "method": "lora"}, stats)
+    adapters = tt.matmul_params("tiny", "lora")["adapters"]
+    assert lora == pytest.approx(4 * n["blocks"] + 4 * n["head"] * 0.4 + 6 * adapters + 12 * layers * d * 1.8)
+    assert "N_lora" in formula
