@@ -319,6 +319,29 @@ def flops_per_token(spec: dict, stats: dict[str, float]) -> tuple[float, str]:
     return total, formula
 
 
+# Two-line headers of fixed width, no outer edge: the whole table, MFU column included, fits an
+# 80-column terminal (rich otherwise cuts headers and cells to "…" to fit).
+COLUMNS = ("engine", "real\ntok/s", "ours/\nthis", "padding\neff.", "peak\nGiB", "held-out\nloss", "steps", "model\nTFLOP/s")
+
+
+def results_table(title: str, rows: dict[str, dict], gpu: bool):
+    """The results as a rich table: one row per engine (`rows` as written to the JSON's "engines")."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0))
+    for col in COLUMNS + (("MFU",) if gpu else ()):
+        width = max(len(line) for line in col.split("\n"))
+        table.add_column(col, justify="left" if col == "engine" else "right", no_wrap=True, min_width=width)
+    for e, r in rows.items():
+        cells = [e, f"{r['tokens_per_s']:,.0f}", f"{r['ours_over_this']:.2f}x" if "ours_over_this" in r else "-",
+                 f"{r['padding_efficiency']:.3f}", f"{r['peak_memory_gib']:.2f}", f"{r['held_out_loss']:.4f}", str(r["steps"]), f"{r['model_tflops']:.3g}"]  # fmt: skip
+        if gpu:
+            cells.append(f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-")
+        table.add_row(*cells)
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -371,7 +394,6 @@ def main() -> None:
         raise SystemExit(f"--records {args.records}: use 1 to 50,000 (Alpaca has 52,002; {HELD_OUT} later ones are held out)")
 
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     runs: dict[str, list[dict]] = {e: [] for e in engines}
@@ -401,7 +423,8 @@ def main() -> None:
                 proc = subprocess.run([sys.executable, __file__, "--worker", engine, "--spec", str(spec_path), "--result", str(result)],
                                       env=env, capture_output=True, text=True)  # fmt: skip
                 if proc.returncode != 0:
-                    console.print(f"[red]{engine} failed[/] after {time.time() - started:.0f} s:\n{proc.stderr[-3000:]}", markup=False)
+                    console.print(f"[red]{engine} failed[/] after {time.time() - started:.0f} s:")
+                    console.print(proc.stderr[-3000:], markup=False, highlight=False)
                     raise SystemExit(1)
                 runs[engine].append(json.loads(result.read_text()))
 
@@ -423,20 +446,11 @@ def main() -> None:
             peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
             r["mfu"] = r["tokens_per_s"] * per_token / peak if peak else None
 
-    table = Table(title=f"train throughput: {args.shape} GPT-J, {args.method}, {args.records} Alpaca records, "
-                        f"max_length {args.max_length}, batch {args.batch_size} (packed: {spec['packed_batch_size']} row{'s' if spec['packed_batch_size'] != 1 else ''}), {args.device}"
-                        f"{', gptj-tune in bf16 autocast' if args.mixed_precision == 'bf16' else ''}")  # fmt: skip
-    for col in ("engine", "real tok/s", "ours / this", "padding eff.", "peak mem GiB", "held-out loss", "steps", "model TFLOP/s"):
-        table.add_column(col, justify="left" if col == "engine" else "right", no_wrap=col == "engine")
-    if args.device == "cuda":
-        table.add_column("MFU", justify="right")
-    for e, r in rows.items():
-        cells = [e, f"{r['tokens_per_s']:,.0f}", f"{r['ours_over_this']:.2f}x" if "ours_over_this" in r else "-",
-                 f"{r['padding_efficiency']:.3f}", f"{r['peak_memory_gib']:.2f}", f"{r['held_out_loss']:.4f}", str(r["steps"]), f"{r['model_tflops']:.3g}"]  # fmt: skip
-        if args.device == "cuda":
-            cells.append(f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-")
-        table.add_row(*cells)
-    console.print(table)
+    title = (f"train throughput: {args.shape} GPT-J, {args.method}, {args.records} Alpaca records, max_length "
+             f"{args.max_length}, batch {args.batch_size} (packed: {spec['packed_batch_size']} row"
+             f"{'s' if spec['packed_batch_size'] != 1 else ''}), {args.device}"
+             f"{', gptj-tune in bf16 autocast' if args.mixed_precision == 'bf16' else ''}")  # fmt: skip
+    console.print(results_table(title, rows, gpu=args.device == "cuda"))
     console.print(f"model FLOPs: {formula}" + (" (MFU: over the GPU's dense bf16 peak)" if args.device == "cuda" else ""))
     report = {
         "settings": {k: v for k, v in spec.items() if k not in ("model",)} | {"repeats": args.repeats, "torch_threads": args.threads},

@@ -124,3 +124,22 @@ def test_the_flop_count_takes_the_scored_tokens_and_the_spans_of_the_examples():
     adapters = tt.matmul_params("tiny", "lora")["adapters"]
     assert lora == pytest.approx(4 * n["blocks"] + 4 * n["head"] * 0.4 + 6 * adapters + 12 * layers * d * 1.8)
     assert "N_lora" in formula
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_the_results_table_fits_an_80_column_terminal_whole(gpu):
+    """Every header and figure printed in full (rich cuts what does not fit to "…"), MFU column too."""
+    from rich.console import Console
+
+    tt = _benchmark_module()
+    row = {"tokens_per_s": 123_456.0, "padding_efficiency": 0.552, "peak_memory_gib": 71.234, "held_out_loss": 10.70491,
+           "steps": 1234, "model_tflops": 456.7, "mfu": 0.4567}  # fmt: skip
+    rows = {"gptj-tune": row, "trl-default": row | {"ours_over_this": 27.21}, "trl-best": row | {"ours_over_this": 3.5}}
+    console = Console(width=80, record=True)
+    console.print(tt.results_table("train throughput: gptj-6b GPT-J, lora, 2000 Alpaca records", rows, gpu=gpu))
+    text = console.export_text()
+    assert "…" not in text and max(len(line.rstrip()) for line in text.splitlines()) <= 80
+    lines = [" ".join(line.split()) for line in text.splitlines()]
+    assert "real ours/ padding peak held-out model" in lines
+    assert ("engine tok/s this eff. GiB loss steps TFLOP/s" + (" MFU" if gpu else "")) in lines
+    assert ("trl-default 123,456 27.21x 0.552 71.23 10.7049 1234 457" + (" 45.7%" if gpu else "")) in lines
