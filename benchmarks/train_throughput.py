@@ -431,6 +431,12 @@ def main() -> None:
     def best(engine: str) -> dict:  # the fastest of the repeats
         return max(runs[engine], key=lambda r: r["tokens_per_s"])
 
+    peak = None
+    if args.device == "cuda":
+        import torch
+
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
     rows = {e: best(e) for e in engines}
     ours = rows.get("gptj-tune")
     for e, r in rows.items():
@@ -440,11 +446,7 @@ def main() -> None:
         r["flops_per_token"], r["flops_formula"] = per_token, formula
         r["model_tflops"] = r["tokens_per_s"] * per_token / 1e12
         if args.device == "cuda":
-            import torch
-
-            name = torch.cuda.get_device_name()
-            peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-            r["mfu"] = r["tokens_per_s"] * per_token / peak if peak else None
+            r["mfu"] = r["model_tflops"] * 1e12 / peak if peak else None
 
     title = (f"train throughput: {args.shape} GPT-J, {args.method}, {args.records} Alpaca records, max_length "
              f"{args.max_length}, batch {args.batch_size} (packed: {spec['packed_batch_size']} row"
