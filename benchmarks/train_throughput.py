@@ -342,6 +342,56 @@ def results_table(title: str, rows: dict[str, dict], gpu: bool):
     return table
 
 
+def results_plot(title: str, rows: dict[str, dict], path: Path, gpu: bool) -> bool:
+    """The results as a PNG: real tokens/s per engine (each bar labelled with gptj-tune's multiple of
+    it, and on a GPU the MFU), held-out loss and peak memory, one panel each. Written to a temporary file and renamed, so
+    an earlier plot is replaced whole or not at all. False where matplotlib is not installed (it
+    comes with the `eval` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    engines = list(rows)[::-1]  # top to bottom in the order they were asked for
+    colours = ["tab:blue" if e == "gptj-tune" else "tab:gray" for e in engines]
+    panels = [
+        ("real tokens/s (higher is better)", "tokens_per_s",
+         lambda r: f"{r['tokens_per_s']:,.0f}" + (f"  MFU {r['mfu']:.1%}" if r.get("mfu") is not None else "")
+         + (f"  (gptj-tune {r['ours_over_this']:.1f}x)" if "ours_over_this" in r else "")),
+        ("held-out loss (lower is better)", "held_out_loss", lambda r: f"{r['held_out_loss']:.4f}"),
+        (f"peak memory, GiB ({'CUDA max allocated' if gpu else 'RSS'})", "peak_memory_gib", lambda r: f"{r['peak_memory_gib']:.2f}"),
+    ]  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(13, 1.2 + 0.55 * len(engines)), sharey=True)
+    for ax, (label, key, text) in zip(axes, panels, strict=True):
+        values = [rows[e][key] for e in engines]
+        low, top = min(values), max(values)
+        if key == "held_out_loss":  # losses differ in the second decimal: dots on an axis near them, not bars from 0
+            spread = max(top - low, 0.05)
+            ax.set_xlim(low - spread, top + 1.5 * spread)
+            ax.scatter(values, engines, color=colours, s=40, zorder=3)
+            ax.grid(axis="x", alpha=0.3)
+        else:
+            ax.set_xlim(0, top * 1.6)
+            ax.barh(engines, values, color=colours)
+        start, end = ax.get_xlim()
+        for i, e in enumerate(engines):
+            ax.text(values[i] + (end - start) * 0.02, i, text(rows[e]), va="center", fontsize=8)
+        ax.set_title(label, fontsize=9)
+        ax.tick_params(labelsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=120, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -363,7 +413,8 @@ def main() -> None:
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
                         help="gptj-tune's distributed.mixed_precision (the recipe default is no). TRL's best setting on "
                              "a CPU stays fp32: with bf16 it ran slower here (341 vs 365 tok/s, small full).")
-    parser.add_argument("--out", default="train_throughput.json")
+    parser.add_argument("--out", default="train_throughput.json",
+                        help="The JSON; a PNG of the results is written beside it (same name, .png).")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -390,6 +441,9 @@ def main() -> None:
     data = Path(args.data_dir)
     if not (data / "alpaca" / "alpaca_data.json").exists():
         raise SystemExit(f"--data-dir: {data} has no alpaca/alpaca_data.json (the shared data folder)")
+    out = Path(args.out)
+    if out.suffix.lower() == ".png":
+        raise SystemExit(f"--out {out}: name the JSON (e.g. {out.with_suffix('.json')}); the plot is written beside it as .png")
     if not 0 < args.records <= 50_000:
         raise SystemExit(f"--records {args.records}: use 1 to 50,000 (Alpaca has 52,002; {HELD_OUT} later ones are held out)")
 
@@ -460,8 +514,12 @@ def main() -> None:
     }
     from gptj_tune.rundir import atomic_write_text
 
-    atomic_write_text(Path(args.out), json.dumps(report, indent=2))  # an earlier result is replaced whole or not at all
-    console.print(f"wrote {args.out}")
+    atomic_write_text(out, json.dumps(report, indent=2))  # an earlier result is replaced whole or not at all
+    plot = out.with_suffix(".png")
+    if results_plot(title, rows, plot, gpu=args.device == "cuda"):
+        console.print(f"wrote {out} and {plot}")
+    else:
+        console.print(f"wrote {out} (no plot: matplotlib is not installed; pip install 'gptj-tune[eval]')")
     if any(math.isnan(r["held_out_loss"]) for r in rows.values()):
         raise SystemExit("a held-out loss is NaN")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -43,6 +44,12 @@ def test_train_throughput_harness_runs_every_engine_on_the_same_tokens(tmp_path,
     assert "model FLOPs: 4*N_blocks + 4*N_head*" in result.stdout.replace("\n", "")
     assert engines["trl-best"]["padding_efficiency"] == 1.0  # padding-free packing
     assert engines["hf-trainer"]["padding_efficiency"] < 0.95  # per-batch padding
+    # The plot beside the JSON: a real PNG, three panels side by side, and no temporary file left.
+    from matplotlib.image import imread
+
+    height, width = imread(tmp_path / "tt.png").shape[:2]
+    assert width > 2 * height > 0 and f"{tmp_path / 'tt.png'}" in result.stdout.replace("\n", "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tt.json", "tt.png"]
 
 
 @pytest.mark.parametrize(
@@ -63,6 +70,33 @@ def test_benchmark_arguments_are_checked_before_any_work(tmp_path, shared_data, 
     result = run_benchmark(script, shared_data, tmp_path / "x.json", *args, timeout=120)
     assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not (tmp_path / "x.json").exists()
+
+
+def test_the_plot_is_written_beside_the_json_never_over_it(tmp_path, shared_data):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--data-dir", str(shared_data), "--out", str(tmp_path / "r.png")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and f"--out {tmp_path / 'r.png'}: name the JSON (e.g. {tmp_path / 'r.json'})" in result.stderr
+    assert "Traceback" not in result.stderr and not list(tmp_path.iterdir())
+
+
+def test_a_plot_that_fails_to_draw_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    tt = _benchmark_module()
+    row = {"tokens_per_s": 1130.0, "peak_memory_gib": 1.74, "held_out_loss": 8.8427}
+    rows = {"gptj-tune": row, "trl-default": row | {"tokens_per_s": 224.0, "ours_over_this": 5.04, "held_out_loss": 9.451}}
+    plot = tmp_path / "r.png"
+    assert tt.results_plot("t", rows, plot, gpu=False) and plot.read_bytes().startswith(b"\x89PNG")
+    earlier = plot.read_bytes()
+
+    def broken_savefig(self, path, **kwargs):
+        Path(path).write_bytes(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", broken_savefig)
+    with pytest.raises(OSError, match="disk full"):
+        tt.results_plot("t", rows | {"hf-trainer": row}, plot, gpu=False)
+    assert plot.read_bytes() == earlier and sorted(p.name for p in tmp_path.iterdir()) == ["r.png"]
 
 
 def test_eval_speed_runs_the_chosen_tasks_and_writes_json(tmp_path, shared_data):
