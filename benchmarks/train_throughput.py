@@ -344,15 +344,13 @@ def results_table(title: str, rows: dict[str, dict], gpu: bool):
 
 def results_plot(title: str, rows: dict[str, dict], path: Path, gpu: bool) -> bool:
     """The results as a PNG: real tokens/s per engine (each bar labelled with gptj-tune's multiple of
-    it, and on a GPU the MFU), held-out loss and peak memory, one panel each. Written to a temporary file and renamed, so
-    an earlier plot is replaced whole or not at all. False where matplotlib is not installed (it
-    comes with the `eval` extra)."""
-    try:
-        import matplotlib
+    it, and on a GPU the MFU), held-out loss and peak memory, one panel each. Written atomically: an
+    earlier plot is replaced whole or not at all. False where matplotlib is not installed."""
+    from gptj_tune.report import pyplot
+    from gptj_tune.rundir import atomic_write
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     engines = list(rows)[::-1]  # top to bottom in the order they were asked for
     colours = ["tab:blue" if e == "gptj-tune" else "tab:gray" for e in engines]
@@ -382,13 +380,10 @@ def results_plot(title: str, rows: dict[str, dict], path: Path, gpu: bool) -> bo
         ax.tick_params(labelsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fig.savefig(tmp, dpi=120, format="png")
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return True
 
 

@@ -263,14 +263,23 @@ def report_markdown(report: dict) -> str:
 # --------------------------------------------------------------------------------------- plots
 
 
-def write_plots(report: dict, run_dir: Path | None, out: Path) -> list[str]:
-    """PNG plots: loss curves from the run's metrics.jsonl, and benchmarks vs the comparison."""
+def pyplot():
+    """matplotlib.pyplot drawing to files only (no display needed), or None where matplotlib is not
+    installed (it comes with the `eval` extra)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def write_plots(report: dict, run_dir: Path | None, out: Path) -> list[str]:
+    """PNG plots: loss curves from the run's metrics.jsonl, and benchmarks vs the comparison."""
+    plt = pyplot()
+    if plt is None:
         return []
     written = []
     metrics = run_dir / "metrics.jsonl" if run_dir else None
