@@ -115,6 +115,11 @@ def run(
         register_worker()  # under our launcher: signals reach this worker through the launching process
         path = _resolve_recipe_path(recipe)
         recipe_obj = load_recipe(path, set_)
+        if force:  # the run directory's own checks (train) know the recipe's inputs, not its file
+            from .rundir import guard_output, is_frozen_recipe
+
+            if not is_frozen_recipe(path):  # a run's own frozen recipe is rewritten as it was
+                guard_output(recipe_obj.output.dir, "output.dir (which --force deletes)", [(path, "the recipe being run", False)])
         if needs_launch(recipe_obj):  # start the workers, which run this same command
             argv = ["run", str(path.resolve()), *(a for o in set_ for a in ("--set", o))]
             argv += (["--resume", resume] if resume else []) + (["--force"] if force else [])
@@ -201,6 +206,13 @@ def export(
 
     if dtype is not None and dtype not in DTYPES:
         raise GptjTuneError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if max_shard_size is not None:
+        from .recipe import check_shard_size
+
+        try:
+            check_shard_size(max_shard_size, "--max-shard-size")
+        except ValueError as e:
+            raise GptjTuneError(str(e)) from None
     result = export_run(run_dir, out, checkpoint, dtype, adapter_only, max_shard_size, force, not no_verify)
     if result.max_abs_diff is not None:
         console.print(f"verified: reloaded in a fresh process, max |logit diff| {result.max_abs_diff:.3g} "
@@ -321,10 +333,14 @@ def recipes_copy(
     if not source.exists():
         names = ", ".join(p.stem for p in sorted(recipes_dir().glob("*.yaml")))
         raise RecipeError([f"no shipped recipe {name!r}; available: {names}"])
+    from .errors import GptjTuneError
+    from .rundir import atomic_write
+
+    if dest.is_dir():  # like cp: into the folder, under the recipe's own name
+        dest = dest / source.name
     if dest.exists() and not force:
-        raise RecipeError([f"{dest} already exists; pass --force to overwrite it"])
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, dest)
+        raise GptjTuneError(f"{dest} already exists; pass --force to overwrite it")
+    atomic_write(dest, lambda tmp: shutil.copyfile(source, tmp))
     console.print(f"Copied {name} to {dest}. Run it with: gptj-tune run {dest}")
 
 

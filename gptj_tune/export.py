@@ -15,7 +15,7 @@ import torch
 
 from .errors import GptjTuneError, RunDirError
 from .recipe import Recipe, load_recipe
-from .rundir import RunDir, atomic_dir
+from .rundir import RunDir, atomic_dir, guard_output, run_inputs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Max |logit difference| allowed against the model as trained, per export dtype, as a fraction of
@@ -43,6 +43,7 @@ def export_run(run_dir: str, out: str, checkpoint: str = "final", dtype: str | N
         raise RunDirError(f"{run_dir} is not a run directory (no recipe.yaml)")
     recipe = load_recipe(run.recipe)
     target = Path(out)
+    guard_output(target, "--out", [*run.guarded(), *run_inputs(recipe)])
     if target.exists() and not force:
         raise RunDirError(f"{target} already exists; pass --force to replace it, or choose another --out")
     lora = recipe.method.kind == "lora"
@@ -53,13 +54,15 @@ def export_run(run_dir: str, out: str, checkpoint: str = "final", dtype: str | N
         raise RunDirError(f"{source} does not exist: the run has no final model yet; export a checkpoint (--checkpoint latest)")
     with atomic_dir(target) as tmp:
         model, tokenizer = _trained_model(recipe, run, source, base)
+        adapter = hasattr(model, "peft_config")  # what the folder holds, whatever the recipe says
         reference = _logits(model, tokenizer) if verify else None
         if adapter_only:
-            if not lora:
-                raise GptjTuneError("--adapter-only applies to LoRA runs; this run trained every weight")
+            if not adapter:
+                raise GptjTuneError(f"--adapter-only applies to LoRA runs; {source} holds every weight" if lora else
+                                    "--adapter-only applies to LoRA runs; this run trained every weight")  # fmt: skip
             model.save_pretrained(tmp, safe_serialization=True)
         else:
-            merged = model.merge_and_unload() if lora else model
+            merged = model.merge_and_unload() if adapter else model
             merged.to(DTYPES[dtype]).save_pretrained(tmp, max_shard_size=max_shard_size or recipe.export.max_shard_size, safe_serialization=True)
             _write_generation_config(merged, tokenizer, tmp)
         tokenizer.save_pretrained(tmp)

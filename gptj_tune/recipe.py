@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
 
@@ -426,7 +426,21 @@ class ExportSection(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Dtype of exported weights; auto: the training dtype (the base dtype for LoRA)."
     )
-    max_shard_size: str = Field("5GB", description="Largest safetensors shard written by `gptj-tune export`.")
+    max_shard_size: str = Field("5GB", description="Largest safetensors shard written by `gptj-tune export`: a number and KB, MB, GB or TB.")
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _check_shard_size(cls, value: str) -> str:
+        return check_shard_size(value)
+
+
+def check_shard_size(text: str, name: str = "") -> str:
+    """A shard size as transformers' save_pretrained reads it (`5GB`, `500MB`); raises ValueError naming `name`."""
+    import re
+
+    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]B\s*", text, flags=re.IGNORECASE):
+        raise ValueError(f"{name + ' ' if name else ''}{text!r}: expected a size like 5GB or 500MB (units KB, MB, GB, TB)")
+    return text
 
 
 class OutputSection(Section):
@@ -618,9 +632,14 @@ def _apply_override(raw: dict, path: tuple, value: Any) -> None:
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a recipe file. Raises RecipeError listing every problem."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError([f"{path} is a folder; give a recipe file (YAML), or a shipped recipe's name (`gptj-tune recipes`)"])
     if not path.is_file():
         raise RecipeError([f"file not found: {path}; list shipped recipes with `gptj-tune recipes`"])
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError([f"not UTF-8 text (byte {e.start}): a recipe is a YAML file"], source=str(path)) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:

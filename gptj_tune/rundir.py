@@ -33,7 +33,8 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 def atomic_dir(target: Path):
     """Yield a temp folder; on success it replaces `target` (the old one is removed only after)."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    created = [p for p in [target.parent, *target.parent.parents] if not p.exists()]  # deepest first
+    _make_parents(target)
     tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -41,6 +42,11 @@ def atomic_dir(target: Path):
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:  # the parents made for it, unless something else was put there meanwhile
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
     old = None
     if target.exists():
@@ -55,13 +61,61 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """`write(temp_path)`, then the temp file replaces `path`: an earlier file is replaced whole or
     not at all, and a write that fails leaves no temp file behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parents(path)
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _make_parents(target: Path) -> None:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocking = next(p for p in [target.parent, *target.parent.parents] if p.exists() and not p.is_dir())
+        raise RunDirError(f"cannot write {target}: {blocking} is a file, not a folder") from None
+
+
+def guard_output(target: str | Path, option: str, guarded: list[tuple[str | Path, str, bool]]) -> None:
+    """Refuse `target`, a folder a command writes or replaces, where that would delete or write into
+    something that must be kept. `guarded` holds (path, what it is, whether writing inside it is
+    fine); the target may never be one of those paths or hold one, and may not lie inside one
+    unless its entry allows it. The current directory is always guarded (writing inside it is fine),
+    and a file is never replaced by a folder."""
+    t = Path(target).resolve()
+    if t.exists() and not t.is_dir():
+        raise RunDirError(f"{option} {target} is a file; it names a folder to write, choose another")
+    for path, what, inside_ok in [*guarded, (Path.cwd(), "the current directory", True)]:
+        p = Path(path).resolve()
+        if t == p or t in p.parents:
+            held = "that is" if t == p else "it holds"
+            raise RunDirError(f"{option} {target}: {held} {what} ({path}), which must not be replaced or deleted; "
+                              f"choose another folder")  # fmt: skip
+        if not inside_ok and p in t.parents:
+            raise RunDirError(f"{option} {target}: that is inside {what} ({path}); choose a folder outside it")
+
+
+def is_frozen_recipe(path: Path) -> bool:
+    """Whether the file is exactly what a run writes as its recipe.yaml (canonical, fully resolved), as
+    opposed to a recipe someone wrote, with comments and defaults left out."""
+    from .errors import GptjTuneError
+    from .recipe import load_recipe
+
+    try:
+        return load_recipe(path).to_yaml() == Path(path).read_text(encoding="utf-8")
+    except (GptjTuneError, OSError, UnicodeDecodeError):
+        return False
+
+
+def run_inputs(recipe: Recipe) -> list[tuple[str, str, bool]]:
+    """The recipe's local inputs (model, tokenizer, data, DeepSpeed config), as `guard_output` entries."""
+    found = [(recipe.model.name_or_path, "the base model"), (recipe.model.tokenizer, "the tokenizer"),
+             (recipe.distributed.deepspeed.config if recipe.distributed.deepspeed else None, "the DeepSpeed config"),
+             (recipe.distributed.hostfile, "the hostfile"),
+             *((s.path, "a data source") for s in recipe.data.sources)]  # fmt: skip
+    return [(path, what, False) for path, what in found if path and Path(path).exists()]
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -78,8 +132,25 @@ class RunDir:
     final = property(lambda self: self.path / "final")
     summary = property(lambda self: self.path / "summary.json")
 
+    def guarded(self) -> list[tuple[Path, str, bool]]:
+        """The run directory and what in it a report or export must never replace, for `guard_output`."""
+        return [(self.path, "the run directory", True), (self.final, "the run's final model", False),
+                (self.checkpoints, "the run's checkpoints", False), (self.path / "base-model", "the run's base model", False)]  # fmt: skip
+
     def is_used(self) -> bool:
-        return self.recipe.exists() or self.checkpoints.exists() or self.final.exists()
+        """Whether a new start would lose something here: results of a run (a logged step, a checkpoint,
+        a final model) or a recipe.yaml that is not one a run froze (someone's own file)."""
+        return self.has_results() or (self.recipe.exists() and not is_frozen_recipe(self.recipe))
+
+    def has_results(self) -> bool:
+        return self.metrics.exists() or self.checkpoints.exists() or self.final.exists() or self.summary.exists()
+
+    def setup_leftovers(self) -> list[Path]:
+        """What a run that stopped before its first step leaves (its frozen recipe, the built tiny base,
+        the shared data cache): nothing a new start would lose."""
+        if not self.recipe.exists() or self.is_used():
+            return []
+        return [p for p in (self.recipe, self.path / "base-model", self.path / "cache") if p.exists()]
 
     def list_checkpoints(self) -> list[tuple[int, Path]]:
         """(step, folder) of every complete checkpoint, oldest first."""
@@ -98,7 +169,8 @@ class RunDir:
         names = ", ".join(p.name for _, p in found) or "none"
         if which in (True, "latest"):
             if not found:
-                raise RunDirError(f"{self.path}: no checkpoint to resume from (checkpoints: {names})")
+                again = "; it stopped before its first checkpoint: start it again without --resume" if not found else ""
+                raise RunDirError(f"{self.path}: no checkpoint to resume from (checkpoints: {names}){again}")
             return found[-1][1]
         for _, p in found:
             if p.name == which:
@@ -120,22 +192,31 @@ def prepare_run_dir(recipe: Recipe, resume: str | bool, force: bool, create: boo
     if resume:
         if not run.recipe.exists():
             raise RunDirError(f"--resume: {run.path} holds no run (no recipe.yaml); start it without --resume")
+        checkpoint = run.checkpoint(resume)
         diff = _recipe_diff(run.recipe.read_text(), recipe.to_yaml())
         if diff:
             raise RunDirError(
                 f"--resume: the recipe differs from the one {run.path} was started with at: {diff}. Resume "
                 f"with the same recipe and --set values, or start a new run (output.dir)."
             )
-        return run, run.checkpoint(resume)
+        return run, checkpoint
     if not create:
         return run, None
     if run.is_used():
+        if not force and not run.has_results():
+            raise RunDirError(
+                f"{run.path} holds a recipe.yaml that no run wrote there (a run writes its own recipe.yaml): move "
+                f"that file, or --set output.dir=runs/NEW for the run."
+            )
         if not force:
             raise RunDirError(
                 f"{run.path} already holds a run. Use --resume to continue it, --force to delete it and start "
                 f"over, or --set output.dir=runs/NEW for a new run."
             )
+        guard_output(run.path, "output.dir (which --force deletes)", run_inputs(recipe))
         shutil.rmtree(run.path)
+    for leftover in run.setup_leftovers():  # a start that failed or was stopped in setup: begin it again
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     run.path.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run.recipe, recipe.to_yaml())
     return run, None

@@ -193,7 +193,7 @@ def cli(*args: str, timeout: int = 600, own_process: bool | None = None, **kwarg
 def _needs_own_process(arg: str) -> bool:
     """Whether the argument, or the recipe file it names, asks for any of _NEEDS_OWN_PROCESS."""
     path = Path(arg)
-    recipe = path.read_text() if path.suffix in (".yaml", ".yml") and path.is_file() else ""
+    recipe = path.read_text(errors="replace") if path.suffix in (".yaml", ".yml") and path.is_file() else ""
     return any(key in arg or key in recipe for key in _NEEDS_OWN_PROCESS)
 
 

@@ -106,6 +106,36 @@ def test_existing_folder_is_refused_and_a_failed_export_leaves_nothing(tmp_path,
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left behind
 
 
+def _files(folder) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("out, message", [
+    ("{run}", "that is the run directory"),
+    ("{run}/final", "that is the run's final model"),
+    ("{run}/checkpoints/step-6/model", "that is inside the run's checkpoints"),
+    ("{run}/base-model", "that is the run's base model"),
+    ("{run}/..", "it holds the run directory"),
+])  # fmt: skip
+def test_an_export_never_replaces_the_run_or_writes_into_its_models(lora_run, out, message):
+    # Before, `--out RUN/final --force` replaced the trained adapter with the merged model, after
+    # which the run could no longer be exported; `--out RUN/.. --force` deleted the run.
+    before = _files(lora_run)
+    result = cli("export", str(lora_run), "--out", out.format(run=lora_run), "--force")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert _files(lora_run) == before
+
+
+def test_an_out_below_a_file_and_a_bad_shard_size_are_one_line_errors(tmp_path, lora_run):
+    (tmp_path / "afile").write_text("x")
+    below = cli("export", str(lora_run), "--out", str(tmp_path / "afile" / "m"))
+    assert below.returncode == 2 and "afile is a file, not a folder" in below.stderr and "Traceback" not in below.stderr
+    size = cli("export", str(lora_run), "--out", str(tmp_path / "m"), "--max-shard-size", "1G")
+    assert size.returncode == 2 and "--max-shard-size '1G': expected a size like 5GB" in size.stderr
+    assert "Traceback" not in size.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
 def test_model_card_names_the_data_and_shows_the_eval_table(tmp_path, lora_run):
     evaluated = cli("eval", str(lora_run), "--tasks", "none", "--out", str(lora_run / "eval"), "--force")
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]

@@ -118,6 +118,19 @@ def test_recipes_list_and_copy(tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr
     missing = cli("recipes", "copy", "nope", str(tmp_path / "x.yaml"))
     assert missing.returncode == 2 and "no shipped recipe 'nope'" in missing.stderr
+    into = cli("recipes", "copy", "quickstart", str(tmp_path))  # a folder: the copy goes inside, like cp
+    assert into.returncode == 0 and (tmp_path / "quickstart.yaml").read_text() == dest.read_text()
+    below = cli("recipes", "copy", "quickstart", str(dest / "x.yaml"))
+    assert below.returncode == 2 and "mine.yaml is a file, not a folder" in below.stderr and "Traceback" not in below.stderr
+
+
+def test_a_folder_or_a_binary_file_given_as_the_recipe_is_a_one_line_error(tmp_path):
+    folder = cli("validate", str(tmp_path))
+    assert folder.returncode == 2 and f"{tmp_path} is a folder; give a recipe file" in folder.stderr
+    (tmp_path / "r.yaml").write_bytes(b"\xff\xfe model: {}")
+    binary = cli("validate", str(tmp_path / "r.yaml"))
+    assert binary.returncode == 2 and "not UTF-8 text (byte 0)" in binary.stderr
+    assert "Traceback" not in folder.stderr + binary.stderr
 
 
 def test_readme_reference_is_generated_from_the_schema():

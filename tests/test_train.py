@@ -213,6 +213,54 @@ def test_existing_run_dir_is_never_overwritten_silently(tmp_path):
     assert forced.returncode == 0, forced.stderr[-2000:]
 
 
+def test_a_start_that_failed_in_setup_can_be_run_again_without_force(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "input": "", "output": "b"}\nnot json\n')
+    recipe = small_recipe(tmp_path, steps=2, save_every=2)
+    first = cli("run", str(recipe), "--set", f"data.sources=[{{format: alpaca, path: {bad}}}]", "--set", "model.tiny.width=32")
+    assert first.returncode == 2 and "Traceback" not in first.stderr
+    run = tmp_path / "run"
+    assert (run / "recipe.yaml").exists() and (run / "base-model" / "config.json").exists()  # set up, then stopped
+    resumed = cli("run", str(recipe), "--resume")
+    assert resumed.returncode == 2 and "start it again without --resume" in resumed.stderr
+    again = cli("run", str(recipe))  # no --force needed: nothing of a run was there to lose
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((run / "base-model" / "config.json").read_text())["n_embd"] == 64  # rebuilt, not the stale 32-wide one
+    assert "width: 32" not in (run / "recipe.yaml").read_text()
+    refused = cli("run", str(recipe))  # a run with results is still never replaced without --force
+    assert refused.returncode == 2 and "already holds a run" in refused.stderr
+    # Someone's own recipe.yaml (not the canonical one a run freezes) is never taken for leftovers.
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "recipe.yaml").write_text(recipe.read_text())
+    mine = cli("run", str(own / "recipe.yaml"), "--set", f"output.dir={own}")
+    assert mine.returncode == 2 and "holds a recipe.yaml that no run wrote there" in mine.stderr
+    assert (own / "recipe.yaml").read_text() == recipe.read_text()
+    # A run's own frozen recipe restarts it with --force.
+    restarted = cli("run", str(run / "recipe.yaml"), "--force")
+    assert restarted.returncode == 0, restarted.stderr[-2000:]
+
+
+def test_force_never_deletes_the_recipe_its_data_or_the_current_directory(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text("model: {}\n")
+    (run / "metrics.jsonl").write_text("")  # a run directory with results, which --force would delete
+    records = [{"instruction": f"say {i}", "input": "", "output": str(i)} for i in range(40)]
+    (run / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    recipe = small_recipe(tmp_path, steps=2, save_every=2)
+    data = cli("run", str(recipe), "--force", "--set", f"data.sources=[{{format: alpaca, path: {run / 'data.jsonl'}}}]")
+    assert data.returncode == 2 and f"it holds a data source ({run / 'data.jsonl'})" in data.stderr
+    inside = small_recipe(run, steps=2, save_every=2, out=run, name="my.yaml")
+    own = cli("run", str(inside), "--force")
+    assert own.returncode == 2 and "it holds the recipe being run" in own.stderr
+    monkeypatch.chdir(run)
+    here = cli("run", str(recipe), "--force", "--set", "output.dir=.")
+    assert here.returncode == 2 and "that is the current directory" in here.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["data.jsonl", "metrics.jsonl", "my.yaml", "recipe.yaml"]
+    assert "Traceback" not in data.stderr + own.stderr + here.stderr
+
+
 def test_adamw_is_fused_for_plain_parameters_and_steps_like_the_loop():
     import torch
 

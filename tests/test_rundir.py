@@ -1,0 +1,46 @@
+"""Writes that replace whole or not at all (rundir.atomic_dir, rundir.atomic_write)."""
+
+import pytest
+
+from gptj_tune.rundir import atomic_dir, atomic_write
+
+
+class Boom(Exception):
+    pass
+
+
+def test_a_folder_replaces_the_old_one_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "eval"
+    with atomic_dir(target) as tmp:
+        (tmp / "report.json").write_text("first")
+    assert (target / "report.json").read_text() == "first"
+    with pytest.raises(Boom):
+        with atomic_dir(target) as tmp:
+            (tmp / "report.json").write_text("half")
+            raise Boom
+    assert (target / "report.json").read_text() == "first"  # the earlier folder is untouched
+    with atomic_dir(target) as tmp:
+        (tmp / "other.md").write_text("second")
+    assert sorted(p.name for p in target.iterdir()) == ["other.md"]  # replaced whole, not merged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # no temp or old folder left
+
+
+def test_a_failed_folder_write_leaves_no_parents_it_made(tmp_path):
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(Boom):
+        with atomic_dir(tmp_path / "kept" / "a" / "b" / "report"):
+            raise Boom
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and list((tmp_path / "kept").iterdir()) == []
+
+
+def test_a_failed_file_write_keeps_the_old_file_and_no_temp(tmp_path):
+    path = tmp_path / "r.json"
+    atomic_write(path, lambda tmp: tmp.write_text("old"))
+
+    def fail(tmp):
+        tmp.write_text("partial")
+        raise Boom
+
+    with pytest.raises(Boom):
+        atomic_write(path, fail)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
