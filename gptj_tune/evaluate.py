@@ -126,8 +126,26 @@ def resolve_target(target: str, checkpoint: str | None = None) -> Target:
             raise RunDirError(f"{folder} holds no model (no config.json or adapter_config.json); sharded checkpoints "
                               f"are evaluated after `gptj-tune export`")  # fmt: skip
         return Target(str(path), args, run_dir=path, base=base)
-    if path.is_dir() and not (path / "config.json").is_file():
-        from .errors import ModelError
+    from .errors import ModelError
 
+    if path.is_dir() and not (path / "config.json").is_file():
         raise ModelError(f"{path} is neither a run directory (no recipe.yaml) nor a model folder (no config.json)")
+    if not path.exists():
+        _check_model_name(target)
     return Target(target, {"pretrained": target})
+
+
+def _check_model_name(target: str) -> None:
+    """A target that is no local folder must be a Hugging Face model name that loads: say so now,
+    before any benchmark or model work, rather than with the hub client's message later."""
+    from .errors import ModelError
+
+    if target.startswith((".", "/", "~")) or "\\" in target or target.count("/") > 1 or target.endswith("/"):
+        raise ModelError(f"{target}: no such run directory or model folder")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(target)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{target} is not a run directory or model folder here, and does not load as a Hugging Face "
+                         f"model name ({str(e).splitlines()[0]})") from None  # fmt: skip

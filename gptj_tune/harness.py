@@ -124,11 +124,15 @@ def find_data_dir(explicit: str | None, recipe_dir: str | None) -> Path:
     return path
 
 
-def prepare_tasks(tasks: list[str], data_dir: Path, out: Path) -> TaskFiles:
-    """Convert each task's local files to JSONL under `out` and write its lm-eval YAML there."""
+def check_tasks(tasks: list[str]) -> None:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise GptjTuneError(f"unknown task(s) {', '.join(unknown)}; available: {', '.join(TASKS)}")
+
+
+def prepare_tasks(tasks: list[str], data_dir: Path, out: Path) -> TaskFiles:
+    """Convert each task's local files to JSONL under `out` and write its lm-eval YAML there."""
+    check_tasks(tasks)
     for task in tasks:
         missing = [f for f in SOURCES[task] if not (data_dir / f).is_file()]
         if missing:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .evaluate import Target, exact_match, resolve_target, rouge_l
-from .harness import PUBLISHED_GPTJ_6B, find_data_dir, prepare_tasks, run_benchmarks
-from .rundir import atomic_dir
+from .harness import PUBLISHED_GPTJ_6B, check_tasks, find_data_dir, prepare_tasks, run_benchmarks
+from .rundir import RunDir, atomic_dir, guard_output, run_inputs
 
 HEADLINE = {"lambada_openai": "acc", "hellaswag": "acc_norm", "piqa": "acc", "winogrande": "acc", "arc_easy": "acc"}
 GPTJ_6B_NAMES = {"EleutherAI/gpt-j-6b", "EleutherAI/gpt-j-6B"}
@@ -40,6 +40,7 @@ def run_eval(request: EvalRequest, console) -> Path:
     target = resolve_target(request.target, request.checkpoint)
     recipe = _recipe_of(target)
     out = Path(request.out) if request.out else (target.run_dir / "eval" if target.run_dir else Path("eval") / _slug(target.label))
+    guard_output(out, "--out", _guarded_by(target, recipe))
     if out.exists() and not request.force:
         raise RunDirError(f"{out} already holds an evaluation; pass --force to replace it, or --out DIR")
     comparison = resolve_target(request.compare) if request.compare else (
@@ -47,6 +48,8 @@ def run_eval(request: EvalRequest, console) -> Path:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tasks = request.tasks if request.tasks is not None else (list(recipe.eval.tasks) if recipe else list(HEADLINE))
     limit = request.limit if request.limit is not None else (recipe.eval.limit if recipe else None)
+    if request.benchmarks and tasks:  # a misspelt task is said before the data dir is looked for
+        check_tasks(tasks)
 
     report: dict = {"target": _describe(target), "harness": None, "benchmarks": {}, "held_out": None, "comparison": None}
     with atomic_dir(out) as tmp:
@@ -82,6 +85,15 @@ def run_eval(request: EvalRequest, console) -> Path:
         (tmp / "report.json").write_text(json.dumps(_jsonable(report), indent=2))
         (tmp / "report.md").write_text(report_markdown(report))
     return out
+
+
+def _guarded_by(target: Target, recipe) -> list:
+    """What an evaluation's report folder must never replace: the run and what it holds, its local
+    inputs, or the model folder being evaluated (a report may go inside that one)."""
+    if target.run_dir is not None:
+        return [*RunDir(target.run_dir).guarded(), *run_inputs(recipe)]
+    folder = Path(target.model_args["pretrained"])
+    return [(folder, "the model being evaluated", True)] if folder.exists() else []
 
 
 def _benchmarks_during_training(run_dir: Path | None) -> list[dict]:

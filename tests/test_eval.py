@@ -126,6 +126,7 @@ def test_numbers_equal_the_stock_lm_eval_cli_and_the_merged_model(tmp_path, lora
     [
         (["--tasks", "piqa", "--data-dir", "/nonexistent/benchmarks"], "benchmark data dir /nonexistent/benchmarks does not exist"),
         (["--tasks", "mmlu", "--data-dir", "."], "unknown task(s) mmlu; available: lambada_openai"),
+        (["--tasks", "piqa,mmlu"], "unknown task(s) mmlu; available: lambada_openai"),  # before the missing data dir
         (["--tasks", "piqa"], "pass --data-dir DIR"),
     ],
 )
@@ -141,6 +142,38 @@ def test_an_empty_model_folder_is_a_one_line_error(tmp_path):
     (tmp_path / "empty").mkdir()
     result = cli("eval", str(tmp_path / "empty"), "--tasks", "none")
     assert result.returncode == 2 and "neither a run directory" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("out, message", [
+    ("{run}/checkpoints", "that is the run's checkpoints"),
+    ("{run}/final/eval", "that is inside the run's final model"),
+    ("{run}", "that is the run directory"),
+    ("{run}/metrics.jsonl", "metrics.jsonl is a file"),
+])  # fmt: skip
+def test_a_report_never_replaces_the_run_or_writes_into_its_models(lora_run, out, message):
+    def files():
+        return {p.relative_to(lora_run): p.read_bytes() for p in sorted(lora_run.rglob("*")) if p.is_file()}
+
+    before = files()
+    result = cli("eval", str(lora_run), "--tasks", "none", "--out", out.format(run=lora_run), "--force")
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert files() == before
+
+
+@pytest.mark.parametrize("target, message", [
+    ("./runs/no-such-run", "./runs/no-such-run: no such run directory or model folder"),
+    ("no-such-model-name", "no-such-model-name is not a run directory or model folder here, and does not load as a Hugging Face model name"),
+])  # fmt: skip
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_a_target_that_is_neither_a_folder_nor_a_model_name_is_named_first(tmp_path, monkeypatch, target, message, command):
+    # Said before anything else: not the missing benchmark data, not the hub client's own message.
+    monkeypatch.delenv("GPTJ_TUNE_BENCHMARK_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    extra = ["--prompt", "hi"] if command == "generate" else []
+    result = cli(command, target, *extra)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr and "benchmark data" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_benchmarks_during_training_match_the_final_evaluation(tmp_path, shared_data):
