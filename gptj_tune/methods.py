@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .models import lora_targets
+from .models import check_targets, lora_targets
 from .recipe import FullMethod, LoraMethod
 
 
@@ -14,6 +14,10 @@ def apply_method(model, method: FullMethod | LoraMethod, gradient_checkpointing:
     import peft
 
     targets = method.target_modules or lora_targets(model.config.model_type)
+    if isinstance(method.target_modules, list):
+        check_targets(model, method.target_modules, "method.target_modules")
+    if method.modules_to_save:
+        check_targets(model, method.modules_to_save, "method.modules_to_save")
     config = peft.LoraConfig(
         task_type="CAUSAL_LM",
         r=method.r,

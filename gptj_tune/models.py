@@ -54,6 +54,30 @@ def resolve_base(section: ModelSection, run_dir: Path) -> str:
     return str(target)
 
 
+def check_fits_context(model, max_length: int) -> None:
+    """Refuse rows longer than the positions the model has (GPT-J's n_positions, GPT-Neo's
+    max_position_embeddings), which would otherwise fail deep inside its rotary or position lookup."""
+    config = model.config
+    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if context is not None and max_length > context:
+        raise ModelError(f"data.max_length {max_length} is longer than the model's context ({context} positions): "
+                         f"set data.max_length to {context} or less")  # fmt: skip
+
+
+def check_targets(model, names: list[str], key: str) -> None:
+    """Every name in a LoRA module list must match a module (peft's rule: the name, or a name ending
+    in `.NAME`); peft itself trains on silently when only some match."""
+    import torch
+
+    modules = [name for name, _ in model.named_modules()]
+    unmatched = [t for t in names if not any(m == t or m.endswith("." + t) for m in modules)]
+    if unmatched:
+        kinds = (torch.nn.Linear, torch.nn.Embedding)
+        layers = sorted({m.rsplit(".", 1)[-1] for m, mod in model.named_modules() if isinstance(mod, kinds)})
+        raise ModelError(f"{key}: {', '.join(map(repr, unmatched))} matches no module of this {model.config.model_type} "
+                         f"model; its linear and embedding layers are named {', '.join(layers)}")  # fmt: skip
+
+
 def load_model_and_tokenizer(section: ModelSection, base: str):
     """Load what `base` names (a local folder or hub id) as the recipe's `model` section asks."""
     tokenizer = load_tokenizer(section.tokenizer if section.name_or_path != TINY_MODEL_NAME else None, base, section)

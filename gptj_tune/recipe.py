@@ -474,6 +474,15 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
+    def _check_tiny_context(self):
+        if self.model.name_or_path == TINY_MODEL_NAME and self.data.max_length > self.model.tiny.context:
+            raise ValueError(
+                f"data.max_length {self.data.max_length} is longer than the tiny model's context (model.tiny.context "
+                f"{self.model.tiny.context}): lower data.max_length or raise model.tiny.context"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_compile(self):
         if self.train.compile and self.distributed.backend in ("deepspeed", "fsdp"):
             raise ValueError(

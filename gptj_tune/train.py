@@ -26,7 +26,7 @@ from .errors import DataError, RecipeError, Stopped, TrainingError
 from .fast import CompileUnavailable, check_can_compile, compile_blocks, use_cheap_dropout, use_fused_lora, use_loss_head
 from .host import CPU_16BIT_WIDTH_MULTIPLE, bf16_advice, keep_freed_memory, own_trainable_weights
 from .methods import apply_method, count_parameters
-from .models import load_model_and_tokenizer, resolve_base
+from .models import check_fits_context, load_model_and_tokenizer, resolve_base
 from .recipe import Recipe
 from .rundir import RunDir, atomic_dir, atomic_write_text, prepare_run_dir, rewind_metrics
 from .step import (
@@ -98,6 +98,7 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
         base = resolve_base(recipe.model, run.path)
     set_seed(recipe.train.seed)
     model, tokenizer = load_model_and_tokenizer(recipe.model, base)
+    check_fits_context(model, recipe.data.max_length)
     if recipe.train.loss == "fused":
         use_loss_head(model)
     model = apply_method(model, recipe.method, recipe.model.gradient_checkpointing)

@@ -144,6 +144,30 @@ output: {{dir: {tmp_path / "run"}}}
         assert targets == {"q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"}
 
 
+def test_targets_that_match_no_module_and_rows_past_the_context_are_refused(gpt_neo_folder, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from gptj_tune.models import check_fits_context
+
+    neo = AutoModelForCausalLM.from_pretrained(gpt_neo_folder)
+    # GPT-J's MLP names on GPT-Neo: peft would adapt q_proj alone and train on without a word.
+    with pytest.raises(ModelError, match=r"method.target_modules: 'fc_in', 'fc_out' matches no module of this gpt_neo model; .*c_fc, c_proj"):
+        apply_method(neo, LoraMethod(kind="lora", r=4, target_modules=["q_proj", "fc_in", "fc_out"]))
+    with pytest.raises(ModelError, match="method.modules_to_save: 'embed' matches no module.* wte"):
+        apply_method(neo, LoraMethod(kind="lora", r=4, modules_to_save=["embed"]))
+    check_fits_context(neo, 256)
+    with pytest.raises(ModelError, match=r"data.max_length 512 is longer than the model's context \(256 positions\)"):
+        check_fits_context(neo, 512)  # before: an index error deep in the position lookup
+    recipe = write_recipe(tmp_path / "r.yaml", "model: {tiny: {context: 128}}\ndata: {sources: [{format: synthetic}], max_length: 256}\n")
+    tiny_too_long = cli("validate", str(recipe))
+    assert tiny_too_long.returncode == 2 and "data.max_length 256 is longer than the tiny model's context" in tiny_too_long.stderr
+    neo_recipe = write_recipe(tmp_path / "neo.yaml", f"model: {{name_or_path: {gpt_neo_folder}}}\n"
+                              f"data: {{sources: [{{format: synthetic}}], max_length: 512}}\noutput: {{dir: {tmp_path / 'run'}}}\n")  # fmt: skip
+    neo_too_long = cli("run", str(neo_recipe))
+    assert neo_too_long.returncode == 2 and "data.max_length 512 is longer than the model's context (256" in neo_too_long.stderr
+    assert "Traceback" not in tiny_too_long.stderr + neo_too_long.stderr
+
+
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(ModelError, match=r"'EleutherAI/gpt-j-6b' is not a local folder.*HF_HUB_OFFLINE is set"):
         load_model_and_tokenizer(ModelSection(name_or_path="EleutherAI/gpt-j-6b"), "EleutherAI/gpt-j-6b")
