@@ -110,6 +110,8 @@ def resolve_target(target: str, checkpoint: str | None = None) -> Target:
     from .rundir import RunDir
 
     path = Path(target)
+    if path.name == "final" and (path.parent / "recipe.yaml").is_file() and checkpoint is None:
+        path = path.parent  # a run's final/ is that run: its recipe gives the held-out split and template
     if (path / "recipe.yaml").is_file():
         run = RunDir(path)
         recipe = load_recipe(run.recipe)
@@ -128,11 +130,32 @@ def resolve_target(target: str, checkpoint: str | None = None) -> Target:
         return Target(str(path), args, run_dir=path, base=base)
     from .errors import ModelError
 
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        return _adapter_target(path)
     if path.is_dir() and not (path / "config.json").is_file():
         raise ModelError(f"{path} is neither a run directory (no recipe.yaml) nor a model folder (no config.json)")
     if not path.exists():
         _check_model_name(target)
     return Target(target, {"pretrained": target})
+
+
+def _adapter_target(folder: Path) -> Target:
+    """A peft adapter folder (a run's final/, an --adapter-only export): on the base it names."""
+    import json
+
+    from .errors import ModelError
+
+    try:
+        base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+    except (ValueError, KeyError, TypeError):
+        base = None
+    if not base:
+        raise ModelError(f"{folder / 'adapter_config.json'} names no base model (base_model_name_or_path); evaluate "
+                         f"the run directory or a merged export instead")  # fmt: skip
+    if not Path(base).exists():
+        _check_model_name(base)
+    tokenizer = str(folder) if (folder / "tokenizer_config.json").is_file() else base
+    return Target(str(folder), {"pretrained": base, "peft": str(folder), "tokenizer": tokenizer}, base=base)
 
 
 def _check_model_name(target: str) -> None:

@@ -24,7 +24,7 @@ class Generator:
             self.model, self.tokenizer = load_target_model(resolved, "cuda" if torch.cuda.is_available() else "cpu")
         except OSError as e:
             raise ModelError(f"cannot load {target} ({str(e).splitlines()[0]})") from None
-        self.template = None if raw else _template_of(Path(target))
+        self.template = None if raw else _template_of(resolved.run_dir or Path(target))
         self.options = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
         if temperature > 0:
             self.options.update(temperature=temperature, top_p=top_p, top_k=top_k)

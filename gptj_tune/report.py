@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import GptjTuneError
 from .evaluate import Target, exact_match, resolve_target, rouge_l
 from .harness import PUBLISHED_GPTJ_6B, check_tasks, find_data_dir, prepare_tasks, run_benchmarks
 from .rundir import RunDir, atomic_dir, guard_output, run_inputs
@@ -50,6 +51,10 @@ def run_eval(request: EvalRequest, console) -> Path:
     limit = request.limit if request.limit is not None else (recipe.eval.limit if recipe else None)
     if request.benchmarks and tasks:  # a misspelt task is said before the data dir is looked for
         check_tasks(tasks)
+    elif recipe is None or recipe.data.eval_fraction == 0 or recipe.data.eval_max == 0:
+        why = ("the run holds no records out (data.eval_fraction or data.eval_max is 0)" if recipe is not None
+               else f"{target.label} is not a run directory, so it has no held-out split")  # fmt: skip
+        raise GptjTuneError(f"nothing to evaluate: no benchmark tasks (--tasks none), and {why}; name tasks with --tasks")
 
     report: dict = {"target": _describe(target), "harness": None, "benchmarks": {}, "held_out": None, "comparison": None}
     with atomic_dir(out) as tmp:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -114,11 +115,31 @@ def test_numbers_equal_the_stock_lm_eval_cli_and_the_merged_model(tmp_path, lora
     )  # fmt: skip
     assert stock.returncode == 0, stock.stderr[-3000:]
     stock_results = json.loads(next((tmp_path / "stock").rglob("results_*.json")).read_text())["results"]
+    # An adapter folder on its own (here a copy of final/, as --adapter-only exports one) is evaluated
+    # on the base model its adapter_config.json names.
+    shutil.copytree(lora_run / "final", tmp_path / "adapter")
+    alone = cli("eval", str(tmp_path / "adapter"), "--tasks", tasks, "--limit", "5", "--data-dir", data, "--out", str(tmp_path / "adapter-eval"))
+    assert alone.returncode == 0, alone.stderr[-2000:]
     a, b = _report(tmp_path / "lora")["benchmarks"], _report(tmp_path / "merged-eval")["benchmarks"]
+    assert _report(tmp_path / "adapter-eval")["benchmarks"] == a
     for task, metrics in b.items():
         for metric, pair in metrics.items():
             assert pair["value"] == stock_results[f"gptj_{task}"][f"{metric},none"], (task, metric)  # identical
             assert a[task][metric]["value"] == pytest.approx(pair["value"], rel=1e-4), (task, metric)  # adapter == merged
+
+
+def test_a_runs_final_folder_is_the_run_and_nothing_to_evaluate_is_said(tmp_path, lora_run):
+    run = cli("eval", str(lora_run), "--tasks", "none", "--out", str(tmp_path / "run"))
+    final = cli("eval", str(lora_run / "final"), "--tasks", "none", "--out", str(tmp_path / "final"))
+    assert run.returncode == 0 and final.returncode == 0, run.stderr[-2000:] + final.stderr[-2000:]
+    held_out = _report(tmp_path / "final")["held_out"]
+    assert held_out["loss"] is not None and held_out == _report(tmp_path / "run")["held_out"]
+    (tmp_path / "adapter").mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(lora_run / "final" / name, tmp_path / "adapter" / name)
+    nothing = cli("eval", str(tmp_path / "adapter"), "--tasks", "none")
+    assert nothing.returncode == 2 and "nothing to evaluate: no benchmark tasks (--tasks none)" in nothing.stderr
+    assert "is not a run directory, so it has no held-out split" in nothing.stderr
 
 
 @pytest.mark.parametrize(
