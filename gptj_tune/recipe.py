@@ -93,7 +93,8 @@ class ModelSection(Section):
 
     @model_validator(mode="after")
     def _tiny_only_for_tiny(self):
-        if "tiny" in self.model_fields_set and self.name_or_path != TINY_MODEL_NAME:
+        # (a tiny section equal to the defaults changes nothing: frozen recipes of earlier versions held one)
+        if "tiny" in self.model_fields_set and self.name_or_path != TINY_MODEL_NAME and self.tiny != TinyModelSection():
             raise ValueError(
                 f"model.tiny only shapes the built-in `{TINY_MODEL_NAME}`, but model.name_or_path is "
                 f"{self.name_or_path!r}; remove model.tiny or set name_or_path: {TINY_MODEL_NAME}"
@@ -506,7 +507,12 @@ class Recipe(Section):
         return self.model.weights_in_16_bits or self.distributed.mixed_precision != "no"
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+        """The fully resolved recipe, as a run freezes it; it validates again as is (tested for every
+        shipped recipe). `model.tiny` is left out unless the model is the tiny one it shapes."""
+        data = self.model_dump(mode="json")
+        if self.model.name_or_path != TINY_MODEL_NAME:
+            del data["model"]["tiny"]
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
 # ------------------------------------------------------------------------------------- loading

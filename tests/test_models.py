@@ -142,6 +142,14 @@ output: {{dir: {tmp_path / "run"}}}
     else:  # GPT-Neo's own module names got the adapters (no GPT-J names like fc_in)
         targets = set(PeftConfig.from_pretrained(tmp_path / "run" / "final").target_modules)
         assert targets == {"q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"}
+    # The commands after `run` read the frozen recipe of a model that is not tiny-gptj (before, it
+    # held the tiny section's defaults, which the schema refuses beside another model).
+    exported = cli("export", str(tmp_path / "run"), "--out", str(tmp_path / "m"))
+    assert exported.returncode == 0 and "verified" in exported.stdout, exported.stderr[-2000:]
+    evaluated = cli("eval", str(tmp_path / "run"), "--tasks", "none")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    held_out = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())["held_out"]["loss"]
+    assert held_out == pytest.approx(json.loads((tmp_path / "run" / "summary.json").read_text())["eval_loss"], abs=1e-5)
 
 
 def test_targets_that_match_no_module_and_rows_past_the_context_are_refused(gpt_neo_folder, tmp_path):

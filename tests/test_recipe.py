@@ -21,6 +21,19 @@ def test_every_shipped_recipe_validates(path):
     assert first_line.startswith("# Run: gptj-tune run recipes/" + path.name), first_line
 
 
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_recipe_frozen_as_a_run_freezes_it_validates_again(path, tmp_path):
+    # Before, a run of any model but tiny-gptj froze `model.tiny` (its defaults) beside the hub
+    # model, which the schema refuses: export, eval and generate of such runs failed to read it.
+    from gptj_tune.rundir import is_frozen_recipe
+
+    frozen = tmp_path / "recipe.yaml"
+    frozen.write_text(load_recipe(path).to_yaml())
+    again = load_recipe(frozen)
+    assert again == load_recipe(path) and is_frozen_recipe(frozen)
+    assert ("tiny:" in frozen.read_text()) == (again.model.name_or_path == "tiny-gptj")
+
+
 def test_defaults_and_output_dir_from_file_name(tmp_path):
     recipe = load_recipe(write_recipe(tmp_path / "my-run.yaml", "{}\n"))
     assert recipe.output.dir == "runs/my-run"
