@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import RunDirError
-from .recipe import Recipe
+from .recipe import TINY_MODEL_NAME, Recipe
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -236,7 +236,10 @@ def _recipe_diff(old: str, new: str) -> str:
     # output.dir may differ (a run directory can be moved and still resumed), and so does each
     # machine's machine_rank in a multi-machine job.
     free = {"output.dir", "distributed.machine_rank"}
-    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in free)
+    # model.tiny shapes nothing but tiny-gptj (earlier versions froze its defaults for every model)
+    tiny = TINY_MODEL_NAME in (a.get("model.name_or_path"), b.get("model.name_or_path"))
+    keys = sorted(k for k in a.keys() | b.keys()
+                  if a.get(k) != b.get(k) and k not in free and (tiny or not k.startswith("model.tiny.")))  # fmt: skip
     return ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys[:6])
 
 

@@ -44,3 +44,21 @@ def test_a_failed_file_write_keeps_the_old_file_and_no_temp(tmp_path):
     with pytest.raises(Boom):
         atomic_write(path, fail)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_resume_compares_model_tiny_only_for_the_tiny_model():
+    # Run directories frozen before model.tiny was left out for other models still resume.
+    import yaml
+    from conftest import RECIPES
+
+    from gptj_tune.recipe import load_recipe
+    from gptj_tune.rundir import _recipe_diff
+
+    hub = load_recipe(RECIPES / "alpaca-lora.yaml").to_yaml()
+    old = yaml.safe_load(hub)
+    old["model"]["tiny"] = {"layers": 4, "width": 128}
+    assert _recipe_diff(yaml.safe_dump(old), hub) == ""
+    tiny = load_recipe(RECIPES / "quickstart.yaml").to_yaml()
+    other = yaml.safe_load(tiny)
+    other["model"]["tiny"]["width"] = 64
+    assert _recipe_diff(yaml.safe_dump(other), tiny) == f"model.tiny.width (64 -> {yaml.safe_load(tiny)['model']['tiny']['width']})"
