@@ -617,7 +617,10 @@ def parse_override(text: str) -> tuple[tuple, Any]:
     if "=" not in text:
         raise RecipeError([f"--set {text!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4"])
     key, _, raw = text.partition("=")
-    path = tuple(int(p) if p.isdigit() else p for p in key.strip().split("."))
+    parts = key.strip().split(".")
+    if not all(p.strip() for p in parts):
+        raise RecipeError([f"--set {text!r}: the key has an empty part; write dotted keys like train.lr or data.sources.0.path"])
+    path = tuple(int(p) if p.isdigit() else p for p in parts)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
@@ -631,17 +634,28 @@ def _apply_override(raw: dict, path: tuple, value: Any) -> None:
         nxt = path[i + 1]
         if isinstance(node, dict):
             node = node.setdefault(part, [] if isinstance(nxt, int) else {})
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+        elif isinstance(node, list) and isinstance(part, int) and part <= len(node):
+            if part == len(node):  # one past the end adds an entry: data.sources.1.format=text
+                node.append([] if isinstance(nxt, int) else {})
             node = node[part]
+        elif isinstance(node, list) and isinstance(part, int):
+            raise RecipeError([_past_the_end(path, i, len(node))])
         else:
             raise RecipeError([f"--set {_dotted(path)}: `{_dotted(path[: i + 1])}` is not a section that can be indexed"])
     last = path[-1]
-    if isinstance(node, list) and isinstance(last, int) and last < len(node):
-        node[last] = value
+    if isinstance(node, list) and isinstance(last, int) and last <= len(node):
+        node[last:last + 1] = [value]
+    elif isinstance(node, list) and isinstance(last, int):
+        raise RecipeError([_past_the_end(path, len(path) - 1, len(node))])
     elif isinstance(node, dict):
         node[last] = value
     else:
         raise RecipeError([f"--set {_dotted(path)}: cannot set this key"])
+
+
+def _past_the_end(path: tuple, i: int, length: int) -> str:
+    return (f"--set {_dotted(path)}: `{_dotted(path[:i])}` has {length} entr{'y' if length == 1 else 'ies'}, so index "
+            f"{path[i]} is past its end; use 0 to {length} ({length} adds one)")
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

@@ -95,6 +95,15 @@ def test_overrides(tmp_path):
         load_recipe(path, ["train.lrr=1"])
     with pytest.raises(RecipeError, match="expected KEY=VALUE"):
         load_recipe(path, ["train.lr"])
+    # One past the end of a list adds an entry, field by field; further is an error naming the length.
+    mixed = load_recipe(RECIPES / "quickstart.yaml", ["data.sources.1.format=text", "data.sources.1.path=/books",
+                                                      "data.sources.1.weight=0.5"])  # fmt: skip
+    assert [(s.format, s.path, s.weight) for s in mixed.data.sources] == [("synthetic", None, 1.0), ("text", "/books", 0.5)]
+    with pytest.raises(RecipeError, match=r"`data.sources` has 1 entry, so index 3 is past its end; use 0 to 1"):
+        load_recipe(RECIPES / "quickstart.yaml", ["data.sources.3.path=x"])
+    for key in ("=3", "train..lr=3"):
+        with pytest.raises(RecipeError, match="the key has an empty part"):
+            load_recipe(path, [key])
 
 
 def test_yaml_is_loaded_safely(tmp_path):
