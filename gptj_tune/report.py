@@ -97,8 +97,8 @@ def _guarded_by(target: Target, recipe) -> list:
     inputs, or the model folder being evaluated (a report may go inside that one)."""
     if target.run_dir is not None:
         return [*RunDir(target.run_dir).guarded(), *run_inputs(recipe)]
-    folder = Path(target.model_args["pretrained"])
-    return [(folder, "the model being evaluated", True)] if folder.exists() else []
+    folders = [Path(target.model_args[key]) for key in ("pretrained", "peft") if key in target.model_args]
+    return [(folder, "the model being evaluated", True) for folder in folders if folder.exists()]
 
 
 def _benchmarks_during_training(run_dir: Path | None) -> list[dict]:

@@ -140,6 +140,10 @@ def test_a_runs_final_folder_is_the_run_and_nothing_to_evaluate_is_said(tmp_path
     nothing = cli("eval", str(tmp_path / "adapter"), "--tasks", "none")
     assert nothing.returncode == 2 and "nothing to evaluate: no benchmark tasks (--tasks none)" in nothing.stderr
     assert "is not a run directory, so it has no held-out split" in nothing.stderr
+    for out in (tmp_path / "adapter", lora_run / "base-model"):  # neither the adapter nor the base it names
+        replaced = cli("eval", str(tmp_path / "adapter"), "--tasks", "piqa", "--out", str(out), "--force")
+        assert replaced.returncode == 2 and "that is the model being evaluated" in replaced.stderr, replaced.stderr
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file() and (lora_run / "base-model" / "config.json").is_file()
 
 
 @pytest.mark.parametrize(
