@@ -696,6 +696,15 @@ def _resolve_source_paths(raw: dict, base: Path) -> None:
             candidate = base / source["path"]
             if not Path(source["path"]).is_absolute() and candidate.exists():
                 source["path"] = str(candidate.resolve())
+            elif Path(source["path"]).exists():  # relative to where the command runs (a --set value)
+                source["path"] = str(Path(source["path"]).resolve())
+    # A local model or tokenizer folder is relative to where the command runs, as from_pretrained reads
+    # it; frozen as an absolute path, so the run's export, eval and generate work from anywhere.
+    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    for key in ("name_or_path", "tokenizer"):
+        value = model.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute() and Path(value).is_dir():
+            model[key] = str(Path(value).resolve())
     dist = raw.get("distributed") if isinstance(raw.get("distributed"), dict) else {}
     ds = dist.get("deepspeed")
     if isinstance(ds, dict) and isinstance(ds.get("config"), str) and not Path(ds["config"]).is_absolute():

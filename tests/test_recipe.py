@@ -106,6 +106,21 @@ def test_overrides(tmp_path):
             load_recipe(path, [key])
 
 
+def test_local_paths_relative_to_the_working_directory_are_frozen_absolute(tmp_path, monkeypatch):
+    # A run's export, eval and generate read its frozen recipe from any directory; before, a
+    # `--set` data path or a relative model folder stayed relative to where `run` was typed.
+    (tmp_path / "work" / "models" / "gj").mkdir(parents=True)
+    (tmp_path / "work" / "d.jsonl").write_text("{}\n")
+    (tmp_path / "recipes").mkdir()
+    recipe = write_recipe(tmp_path / "recipes" / "r.yaml", "model: {name_or_path: models/gj, tokenizer: models/gj}\n")
+    monkeypatch.chdir(tmp_path / "work")
+    loaded = load_recipe(recipe, ["data.sources=[{format: alpaca, path: d.jsonl}]"])
+    assert loaded.model.name_or_path == loaded.model.tokenizer == str(tmp_path / "work" / "models" / "gj")
+    assert loaded.data.sources[0].path == str(tmp_path / "work" / "d.jsonl")
+    hub = load_recipe(recipe, ["model.name_or_path=EleutherAI/gpt-j-6b", "model.tokenizer=null"])
+    assert hub.model.name_or_path == "EleutherAI/gpt-j-6b"  # no such folder here: a hub id, left as written
+
+
 def test_yaml_is_loaded_safely(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", "train: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(RecipeError, match="line 1: not valid YAML"):
