@@ -634,28 +634,31 @@ def _apply_override(raw: dict, path: tuple, value: Any) -> None:
         nxt = path[i + 1]
         if isinstance(node, dict):
             node = node.setdefault(part, [] if isinstance(nxt, int) else {})
-        elif isinstance(node, list) and isinstance(part, int) and part <= len(node):
+        elif _list_index(node, part, path, i):
             if part == len(node):  # one past the end adds an entry: data.sources.1.format=text
                 node.append([] if isinstance(nxt, int) else {})
             node = node[part]
-        elif isinstance(node, list) and isinstance(part, int):
-            raise RecipeError([_past_the_end(path, i, len(node))])
         else:
             raise RecipeError([f"--set {_dotted(path)}: `{_dotted(path[: i + 1])}` is not a section that can be indexed"])
     last = path[-1]
-    if isinstance(node, list) and isinstance(last, int) and last <= len(node):
+    if _list_index(node, last, path, len(path) - 1):
         node[last:last + 1] = [value]
-    elif isinstance(node, list) and isinstance(last, int):
-        raise RecipeError([_past_the_end(path, len(path) - 1, len(node))])
     elif isinstance(node, dict):
         node[last] = value
     else:
         raise RecipeError([f"--set {_dotted(path)}: cannot set this key"])
 
 
-def _past_the_end(path: tuple, i: int, length: int) -> str:
-    return (f"--set {_dotted(path)}: `{_dotted(path[:i])}` has {length} entr{'y' if length == 1 else 'ies'}, so index "
-            f"{path[i]} is past its end; use 0 to {length} ({length} adds one)")
+def _list_index(node: Any, part: Any, path: tuple, i: int) -> bool:
+    """Whether `part` indexes the list `node` (0 to its length, which adds an entry); an index further
+    out is an error giving the length."""
+    if not (isinstance(node, list) and isinstance(part, int)):
+        return False
+    if part > len(node):
+        n = len(node)
+        raise RecipeError([f"--set {_dotted(path)}: `{_dotted(path[:i])}` has {n} entr{'y' if n == 1 else 'ies'}, so "
+                           f"index {part} is past its end; use 0 to {n} ({n} adds one)"])  # fmt: skip
+    return True
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

@@ -145,13 +145,6 @@ class RunDir:
     def has_results(self) -> bool:
         return self.metrics.exists() or self.checkpoints.exists() or self.final.exists() or self.summary.exists()
 
-    def setup_leftovers(self) -> list[Path]:
-        """What a run that stopped before its first step leaves (its frozen recipe, the built tiny base,
-        the shared data cache): nothing a new start would lose."""
-        if not self.recipe.exists() or self.is_used():
-            return []
-        return [p for p in (self.recipe, self.path / "base-model", self.path / "cache") if p.exists()]
-
     def list_checkpoints(self) -> list[tuple[int, Path]]:
         """(step, folder) of every complete checkpoint, oldest first."""
         if not self.checkpoints.is_dir():
@@ -169,8 +162,8 @@ class RunDir:
         names = ", ".join(p.name for _, p in found) or "none"
         if which in (True, "latest"):
             if not found:
-                again = "; it stopped before its first checkpoint: start it again without --resume" if not found else ""
-                raise RunDirError(f"{self.path}: no checkpoint to resume from (checkpoints: {names}){again}")
+                raise RunDirError(f"{self.path}: no checkpoint to resume from (checkpoints: {names}); it stopped before "
+                                  f"its first checkpoint: start it again without --resume")  # fmt: skip
             return found[-1][1]
         for _, p in found:
             if p.name == which:
@@ -215,8 +208,10 @@ def prepare_run_dir(recipe: Recipe, resume: str | bool, force: bool, create: boo
             )
         guard_output(run.path, "output.dir (which --force deletes)", run_inputs(recipe))
         shutil.rmtree(run.path)
-    for leftover in run.setup_leftovers():  # a start that failed or was stopped in setup: begin it again
-        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    elif run.recipe.exists():  # its frozen recipe, no results: a start that stopped in setup, begun again
+        for leftover in (run.path / "base-model", run.path / "cache"):  # the built tiny base, the data cache
+            if leftover.exists():
+                shutil.rmtree(leftover)
     run.path.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run.recipe, recipe.to_yaml())
     return run, None

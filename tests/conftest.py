@@ -68,6 +68,11 @@ def gpt2_tokenizer(shared_data):
     return tok
 
 
+def file_contents(folder: Path) -> dict:
+    """Every file under `folder`, path relative to it -> bytes: to show a command left a folder untouched."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def write_recipe(path: Path, text: str) -> Path:
     path.write_text(text)
     return path

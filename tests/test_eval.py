@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import cli, small_recipe
+from conftest import cli, file_contents, small_recipe
 
 try:
     import lm_eval  # noqa: F401
@@ -176,13 +176,10 @@ def test_an_empty_model_folder_is_a_one_line_error(tmp_path):
     ("{run}/metrics.jsonl", "metrics.jsonl is a file"),
 ])  # fmt: skip
 def test_a_report_never_replaces_the_run_or_writes_into_its_models(lora_run, out, message):
-    def files():
-        return {p.relative_to(lora_run): p.read_bytes() for p in sorted(lora_run.rglob("*")) if p.is_file()}
-
-    before = files()
+    before = file_contents(lora_run)
     result = cli("eval", str(lora_run), "--tasks", "none", "--out", out.format(run=lora_run), "--force")
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
-    assert files() == before
+    assert file_contents(lora_run) == before
 
 
 @pytest.mark.parametrize("target, message", [

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import cli, small_recipe
+from conftest import cli, file_contents, small_recipe
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
 
@@ -106,10 +106,6 @@ def test_existing_folder_is_refused_and_a_failed_export_leaves_nothing(tmp_path,
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left behind
 
 
-def _files(folder) -> dict:
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 @pytest.mark.parametrize("out, message", [
     ("{run}", "that is the run directory"),
     ("{run}/final", "that is the run's final model"),
@@ -120,11 +116,11 @@ def _files(folder) -> dict:
 def test_an_export_never_replaces_the_run_or_writes_into_its_models(lora_run, out, message):
     # Before, `--out RUN/final --force` replaced the trained adapter with the merged model, after
     # which the run could no longer be exported; `--out RUN/.. --force` deleted the run.
-    before = _files(lora_run)
+    before = file_contents(lora_run)
     result = cli("export", str(lora_run), "--out", out.format(run=lora_run), "--force")
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
-    assert _files(lora_run) == before
+    assert file_contents(lora_run) == before
 
 
 def test_an_out_below_a_file_and_a_bad_shard_size_are_one_line_errors(tmp_path, lora_run):
