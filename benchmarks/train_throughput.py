@@ -158,7 +158,8 @@ def run_ours(spec: dict, out: Path) -> dict:
     })  # fmt: skip
     result = train(recipe, console=Console(stderr=True))
     model = _load_final(out / "run" / "final", spec)
-    return {"seconds": result.seconds, "real_tokens": result.tokens, "slots": result.slots, "model": model, "steps": result.steps}
+    return {"seconds": result.seconds, "real_tokens": result.tokens, "slots": result.slots, "model": model, "steps": result.steps,
+            "attention": "gptj-tune SDPA (per packed example on a CPU, variable-length on a GPU)"}  # fmt: skip
 
 
 def _load_final(final: Path, spec: dict):
@@ -204,7 +205,9 @@ def _base_model(spec: dict, full_precision: bool):
     from transformers import AutoModelForCausalLM
 
     dtype = torch.float32 if full_precision or spec["device"] == "cpu" else torch.bfloat16
-    return AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype, attn_implementation="eager")
+    # transformers' default attention, as a TRL or Trainer user gets it: for GPT-J eager before
+    # transformers 5.24 (its only other one was FlashAttention-2), its own SDPA from 5.24 on
+    return AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype)
 
 
 def _lora_config():
@@ -234,7 +237,7 @@ def run_trl(spec: dict, out: Path, best: bool) -> dict:
     trainer.data_collator = counting = CountingCollator(trainer.data_collator)
     metrics = trainer.train().metrics
     return {"seconds": metrics["train_runtime"], "real_tokens": counting.real, "slots": counting.slots,
-            "model": trainer.model, "steps": trainer.state.global_step}  # fmt: skip
+            "model": trainer.model, "steps": trainer.state.global_step, "attention": model.config._attn_implementation}  # fmt: skip
 
 
 def run_hf_trainer(spec: dict, out: Path) -> dict:
@@ -254,7 +257,7 @@ def run_hf_trainer(spec: dict, out: Path) -> dict:
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=counting)
     metrics = trainer.train().metrics
     return {"seconds": metrics["train_runtime"], "real_tokens": counting.real, "slots": counting.slots,
-            "model": trainer.model, "steps": trainer.state.global_step}  # fmt: skip
+            "model": trainer.model, "steps": trainer.state.global_step, "attention": model.config._attn_implementation}  # fmt: skip
 
 
 def worker(engine: str, spec: dict, result_path: Path) -> None:
@@ -387,6 +390,19 @@ def results_plot(title: str, rows: dict[str, dict], path: Path, gpu: bool) -> bo
     return True
 
 
+def _versions() -> dict[str, str]:
+    """The libraries every engine's speed depends on (transformers 5.24 gave GPT-J its own SDPA, for one)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "transformers", "peft", "accelerate", "trl"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -503,8 +519,12 @@ def main() -> None:
              f"{', gptj-tune in bf16 autocast' if args.mixed_precision == 'bf16' else ''}")  # fmt: skip
     console.print(results_table(title, rows, gpu=args.device == "cuda"))
     console.print(f"model FLOPs: {formula}" + (" (MFU: over the GPU's dense bf16 peak)" if args.device == "cuda" else ""))
+    console.print("attention: " + "; ".join(f"{e} {r['attention']}" for e, r in rows.items()))
+    versions = _versions()
+    console.print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     report = {
-        "settings": {k: v for k, v in spec.items() if k not in ("model",)} | {"repeats": args.repeats, "torch_threads": args.threads},
+        "settings": {k: v for k, v in spec.items() if k not in ("model",)}
+        | {"repeats": args.repeats, "torch_threads": args.threads, "versions": versions},
         "engines": rows,
     }
     from gptj_tune.rundir import atomic_write_text

@@ -1,10 +1,12 @@
 """GPT-J's attention through torch's fused kernels, packing boundaries honoured: SDPA with the
 block-causal mask, per packed example on a CPU, one variable-length FlashAttention call on a GPU.
 
-transformers' GPT-J has only eager attention (Q and K upcast to fp32, the full attention matrix
-materialised and kept for backward) and FlashAttention-2 (which ignores packing boundaries). Ours
-keeps GPT-J's projections and rotary embedding and hands the product to
-`torch.nn.functional.scaled_dot_product_attention` with the same mask. The attention modules change
+transformers' GPT-J had only eager attention (Q and K upcast to fp32, the full attention matrix
+materialised and kept for backward) and FlashAttention-2 (which ignores packing boundaries) until
+5.24, which added SDPA over whole rows. Ours keeps GPT-J's projections and rotary embedding and
+hands the product to `torch.nn.functional.scaled_dot_product_attention` with the same mask: through
+the `_attn` method GPT-J had before 5.24, and from 5.24 as the attention function the switched
+modules' view of the config names (`_OurAttentionConfig`). The attention modules change
 class, not weights (`fast.switch_class`): state-dict keys, saved configs and exported models are
 exactly what stock transformers writes and reads (`eager`). A training step runs it within each
 packed example (`mark_segments`), so the masked pairs are never computed. Tested equal to eager
@@ -20,6 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fast import switch_class
+
+
+ATTENTION_NAME = "gptj_tune"  # our attention function's name in transformers' AttentionInterface
 
 
 @functools.cache
@@ -40,32 +45,70 @@ def _sdpa_class():
                 self._segments = None
 
         def _attn(self, query, key, value, attention_mask=None):
-            q_len, k_len = query.shape[-2], key.shape[-2]
-            segments = getattr(self, "_segments", None)
-            dropout_p = self.attn_dropout.p if self.training else 0.0
-            if segments is not None and q_len == k_len == segments.length and query.shape[0] == len(segments.rows):
-                value = value.to(query.dtype)
-                kernel = varlen_kernel(query.device, getattr(self, "varlen", "torch"))
-                if kernel is not None and kernel.takes(query, dropout_p):
-                    return _varlen_attention(query, key, value, segments, kernel, dropout_p), None
-                if query.device.type == "cpu":
-                    return _segmented_attention(query, key, value, segments, dropout_p), None
-                # no variable-length kernel for this device, dtype or dropout: the mask below
-            if attention_mask is not None and attention_mask.dtype not in (torch.bool, query.dtype):
-                attention_mask = attention_mask.to(query.dtype)  # eager's additive fp32 mask
-            is_causal = False
-            if attention_mask is None and q_len > 1:
-                if q_len == k_len:
-                    is_causal = True
-                else:  # new tokens after a cache: each sees the whole past and the new tokens before it
-                    attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
-            out = F.scaled_dot_product_attention(
-                query, key, value.to(query.dtype), attn_mask=attention_mask,
-                dropout_p=dropout_p, is_causal=is_causal,
-            )  # fmt: skip
-            return out, None
+            # transformers < 5.24: GPT-J's forward calls this after its projections and rotary embedding
+            return _attend(self, query, key, value, attention_mask, self.attn_dropout.p if self.training else 0.0), None
 
     return GPTJSdpaAttention
+
+
+def _interface_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers >= 5.24: GPT-J's forward calls the config's attention function (see
+    `_OurAttentionConfig`) with (batch, heads, L, head_dim) tensors and takes (batch, L, heads,
+    head_dim) back."""
+    return _attend(module, query, key, value, attention_mask, dropout, scaling).transpose(1, 2), None
+
+
+def _attend(module, query, key, value, attention_mask, dropout_p: float, scale: float | None = None) -> torch.Tensor:
+    """Attention of (batch, heads, L, head_dim) tensors, in that shape: per packed example where the
+    batch's segments are marked, else one SDPA call under the mask."""
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    segments = getattr(module, "_segments", None)
+    if segments is not None and q_len == k_len == segments.length and query.shape[0] == len(segments.rows):
+        value = value.to(query.dtype)
+        kernel = varlen_kernel(query.device, getattr(module, "varlen", "torch"))
+        if kernel is not None and kernel.takes(query, dropout_p):
+            return _varlen_attention(query, key, value, segments, kernel, dropout_p)
+        if query.device.type == "cpu":
+            return _segmented_attention(query, key, value, segments, dropout_p)
+        # no variable-length kernel for this device, dtype or dropout: the mask below
+    if attention_mask is not None and attention_mask.dtype not in (torch.bool, query.dtype):
+        attention_mask = attention_mask.to(query.dtype)  # eager's additive fp32 mask
+    is_causal = False
+    if attention_mask is None and q_len > 1:
+        if q_len == k_len:
+            is_causal = True
+        else:  # new tokens after a cache: each sees the whole past and the new tokens before it
+            attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+    return F.scaled_dot_product_attention(
+        query, key, value.to(query.dtype), attn_mask=attention_mask,
+        dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+    )  # fmt: skip
+
+
+class _OurAttentionConfig:
+    """The model's config as our GPT-J attention modules see it (transformers >= 5.24, where GPT-J's
+    attention calls the function its config's `_attn_implementation` names): every attribute read
+    through to the model's own config, except that one, which names ours. The model's config keeps
+    `eager`, so what `save_pretrained` writes is stock."""
+
+    _attn_implementation = ATTENTION_NAME
+
+    def __init__(self, config):
+        object.__setattr__(self, "_config", config)
+
+    def __getattr__(self, name):
+        if name == "_config":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self._config, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._config, name, value)
+
+
+def _new_gptj_api() -> bool:
+    from transformers.models.gptj.modeling_gptj import GPTJAttention
+
+    return not hasattr(GPTJAttention, "_attn")
 
 
 def segment_starts(position_ids: torch.Tensor) -> torch.Tensor:
@@ -219,7 +262,7 @@ def _varlen_attention(query, key, value, segments: Segments, kernel: VarlenKerne
     b, h, length, d = query.shape
     q, k, v = (t.transpose(1, 2).reshape(b * length, h, d) for t in (query, key, value))
     out = kernel(q, k, v, segments.cu_seqlens(query.device), segments.longest, dropout_p)
-    return out.view(b, length, h, d).transpose(1, 2)  # GPT-J's _merge_heads permutes it back, no copy
+    return out.view(b, length, h, d).transpose(1, 2)  # back to (batch, heads, L, head_dim): a view, no copy
 
 
 def _segmented_attention(query, key, value, segments: Segments, dropout_p: float) -> torch.Tensor:
@@ -242,9 +285,15 @@ def use_sdpa_attention(model: nn.Module, varlen: str = "torch") -> int:
     from transformers.models.gptj.modeling_gptj import GPTJAttention
 
     switched = switch_class(model, GPTJAttention, _sdpa_class())
+    if switched and _new_gptj_api():
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(ATTENTION_NAME, _interface_attention)
     for module in model.modules():
         if type(module) is _sdpa_class():
             module.varlen = varlen
+            if _new_gptj_api() and not isinstance(module.config, _OurAttentionConfig):
+                module.config = _OurAttentionConfig(module.config)
     return switched
 
 

@@ -219,7 +219,10 @@ def test_varlen_kernel_path_equals_the_masked_row(tiny_gptj, monkeypatch):
     model, _ = load_tiny(tiny_gptj, "auto")
     model.train()
     for block in model.transformer.h:
-        block.attn.attn_dropout.p = 0.5
+        if hasattr(block.attn, "attn_dropout"):  # transformers < 5.24
+            block.attn.attn_dropout.p = 0.5
+        else:
+            block.attn.attention_dropout = 0.5
     calls = len(kernel.calls)
     torch.manual_seed(0)
     with_dropout = batch_loss(model, batch, LossPath(segmented=True))
@@ -284,15 +287,21 @@ def test_sdpa_generation_with_left_padding_and_cache_matches_eager(tiny_gptj):
     assert (scores_a - scores_b).abs().max() < 1e-5
 
 
-def test_a_model_trained_with_sdpa_saves_a_stock_eager_config(tiny_gptj, tmp_path):
+def test_a_model_trained_with_our_attention_saves_a_stock_config(tiny_gptj, tmp_path):
+    """Our attention is a switch at load time, never part of what is saved: stock transformers loads
+    the folder with its own attention (`eager`, or its own `sdpa` from 5.24 on) and the same logits."""
     from transformers import AutoModelForCausalLM
+    from transformers.models.gptj.modeling_gptj import GPTJAttention
 
-    sdpa, _ = load_tiny(tiny_gptj, "sdpa")
-    sdpa.save_pretrained(tmp_path / "saved")
+    ours, _ = load_tiny(tiny_gptj, "sdpa")
+    assert ours.config._attn_implementation == "eager"
+    ours.save_pretrained(tmp_path / "saved")
+    assert "gptj_tune" not in (tmp_path / "saved" / "config.json").read_text()
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
-    assert stock.config._attn_implementation == "eager"
+    assert {type(block.attn) for block in stock.transformer.h} == {GPTJAttention}
+    assert stock.config._attn_implementation in ("eager", "sdpa")
     ids = torch.tensor([[5, 6, 7, 8, 9]])
-    assert (stock(input_ids=ids).logits - sdpa(input_ids=ids).logits).abs().max() < 1e-5
+    assert (stock(input_ids=ids).logits - ours(input_ids=ids).logits).abs().max() < 1e-5
 
 
 def test_sdpa_on_a_model_without_it_is_a_clear_error_and_auto_falls_back(tmp_path):

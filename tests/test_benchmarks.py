@@ -44,6 +44,16 @@ def test_train_throughput_harness_runs_every_engine_on_the_same_tokens(tmp_path,
     assert "model FLOPs: 4*N_blocks + 4*N_head*" in result.stdout.replace("\n", "")
     assert engines["trl-best"]["padding_efficiency"] == 1.0  # padding-free packing
     assert engines["hf-trainer"]["padding_efficiency"] < 0.95  # per-batch padding
+    # The baselines run transformers' default attention for GPT-J (its own SDPA from 5.24 on, eager
+    # before), as their users get it; the JSON says which, and the library versions behind the figures.
+    import transformers
+    from transformers.models.gptj.modeling_gptj import GPTJPreTrainedModel
+
+    default = "sdpa" if getattr(GPTJPreTrainedModel, "_supports_sdpa", False) else "eager"
+    assert {engines[e]["attention"] for e in ("trl-default", "trl-best", "hf-trainer")} == {default}
+    assert engines["gptj-tune"]["attention"].startswith("gptj-tune SDPA")
+    assert report["settings"]["versions"]["transformers"] == transformers.__version__
+    assert f"trl-default {default}" in result.stdout.replace("\n", " ")
     # The plot beside the JSON: a real PNG, three panels side by side, and no temporary file left.
     from matplotlib.image import imread
 
