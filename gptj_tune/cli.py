@@ -21,6 +21,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.syntax import Syntax
 from rich.table import Table
 
@@ -43,7 +44,8 @@ def _friendly(fn):
         try:
             return fn(*args, **kwargs)
         except GptjTuneError as e:
-            text = f"[yellow]{e}[/]" if isinstance(e, Stopped) else f"[bold red]error:[/] {e}"  # a stop says "stopped ..."
+            message = escape(str(e))  # verbatim: paths, values and hints like ".[eval]" are not rich markup
+            text = f"[yellow]{message}[/]" if isinstance(e, Stopped) else f"[bold red]error:[/] {message}"  # a stop says "stopped ..."
             err_console.print(text, highlight=False, markup=True, soft_wrap=True)
             report_worker_error(str(e), e.exit_code)
             raise typer.Exit(e.exit_code)
@@ -185,7 +187,7 @@ def eval_(
         if key in ("loss", "perplexity", "exact_match", "rouge_l") and value is not None:
             table.add_row("held-out", key, format_number(value, 4))
     console.print(table)
-    console.print(f"Report: {folder / 'report.md'}")
+    console.print(f"Report: {folder / 'report.md'}", markup=False)
 
 
 @app.command()
@@ -217,7 +219,7 @@ def export(
     if result.max_abs_diff is not None:
         console.print(f"verified: reloaded in a fresh process, max |logit diff| {result.max_abs_diff:.3g} "
                       f"(tolerance {result.tolerance:.3g} for {result.dtype})")  # fmt: skip
-    console.print(f"Exported to {result.out}")
+    console.print(f"Exported to {result.out}", markup=False)
 
 
 @app.command()
@@ -250,7 +252,7 @@ def generate(
             raise GptjTuneError(f"--file {file}: not found")
         for line in path.read_text().splitlines():
             if line.strip():
-                console.print(f"[bold]> {line}[/]")
+                console.print(f"[bold]> {escape(line)}[/]")
                 generator.stream(line, console)
     else:
         while True:
@@ -341,7 +343,7 @@ def recipes_copy(
     if dest.exists() and not force:
         raise GptjTuneError(f"{dest} already exists; pass --force to overwrite it")
     atomic_write(dest, lambda tmp: shutil.copyfile(source, tmp))
-    console.print(f"Copied {name} to {dest}. Run it with: gptj-tune run {dest}")
+    console.print(f"Copied {name} to {dest}. Run it with: gptj-tune run {dest}", markup=False)
 
 
 @recipes_app.command("reference", hidden=True)

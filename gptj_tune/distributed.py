@@ -20,6 +20,8 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+from rich.markup import escape
+
 # torch is imported inside the functions that run in workers: `gptj-tune run` on a multi-process
 # recipe only starts the launcher, and starts it ~1 s sooner without importing torch first.
 from .errors import RecipeError
@@ -104,7 +106,7 @@ def _outcome(code: int | None, errors: Path, log, signalled: bool, console) -> i
         return 0
     if first:
         what = "[yellow]stopped[/]" if stopped else "[red]error[/]"
-        console.print(f"{what} (rank {first['rank']}): {first['message']}", soft_wrap=True)
+        console.print(f"{what} (rank {first['rank']}): {escape(first['message'])}", soft_wrap=True)  # verbatim, not markup
         if kept:
             console.print(f"[dim]launcher log: {log.name}[/]")
         return int(first["exit_code"])

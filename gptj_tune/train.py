@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.markup import escape
 
 from .checkpoints import load_checkpoint, save_checkpoint
 from .data import PreparedData, prepare_data
@@ -297,7 +298,7 @@ def _print_setup(console, recipe: Recipe, model, data: PreparedData, world: int)
     s = data.train_stats
     layout = f" ({recipe.distributed.backend}, {world} processes)" if world > 1 else ""
     console.print(
-        f"[bold]{recipe.method.kind}[/] on {recipe.model.name_or_path}{layout}: {trainable:,} trainable of {total:,} parameters"
+        f"[bold]{recipe.method.kind}[/] on {escape(str(recipe.model.name_or_path))}{layout}: {trainable:,} trainable of {total:,} parameters"
     )
     console.print(
         f"data: {s.examples:,} train examples ({s.target_tokens:,} target tokens) in {len(data.train_rows):,} rows"

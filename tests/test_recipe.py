@@ -170,6 +170,16 @@ def test_a_folder_or_a_binary_file_given_as_the_recipe_is_a_one_line_error(tmp_p
     assert "Traceback" not in folder.stderr + binary.stderr
 
 
+def test_messages_print_paths_and_hints_verbatim_not_as_rich_markup(tmp_path):
+    # rich reads "[draft]" or ".[eval]" as a style tag and drops it; every message is escaped
+    missing = cli("run", str(tmp_path / "[draft]-v2.yaml"))
+    assert missing.returncode == 2 and f"file not found: {tmp_path}/[draft]-v2.yaml;" in missing.stderr
+    folder = tmp_path / "[v2]"
+    folder.mkdir()
+    copied = cli("recipes", "copy", "quickstart", str(folder))
+    assert copied.returncode == 0 and f"gptj-tune run {folder}/quickstart.yaml" in copied.stdout.replace("\n", "")
+
+
 def test_readme_reference_is_generated_from_the_schema():
     readme = (REPO / "README.md").read_text()
     start, end = "<!-- recipe-reference:start -->\n", "<!-- recipe-reference:end -->"
