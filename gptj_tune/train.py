@@ -86,8 +86,10 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     from accelerate.utils import set_seed
     from rich.console import Console
 
-    from .distributed import make_accelerator
+    from .distributed import in_worker, make_accelerator, prepare_deepspeed_builds
 
+    if recipe.distributed.backend == "deepspeed" and not in_worker():  # one process, no launcher of ours
+        prepare_deepspeed_builds(console or Console())
     accelerator = make_accelerator(recipe)
     if accelerator.device.type == "cpu" and recipe.train.keep_freed_memory:
         keep_freed_memory()  # no page faults for the tensors each step frees and allocates again

@@ -261,6 +261,69 @@ def test_the_launching_process_does_not_import_torch(tmp_path):
     assert out.stdout.strip() == "[]"
 
 
+def test_only_build_locks_no_process_holds_are_stale(tmp_path):
+    """torch's extension builder waits forever on a `lock` file; its holder keeps the file open. A
+    lock nobody has open (its build was killed) is stale; one a live process holds is not."""
+    from gptj_tune.distributed import stale_build_locks
+
+    stale = [tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "py311_cpu" / "cpu_adam" / "lock"]
+    held = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    for lock in [*stale, held]:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        lock.touch()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import os,sys,time; fd = os.open({str(held)!r}, os.O_RDONLY); print(1, flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "1"
+        assert sorted(stale_build_locks(tmp_path)) == sorted(stale)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(stale_build_locks(tmp_path)) == sorted([*stale, held])  # its holder is gone
+    assert stale_build_locks(tmp_path / "nothing-built-yet") == []
+
+
+def test_deepspeed_launch_clears_stale_locks_and_announces_the_first_build(tmp_path, monkeypatch):
+    from rich.console import Console
+
+    from gptj_tune.distributed import prepare_deepspeed_builds
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    console = Console(record=True, width=300)
+    prepare_deepspeed_builds(console)
+    said = console.export_text()
+    assert not lock.exists() and f"removed a lock left by an interrupted extension build, which DeepSpeed would have waited on forever: {lock}" in said
+    assert "compiles its CPU all-reduce op on first use" in said  # nothing built under this root yet
+    (lock.parent / "deepspeed_shm_comm.so").touch()
+    console = Console(record=True, width=300)
+    prepare_deepspeed_builds(console)
+    assert console.export_text() == ""  # built, no lock: nothing to say
+
+
+def test_a_lock_left_by_a_killed_deepspeed_build_does_not_hang_the_next_run(tmp_path):
+    """A DeepSpeed build killed with its lock taken (a timeout, SIGKILL) left every later DeepSpeed
+    run on the machine waiting at start, silently and forever (torch's builder waits on the file;
+    CI lost an hour to it). The launch removes such a lock first, and says so."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
+    lock.touch()  # as a killed build leaves it: nobody holds it
+    try:
+        recipe = recipe_file(tmp_path, steps=2)
+        result = cli("run", str(recipe), *run_args(tmp_path / "run", "deepspeed", 2), timeout=300)
+    finally:
+        lock.unlink(missing_ok=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "removed a lock left by an interrupted extension build" in result.stdout
+    assert str(lock) in result.stdout.replace("\n", "")
+    assert (tmp_path / "run" / "final").is_dir()
+
+
 # ------------------------------------------------------------------------------- recipe checks
 
 
