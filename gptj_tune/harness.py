@@ -242,8 +242,12 @@ def _evaluate(model, model_args, files: TaskFiles, limit, batch_size) -> dict:
     try:
         from lm_eval import evaluator
         from lm_eval.tasks import TaskManager
-    except ImportError:
-        raise GptjTuneError('benchmarks need lm-eval: pip install -e ".[eval]"') from None
+    except ModuleNotFoundError as e:
+        if e.name != "lm_eval":
+            raise GptjTuneError(f"lm-eval is installed but does not import: {e}") from None
+        raise GptjTuneError('benchmarks need lm-eval, in the "eval" extra: pip install "gptj-tune[eval]" (pip install -e ".[eval]" in a checkout)') from None
+    except ImportError as e:  # installed, but broken against another package (a pyarrow built for another NumPy, say)
+        raise GptjTuneError(f"lm-eval is installed but does not import: {e}") from None
     # lm-eval records the git commit of the current directory (`git describe` in a subprocess, which
     # prints "fatal: not a git repository" outside one); the reports do not use it.
     no_git = (

@@ -252,3 +252,25 @@ def test_benchmark_figures_read_as_percentages_and_perplexities_stay_short():
     assert format_metric("perplexity", (4.315e21, 5.389e23)) == "4.315e+21 ± 5.389e+23"
     assert format_metric("acc", None) == "-"
     assert format_number(0.17823, 4) == "0.1782" and format_number(2.5e6) == "2.500e+06"
+
+
+def test_a_missing_or_broken_lm_eval_is_a_one_line_error_that_says_which(monkeypatch):
+    import builtins
+
+    from gptj_tune.errors import GptjTuneError
+    from gptj_tune.harness import _evaluate
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # not installed
+    with pytest.raises(GptjTuneError, match=r'benchmarks need lm-eval, in the "eval" extra: pip install "gptj-tune\[eval\]"'):
+        _evaluate(None, None, None, None, None)
+    monkeypatch.delitem(sys.modules, "lm_eval")
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kwargs):  # installed, but a dependency was built for another NumPy
+        if name.startswith("lm_eval"):
+            raise ImportError("pyarrow requires NumPy 2.0 or newer, found 1.26.0")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    with pytest.raises(GptjTuneError, match="lm-eval is installed but does not import: pyarrow requires NumPy 2.0"):
+        _evaluate(None, None, None, None, None)
