@@ -322,7 +322,11 @@ class _Loop:
         self.benchmarks = benchmarks
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.train_batches, self.eval_batches = train_batches, eval_batches
-        self.stop_requested, self.signalled_at = False, None
+        # stop_requested: this process was signalled (set by the handler, at any moment).
+        # stopping: every process agreed, in the step's collective, to stop after this step. Only
+        # the agreed flag decides the stop checkpoint: ZeRO-3 and FSDP save collectively, and one
+        # process saving while another steps on is a deadlock.
+        self.stop_requested, self.stopping, self.signalled_at = False, False, None
         self.loss_path = loss_path
         self.fused_clip = step_takes_the_clip(optimizer, accelerator)
 
@@ -340,7 +344,7 @@ class _Loop:
                 raise KeyboardInterrupt
             return
         self.signalled_at = time.monotonic()
-        if self.stop_requested:
+        if self.stop_requested or self.stopping:
             return
         self.stop_requested = True
         self.console.print("[yellow]Stopping: a checkpoint is saved after this step (Ctrl-C again to abort).[/]")
@@ -427,8 +431,9 @@ class _Loop:
         self.optimizer.zero_grad(set_to_none=True)
         state["micro_batch"] = first + len(micro)
         # One collective for the step's numbers, and for agreeing to stop after the same step.
+        # A signal landing after this collective is this process's request for the next step's.
         total, real, slots, stop = all_sum([total, real, slots, float(self.stop_requested)], acc)
-        self.stop_requested = stop > 0
+        self.stopping = stop > 0
         return total / max(targets, 1), int(real), int(slots), grad_norm
 
     def _stop_on_nan(self, state: dict, value: float) -> None:
@@ -450,11 +455,11 @@ class _Loop:
         if self.benchmarks is not None and every and (step % every == 0 or step == total_steps):
             self.benchmarks(self.model, step, self.log)
         periodic = recipe.train.save_every and step % recipe.train.save_every == 0
-        if periodic or step == total_steps or self.stop_requested:
+        if periodic or step == total_steps or self.stopping:
             path = save_checkpoint(
                 recipe, self.rundir, step, self.accelerator, self.model, self.optimizer, self.scheduler, dict(state)
             )
-            if self.stop_requested:
+            if self.stopping:
                 raise Interrupted(
                     f"stopped at step {step}/{total_steps}; checkpoint saved to {path}. "
                     f"Continue with: gptj-tune run RECIPE --resume"

@@ -161,10 +161,33 @@ def test_a_signal_passed_on_twice_by_a_launcher_stops_once_and_a_later_one_abort
 
     # Stopped by another process's signal (through the step's collective), then its own arrives late.
     other = train._Loop(recipe, None, None, None, None, None, None, None, None, Console(quiet=True))
-    other.stop_requested = True
+    other.stopping = True
     clock[0] += 10.0
     other._on_signal(signal.SIGINT, None)
-    assert other.stop_requested
+    assert other.stopping and not other.stop_requested
+
+
+def test_a_signal_after_the_steps_collective_stops_after_the_next_step(tmp_path, monkeypatch):
+    """The stop checkpoint is the one every process agreed on in a step's collective. A signal that
+    lands after that collective (here: during the step's eval, on the one process) is a request
+    for the next step's: with ZeRO-3 or FSDP a process saving on its own, while the others step on,
+    hung CI's interrupted ZeRO-3 LoRA run."""
+    import os
+
+    from gptj_tune import train
+
+    real_evaluate = train.evaluate_loss
+
+    def evaluate_then_signalled(*args, **kwargs):
+        loss = real_evaluate(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs here: after the collective, before the save
+        return loss
+
+    monkeypatch.setattr(train, "evaluate_loss", evaluate_then_signalled)
+    recipe = small_recipe(tmp_path, steps=20, save_every=100)
+    result = cli("run", str(recipe), "--set", "eval.every_steps=4")
+    assert result.returncode == 130, result.stdout[-2000:] + result.stderr[-2000:]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-5"]
 
 
 def test_resume_from_a_named_checkpoint_full_finetune(tmp_path):
