@@ -229,16 +229,29 @@ def run_benchmarks_in_memory(model, tokenizer, files: TaskFiles, limit: int | No
     """The same, on a model being trained (plain or peft), on this process alone."""
     from lm_eval.models.huggingface import HFLM
 
+    class QuietHFLM(HFLM):
+        """lm-eval's progress bars off: they would print into the run's progress display, which
+        says what is happening (`step N: benchmarks ...`)."""
+
+        def loglikelihood(self, requests, disable_tqdm=False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm=False):
+            return super().generate_until(requests, disable_tqdm=True)
+
     was_training = model.training
     model.eval()
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
-        return _evaluate(lm, None, files, limit, batch_size)
+        lm = QuietHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+        return _evaluate(lm, None, files, limit, batch_size, quiet=True)
     finally:
         model.train(was_training)
 
 
-def _evaluate(model, model_args, files: TaskFiles, limit, batch_size) -> dict:
+def _evaluate(model, model_args, files: TaskFiles, limit, batch_size, quiet: bool = False) -> dict:
     try:
         from lm_eval import evaluator
         from lm_eval.tasks import TaskManager
@@ -255,8 +268,16 @@ def _evaluate(model, model_args, files: TaskFiles, limit, batch_size) -> dict:
         if hasattr(evaluator, "get_git_commit_hash")
         else contextlib.nullcontext()
     )
+    # Its per-document bar while it builds the requests, off with the model's own where quiet.
+    from lm_eval.api import task as task_module
+
+    no_bars = (
+        mock.patch.object(task_module, "tqdm", lambda items, *a, **k: items)
+        if quiet and hasattr(task_module, "tqdm")
+        else contextlib.nullcontext()
+    )
     try:
-        with no_git:
+        with no_git, no_bars:
             results = evaluator.simple_evaluate(
                 model=model,
                 model_args=model_args,

@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.markup import escape
+
 from .errors import GptjTuneError
 from .evaluate import Target, exact_match, resolve_target, rouge_l
 from .harness import PUBLISHED_GPTJ_6B, check_tasks, find_data_dir, prepare_tasks, run_benchmarks
@@ -61,8 +63,9 @@ def run_eval(request: EvalRequest, console) -> Path:
         if request.benchmarks and tasks:
             data_dir = find_data_dir(request.data_dir, recipe.eval.data_dir if recipe else None)
             files = prepare_tasks(tasks, data_dir, tmp / "tasks")
-            with console.status(f"benchmarks {', '.join(tasks)} on {target.label}"):
-                bench = run_benchmarks(target.model_args, files, limit, request.batch_size, device)
+            # A line, not a spinner: lm-eval draws its own progress bars (on stderr) under it.
+            console.print(f"benchmarks {', '.join(tasks)} on {escape(target.label)} (lm-eval):", highlight=False)
+            bench = run_benchmarks(target.model_args, files, limit, request.batch_size, device)
             report["benchmarks"] = bench["tasks"]
             report["harness"] = {"lm_eval_version": bench["lm_eval_version"], "tasks": tasks, "limit": limit,
                                  "data_dir": str(data_dir), "task_files": str(out / "tasks"),
@@ -73,8 +76,8 @@ def run_eval(request: EvalRequest, console) -> Path:
         if comparison is not None:
             report["comparison"] = {"target": _describe(comparison), "benchmarks": {}, "held_out": None}
             if report["benchmarks"]:
-                with console.status(f"benchmarks on {comparison.label}"):
-                    report["comparison"]["benchmarks"] = run_benchmarks(comparison.model_args, files, limit, request.batch_size, device)["tasks"]
+                console.print(f"benchmarks {', '.join(tasks)} on {escape(comparison.label)} (lm-eval):", highlight=False)
+                report["comparison"]["benchmarks"] = run_benchmarks(comparison.model_args, files, limit, request.batch_size, device)["tasks"]
             if recipe is not None:
                 with console.status(f"held-out loss on {comparison.label}"):
                     report["comparison"]["held_out"] = held_out_metrics(comparison, recipe, device, generate=False)

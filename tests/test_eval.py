@@ -38,6 +38,8 @@ def test_every_task_runs_on_local_files_and_the_report_is_complete(lora_run, sha
     result = cli("eval", str(lora_run), "--tasks", ALL, "--limit", "6", "--data-dir", str(shared_data / "benchmarks"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "not a git repository" not in capfd.readouterr().err + result.stderr
+    # Each benchmark pass is announced on a line of its own (lm-eval draws its bars below it).
+    assert result.stdout.count(f"benchmarks {ALL.replace(',', ', ')} on ") == 2, result.stdout[-2000:]
     report = _report(lora_run / "eval")
     assert list(report["benchmarks"]) == ALL.split(",")
     assert set(report["benchmarks"]["lambada_openai"]) == {"perplexity", "acc"}
@@ -198,12 +200,16 @@ def test_a_target_that_is_neither_a_folder_nor_a_model_name_is_named_first(tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
-def test_benchmarks_during_training_match_the_final_evaluation(tmp_path, shared_data):
+def test_benchmarks_during_training_match_the_final_evaluation(tmp_path, shared_data, capfd):
     data = str(shared_data / "benchmarks")
     recipe = small_recipe(tmp_path, steps=10, save_every=10)
     result = cli("run", str(recipe), "--set", "eval.benchmark_every=5", "--set", f"eval.data_dir={data}",
                  "--set", "eval.limit=6", "--set", "eval.tasks=[piqa,winogrande]")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    # lm-eval's own progress bars stay out of the run's progress display; its result line is there.
+    printed = result.stdout + result.stderr + "".join(capfd.readouterr())
+    assert "it/s]" not in printed and "%|" not in printed, printed[-2000:]
+    assert "step 5: piqa acc" in printed
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     during = [x for x in lines if "benchmarks" in x]
     assert [x["step"] for x in during] == [5, 10] and set(during[0]["benchmarks"]) == {"piqa", "winogrande"}
