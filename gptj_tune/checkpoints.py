@@ -12,6 +12,7 @@ import torch
 
 from .distributed import load_engine_state, save_engine_state
 from .errors import RunDirError
+from .methods import SoftPromptModel
 from .recipe import Recipe
 from .rundir import RunDir
 
@@ -72,6 +73,9 @@ def _load_weights(folder: Path, model) -> None:
     from safetensors.torch import load_file
 
     weights = folder / "model"
+    if isinstance(model, SoftPromptModel):
+        model.load_saved(weights)
+        return
     if (weights / "adapter_model.safetensors").exists():
         import peft
 

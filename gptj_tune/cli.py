@@ -197,7 +197,7 @@ def export(
     out: str = typer.Option(..., "--out", help="Folder to write (refused if it exists, unless --force)."),
     checkpoint: str = typer.Option("final", "--checkpoint", help="final, latest, or step-N."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float16, bfloat16 or float32 (default: the training dtype)."),
-    adapter_only: bool = typer.Option(False, "--adapter-only", help="LoRA: save the peft adapter instead of merging."),
+    adapter_only: bool = typer.Option(False, "--adapter-only", help="LoRA: save the peft adapter instead of merging (a soft prompt always is)."),
     max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Largest safetensors shard, e.g. 2GB."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip reloading the export and comparing logits."),
@@ -216,9 +216,12 @@ def export(
         except ValueError as e:
             raise GptjTuneError(str(e)) from None
     result = export_run(run_dir, out, checkpoint, dtype, adapter_only, max_shard_size, force, not no_verify)
+    if result.adapter_only and not adapter_only:
+        console.print("a soft prompt is not a change of weights, so nothing is merged: the export is the peft "
+                      "prompt-tuning adapter (PeftModel.from_pretrained on the base model, or gptj-tune generate)")  # fmt: skip
     if result.max_abs_diff is not None:
         console.print(f"verified: reloaded in a fresh process, max |logit diff| {result.max_abs_diff:.3g} "
-                      f"(tolerance {result.tolerance:.3g} for {result.dtype})")  # fmt: skip
+                      f"(tolerance {result.tolerance:.3g} for {'float32' if result.adapter_only else result.dtype})")  # fmt: skip
     console.print(f"Exported to {result.out}", markup=False)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import GptjTuneError, RunDirError
+from .methods import SoftPromptModel, is_prompt_tuning_folder
 from .recipe import Recipe, load_recipe
 from .rundir import RunDir, atomic_dir, guard_output, run_inputs
 
@@ -34,6 +35,7 @@ class ExportResult:
     dtype: str
     max_abs_diff: float | None
     tolerance: float | None
+    adapter_only: bool = False  # a peft adapter was written (--adapter-only, or a soft prompt)
 
 
 def export_run(run_dir: str, out: str, checkpoint: str = "final", dtype: str | None = None, adapter_only: bool = False,
@@ -55,8 +57,12 @@ def export_run(run_dir: str, out: str, checkpoint: str = "final", dtype: str | N
     with atomic_dir(target) as tmp:
         model, tokenizer = _trained_model(recipe, run, source, base)
         adapter = hasattr(model, "peft_config")  # what the folder holds, whatever the recipe says
+        # A soft prompt is no weight change to merge: it is exported as the peft adapter it is saved as.
+        adapter_only = adapter_only or isinstance(model, SoftPromptModel)
         reference = _logits(model, tokenizer) if verify else None
-        if adapter_only:
+        if isinstance(model, SoftPromptModel):
+            model.save_pretrained(tmp)
+        elif adapter_only:
             if not adapter:
                 raise GptjTuneError(f"--adapter-only applies to LoRA runs; {source} holds every weight" if lora else
                                     "--adapter-only applies to LoRA runs; this run trained every weight")  # fmt: skip
@@ -72,7 +78,7 @@ def export_run(run_dir: str, out: str, checkpoint: str = "final", dtype: str | N
         diff = tol = None
         if verify:
             diff, tol = _verify(tmp, reference, dtype, adapter_only, base)
-    return ExportResult(target, dtype, diff, tol)
+    return ExportResult(target, dtype, diff, tol, adapter_only)
 
 
 def _training_dtype(recipe: Recipe) -> str:
@@ -81,7 +87,7 @@ def _training_dtype(recipe: Recipe) -> str:
 
 def _trained_model(recipe: Recipe, run: RunDir, source: Path, base: str):
     """The model as trained, on CPU in its training dtype (one copy of the model): PeftModel for LoRA,
-    the full model otherwise. Sharded checkpoints (ZeRO, FSDP) are read and consolidated here,
+    SoftPromptModel for prompt tuning, the full model otherwise. Sharded checkpoints (ZeRO, FSDP) are read and consolidated here,
     without starting a distributed job."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -89,6 +95,8 @@ def _trained_model(recipe: Recipe, run: RunDir, source: Path, base: str):
     tokenizer = AutoTokenizer.from_pretrained(run.final if (run.final / "tokenizer_config.json").exists() else base)
     lora = recipe.method.kind == "lora"
     folder = source / "model" if (source / "model").is_dir() else source
+    if is_prompt_tuning_folder(folder):
+        return SoftPromptModel.from_saved(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), folder), tokenizer
     if (folder / "adapter_config.json").exists():
         from peft import PeftModel
 
@@ -158,6 +166,7 @@ with torch.no_grad():
     for prompt, ref in reference.items():
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         logits = model(input_ids=ids).logits.float()
+        logits = logits[:, logits.shape[1] - ref.shape[1]:]  # peft's soft-prompt logits start with the prompt's
         diff = max(diff, (logits - ref).abs().max().item())
         scale = max(scale, ref.abs().max().item())
 print(json.dumps({"max_abs_diff": diff, "scale": scale, "vocab": len(tokenizer), "rows": model.get_input_embeddings().weight.shape[0]}))
@@ -188,8 +197,12 @@ def model_card(recipe: Recipe, run: RunDir, dtype: str, adapter_only: bool) -> s
         "tags: [gptj-tune, gpt-j]", "---", "",
         f"# {run.path.name}", "",
         f"Fine-tuned from **{recipe.model.name_or_path}** with gptj-tune ({recipe.method.kind}"
-        + (f", r {recipe.method.r}, alpha {recipe.method.alpha}" if recipe.method.kind == "lora" else "") + ").",
-        ("This folder holds the LoRA adapter: load it on the base model with `PeftModel.from_pretrained`."
+        + (f", r {recipe.method.r}, alpha {recipe.method.alpha}" if recipe.method.kind == "lora" else "")
+        + (f", {recipe.prompt_slots()} virtual tokens" if recipe.prompt_slots() else "") + ").",
+        ("This folder holds a soft prompt (peft prompt tuning): load it on the base model with "
+         "`PeftModel.from_pretrained`, or generate with `gptj-tune generate FOLDER`."
+         if recipe.prompt_slots() else
+         "This folder holds the LoRA adapter: load it on the base model with `PeftModel.from_pretrained`."
          if adapter_only else f"LoRA merged into the base weights; weights in {dtype}; loads with `AutoModelForCausalLM.from_pretrained`."
          if recipe.method.kind == "lora" else f"Weights in {dtype}; loads with `AutoModelForCausalLM.from_pretrained`."),
         "", "## Training data", "",

@@ -242,10 +242,16 @@ def run_benchmarks_in_memory(model, tokenizer, files: TaskFiles, limit: int | No
         def generate_until(self, requests, disable_tqdm=False):
             return super().generate_until(requests, disable_tqdm=True)
 
+    from .methods import prompt_slots_of
+
+    # A soft prompt takes the first positions of the context: lm-eval cuts inputs to what is left.
+    slots = prompt_slots_of(model)
+    context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    max_length = context - slots if slots and context else None
     was_training = model.training
     model.eval()
     try:
-        lm = QuietHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+        lm = QuietHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device), max_length=max_length)
         return _evaluate(lm, None, files, limit, batch_size, quiet=True)
     finally:
         model.train(was_training)

@@ -122,8 +122,9 @@ def state_bytes(recipe: Recipe, shape: Shape, setup: str, devices: int) -> float
     w = 2 if recipe.model.weights_in_16_bits else 4
     # Trainable bytes per parameter besides its weight: gradient + Adam moments. Our AdamW keeps
     # moments in the parameter's dtype; DeepSpeed with 16-bit weights adds an fp32 master copy
-    # (its 18 = 2 grad16 + 4 grad32 + 4 param32 + 8 Adam). LoRA adapters are fp32 (peft upcasts them).
-    lora = recipe.method.kind == "lora"
+    # (its 18 = 2 grad16 + 4 grad32 + 4 param32 + 8 Adam). LoRA adapters are fp32 (peft upcasts them),
+    # and so is a soft prompt.
+    lora = recipe.method.kind != "full"
     t_w = 4 if lora else w
     per_trainable = t_w + (t_w + 2 * t_w)  # weight + grad + m + v in the same dtype
     unit = 2 * shape.block * w  # one gathered block, and the next one prefetched
@@ -178,9 +179,9 @@ def plan(recipe: Recipe, devices: int | None = None) -> tuple[Shape, list[Estima
     devices = devices or recipe.distributed.world_size
     activations = activation_bytes(recipe, shape)
     skip = "single" if devices > 1 else "ddp"  # one device: no data parallelism; several: not one process
-    estimates = [
-        Estimate(setup, state_bytes(recipe, shape, setup, devices), activations) for setup in SETUPS if setup != skip
-    ]
+    # A soft prompt trains on single or ddp only (the recipe refuses sharding it does not need).
+    setups = [s for s in SETUPS if s != skip and (not recipe.prompt_slots() or s in ("single", "ddp"))]
+    estimates = [Estimate(setup, state_bytes(recipe, shape, setup, devices), activations) for setup in setups]
     own = recipe_setup(recipe)
     own = {"single": "ddp", "ddp": "single"}[own] if own == skip else own
     return shape, estimates, own

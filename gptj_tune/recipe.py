@@ -129,8 +129,20 @@ class LoraMethod(Section):
     )
 
 
-Method = Annotated[Union[FullMethod, LoraMethod], Field(discriminator="kind")]
-METHOD_TYPES = {"full": FullMethod, "lora": LoraMethod}
+class PromptTuningMethod(Section):
+    kind: Literal["prompt_tuning"] = Field(
+        description="A soft prompt: learned input vectors placed before every example, on a frozen model."
+    )
+    num_virtual_tokens: int = Field(20, ge=1, le=512, description="Length of the soft prompt, in token positions.")
+    init_text: str | None = Field(
+        None,
+        description="Start the prompt from this text's token embeddings (repeated to fill the length); null: from "
+        "the embeddings of vocabulary tokens drawn at random (seeded by train.seed).",
+    )
+
+
+Method = Annotated[Union[FullMethod, LoraMethod, PromptTuningMethod], Field(discriminator="kind")]
+METHOD_TYPES = {"full": FullMethod, "lora": LoraMethod, "prompt_tuning": PromptTuningMethod}
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -455,7 +467,7 @@ class OutputSection(Section):
 class Recipe(Section):
     description: str = Field("", description="One line shown by `gptj-tune recipes`.")
     model: ModelSection = Field(default_factory=ModelSection, description="Base model and tokenizer.")
-    method: Method = Field(default_factory=lambda: LoraMethod(kind="lora"), description="full or lora.")
+    method: Method = Field(default_factory=lambda: LoraMethod(kind="lora"), description="full, lora or prompt_tuning.")
     data: DataSection = Field(default_factory=DataSection, description="Datasets, template, packing.")
     train: TrainSection = Field(default_factory=TrainSection, description="Optimizer, schedule, steps, checkpoints.")
     distributed: DistributedSection = Field(default_factory=DistributedSection, description="Processes and engine.")
@@ -482,6 +494,27 @@ class Recipe(Section):
                 f"{self.model.tiny.context}): lower data.max_length or raise model.tiny.context"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_prompt_tuning(self):
+        if not isinstance(self.method, PromptTuningMethod):
+            return self
+        n = self.method.num_virtual_tokens
+        if self.distributed.backend in ("deepspeed", "fsdp"):
+            raise ValueError(
+                f"method.kind prompt_tuning trains {n} vectors on a frozen model, which needs no sharding; "
+                f"set distributed.backend to single or ddp (not {self.distributed.backend})"
+            )
+        if self.data.max_length < n + 8:
+            raise ValueError(
+                f"data.max_length {self.data.max_length} leaves too little room beside the {n}-token soft prompt "
+                f"(method.num_virtual_tokens) that starts every example: raise data.max_length to at least {n + 8}"
+            )
+        return self
+
+    def prompt_slots(self) -> int:
+        """Positions the soft prompt takes at the start of every example (0 unless prompt tuning)."""
+        return self.method.num_virtual_tokens if isinstance(self.method, PromptTuningMethod) else 0
 
     @model_validator(mode="after")
     def _check_compile(self):
@@ -542,7 +575,7 @@ def _line_index(text: str) -> dict[tuple, int]:
 
 def _clean_loc(loc: tuple) -> tuple:
     """Drop pydantic's union-tag element (`method.lora.r` -> `method.r`)."""
-    if len(loc) >= 2 and loc[0] == "method" and loc[1] in ("full", "lora"):
+    if len(loc) >= 2 and loc[0] == "method" and loc[1] in METHOD_TYPES:
         return (loc[0],) + loc[2:]
     return loc
 
@@ -603,9 +636,9 @@ def _describe(err: dict, lines: dict[tuple, int], overrides: set[tuple]) -> str:
     if kind == "missing":
         return f"`{key}`{where}: required but missing"
     if kind == "union_tag_invalid":
-        return f"`{key}`{where}: got {err['input'].get('kind')!r}; expected one of 'full', 'lora'"
+        return f"`{key}`{where}: got {err['input'].get('kind')!r}; expected one of 'full', 'lora', 'prompt_tuning'"
     if kind == "union_tag_not_found":
-        return f"`{key}`{where}: needs `kind: full` or `kind: lora`"
+        return f"`{key}`{where}: needs `kind: full`, `kind: lora` or `kind: prompt_tuning`"
     msg = err["msg"].removeprefix("Value error, ")
     if kind.startswith(("value_error", "assertion_error")):
         return f"`{key}`{where}: {msg}"
@@ -739,8 +772,10 @@ def reference_markdown() -> str:
             key = f"{prefix}{name}"
             sub = _section_type(field.annotation) if name != "method" else None
             if name == "method":
-                out.append("| `method.kind` | `lora` | `full` (train every weight) or `lora` (peft adapters) |")
+                out.append("| `method.kind` | `lora` | `full` (train every weight), `lora` (peft adapters) or "
+                           "`prompt_tuning` (a soft prompt) |")
                 walk_fields(LoraMethod, "method.", skip={"kind"}, note=" (lora)")
+                walk_fields(PromptTuningMethod, "method.", skip={"kind"}, note=" (prompt_tuning)")
                 continue
             if sub is not None and name not in ("sources", "template"):
                 walk(sub, f"{key}.")

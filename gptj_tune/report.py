@@ -13,7 +13,8 @@ from rich.markup import escape
 
 from .errors import GptjTuneError
 from .evaluate import Target, exact_match, resolve_target, rouge_l
-from .harness import PUBLISHED_GPTJ_6B, check_tasks, find_data_dir, prepare_tasks, run_benchmarks
+from .harness import PUBLISHED_GPTJ_6B, check_tasks, find_data_dir, prepare_tasks, run_benchmarks, run_benchmarks_in_memory
+from .methods import SoftPromptModel, is_prompt_tuning_folder, prompt_slots_of
 from .rundir import RunDir, atomic_dir, guard_output, run_inputs
 
 HEADLINE = {"lambada_openai": "acc", "hellaswag": "acc_norm", "piqa": "acc", "winogrande": "acc", "arc_easy": "acc"}
@@ -65,7 +66,7 @@ def run_eval(request: EvalRequest, console) -> Path:
             files = prepare_tasks(tasks, data_dir, tmp / "tasks")
             # A line, not a spinner: lm-eval draws its own progress bars (on stderr) under it.
             console.print(f"benchmarks {', '.join(tasks)} on {escape(target.label)} (lm-eval):", highlight=False)
-            bench = run_benchmarks(target.model_args, files, limit, request.batch_size, device)
+            bench = _run_benchmarks(target, files, limit, request.batch_size, device)
             report["benchmarks"] = bench["tasks"]
             report["harness"] = {"lm_eval_version": bench["lm_eval_version"], "tasks": tasks, "limit": limit,
                                  "data_dir": str(data_dir), "task_files": str(out / "tasks"),
@@ -77,7 +78,7 @@ def run_eval(request: EvalRequest, console) -> Path:
             report["comparison"] = {"target": _describe(comparison), "benchmarks": {}, "held_out": None}
             if report["benchmarks"]:
                 console.print(f"benchmarks {', '.join(tasks)} on {escape(comparison.label)} (lm-eval):", highlight=False)
-                report["comparison"]["benchmarks"] = run_benchmarks(comparison.model_args, files, limit, request.batch_size, device)["tasks"]
+                report["comparison"]["benchmarks"] = _run_benchmarks(comparison, files, limit, request.batch_size, device)["tasks"]
             if recipe is not None:
                 with console.status(f"held-out loss on {comparison.label}"):
                     report["comparison"]["held_out"] = held_out_metrics(comparison, recipe, device, generate=False)
@@ -93,6 +94,17 @@ def run_eval(request: EvalRequest, console) -> Path:
         (tmp / "report.json").write_text(json.dumps(_jsonable(report), indent=2))
         (tmp / "report.md").write_text(report_markdown(report))
     return out
+
+
+def _run_benchmarks(target: Target, files, limit, batch_size: int, device: str) -> dict:
+    """lm-eval on the target, loaded by lm-eval itself; a soft prompt goes in as our SoftPromptModel,
+    the model its held-out loss and generation use, with lm-eval's inputs cut to the context the
+    prompt leaves (through peft, lm-eval would fill the whole context and the prompt would push its
+    last tokens past the model's positions)."""
+    if "peft" in target.model_args and is_prompt_tuning_folder(target.model_args["peft"]):
+        model, tokenizer = load_target_model(target, device)
+        return run_benchmarks_in_memory(model, tokenizer, files, limit, batch_size, device)
+    return run_benchmarks(target.model_args, files, limit, batch_size, device)
 
 
 def _guarded_by(target: Target, recipe) -> list:
@@ -149,12 +161,15 @@ def _fingerprint(target: Target) -> str | None:
 
 
 def load_target_model(target: Target, device: str):
-    """The target as a transformers model (base + peft adapter for a LoRA run) and its tokenizer."""
+    """The target as a model (base + peft adapter for a LoRA run, behind its soft prompt for a
+    prompt-tuning run) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     args = target.model_args
     model = AutoModelForCausalLM.from_pretrained(args["pretrained"])
-    if "peft" in args:
+    if "peft" in args and is_prompt_tuning_folder(args["peft"]):
+        model = SoftPromptModel.from_saved(model, args["peft"])
+    elif "peft" in args:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, args["peft"])
@@ -174,7 +189,7 @@ def held_out_metrics(target: Target, recipe, device: str, generate: bool = True)
     from .step import evaluate_loss
 
     model, tokenizer = load_target_model(target, device)
-    data = prepare_data(recipe.data, tokenizer)
+    data = prepare_data(recipe.data, tokenizer, prompt_slots_of(model))  # a base model compared: no prompt slots
     batches = Batches(data.eval_rows, recipe.eval.batch_size or recipe.train.batch_size, tokenizer.pad_token_id, 0, shuffle=False)
     loss = evaluate_loss(model, batches, Accelerator(cpu=device == "cpu"))
     held_out_sha = hashlib.sha256(json.dumps(data.eval_records, sort_keys=True).encode()).hexdigest()[:16]

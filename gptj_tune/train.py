@@ -104,7 +104,7 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     check_fits_context(model, recipe.data.max_length)
     if recipe.train.loss == "fused":
         use_loss_head(model)
-    model = apply_method(model, recipe.method, recipe.model.gradient_checkpointing)
+    model = apply_method(model, recipe.method, recipe.model.gradient_checkpointing, tokenizer, recipe.train.seed)
     if accelerator.device.type == "cpu":
         own_trainable_weights(model)  # off the checkpoint's file mapping: no copy-on-write fault per page in step 1
     use_cheap_dropout(model)
@@ -269,14 +269,15 @@ def _prepare_data_once(recipe: Recipe, tokenizer, run: RunDir, accelerator) -> P
 
     from .distributed import wait_for_file
 
+    slots = recipe.prompt_slots()
     if accelerator.num_processes == 1:
-        return prepare_data(recipe.data, tokenizer)
+        return prepare_data(recipe.data, tokenizer, slots)
     key = hashlib.sha256(
-        (recipe.data.model_dump_json() + tokenizer.name_or_path + str(len(tokenizer))).encode()
+        (recipe.data.model_dump_json() + tokenizer.name_or_path + str(len(tokenizer)) + f"slots={slots}").encode()
     ).hexdigest()[:16]
     cache = run.path / "cache" / f"data-{key}.pt"
     if accelerator.is_local_main_process and not cache.exists():
-        data = prepare_data(recipe.data, tokenizer)
+        data = prepare_data(recipe.data, tokenizer, slots)
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
         torch.save(data, tmp)

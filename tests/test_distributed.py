@@ -94,6 +94,21 @@ def test_two_processes_train_the_single_process_curve(tmp_path, single_run, back
     assert _final_logits_diff(tmp_path / "run", single_run) < 1e-4
 
 
+def test_a_soft_prompt_trains_the_single_process_curve_on_two_ddp_processes(tmp_path):
+    from gptj_tune.methods import read_prompt
+
+    soft = "{kind: prompt_tuning, num_virtual_tokens: 8}"
+    recipe = recipe_file(tmp_path, soft)
+    single = cli("run", str(recipe), *run_args(tmp_path / "one"), "--set", "train.batch_size=4", "--set", "train.lr=3e-2")
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = cli("run", str(recipe), *run_args(tmp_path / "two", "ddp"), "--set", "train.lr=3e-2")
+    assert ddp.returncode == 0, ddp.stdout[-2000:] + ddp.stderr[-3000:]
+    ours, reference = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert sorted(ours) == sorted(reference) == list(range(1, 13))
+    assert max(abs(ours[s] - reference[s]) for s in ours) < TOLERANCE
+    torch.testing.assert_close(read_prompt(tmp_path / "two" / "final"), read_prompt(tmp_path / "one" / "final"), atol=1e-5, rtol=0)
+
+
 def _final_logits_diff(run_a, run_b) -> float:
     """Largest logit difference between two runs' final/ folders."""
     return _logits_diff(run_a / "final", run_b / "final")

@@ -32,6 +32,15 @@ def test_lora_counts_only_adapters_as_trainable():
     assert shape.trainable == 28 * per_layer
 
 
+def test_a_soft_prompt_is_its_vectors_alone_and_plans_only_unsharded():
+    recipe = load_recipe(RECIPES / "soft-prompt.yaml")
+    shape, estimates, own = plan(recipe)
+    assert shape.trainable == 20 * 4096 and shape.params == 6_050_882_784 + 20 * 4096
+    assert [e.setup for e in estimates] == ["single"] and own == "single"
+    # bf16 frozen weights, plus the fp32 prompt with its gradient and two AdamW moments
+    assert estimates[0].states == pytest.approx(6_050_882_784 * 2 + 20 * 4096 * 16)
+
+
 def test_plan_exits_2_with_advice_when_the_recipe_does_not_fit(tmp_path):
     result = cli("plan", str(RECIPES / "alpaca-full.yaml"), "--gpu-mem", "40")
     assert result.returncode == 2
