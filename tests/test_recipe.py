@@ -186,3 +186,54 @@ def test_readme_reference_is_generated_from_the_schema():
     assert start in readme and end in readme, "README.md needs the generated recipe reference"
     embedded = readme.split(start)[1].split(end)[0]
     assert embedded == reference_markdown(), "README reference is stale: run `gptj-tune recipes reference`"
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt_neo_with_gpt2_tokenizer(tmp_path_factory, gpt2_tokenizer):
+    """A two-layer GPT-Neo on the real GPT-2 tokenizer, saved like a hub checkpoint."""
+    import torch
+    from conftest import tiny_gpt_neo_config
+    from transformers import GPTNeoForCausalLM
+
+    out = tmp_path_factory.mktemp("neo") / "model"
+    config = tiny_gpt_neo_config(len(gpt2_tokenizer), width=64, heads=4, window=32, positions=256,
+                                 bos_token_id=gpt2_tokenizer.eos_token_id, eos_token_id=gpt2_tokenizer.eos_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    GPTNeoForCausalLM(config).save_pretrained(out)
+    gpt2_tokenizer.save_pretrained(out)
+    return out
+
+
+# Shipped recipes that read data, each run for a few steps on the real data under ../shared/data with
+# a tiny model in its place (`neo`: the tiny GPT-Neo above; `tiny`: the built-in tiny GPT-J).
+DATA_RECIPES = {
+    "soft-prompt": ("neo", "domain", "PROMPT_TUNING"),
+    "novel-domain": ("tiny", "domain", "LORA"),
+    "dolly-lora": ("tiny", "dolly/dolly_sample_train20.jsonl", "LORA"),
+    "gpt-neo-125m-alpaca": ("neo", "alpaca/alpaca_2k.json", None),
+}
+
+
+@pytest.mark.parametrize("name", list(DATA_RECIPES))
+def test_shipped_data_recipes_run_on_the_real_data_with_a_tiny_model(name, tmp_path, shared_data, tiny_gpt_neo_with_gpt2_tokenizer):
+    import json
+
+    model, data, adapter = DATA_RECIPES[name]
+    model_args = (["--set", "model.name_or_path=tiny-gptj", "--set", "model.tiny.layers=2", "--set", "model.tiny.width=64"]
+                  if model == "tiny" else ["--set", f"model.name_or_path={tiny_gpt_neo_with_gpt2_tokenizer}"])  # fmt: skip
+    result = cli(
+        "run", str(RECIPES / f"{name}.yaml"), *model_args,
+        "--set", "model.revision=null", "--set", "model.dtype=float32", "--set", "model.gradient_checkpointing=false",
+        "--set", f"data.sources.0.path={shared_data / data}", "--set", "data.max_length=128",
+        "--set", "train.epochs=null", "--set", "train.max_steps=3", "--set", "train.log_every=1", "--set", "train.batch_size=2", "--set", "train.grad_accum=1",
+        "--set", "train.warmup_steps=1", "--set", "train.save_every=3", "--set", "eval.generate_samples=2",
+        "--set", f"output.dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    final = tmp_path / "run" / "final"
+    if adapter:
+        assert json.loads((final / "adapter_config.json").read_text())["peft_type"] == adapter
+    else:
+        assert (final / "config.json").is_file() and (final / "model.safetensors").is_file()
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
