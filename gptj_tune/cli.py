@@ -221,7 +221,7 @@ def export(
                       "prompt-tuning adapter (PeftModel.from_pretrained on the base model, or gptj-tune generate)")  # fmt: skip
     if result.max_abs_diff is not None:
         console.print(f"verified: reloaded in a fresh process, max |logit diff| {result.max_abs_diff:.3g} "
-                      f"(tolerance {result.tolerance:.3g} for {'float32' if result.adapter_only else result.dtype})")  # fmt: skip
+                      f"(tolerance {result.tolerance:.3g} for {result.dtype})")  # fmt: skip
     console.print(f"Exported to {result.out}", markup=False)
 
 

@@ -35,7 +35,7 @@ class ExportResult:
     dtype: str
     max_abs_diff: float | None
     tolerance: float | None
-    adapter_only: bool = False  # a peft adapter was written (--adapter-only, or a soft prompt)
+    adapter_only: bool = False  # a peft adapter was written (--adapter-only, or a soft prompt); dtype: its base's
 
 
 def export_run(run_dir: str, out: str, checkpoint: str = "final", dtype: str | None = None, adapter_only: bool = False,
@@ -60,6 +60,8 @@ def export_run(run_dir: str, out: str, checkpoint: str = "final", dtype: str | N
         # A soft prompt is no weight change to merge: it is exported as the peft adapter it is saved as.
         adapter_only = adapter_only or isinstance(model, SoftPromptModel)
         reference = _logits(model, tokenizer) if verify else None
+        # An adapter is checked on the base in the dtype it was trained on, as the reference ran.
+        checked = _training_dtype(recipe) if adapter_only else dtype
         if isinstance(model, SoftPromptModel):
             model.save_pretrained(tmp)
         elif adapter_only:
@@ -77,8 +79,8 @@ def export_run(run_dir: str, out: str, checkpoint: str = "final", dtype: str | N
         (tmp / "README.md").write_text(model_card(recipe, run, dtype, adapter_only))
         diff = tol = None
         if verify:
-            diff, tol = _verify(tmp, reference, dtype, adapter_only, base)
-    return ExportResult(target, dtype, diff, tol, adapter_only)
+            diff, tol = _verify(tmp, reference, checked, adapter_only, base)
+    return ExportResult(target, checked, diff, tol, adapter_only)
 
 
 def _training_dtype(recipe: Recipe) -> str:
@@ -152,12 +154,12 @@ def _write_generation_config(model, tokenizer, folder: Path) -> None:
 _VERIFY_SCRIPT = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-folder, refs, adapter_only, base = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4]
+folder, refs, adapter_only, base, dtype = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4], sys.argv[5]
 reference = torch.load(refs)
 tokenizer = AutoTokenizer.from_pretrained(folder)
 if adapter_only:
     from peft import PeftModel
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), folder)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype)), folder)
 else:
     model = AutoModelForCausalLM.from_pretrained(folder)
 model.eval()
@@ -174,16 +176,17 @@ print(json.dumps({"max_abs_diff": diff, "scale": scale, "vocab": len(tokenizer),
 
 
 def _verify(folder: Path, reference: dict, dtype: str, adapter_only: bool, base: str) -> tuple[float, float]:
-    """Reload the export in a fresh process and compare its logits with the model as trained."""
+    """Reload the export in a fresh process and compare its logits with the model as trained.
+    `dtype`: the export's weights, or for an adapter the base's dtype to load it on."""
     with tempfile.TemporaryDirectory() as tmp:
         refs = Path(tmp) / "reference.pt"
         torch.save(reference, refs)
-        done = subprocess.run([sys.executable, "-c", _VERIFY_SCRIPT, str(folder), str(refs), "1" if adapter_only else "0", base],
+        done = subprocess.run([sys.executable, "-c", _VERIFY_SCRIPT, str(folder), str(refs), "1" if adapter_only else "0", base, dtype],
                               capture_output=True, text=True)  # fmt: skip
     if done.returncode != 0:
         raise GptjTuneError(f"verification failed: the export does not load with plain transformers:\n{done.stderr[-1500:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    tolerance = TOLERANCE["float32" if adapter_only else dtype] * max(1.0, result["scale"])
+    tolerance = TOLERANCE[dtype] * max(1.0, result["scale"])
     if result["max_abs_diff"] > tolerance:
         raise GptjTuneError(f"verification failed: logits of the export differ from the trained model by "
                             f"{result['max_abs_diff']:.3g} (tolerance {tolerance:.3g} for {dtype}); the export was not written")  # fmt: skip

@@ -5,6 +5,7 @@ export: test_distributed.py, on the sharded runs it makes anyway.)"""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -72,6 +73,19 @@ def test_adapter_only_loads_on_the_base_model(tmp_path, lora_run):
     assert (tmp_path / "a" / "adapter_config.json").exists()
     logits = _logits_in_fresh_process(tmp_path / "a", adapter_base=lora_run / "base-model")
     assert torch.allclose(logits, _peft_logits(lora_run), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
+def test_an_adapter_of_a_bf16_run_is_verified_on_the_base_in_bf16(tmp_path, method):
+    # Before, the fresh process loaded the base in fp32 and held the bf16 reference to fp32's
+    # tolerance: every adapter export of a bf16 run (a soft prompt always is one) was refused.
+    recipe = small_recipe(tmp_path, method=method, steps=4, save_every=4)
+    assert cli("run", str(recipe), "--set", "model.dtype=bfloat16").returncode == 0
+    args = ["--adapter-only"] if method == "lora" else []
+    result = cli("export", str(tmp_path / "run"), "--out", str(tmp_path / "a"), *args)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert re.search(r"max \|logit diff\| \S+ \(tolerance \S+ for\s+bfloat16\)", result.stdout), result.stdout
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["peft_type"] == method.upper()
 
 
 def test_full_run_export_and_a_checkpoint(tmp_path):
