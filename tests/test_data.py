@@ -187,8 +187,12 @@ def test_text_format_on_a_novel(shared_data, gpt2_tokenizer):
 
 def test_hub_dataset_offline_is_a_clear_error():
     source = SourceSection(format="alpaca", path="tatsu-lab/alpaca")
-    with pytest.raises(DataError, match=r"data.sources\[0\].path: 'tatsu-lab/alpaca' is not a local file or folder"):
+    with pytest.raises(DataError, match=r"data.sources\[0\].path: 'tatsu-lab/alpaca' is not a local file or folder "
+                                        r"\(a relative path is looked for beside the recipe file, then in the current directory\), "
+                                        r"and loading it as a hub dataset failed"):
         read_source(source, 0, "fail")
+    with pytest.raises(DataError, match=r"'/no/such/books' is not a local file or folder, and loading"):
+        read_source(SourceSection(format="text", path="/no/such/books"), 0, "fail")
 
 
 def test_split_is_deterministic_and_disjoint():

@@ -160,6 +160,13 @@ class _Malformed:
     message: str
 
 
+def _where_looked(path: str) -> str:
+    """Where a relative path was looked for (recipe.load_recipe resolves one that exists)."""
+    if Path(path).is_absolute():
+        return ""
+    return " (a relative path is looked for beside the recipe file, then in the current directory)"
+
+
 def _hub_rows(source: SourceSection, key: str) -> Iterator[tuple[str, object]]:
     try:
         import datasets
@@ -167,7 +174,7 @@ def _hub_rows(source: SourceSection, key: str) -> Iterator[tuple[str, object]]:
         dataset = datasets.load_dataset(source.path, split=source.split)
     except Exception as e:  # datasets raises many types for "not found" / "offline"
         raise DataError(
-            f"{key}.path: {source.path!r} is not a local file or folder, and loading it as a hub dataset "
+            f"{key}.path: {source.path!r} is not a local file or folder{_where_looked(source.path)}, and loading it as a hub dataset "
             f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Check the path, or "
             f"download the dataset on a machine with network access and point `path` at the file."
         ) from None
