@@ -193,6 +193,18 @@ def _verify(folder: Path, reference: dict, dtype: str, adapter_only: bool, base:
     return result["max_abs_diff"], tolerance
 
 
+def _what_the_folder_holds(recipe: Recipe, dtype: str, adapter_only: bool) -> str:
+    """The model card's line on what the export is and how to load it."""
+    if recipe.prompt_slots():
+        return ("This folder holds a soft prompt (peft prompt tuning): load it on the base model with "
+                "`PeftModel.from_pretrained`, or generate with `gptj-tune generate FOLDER`.")  # fmt: skip
+    if adapter_only:
+        return "This folder holds the LoRA adapter: load it on the base model with `PeftModel.from_pretrained`."
+    if recipe.method.kind == "lora":
+        return f"LoRA merged into the base weights; weights in {dtype}; loads with `AutoModelForCausalLM.from_pretrained`."
+    return f"Weights in {dtype}; loads with `AutoModelForCausalLM.from_pretrained`."
+
+
 def model_card(recipe: Recipe, run: RunDir, dtype: str, adapter_only: bool) -> str:
     summary = json.loads(run.summary.read_text()) if run.summary.exists() else {}
     lines = [
@@ -202,12 +214,7 @@ def model_card(recipe: Recipe, run: RunDir, dtype: str, adapter_only: bool) -> s
         f"Fine-tuned from **{recipe.model.name_or_path}** with gptj-tune ({recipe.method.kind}"
         + (f", r {recipe.method.r}, alpha {recipe.method.alpha}" if recipe.method.kind == "lora" else "")
         + (f", {recipe.prompt_slots()} virtual tokens" if recipe.prompt_slots() else "") + ").",
-        ("This folder holds a soft prompt (peft prompt tuning): load it on the base model with "
-         "`PeftModel.from_pretrained`, or generate with `gptj-tune generate FOLDER`."
-         if recipe.prompt_slots() else
-         "This folder holds the LoRA adapter: load it on the base model with `PeftModel.from_pretrained`."
-         if adapter_only else f"LoRA merged into the base weights; weights in {dtype}; loads with `AutoModelForCausalLM.from_pretrained`."
-         if recipe.method.kind == "lora" else f"Weights in {dtype}; loads with `AutoModelForCausalLM.from_pretrained`."),
+        _what_the_folder_holds(recipe, dtype, adapter_only),
         "", "## Training data", "",
     ]  # fmt: skip
     for source in recipe.data.sources:

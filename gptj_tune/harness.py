@@ -243,10 +243,11 @@ def run_benchmarks_in_memory(model, tokenizer, files: TaskFiles, limit: int | No
             return super().generate_until(requests, disable_tqdm=True)
 
     from .methods import prompt_slots_of
+    from .models import model_context
 
     # A soft prompt takes the first positions of the context: lm-eval cuts inputs to what is left.
     slots = prompt_slots_of(model)
-    context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    context = model_context(model.config)
     max_length = context - slots if slots and context else None
     was_training = model.training
     model.eval()

@@ -63,7 +63,7 @@ PROMPT_KEY = "prompt_embeddings"  # peft's name for a prompt-tuning adapter's on
 def initial_prompt(model, method: PromptTuningMethod, tokenizer, seed: int) -> torch.Tensor:
     """The soft prompt to start from (fp32): the embeddings of `init_text`'s tokens, repeated to
     fill, or of vocabulary tokens drawn at random. Either way it starts where the model's own inputs
-    live, which trains far better than unit-variance noise (Lester et al., 2021)."""
+    live (Lester et al., 2021, found such starts train better than random ones; not measured here)."""
     weight = model.get_input_embeddings().weight
     n = method.num_virtual_tokens
     if method.init_text and tokenizer is not None:  # (none: `gptj-tune plan`, which needs shapes only)
@@ -149,14 +149,13 @@ class SoftPromptModel(torch.nn.Module):
         prompt = state_dict["prompt"] if state_dict is not None else self.prompt
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        c = self.model.config
         peft.PromptTuningConfig(
             task_type="CAUSAL_LM",
             num_virtual_tokens=self.num_virtual_tokens,
             token_dim=prompt.shape[1],
             num_transformer_submodules=1,
-            num_attention_heads=getattr(c, "n_head", None) or getattr(c, "num_heads", None),
-            num_layers=getattr(c, "n_layer", None) or getattr(c, "num_layers", None),
+            num_attention_heads=self.model.config.num_attention_heads,  # GPT-J's n_head, GPT-Neo's num_heads
+            num_layers=self.model.config.num_hidden_layers,
             base_model_name_or_path=getattr(self.model, "name_or_path", None) or None,
         ).save_pretrained(str(folder))
         save_file({PROMPT_KEY: prompt.detach().float().cpu().contiguous()}, str(folder / PROMPT_WEIGHTS))

@@ -54,11 +54,15 @@ def resolve_base(section: ModelSection, run_dir: Path) -> str:
     return str(target)
 
 
+def model_context(config) -> int | None:
+    """The positions a model has (GPT-J's n_positions, GPT-Neo's max_position_embeddings), if it says."""
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
 def check_fits_context(model, max_length: int) -> None:
-    """Refuse rows longer than the positions the model has (GPT-J's n_positions, GPT-Neo's
-    max_position_embeddings), which would otherwise fail deep inside its rotary or position lookup."""
-    config = model.config
-    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    """Refuse rows longer than the positions the model has, which would otherwise fail deep inside
+    its rotary or position lookup."""
+    context = model_context(model.config)
     if context is not None and max_length > context:
         raise ModelError(f"data.max_length {max_length} is longer than the model's context ({context} positions): "
                          f"set data.max_length to {context} or less")  # fmt: skip

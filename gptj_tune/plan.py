@@ -124,8 +124,8 @@ def state_bytes(recipe: Recipe, shape: Shape, setup: str, devices: int) -> float
     # moments in the parameter's dtype; DeepSpeed with 16-bit weights adds an fp32 master copy
     # (its 18 = 2 grad16 + 4 grad32 + 4 param32 + 8 Adam). LoRA adapters are fp32 (peft upcasts them),
     # and so is a soft prompt.
-    lora = recipe.method.kind != "full"
-    t_w = 4 if lora else w
+    fp32_trainables = recipe.method.kind != "full"
+    t_w = 4 if fp32_trainables else w
     per_trainable = t_w + (t_w + 2 * t_w)  # weight + grad + m + v in the same dtype
     unit = 2 * shape.block * w  # one gathered block, and the next one prefetched
     if setup in ("single", "ddp"):
@@ -135,9 +135,9 @@ def state_bytes(recipe: Recipe, shape: Shape, setup: str, devices: int) -> float
         # DeepSpeed holds the weights in 16 bits whenever bf16/fp16 is on (weights or autocast).
         w = 2 if recipe.computes_in_16_bits() else 4
         frozen_bytes = frozen * w
-        ds_trainable = 18 if (w == 2 and not lora) else per_trainable
+        ds_trainable = 18 if (w == 2 and not fp32_trainables) else per_trainable
         if setup == "zero2":
-            return P * w + T * (ds_trainable - w) / n if not lora else frozen_bytes + T * per_trainable / n
+            return P * w + T * (ds_trainable - w) / n if not fp32_trainables else frozen_bytes + T * per_trainable / n
         if setup == "zero3":
             return 4 * shape.largest_layer + (frozen_bytes + T * ds_trainable) / n
         if setup == "zero3-offload-optimizer":
