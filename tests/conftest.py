@@ -106,8 +106,11 @@ output:
 """
 
 
-def small_recipe(tmp_path: Path, method="lora", steps=20, save_every=10, lr=3e-3, out=None, name="r.yaml") -> Path:
-    method_extra = "dropout: 0.1" if method == "lora" else ""
+def small_recipe(tmp_path: Path, method="lora", steps=20, save_every=10, lr=3e-3, out=None, name="r.yaml",
+                 method_extra: str | None = None) -> Path:  # fmt: skip
+    """SMALL_RECIPE written to tmp_path/name; `method_extra`: more `method` keys (default: LoRA dropout 0.1)."""
+    if method_extra is None:
+        method_extra = "dropout: 0.1" if method == "lora" else ""
     text = SMALL_RECIPE.format(
         method=method, method_extra=method_extra, steps=steps, save_every=save_every, lr=lr, out=out or tmp_path / "run"
     )
@@ -121,6 +124,19 @@ def tiny_gpt_neo_config(vocab_size: int, width: int, heads: int, window: int, po
 
     return GPTNeoConfig(vocab_size=vocab_size, max_position_embeddings=positions, hidden_size=width, num_layers=2,
                         num_heads=heads, attention_types=[[["global", "local"], 1]], window_size=window, **extra)  # fmt: skip
+
+
+def save_tiny_gpt_neo(out: Path, tokenizer) -> Path:
+    """A two-layer GPT-Neo (width 64, 4 heads, a 32-token local window, 256 positions) around
+    `tokenizer`, seeded, saved with it like a hub checkpoint."""
+    from transformers import GPTNeoForCausalLM
+
+    config = tiny_gpt_neo_config(len(tokenizer), width=64, heads=4, window=32, positions=256,
+                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    GPTNeoForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
 
 
 # The tiny GPT-J the speed-path tests (test_fast.py, test_attention.py) compare against stock code.

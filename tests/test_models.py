@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SPEED_SHAPE_ARGS, cli, tiny_gpt_neo_config, write_recipe
+from conftest import SPEED_SHAPE_ARGS, cli, save_tiny_gpt_neo, write_recipe
 
 from gptj_tune.attention import block_causal_mask
 from gptj_tune.data.templates import BUILTIN_TEMPLATES
@@ -83,16 +83,9 @@ def test_unknown_family_needs_explicit_targets(tiny):
 def gpt_neo_folder(tiny, tmp_path_factory):
     """A tiny GPT-Neo saved like a hub checkpoint (local + global layers, a 32-token window),
     with the tiny tokenizer."""
-    from transformers import AutoTokenizer, GPTNeoForCausalLM
+    from transformers import AutoTokenizer
 
-    out = tmp_path_factory.mktemp("gpt-neo") / "model"
-    tok = AutoTokenizer.from_pretrained(tiny[0])
-    config = tiny_gpt_neo_config(len(tok), width=64, heads=4, window=32, positions=256,
-                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
-    torch.manual_seed(0)
-    GPTNeoForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return save_tiny_gpt_neo(tmp_path_factory.mktemp("gpt-neo") / "model", AutoTokenizer.from_pretrained(tiny[0]))
 
 
 def test_gpt_neo_packed_rows_keep_the_local_window(gpt_neo_folder):

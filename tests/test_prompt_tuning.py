@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import cli, load_tiny, write_recipe
+from conftest import cli, load_tiny, small_recipe, write_recipe
 
 from gptj_tune.errors import RecipeError
 from gptj_tune.methods import SoftPromptModel, initial_prompt
@@ -99,38 +99,12 @@ def test_saved_prompt_loads_in_peft_with_the_same_logits_and_generates_like_a_fo
     assert torch.equal(out, expected)
 
 
-RECIPE = """\
-model:
-  name_or_path: tiny-gptj
-  tiny: {{layers: 2, width: 64, heads: 4, rotary_dim: 8}}
-method:
-  kind: prompt_tuning
-  num_virtual_tokens: 8
-data:
-  sources:
-    - format: synthetic
-      count: 600
-  template: plain
-  max_length: 128
-train:
-  lr: 3.0e-2
-  max_steps: 30
-  batch_size: 4
-  warmup_steps: 2
-  log_every: 5
-  save_every: 10
-  seed: 7
-eval:
-  generate_samples: 8
-output:
-  dir: {out}
-"""
-
-
 @pytest.fixture(scope="module")
 def soft_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("softrun")
-    result = cli("run", str(write_recipe(tmp / "soft.yaml", RECIPE.format(out=tmp / "run"))))
+    recipe = small_recipe(tmp, method="prompt_tuning", steps=30, save_every=10, lr=3e-2, name="soft.yaml",
+                          method_extra="num_virtual_tokens: 8")  # fmt: skip
+    result = cli("run", str(recipe))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "prompt_tuning on tiny-gptj: 512 trainable" in result.stdout  # 8 vectors of width 64
     return tmp / "run"

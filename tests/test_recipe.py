@@ -191,17 +191,9 @@ def test_readme_reference_is_generated_from_the_schema():
 @pytest.fixture(scope="module")
 def tiny_gpt_neo_with_gpt2_tokenizer(tmp_path_factory, gpt2_tokenizer):
     """A two-layer GPT-Neo on the real GPT-2 tokenizer, saved like a hub checkpoint."""
-    import torch
-    from conftest import tiny_gpt_neo_config
-    from transformers import GPTNeoForCausalLM
+    from conftest import save_tiny_gpt_neo
 
-    out = tmp_path_factory.mktemp("neo") / "model"
-    config = tiny_gpt_neo_config(len(gpt2_tokenizer), width=64, heads=4, window=32, positions=256,
-                                 bos_token_id=gpt2_tokenizer.eos_token_id, eos_token_id=gpt2_tokenizer.eos_token_id)  # fmt: skip
-    torch.manual_seed(0)
-    GPTNeoForCausalLM(config).save_pretrained(out)
-    gpt2_tokenizer.save_pretrained(out)
-    return out
+    return save_tiny_gpt_neo(tmp_path_factory.mktemp("neo") / "model", gpt2_tokenizer)
 
 
 # Shipped recipes that read data, each run for a few steps on the real data under ../shared/data with
