@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def build_model(shape: str, folder: Path, tokenizer_dir: Path) -> None:
-    from gptj_tune.models import build_tiny_gptj
+    from gptj_tune.model.load import build_tiny_gptj
     from gptj_tune.recipe import ModelSection
 
     if shape == "tiny":
@@ -55,7 +55,7 @@ def main() -> None:
     from gptj_tune.cli import quiet_libraries
 
     quiet_libraries()
-    from gptj_tune.harness import TASKS
+    from gptj_tune.evaluate.harness import TASKS
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(TASKS)
     unknown = [t for t in tasks if t not in TASKS]
@@ -69,7 +69,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from gptj_tune.harness import prepare_tasks, run_benchmarks
+    from gptj_tune.evaluate.harness import prepare_tasks, run_benchmarks
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -89,7 +89,7 @@ def tokenize(spec: dict, first: int, count: int):
 
     from gptj_tune.data.formats import read_source
     from gptj_tune.data.templates import BUILTIN_TEMPLATES
-    from gptj_tune.data.tokenize import tokenize_instructions
+    from gptj_tune.data.tokens import tokenize_instructions
     from gptj_tune.recipe import SourceSection
 
     tok = AutoTokenizer.from_pretrained(spec["tokenizer"])
@@ -143,7 +143,7 @@ def run_ours(spec: dict, out: Path) -> dict:
     from rich.console import Console
 
     from gptj_tune.recipe import Recipe
-    from gptj_tune.train import train
+    from gptj_tune.train.loop import train
 
     recipe = Recipe.model_validate({
         "model": {"name_or_path": spec["model"], "tokenizer": spec["tokenizer"], "dtype": spec["dtype"]},
@@ -349,7 +349,7 @@ def results_plot(title: str, rows: dict[str, dict], path: Path, gpu: bool) -> bo
     """The results as a PNG: real tokens/s per engine (each bar labelled with gptj-tune's multiple of
     it, and on a GPU the MFU), held-out loss and peak memory, one panel each. Written atomically: an
     earlier plot is replaced whole or not at all. False where matplotlib is not installed."""
-    from gptj_tune.report import pyplot
+    from gptj_tune.evaluate.render import pyplot
     from gptj_tune.rundir import atomic_write
 
     plt = pyplot()

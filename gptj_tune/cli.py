@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import sys
 import traceback
 import warnings
@@ -39,7 +38,7 @@ def _friendly(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .distributed import report_worker_error
+        from .train.launch import report_worker_error
 
         try:
             return fn(*args, **kwargs)
@@ -70,35 +69,6 @@ def _resolve_recipe_path(recipe: str) -> Path:
     return shipped if shipped.exists() else path
 
 
-@contextlib.contextmanager
-def _signals_stop_the_command():
-    """Ctrl-C or SIGTERM outside the training loop (imports, loading, data preparation, the final
-    save) stops the command at once with exit 130. A signal can land inside an import, which some
-    libraries then report as another error (seen: a worker stopped while importing said
-    `ModuleNotFoundError: No module named 'version'`), so after a signal whatever ends the command
-    is reported as the stop. The training loop installs its own handlers (finish the step, save a
-    checkpoint, stop) and gives these back when it ends."""
-    received: list[int] = []
-
-    def handler(signum, frame):
-        received.append(signum)
-        raise KeyboardInterrupt
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    except (Exception, KeyboardInterrupt) as e:
-        if not received or isinstance(e, (Stopped, typer.Exit)):  # (our own errors too: ModelError wraps ImportError)
-            raise
-        raise Stopped(
-            f"stopped by {signal.Signals(received[0]).name} outside the training loop; files are written whole or "
-            f"not at all, and a run with a checkpoint continues with --resume"
-        ) from None
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
 @app.command()
 @_friendly
 def run(
@@ -110,10 +80,12 @@ def run(
     force: bool = typer.Option(False, "--force", help="Delete an existing run directory and start over."),
 ):
     """Train a recipe into its run directory (output.dir)."""
-    from .distributed import launch, needs_launch, register_worker
     from .recipe import load_recipe
+    from .train.launch import launch, needs_launch, register_worker
 
-    with _signals_stop_the_command():
+    from .train.signals import signals_stop_the_command
+
+    with signals_stop_the_command(passthrough=(typer.Exit,)):
         register_worker()  # under our launcher: signals reach this worker through the launching process
         path = _resolve_recipe_path(recipe)
         recipe_obj = load_recipe(path, set_)
@@ -126,7 +98,7 @@ def run(
             argv = ["run", str(path.resolve()), *(a for o in set_ for a in ("--set", o))]
             argv += (["--resume", resume] if resume else []) + (["--force"] if force else [])
             raise typer.Exit(launch(recipe_obj, argv, console))
-        from .train import train  # torch and transformers: only where this process trains
+        from .train.loop import train  # torch and transformers: only where this process trains
 
         result = train(recipe_obj, resume=resume or False, force=force, console=console)
     if result is None:  # a worker other than rank 0: rank 0 reports
@@ -173,7 +145,8 @@ def eval_(
     force: bool = typer.Option(False, "--force", help="Replace an existing report folder."),
 ):
     """Benchmarks (lm-eval on local files), held-out loss and instruction following; writes eval/report.*."""
-    from .report import EvalRequest, format_metric, format_number, run_eval
+    from .evaluate.render import format_metric, format_number
+    from .evaluate.report import EvalRequest, run_eval
 
     chosen = None if tasks is None else [] if tasks.strip() == "none" else [t.strip() for t in tasks.split(",") if t.strip()]
     request = EvalRequest(target, chosen, limit, data_dir, batch_size, compare, out, checkpoint, force=force)
@@ -203,19 +176,9 @@ def export(
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip reloading the export and comparing logits."),
 ):
     """Write a plain Hugging Face model folder (LoRA merged, shards consolidated) and verify it."""
-    from .errors import GptjTuneError
-    from .export import DTYPES, export_run
+    from .export import ExportRequest, export_run
 
-    if dtype is not None and dtype not in DTYPES:
-        raise GptjTuneError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    if max_shard_size is not None:
-        from .recipe import check_shard_size
-
-        try:
-            check_shard_size(max_shard_size, "--max-shard-size")
-        except ValueError as e:
-            raise GptjTuneError(str(e)) from None
-    result = export_run(run_dir, out, checkpoint, dtype, adapter_only, max_shard_size, force, not no_verify)
+    result = export_run(ExportRequest(run_dir, out, checkpoint, dtype, adapter_only, max_shard_size, force, not no_verify))
     if result.adapter_only and not adapter_only:
         console.print("a soft prompt is not a change of weights, so nothing is merged: the export is the peft "
                       "prompt-tuning adapter (PeftModel.from_pretrained on the base model, or gptj-tune generate)")  # fmt: skip
@@ -277,37 +240,31 @@ def plan(
     gpu_mem: float = typer.Option(80.0, "--gpu-mem", min=0.1, help="Memory per device in GiB (80: A100/H100 80GB)."),
 ):
     """Estimate per-device memory (model states + activations) for each backend; exit 2 if the recipe will not fit."""
+    from rich.table import Column
+
     from .plan import GIB, plan as make_plan
     from .recipe import load_recipe
 
     recipe_obj = load_recipe(_resolve_recipe_path(recipe), set_)
-    shape, estimates, own = make_plan(recipe_obj, gpus)
-    devices = gpus or recipe_obj.distributed.world_size
+    planned = make_plan(recipe_obj, gpus, gpu_mem)
+    shape, r = planned.shape, recipe_obj
     console.print(
-        f"{recipe_obj.model.name_or_path}: {shape.params / 1e9:.3f} B parameters, {shape.trainable / 1e6:,.1f} M trainable "
-        f"({recipe_obj.method.kind}); micro-batch {recipe_obj.train.batch_size} x {recipe_obj.data.max_length} tokens, "
-        f"gradient checkpointing {'on' if recipe_obj.model.gradient_checkpointing else 'off'}; {devices} device(s) of {gpu_mem:g} GiB"
+        f"{r.model.name_or_path}: {shape.params / 1e9:.3f} B parameters, {shape.trainable / 1e6:,.1f} M trainable "
+        f"({r.method.kind}); micro-batch {r.train.batch_size} x {r.data.max_length} tokens, gradient checkpointing "
+        f"{'on' if r.model.gradient_checkpointing else 'off'}; {planned.devices} device(s) of {gpu_mem:g} GiB"
     )
-    from rich.table import Column
-
     table = Table(
         *(Column(name, no_wrap=True, justify=j) for name, j in
           [("setup", "left"), ("states", "right"), ("activations", "right"), ("total", "right"), ("fits", "left"), ("", "left")]),
         caption="per device, GiB",
     )  # fmt: skip
-    fitting = []
-    for e in estimates:
-        fits = e.total <= gpu_mem * GIB
-        fitting += [e.setup] if fits else []
+    for e in planned.estimates:
         table.add_row(e.setup, f"{e.states / GIB:.2f}", f"{e.activations / GIB:.2f}", f"{e.total / GIB:.2f}",
-                      "[green]yes[/]" if fits else "[red]no[/]", "<- recipe" if e.setup == own else "")  # fmt: skip
+                      "[green]yes[/]" if planned.fits(e) else "[red]no[/]", "<- recipe" if e.setup == planned.own else "")  # fmt: skip
     console.print(table)
     console.print("[dim]Offload setups also need host memory for what they move off the device.[/]")
-    ours = next(e for e in estimates if e.setup == own)
-    if ours.total > gpu_mem * GIB:
-        advice = f"setups that fit: {', '.join(fitting)}" if fitting else (
-            "nothing fits: lower train.batch_size or data.max_length, turn on model.gradient_checkpointing, use LoRA, or add devices")
-        err_console.print(f"[bold red]will not fit:[/] {own} needs {ours.total / GIB:.1f} GiB per device, {gpu_mem:g} GiB available; {advice}", soft_wrap=True)
+    if refusal := planned.refusal():
+        err_console.print(f"[bold red]will not fit:[/] {escape(refusal)}", soft_wrap=True)
         raise typer.Exit(2)
 
 
@@ -351,7 +308,7 @@ def recipes_copy(
 
 @recipes_app.command("reference", hidden=True)
 def recipes_reference():
-    """Print the recipe reference (markdown) that README.md embeds."""
+    """Print the recipe reference (markdown) that docs/recipe-reference.md embeds."""
     from .recipe import reference_markdown
 
     sys.stdout.write(reference_markdown())
@@ -380,7 +337,7 @@ def quiet_libraries() -> None:
 
 def main():
     quiet_libraries()
-    from .distributed import in_worker
+    from .train.launch import in_worker
 
     if not in_worker():
         app(args=normalize_argv(sys.argv[1:]), prog_name="gptj-tune")

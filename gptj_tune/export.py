@@ -14,11 +14,13 @@ from pathlib import Path
 import torch
 
 from .errors import GptjTuneError, RunDirError
-from .methods import SoftPromptModel, is_prompt_tuning_folder
-from .recipe import Recipe, load_recipe
+from .model.load import DTYPES
+from .model.prompt_tuning import SoftPromptModel, is_prompt_tuning_folder
+from .model.trained import load_trained_model
+from .recipe import Recipe, check_shard_size, load_recipe
 from .rundir import RunDir, atomic_dir, guard_output, run_inputs
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 # Max |logit difference| allowed against the model as trained, per export dtype, as a fraction of
 # the largest |logit| (16-bit rounding of weights and activations moves logits by ~1e-2 relative).
 TOLERANCE = {"float32": 1e-5, "bfloat16": 6e-2, "float16": 1e-2}
@@ -27,6 +29,29 @@ LICENCES = {
     "tatsu-lab/alpaca": "CC BY-NC 4.0 (research and non-commercial use only)",
     "databricks/databricks-dolly-15k": "CC BY-SA 3.0",
 }
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """What `gptj-tune export` was asked for; `check` refuses bad values before any work."""
+
+    run_dir: str
+    out: str
+    checkpoint: str = "final"  # final, latest, or step-N
+    dtype: str | None = None  # None: the recipe's export.dtype, else the training dtype
+    adapter_only: bool = False
+    max_shard_size: str | None = None  # None: the recipe's export.max_shard_size
+    force: bool = False
+    verify: bool = True
+
+    def check(self) -> None:
+        if self.dtype is not None and self.dtype not in EXPORT_DTYPES:
+            raise GptjTuneError(f"--dtype {self.dtype!r}: choose one of {', '.join(EXPORT_DTYPES)}")
+        if self.max_shard_size is not None:
+            try:
+                check_shard_size(self.max_shard_size, "--max-shard-size")
+            except ValueError as e:
+                raise GptjTuneError(str(e)) from None
 
 
 @dataclass
@@ -38,20 +63,22 @@ class ExportResult:
     adapter_only: bool = False  # a peft adapter was written (--adapter-only, or a soft prompt); dtype: its base's
 
 
-def export_run(run_dir: str, out: str, checkpoint: str = "final", dtype: str | None = None, adapter_only: bool = False,
-               max_shard_size: str | None = None, force: bool = False, verify: bool = True, console=None) -> ExportResult:  # fmt: skip
-    run = RunDir(run_dir)
+def export_run(request: ExportRequest) -> ExportResult:
+    """Write the run's model (or adapter) to `request.out`, whole or not at all, and verify it."""
+    request.check()
+    run = RunDir(request.run_dir)
     if not run.recipe.is_file():
-        raise RunDirError(f"{run_dir} is not a run directory (no recipe.yaml)")
+        raise RunDirError(f"{request.run_dir} is not a run directory (no recipe.yaml)")
     recipe = load_recipe(run.recipe)
-    target = Path(out)
+    target = Path(request.out)
     guard_output(target, "--out", [*run.guarded(), *run_inputs(recipe)])
-    if target.exists() and not force:
+    if target.exists() and not request.force:
         raise RunDirError(f"{target} already exists; pass --force to replace it, or choose another --out")
     lora = recipe.method.kind == "lora"
-    dtype = dtype or (recipe.export.dtype if recipe.export.dtype != "auto" else _training_dtype(recipe))
+    dtype = request.dtype or (recipe.export.dtype if recipe.export.dtype != "auto" else _training_dtype(recipe))
+    adapter_only, verify = request.adapter_only, request.verify
     base = str(run.path / "base-model") if (run.path / "base-model").is_dir() else recipe.model.name_or_path
-    source = run.final if checkpoint == "final" else run.checkpoint(checkpoint)
+    source = run.final if request.checkpoint == "final" else run.checkpoint(request.checkpoint)
     if not source.is_dir():
         raise RunDirError(f"{source} does not exist: the run has no final model yet; export a checkpoint (--checkpoint latest)")
     with atomic_dir(target) as tmp:
@@ -71,7 +98,7 @@ def export_run(run_dir: str, out: str, checkpoint: str = "final", dtype: str | N
             model.save_pretrained(tmp, safe_serialization=True)
         else:
             merged = model.merge_and_unload() if adapter else model
-            merged.to(DTYPES[dtype]).save_pretrained(tmp, max_shard_size=max_shard_size or recipe.export.max_shard_size, safe_serialization=True)
+            merged.to(DTYPES[dtype]).save_pretrained(tmp, max_shard_size=request.max_shard_size or recipe.export.max_shard_size, safe_serialization=True)
             _write_generation_config(merged, tokenizer, tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "gptj-tune.json").write_text(json.dumps({"template": recipe.model_dump(mode="json")["data"]["template"],
@@ -84,31 +111,25 @@ def export_run(run_dir: str, out: str, checkpoint: str = "final", dtype: str | N
 
 
 def _training_dtype(recipe: Recipe) -> str:
-    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(recipe.model.dtype, recipe.model.dtype)
+    """The recipe's model.dtype by its full name (`bf16` -> `bfloat16`)."""
+    return str(DTYPES[recipe.model.dtype]).removeprefix("torch.")
 
 
 def _trained_model(recipe: Recipe, run: RunDir, source: Path, base: str):
     """The model as trained, on CPU in its training dtype (one copy of the model): PeftModel for LoRA,
-    SoftPromptModel for prompt tuning, the full model otherwise. Sharded checkpoints (ZeRO, FSDP) are read and consolidated here,
-    without starting a distributed job."""
+    SoftPromptModel for prompt tuning, the full model otherwise. Sharded checkpoints (ZeRO, FSDP)
+    are read and consolidated here, without starting a distributed job."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = DTYPES[_training_dtype(recipe)]
     tokenizer = AutoTokenizer.from_pretrained(run.final if (run.final / "tokenizer_config.json").exists() else base)
-    lora = recipe.method.kind == "lora"
     folder = source / "model" if (source / "model").is_dir() else source
-    if is_prompt_tuning_folder(folder):
-        return SoftPromptModel.from_saved(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), folder), tokenizer
-    if (folder / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), folder), tokenizer
-    if (folder / "config.json").exists():
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), tokenizer
+    if is_prompt_tuning_folder(folder) or (folder / "adapter_config.json").exists() or (folder / "config.json").exists():
+        return load_trained_model(base, folder, dtype), tokenizer
     state = _consolidated_state(source)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    if lora:
-        from .methods import apply_method
+    if recipe.method.kind == "lora":
+        from .model.methods import apply_method
 
         model = apply_method(model, recipe.method, gradient_checkpointing=False)
     missing, unexpected = model.load_state_dict(state, strict=False)

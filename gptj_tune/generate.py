@@ -16,8 +16,7 @@ class Generator:
 
     def __init__(self, target: str, raw: bool = False, max_new_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int = 0):  # fmt: skip
-        from .evaluate import resolve_target
-        from .report import load_target_model
+        from .evaluate.targets import load_target_model, resolve_target
 
         resolved = resolve_target(target)
         try:

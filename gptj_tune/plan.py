@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import ModelError
-from .models import TINY_MODEL_NAME
-from .recipe import Recipe
+from .recipe import TINY_MODEL_NAME, Recipe
 
 GIB = 1024**3
 # GPT-J-6B's shape (transformers' GPTJConfig defaults are exactly GPT-J-6B): usable offline.
@@ -53,7 +52,7 @@ def model_shape(recipe: Recipe) -> Shape:
 
     m = recipe.model
     if m.name_or_path == TINY_MODEL_NAME:
-        from .models import GPTJ_PADDED_VOCAB, tiny_gptj_config
+        from .model.load import GPTJ_PADDED_VOCAB, tiny_gptj_config
 
         config = tiny_gptj_config(m, GPTJ_PADDED_VOCAB if m.tokenizer else m.tiny.vocab_size, 0)
     elif KNOWN_SHAPES.get(m.name_or_path) == "gptj":
@@ -65,7 +64,7 @@ def model_shape(recipe: Recipe) -> Shape:
             raise ModelError(f"plan: cannot read the config of {m.name_or_path!r} ({str(e).splitlines()[0]})") from None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    from .methods import apply_method
+    from .model.methods import apply_method
 
     model = apply_method(model, recipe.method, gradient_checkpointing=False)
     params = [p for p in model.parameters()]
@@ -129,7 +128,7 @@ def state_bytes(recipe: Recipe, shape: Shape, setup: str, devices: int) -> float
     per_trainable = t_w + (t_w + 2 * t_w)  # weight + grad + m + v in the same dtype
     unit = 2 * shape.block * w  # one gathered block, and the next one prefetched
     if setup in ("single", "ddp"):
-        kahan = 2 if t_w == 2 and recipe.train.kahan_summation else 0  # KahanAdamW's compensation (step.py)
+        kahan = 2 if t_w == 2 and recipe.train.kahan_summation else 0  # KahanAdamW's compensation (train/optim.py)
         return frozen * w + T * (per_trainable + kahan)
     if setup.startswith("zero"):
         # DeepSpeed holds the weights in 16 bits whenever bf16/fp16 is on (weights or autocast).
@@ -155,7 +154,7 @@ def recipe_setup(recipe: Recipe) -> str:
     if d.backend == "deepspeed":
         z = d.zero
         if z.config is not None:
-            from .distributed import deepspeed_config
+            from .train.engines import deepspeed_config
 
             zero = deepspeed_config(recipe).get("zero_optimization", {})
             stage = zero.get("stage", 0)
@@ -173,8 +172,33 @@ def recipe_setup(recipe: Recipe) -> str:
 SETUPS = ["single", "ddp", "zero2", "zero3", "zero3-offload-optimizer", "zero3-offload-all", "fsdp", "fsdp-offload"]
 
 
-def plan(recipe: Recipe, devices: int | None = None) -> tuple[Shape, list[Estimate], str]:
-    """Estimates for every setup at `devices` (default: the recipe's world size); and the recipe's own."""
+@dataclass(frozen=True)
+class Plan:
+    """Every setup's estimate for a recipe on `devices` devices of `device_gib` GiB each."""
+
+    shape: Shape
+    estimates: list[Estimate]
+    own: str  # the recipe's own setup
+    devices: int
+    device_gib: float
+
+    def fits(self, estimate: Estimate) -> bool:
+        return estimate.total <= self.device_gib * GIB
+
+    def refusal(self) -> str | None:
+        """Why the recipe's own setup will not fit, with the setups that do (None: it fits)."""
+        ours = next(e for e in self.estimates if e.setup == self.own)
+        if self.fits(ours):
+            return None
+        fitting = [e.setup for e in self.estimates if self.fits(e)]
+        advice = f"setups that fit: {', '.join(fitting)}" if fitting else (
+            "nothing fits: lower train.batch_size or data.max_length, turn on model.gradient_checkpointing, use LoRA, "
+            "or add devices")  # fmt: skip
+        return (f"{self.own} needs {ours.total / GIB:.1f} GiB per device, {self.device_gib:g} GiB available; {advice}")
+
+
+def plan(recipe: Recipe, devices: int | None = None, device_gib: float = 80.0) -> Plan:
+    """Estimates for every setup at `devices` (default: the recipe's world size), and the recipe's own."""
     shape = model_shape(recipe)
     devices = devices or recipe.distributed.world_size
     activations = activation_bytes(recipe, shape)
@@ -184,4 +208,4 @@ def plan(recipe: Recipe, devices: int | None = None) -> tuple[Shape, list[Estima
     estimates = [Estimate(setup, state_bytes(recipe, shape, setup, devices), activations) for setup in setups]
     own = recipe_setup(recipe)
     own = {"single": "ddp", "ddp": "single"}[own] if own == skip else own
-    return shape, estimates, own
+    return Plan(shape, estimates, own, devices, device_gib)

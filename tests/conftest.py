@@ -58,7 +58,7 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def gpt2_tokenizer(shared_data):
-    from gptj_tune.models import load_tokenizer
+    from gptj_tune.model.load import load_tokenizer
     from gptj_tune.recipe import ModelSection
 
     path = str(shared_data / "gpt2-tokenizer")
@@ -139,14 +139,14 @@ def save_tiny_gpt_neo(out: Path, tokenizer) -> Path:
     return out
 
 
-# The tiny GPT-J the speed-path tests (test_fast.py, test_attention.py) compare against stock code.
+# The tiny GPT-J the speed-path tests (model/test_kernels.py, model/test_attention.py) compare against stock code.
 SPEED_SHAPE_ARGS = dict(layers=2, width=64, heads=4, rotary_dim=8)
 
 
 @pytest.fixture(scope="module")
 def tiny_gptj(tmp_path_factory) -> Path:
     """A saved tiny GPT-J (SPEED_SHAPE_ARGS), built once per test module."""
-    from gptj_tune.models import build_tiny_gptj
+    from gptj_tune.model.load import build_tiny_gptj
     from gptj_tune.recipe import ModelSection, TinyModelSection
 
     out = tmp_path_factory.mktemp("tiny") / "model"
@@ -156,7 +156,7 @@ def tiny_gptj(tmp_path_factory) -> Path:
 
 def load_tiny(path, attn: str, dtype: str = "float32"):
     """The saved tiny GPT-J loaded as gptj-tune loads models, under `attn` (model.attn_implementation)."""
-    from gptj_tune.models import load_model_and_tokenizer
+    from gptj_tune.model.load import load_model_and_tokenizer
     from gptj_tune.recipe import ModelSection, TinyModelSection
 
     section = ModelSection(tiny=TinyModelSection(**SPEED_SHAPE_ARGS), attn_implementation=attn, dtype=dtype)
@@ -178,7 +178,7 @@ def packed_batch(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def can_compile() -> bool:
     """Whether torch.compile can build CPU kernels here (train.compile's tests need a C++ compiler)."""
-    from gptj_tune.fast import CompileUnavailable, check_can_compile
+    from gptj_tune.model.compile import CompileUnavailable, check_can_compile
 
     try:
         check_can_compile(torch.device("cpu"))

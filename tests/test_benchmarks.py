@@ -20,6 +20,7 @@ def run_benchmark(script: str, shared_data, out, *args: str, timeout: int = 600)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_train_throughput_harness_runs_every_engine_on_the_same_tokens(tmp_path, shared_data):
     out = tmp_path / "tt.json"
     result = run_benchmark("train_throughput", shared_data, out, "--records", "16", "--max-length", "128", "--mixed-precision", "bf16")
@@ -109,10 +110,11 @@ def test_a_plot_that_fails_to_draw_leaves_the_earlier_one_whole(tmp_path, monkey
     assert plot.read_bytes() == earlier and sorted(p.name for p in tmp_path.iterdir()) == ["r.png"]
 
 
+@pytest.mark.slow
 def test_eval_speed_runs_the_chosen_tasks_and_writes_json(tmp_path, shared_data):
     out = tmp_path / "es.json"
     # Two tasks (a loglikelihood-of-continuation one and a multiple-choice one): every task's
-    # scoring through the harness is tested in test_eval.py; this checks the script's own work.
+    # scoring through the harness is tested in evaluate/test_eval_command.py; this checks the script's own work.
     result = run_benchmark("eval_speed", shared_data, out, "--limit", "2", "--batch-size", "2", "--tasks", "lambada_openai,piqa")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())

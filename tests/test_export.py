@@ -1,6 +1,6 @@
 """`gptj-tune export`: merged HF folders that load with plain transformers and give the trained
 model's logits; adapter-only; atomicity; the model card. (ZeRO-3 and FSDP shards consolidated by
-export: test_distributed.py, on the sharded runs it makes anyway.)"""
+export: train/test_distributed.py, on the sharded runs it makes anyway.)"""
 
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ def lora_run(tmp_path_factory):
     return tmp / "run"
 
 
+@pytest.mark.slow
 def test_lora_export_is_merged_and_gives_the_peft_logits(tmp_path, lora_run):
     result = cli("export", str(lora_run), "--out", str(tmp_path / "m"), "--dtype", "float32")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -59,6 +60,7 @@ def test_lora_export_is_merged_and_gives_the_peft_logits(tmp_path, lora_run):
     assert generation["eos_token_id"] == config["eos_token_id"] and generation["pad_token_id"] is not None
 
 
+@pytest.mark.slow
 def test_sharded_safetensors_with_an_index(tmp_path, lora_run):
     result = cli("export", str(lora_run), "--out", str(tmp_path / "m"), "--max-shard-size", "100KB")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -67,6 +69,7 @@ def test_sharded_safetensors_with_an_index(tmp_path, lora_run):
     assert torch.allclose(_logits_in_fresh_process(tmp_path / "m"), _peft_logits(lora_run), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_adapter_only_loads_on_the_base_model(tmp_path, lora_run):
     result = cli("export", str(lora_run), "--out", str(tmp_path / "a"), "--adapter-only")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -75,6 +78,7 @@ def test_adapter_only_loads_on_the_base_model(tmp_path, lora_run):
     assert torch.allclose(logits, _peft_logits(lora_run), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
 def test_an_adapter_of_a_bf16_run_is_verified_on_the_base_in_bf16(tmp_path, method):
     # Before, the fresh process loaded the base in fp32 and held the bf16 reference to fp32's
@@ -88,6 +92,7 @@ def test_an_adapter_of_a_bf16_run_is_verified_on_the_base_in_bf16(tmp_path, meth
     assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["peft_type"] == method.upper()
 
 
+@pytest.mark.slow
 def test_full_run_export_and_a_checkpoint(tmp_path):
     assert cli("run", str(small_recipe(tmp_path, method="full", steps=8, save_every=4))).returncode == 0
     run = tmp_path / "run"
@@ -103,6 +108,7 @@ def test_full_run_export_and_a_checkpoint(tmp_path):
     assert (_logits_in_fresh_process(tmp_path / "early") - trained).abs().max() > 1e-3  # an earlier model
 
 
+@pytest.mark.slow
 def test_existing_folder_is_refused_and_a_failed_export_leaves_nothing(tmp_path, lora_run, monkeypatch):
     (tmp_path / "m").mkdir()
     refused = cli("export", str(lora_run), "--out", str(tmp_path / "m"))
@@ -115,11 +121,12 @@ def test_existing_folder_is_refused_and_a_failed_export_leaves_nothing(tmp_path,
 
     monkeypatch.setattr(export, "model_card", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        export.export_run(str(lora_run), str(tmp_path / "half"))
+        export.export_run(export.ExportRequest(str(lora_run), str(tmp_path / "half")))
     assert not (tmp_path / "half").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left behind
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("out, message", [
     ("{run}", "that is the run directory"),
     ("{run}/final", "that is the run's final model"),
@@ -137,6 +144,7 @@ def test_an_export_never_replaces_the_run_or_writes_into_its_models(lora_run, ou
     assert file_contents(lora_run) == before
 
 
+@pytest.mark.slow
 def test_an_out_below_a_file_and_a_bad_shard_size_are_one_line_errors(tmp_path, lora_run):
     (tmp_path / "afile").write_text("x")
     below = cli("export", str(lora_run), "--out", str(tmp_path / "afile" / "m"))
@@ -146,6 +154,7 @@ def test_an_out_below_a_file_and_a_bad_shard_size_are_one_line_errors(tmp_path, 
     assert "Traceback" not in size.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
+@pytest.mark.slow
 def test_model_card_names_the_data_and_shows_the_eval_table(tmp_path, lora_run):
     evaluated = cli("eval", str(lora_run), "--tasks", "none", "--out", str(lora_run / "eval"), "--force")
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
@@ -156,6 +165,7 @@ def test_model_card_names_the_data_and_shows_the_eval_table(tmp_path, lora_run):
     assert "## Recipe" in card and "kind: lora" in card
 
 
+@pytest.mark.slow
 def test_generate_file_chat_and_argument_errors(tmp_path, lora_run):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Reverse the order of the words.\n\nWhat is the last word?\n")

@@ -14,7 +14,8 @@ from conftest import RECIPES
 
 def test_gptj_6b_shape_and_the_published_zero3_figure():
     recipe = load_recipe(RECIPES / "alpaca-full-zero3.yaml")
-    shape, estimates, own = plan(recipe)
+    planned = plan(recipe)
+    shape, estimates, own = planned.shape, planned.estimates, planned.own
     assert shape.params == 6_050_882_784  # GPT-J-6B, from its config on the meta device
     assert shape.trainable == shape.params and shape.layers == 28 and shape.vocab == 50400
     assert own == "zero3"
@@ -34,7 +35,8 @@ def test_lora_counts_only_adapters_as_trainable():
 
 def test_a_soft_prompt_is_its_vectors_alone_and_plans_only_unsharded():
     recipe = load_recipe(RECIPES / "soft-prompt.yaml")
-    shape, estimates, own = plan(recipe)
+    planned = plan(recipe)
+    shape, estimates, own = planned.shape, planned.estimates, planned.own
     assert shape.trainable == 20 * 4096 and shape.params == 6_050_882_784 + 20 * 4096
     assert [e.setup for e in estimates] == ["single"] and own == "single"
     # bf16 frozen weights, plus the fp32 prompt with its gradient and two AdamW moments
@@ -69,7 +71,7 @@ def _measured_and_planned(tmp_path, name, **shape):
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / name / "summary.json").read_text())
     assert summary["memory_measure"] == "cpu_rss_growth"
-    _, estimates, _ = plan(load_recipe(recipe))
+    estimates = plan(load_recipe(recipe)).estimates
     return summary["peak_memory_bytes"], next(e for e in estimates if e.setup == "single").total
 
 

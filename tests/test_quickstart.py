@@ -14,8 +14,8 @@ def test_quickstart_learns_far_above_the_untrained_model(tmp_path):
 
     from gptj_tune.data import prepare_data
     from gptj_tune.data.synthetic import generate_records
-    from gptj_tune.evaluate import exact_match
-    from gptj_tune.models import load_model_and_tokenizer
+    from gptj_tune.evaluate.heldout import exact_match
+    from gptj_tune.model.load import load_model_and_tokenizer
     from gptj_tune.recipe import load_recipe
 
     run = tmp_path / "quickstart"

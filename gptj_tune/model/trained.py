@@ -1,0 +1,31 @@
+"""A trained model loaded back from what a run or an export holds, for eval, generate and export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelError
+from .prompt_tuning import SoftPromptModel, is_prompt_tuning_folder
+
+
+def load_trained_model(base: str, weights: str | Path | None = None, dtype: torch.dtype | None = None):
+    """The model as trained: `weights` a soft prompt or a LoRA adapter (peft folders, put on `base`),
+    or a whole model folder (config.json); None: `base` alone. `dtype` None loads as transformers
+    does by default."""
+    from transformers import AutoModelForCausalLM
+
+    options = {} if dtype is None else {"dtype": dtype}
+    if weights is None:
+        return AutoModelForCausalLM.from_pretrained(base, **options)
+    weights = Path(weights)
+    if is_prompt_tuning_folder(weights):
+        return SoftPromptModel.from_saved(AutoModelForCausalLM.from_pretrained(base, **options), weights)
+    if (weights / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **options), weights)
+    if (weights / "config.json").is_file():
+        return AutoModelForCausalLM.from_pretrained(weights, **options)
+    raise ModelError(f"{weights} holds no model (no config.json or adapter_config.json)")

@@ -1,0 +1,216 @@
+"""Reading a recipe: YAML (safe loader) with line numbers, `--set key=value` overrides, paths
+resolved, and every validation problem reported at once under its dotted key, with its line and a fix."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from ..errors import RecipeError
+from .inputs import METHOD_TYPES
+from .schema import Recipe, section_type
+
+
+
+def _line_index(text: str) -> dict[tuple, int]:
+    """Map each key path of a YAML document to its 1-based line, for error messages."""
+    index: dict[tuple, int] = {}
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                sub = path + (key_node.value,)
+                index[sub] = key_node.start_mark.line + 1
+                walk(value_node, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                index[path + (i,)] = item.start_mark.line + 1
+                walk(item, path + (i,))
+
+    try:
+        walk(yaml.compose(text, Loader=yaml.SafeLoader), ())
+    except yaml.YAMLError:
+        pass
+    return index
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    """Drop pydantic's union-tag element (`method.lora.r` -> `method.r`)."""
+    if len(loc) >= 2 and loc[0] == "method" and loc[1] in METHOD_TYPES:
+        return (loc[0],) + loc[2:]
+    return loc
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _allowed_keys(raw_loc: tuple) -> list[str]:
+    """Keys allowed at the parent of `raw_loc` (pydantic's loc, union tag included)."""
+    model: Any = Recipe
+    parts = list(raw_loc[:-1])
+    while parts:
+        part = parts.pop(0)
+        if isinstance(part, int):
+            continue
+        if part == "method" and parts and parts[0] in METHOD_TYPES:
+            model = METHOD_TYPES[parts.pop(0)]
+            continue
+        field = model.model_fields.get(part)
+        model = section_type(field.annotation) if field is not None else None
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _describe(err: dict, lines: dict[tuple, int], overrides: set[tuple]) -> str:
+    loc = _clean_loc(tuple(err["loc"]))
+    kind = err["type"]
+    if kind == "union_tag_invalid":
+        loc += ("kind",)
+    key = _dotted(loc) or "(top level)"
+    where = ""
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in overrides:
+            where = " (from --set)"
+            break
+        if loc[:n] in lines:
+            where = f" (line {lines[loc[:n]]})"
+            break
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(tuple(err["loc"]))
+        guess = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"did you mean `{guess[0]}`?" if guess else f"allowed keys: {', '.join(allowed)}"
+        return f"`{key}`{where}: unknown key; {hint}"
+    if kind == "missing":
+        return f"`{key}`{where}: required but missing"
+    if kind == "union_tag_invalid":
+        return f"`{key}`{where}: got {err['input'].get('kind')!r}; expected one of 'full', 'lora', 'prompt_tuning'"
+    if kind == "union_tag_not_found":
+        return f"`{key}`{where}: needs `kind: full`, `kind: lora` or `kind: prompt_tuning`"
+    msg = err["msg"].removeprefix("Value error, ")
+    if kind.startswith(("value_error", "assertion_error")):
+        return f"`{key}`{where}: {msg}"
+    return f"`{key}`{where}: {msg}; got {err['input']!r}"
+
+
+def parse_override(text: str) -> tuple[tuple, Any]:
+    """`train.lr=1e-4` -> (('train', 'lr'), 0.0001). Values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise RecipeError([f"--set {text!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4"])
+    key, _, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not all(p.strip() for p in parts):
+        raise RecipeError([f"--set {text!r}: the key has an empty part; write dotted keys like train.lr or data.sources.0.path"])
+    path = tuple(int(p) if p.isdigit() else p for p in parts)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise RecipeError([f"--set {text!r}: value is not valid YAML ({e.problem})"])
+    return path, value
+
+
+def _apply_override(raw: dict, path: tuple, value: Any) -> None:
+    node: Any = raw
+    for i, part in enumerate(path[:-1]):
+        nxt = path[i + 1]
+        if isinstance(node, dict):
+            node = node.setdefault(part, [] if isinstance(nxt, int) else {})
+        elif _list_index(node, part, path, i):
+            if part == len(node):  # one past the end adds an entry: data.sources.1.format=text
+                node.append([] if isinstance(nxt, int) else {})
+            node = node[part]
+        else:
+            raise RecipeError([f"--set {_dotted(path)}: `{_dotted(path[: i + 1])}` is not a section that can be indexed"])
+    last = path[-1]
+    if _list_index(node, last, path, len(path) - 1):
+        node[last:last + 1] = [value]
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise RecipeError([f"--set {_dotted(path)}: cannot set this key"])
+
+
+def _list_index(node: Any, part: Any, path: tuple, i: int) -> bool:
+    """Whether `part` indexes the list `node` (0 to its length, which adds an entry); an index further
+    out is an error giving the length."""
+    if not (isinstance(node, list) and isinstance(part, int)):
+        return False
+    if part > len(node):
+        n = len(node)
+        raise RecipeError([f"--set {_dotted(path)}: `{_dotted(path[:i])}` has {n} entr{'y' if n == 1 else 'ies'}, so "
+                           f"index {part} is past its end; use 0 to {n} ({n} adds one)"])  # fmt: skip
+    return True
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe file. Raises RecipeError listing every problem."""
+    path = Path(path)
+    if path.is_dir():
+        raise RecipeError([f"{path} is a folder; give a recipe file (YAML), or a shipped recipe's name (`gptj-tune recipes`)"])
+    if not path.is_file():
+        raise RecipeError([f"file not found: {path}; list shipped recipes with `gptj-tune recipes`"])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError([f"not UTF-8 text (byte {e.start}): a recipe is a YAML file"], source=str(path)) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f"line {mark.line + 1}: " if mark else ""
+        raise RecipeError([f"{line}not valid YAML: {getattr(e, 'problem', e)}"], source=str(path))
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise RecipeError([f"the top level must be a mapping of sections, got {type(raw).__name__}"], source=str(path))
+    parsed = [parse_override(o) for o in overrides]
+    for key_path, value in parsed:
+        _apply_override(raw, key_path, value)
+    output = raw.setdefault("output", {})
+    if isinstance(output, dict):
+        output.setdefault("dir", f"runs/{path.stem}")
+    _resolve_source_paths(raw, path.parent)
+    return validate_recipe(raw, source=str(path), lines=_line_index(text), overrides={p for p, _ in parsed})
+
+
+def _resolve_source_paths(raw: dict, base: Path) -> None:
+    """Relative local paths (data, DeepSpeed JSON) are relative to the recipe file, like an import in code."""
+    sources = raw.get("data", {}).get("sources") if isinstance(raw.get("data"), dict) else None
+    for source in sources if isinstance(sources, list) else []:
+        if isinstance(source, dict) and isinstance(source.get("path"), str):
+            candidate = base / source["path"]
+            if not Path(source["path"]).is_absolute() and candidate.exists():
+                source["path"] = str(candidate.resolve())
+            elif Path(source["path"]).exists():  # relative to where the command runs (a --set value)
+                source["path"] = str(Path(source["path"]).resolve())
+    # A local model or tokenizer folder is relative to where the command runs, as from_pretrained reads
+    # it; frozen as an absolute path, so the run's export, eval and generate work from anywhere.
+    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    for key in ("name_or_path", "tokenizer"):
+        value = model.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute() and Path(value).is_dir():
+            model[key] = str(Path(value).resolve())
+    dist = raw.get("distributed") if isinstance(raw.get("distributed"), dict) else {}
+    ds = dist.get("deepspeed")
+    if isinstance(ds, dict) and isinstance(ds.get("config"), str) and not Path(ds["config"]).is_absolute():
+        ds["config"] = str((base / ds["config"]).resolve())
+    if isinstance(dist.get("hostfile"), str) and not Path(dist["hostfile"]).is_absolute():
+        dist["hostfile"] = str((base / dist["hostfile"]).resolve())
+    ev = raw.get("eval") if isinstance(raw.get("eval"), dict) else {}
+    if isinstance(ev.get("data_dir"), str) and not Path(ev["data_dir"]).is_absolute():
+        ev["data_dir"] = str((base / ev["data_dir"]).resolve())
+
+
+def validate_recipe(raw: dict, source: str | None = None, lines=None, overrides=frozenset()) -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        problems = [_describe(err, lines or {}, set(overrides)) for err in e.errors()]
+        raise RecipeError(problems, source=source) from None

@@ -1,0 +1,90 @@
+"""Checkpoints: written atomically by every process together (each its RNG state, and its shards
+under ZeRO/FSDP), and read back so that a resumed run continues the same loss curve."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import RunDirError
+from ..model.prompt_tuning import SoftPromptModel
+from ..recipe import Recipe
+from ..rundir import RunDir
+from .engines import load_engine_state, save_engine_state
+
+
+def save_checkpoint(recipe: Recipe, run: RunDir, step: int, accelerator, model, optimizer, scheduler, state: dict) -> Path:
+    """Write checkpoints/step-N atomically. Every process writes its part (its RNG state; its ZeRO
+    shards under DeepSpeed) into one temp folder, which the main process renames when all are done."""
+    import shutil
+
+    main, rank = accelerator.is_main_process, accelerator.process_index
+    target = run.checkpoints / f"step-{step}"
+    tmp = run.checkpoints / f".partial-step-{step}"
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    save_engine_state(tmp, accelerator, model, optimizer, recipe)
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, tmp / f"rng-{rank}.pt")
+    if main:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({**state, "world_size": accelerator.num_processes}, indent=2))
+    accelerator.wait_for_everyone()
+    if main:
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+        run.prune_checkpoints(recipe.train.keep_last)
+    accelerator.wait_for_everyone()
+    return target
+
+
+def load_checkpoint(recipe: Recipe, folder: Path, accelerator, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and this process's RNG from `folder`; return its trainer state."""
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+        if state.get("world_size", 1) != accelerator.num_processes:
+            raise RunDirError(
+                f"{folder} was saved by {state.get('world_size', 1)} process(es); this run has "
+                f"{accelerator.num_processes}. Resume with the same distributed layout."
+            )
+        load_engine_state(folder, accelerator, model, optimizer, recipe, _load_weights)
+        scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        rng = torch.load(folder / f"rng-{accelerator.process_index}.pt", weights_only=False)
+    except (OSError, RuntimeError, KeyError, ValueError) as e:
+        raise RunDirError(f"{folder}: checkpoint cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return {k: v for k, v in state.items() if k != "world_size"}
+
+
+def _load_weights(folder: Path, model) -> None:
+    """Weights of a one-process checkpoint (folder/model: adapter or full safetensors) into `model`."""
+    from safetensors.torch import load_file
+
+    weights = folder / "model"
+    if isinstance(model, SoftPromptModel):
+        model.load_saved(weights)
+        return
+    if (weights / "adapter_model.safetensors").exists():
+        import peft
+
+        peft.set_peft_model_state_dict(model, load_file(weights / "adapter_model.safetensors"))
+        return
+    state = {}
+    for file in sorted(weights.glob("*.safetensors")):
+        state.update(load_file(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if "lm_head" not in k]:
+        raise RunDirError(f"{folder}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")

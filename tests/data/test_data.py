@@ -1,0 +1,211 @@
+"""Data pipeline on the real Alpaca / Dolly files with the real GPT-2 tokenizer."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+
+import pytest
+
+from gptj_tune.data import prepare_data, split_indices
+from gptj_tune.data.formats import read_source
+from gptj_tune.data.templates import BUILTIN_TEMPLATES
+from gptj_tune.data.pack import _best_fit_decreasing, make_rows, pack_examples
+from gptj_tune.data.tokens import IGNORE, tokenize_instructions, tokenize_text
+from gptj_tune.errors import DataError
+from gptj_tune.recipe import DataSection, SourceSection
+
+ALPACA = BUILTIN_TEMPLATES["alpaca"]
+
+
+def alpaca_records(shared_data, n=None):
+    source = SourceSection(format="alpaca", path=str(shared_data / "alpaca" / "alpaca_2k.json"), limit=n)
+    return read_source(source, 0, "skip").records
+
+
+def test_alpaca_reader_keeps_fields_and_lines(shared_data):
+    path = shared_data / "alpaca" / "alpaca_2k.json"
+    # The real file has 4 records with an empty output: the default is to fail, naming the line.
+    with pytest.raises(DataError, match=rf"{path}:1422: field `output` is empty \(set data.on_bad_record: skip"):
+        read_source(SourceSection(format="alpaca", path=str(path)), 0, "fail")
+    read = read_source(SourceSection(format="alpaca", path=str(path)), 0, "skip")
+    raw = [x for x in json.loads(path.read_text()) if x["output"].strip()]
+    assert len(read.records) == 1996 and len(read.skipped) == 4
+    assert [(r["instruction"], r["input"], r["output"]) for r in read.records] == [
+        (x["instruction"], x["input"], x["output"]) for x in raw
+    ]
+    assert read.records[0]["origin"].endswith("alpaca_2k.json:2")  # indent-4 array: first record on line 2
+    assert read.records[1]["origin"].endswith("alpaca_2k.json:7")
+
+
+def test_label_masking_counts_are_exact(shared_data, gpt2_tokenizer):
+    records = alpaca_records(shared_data, n=500)
+    examples, stats = tokenize_instructions(records, gpt2_tokenizer, ALPACA, 4096, False, "truncate")
+    assert stats.truncated == stats.dropped == 0 and len(examples) == 500
+    expected_targets = 0
+    for record, example in zip(records, examples):
+        prompt = gpt2_tokenizer(ALPACA.render_prompt(record["instruction"], record["input"]))["input_ids"]
+        response = gpt2_tokenizer(record["output"])["input_ids"] + [gpt2_tokenizer.eos_token_id]
+        assert example.input_ids == prompt + response
+        assert example.labels == [IGNORE] * len(prompt) + response  # every prompt token masked, EOS learned
+        expected_targets += len(response)
+    assert stats.target_tokens == expected_targets
+    with_input = next(r for r in records if r["input"])
+    assert "### Input:\n" + with_input["input"] in ALPACA.render_prompt(with_input["instruction"], with_input["input"])
+
+
+def test_train_on_prompt_learns_everything_but_the_first_token(shared_data, gpt2_tokenizer):
+    records = alpaca_records(shared_data, n=50)
+    examples, _ = tokenize_instructions(records, gpt2_tokenizer, ALPACA, 4096, True, "truncate")
+    for e in examples:
+        assert e.labels[0] == IGNORE and e.labels[1:] == e.input_ids[1:]
+
+
+def test_dolly_sample_with_dolly_template(shared_data, gpt2_tokenizer):
+    source = SourceSection(format="dolly", path=str(shared_data / "dolly" / "dolly_sample_train20.jsonl"))
+    records = read_source(source, 0, "fail").records
+    assert len(records) == 20 and all("category" in r for r in records)
+    dolly = BUILTIN_TEMPLATES["dolly"]
+    examples, stats = tokenize_instructions(records, gpt2_tokenizer, dolly, 4096, False, "truncate")
+    end = gpt2_tokenizer("\n\n### End")["input_ids"]
+    for r, e in zip(records, examples):
+        targets = [t for t in e.labels if t != IGNORE]
+        assert targets[-1] == gpt2_tokenizer.eos_token_id and targets[-1 - len(end) : -1] == end
+        assert gpt2_tokenizer.decode(targets[: -1 - len(end)]) == r["output"]
+        if r["input"]:
+            assert "Input:\n" + r["input"] in gpt2_tokenizer.decode(e.input_ids)
+
+
+def test_packing_keeps_every_token_and_respects_max_length(shared_data, gpt2_tokenizer):
+    examples, _ = tokenize_instructions(alpaca_records(shared_data), gpt2_tokenizer, ALPACA, 512, False, "truncate")
+    rows = make_rows(examples, 512, packing=True)
+    assert all(len(r.input_ids) <= 512 for r in rows)
+    assert sum(len(r.input_ids) for r in rows) == sum(len(e.input_ids) for e in examples)
+    packed = Counter()
+    for r in rows:  # split each row back into examples at position restarts
+        starts = [i for i, p in enumerate(r.position_ids) if p == 0] + [len(r.input_ids)]
+        for a, b in zip(starts, starts[1:]):
+            packed[(tuple(r.input_ids[a:b]), tuple(r.labels[a:b]))] += 1
+    assert packed == Counter((tuple(e.input_ids), tuple(e.labels)) for e in examples)
+    total = sum(len(r.input_ids) for r in rows)
+    efficiency = total / (512 * len(rows))
+    assert efficiency > 0.98, efficiency
+    assert len(rows) < len(_best_fit_decreasing([len(e.input_ids) for e in examples], 512))
+    few = examples[:240]  # a small dataset: as few rows as its tokens allow (best fit leaves one more)
+    assert len(make_rows(few, 512, packing=True)) == -(-sum(len(e.input_ids) for e in few) // 512)
+
+
+def test_pack_examples_is_best_fit_decreasing():
+    bins = pack_examples([5, 3, 4, 2, 6, 1], capacity=7)
+    assert sorted(sorted(b) for b in bins) == [[0, 3], [1, 2], [4, 5]]  # 5+2, 3+4, 6+1: no waste
+    with pytest.raises(ValueError, match="more than the capacity"):
+        pack_examples([9], capacity=7)
+
+
+def test_packing_empties_the_last_bin_that_best_fit_decreasing_leaves():
+    # Best-fit decreasing: 5+4, 3+3+3, 2 (three bins); two are enough: 5+3+2 and 4+3+3.
+    assert len(_best_fit_decreasing([3, 3, 3, 5, 4, 2], 10)) == 3
+    bins = pack_examples([3, 3, 3, 5, 4, 2], capacity=10)
+    assert sorted(sum([3, 3, 3, 5, 4, 2][i] for i in b) for b in bins) == [10, 10]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_packing_keeps_every_example_once_within_capacity_and_never_adds_bins(seed):
+    rng = random.Random(seed)
+    lengths = [rng.choice([rng.randint(1, 40), rng.randint(30, 200)]) for _ in range(rng.randint(1, 300))]
+    bins = pack_examples(lengths, 256)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 256 for b in bins)
+    assert -(-sum(lengths) // 256) <= len(bins) <= len(_best_fit_decreasing(lengths, 256))
+    assert pack_examples(lengths, 256) == bins  # deterministic
+
+
+def test_overlong_examples_truncated_or_dropped_with_counts(shared_data, gpt2_tokenizer):
+    records = alpaca_records(shared_data, n=300)
+    lengths = [len(e.input_ids) for e in tokenize_instructions(records, gpt2_tokenizer, ALPACA, 10**6, False, "drop")[0]]
+    over = sum(n > 96 for n in lengths)
+    kept, stats = tokenize_instructions(records, gpt2_tokenizer, ALPACA, 96, False, "drop")
+    assert stats.dropped == over and len(kept) == 300 - over
+    cut, stats = tokenize_instructions(records, gpt2_tokenizer, ALPACA, 96, False, "truncate")
+    assert stats.truncated + stats.dropped == over and all(len(e.input_ids) <= 96 for e in cut)
+    assert all(any(t != IGNORE for t in e.labels) for e in cut)  # no example without a target survives
+
+
+def test_malformed_jsonl_names_file_line_and_field(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    lines = [
+        {"instruction": "a", "input": "", "output": "b"},
+        {"instruction": "c", "output": "d"},  # input is optional
+        "{not json",
+        {"instruction": "e", "input": ""},
+        {"instruction": "f", "input": "", "output": "  "},
+        {"instruction": 3, "input": "", "output": "x"},
+    ]
+    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    source = SourceSection(format="alpaca", path=str(path))
+    with pytest.raises(DataError, match=rf"{path}:3: not valid JSON .*on_bad_record: skip"):
+        read_source(source, 0, "fail")
+    read = read_source(source, 0, "skip")
+    assert len(read.records) == 2 and len(read.skipped) == 4
+    assert any(f"{path}:4: missing field `output`" in s for s in read.skipped)
+    assert any(f"{path}:5: field `output` is empty" in s for s in read.skipped)
+    assert any(f"{path}:6: field `instruction` must be a string, got int" in s for s in read.skipped)
+
+
+def test_malformed_json_array_names_record_line(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('[\n  {"instruction": "a", "input": "", "output": "b"},\n  {"instruction": "c", "input": ""}\n]\n')
+    with pytest.raises(DataError, match=rf"{path}:3: missing field `output`"):
+        read_source(SourceSection(format="alpaca", path=str(path)), 0, "fail")
+
+
+def test_jsonl_field_mapping(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"q": "2+2?", "ctx": "math", "a": "4"}) + "\n")
+    source = SourceSection(format="jsonl", path=str(path), prompt_field="q", input_field="ctx", response_field="a")
+    [record] = read_source(source, 0, "fail").records
+    assert (record["instruction"], record["input"], record["output"]) == ("2+2?", "math", "4")
+
+
+def test_text_format_on_a_novel(shared_data, gpt2_tokenizer):
+    path = shared_data / "domain" / "alice_in_wonderland_pg11.txt"
+    records = read_source(SourceSection(format="text", path=str(path)), 0, "fail").records
+    assert not records[0]["text"].startswith("\ufeff") and "\r" not in records[0]["text"]
+    examples, stats = tokenize_text(records, gpt2_tokenizer, 256)
+    stream = gpt2_tokenizer(records[0]["text"])["input_ids"] + [gpt2_tokenizer.eos_token_id]
+    assert sum(len(e.input_ids) for e in examples) == len(stream)
+    assert all(len(e.input_ids) == 256 for e in examples[:-1])
+    assert all(e.labels[0] == IGNORE and e.labels[1:] == e.input_ids[1:] for e in examples)
+
+
+def test_hub_dataset_offline_is_a_clear_error():
+    source = SourceSection(format="alpaca", path="tatsu-lab/alpaca")
+    with pytest.raises(DataError, match=r"data.sources\[0\].path: 'tatsu-lab/alpaca' is not a local file or folder "
+                                        r"\(a relative path is looked for beside the recipe file, then in the current directory\), "
+                                        r"and loading it as a hub dataset failed"):
+        read_source(source, 0, "fail")
+    with pytest.raises(DataError, match=r"'/no/such/books' is not a local file or folder, and loading"):
+        read_source(SourceSection(format="text", path="/no/such/books"), 0, "fail")
+
+
+def test_split_is_deterministic_and_disjoint():
+    train, held = split_indices(1000, 0.05, 1000, seed=3)
+    assert len(held) == 50 and not set(train) & set(held) and len(train) + len(held) == 1000
+    assert (train, held) == split_indices(1000, 0.05, 1000, seed=3)
+    assert held != split_indices(1000, 0.05, 1000, seed=4)[1]
+    assert len(split_indices(1000, 0.5, 20, seed=3)[1]) == 20
+
+
+def test_prepare_data_mixes_weighted_sources(shared_data, gpt2_tokenizer):
+    alpaca = SourceSection(format="alpaca", path=str(shared_data / "alpaca" / "alpaca_2k.json"), limit=200, weight=2)
+    dolly = SourceSection(format="dolly", path=str(shared_data / "dolly" / "dolly_sample_train20.jsonl"), weight=0.5)
+    section = DataSection(sources=[alpaca, dolly], eval_fraction=0.1, max_length=1024, on_bad_record="skip")
+    data = prepare_data(section, gpt2_tokenizer)
+    assert len(data.eval_records) == 20 + 2
+    train_alpaca, train_dolly = 180, 18
+    rows_tokens = sum(len(r.input_ids) for r in data.train_rows)
+    assert data.train_stats.examples == train_alpaca + train_dolly  # before weighting
+    examples_in_rows = sum(r.position_ids.count(0) for r in data.train_rows)
+    assert examples_in_rows == 2 * train_alpaca + round(0.5 * train_dolly)
+    assert rows_tokens > 0 and data.padding_efficiency > 0.9

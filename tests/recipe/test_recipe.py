@@ -1,0 +1,233 @@
+"""The Recipe schema: shipped recipes validate; bad ones give specific, located messages."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from conftest import RECIPES, REPO, cli, write_recipe
+
+from gptj_tune.errors import RecipeError
+from gptj_tune.recipe import LoraMethod, load_recipe, reference_markdown
+
+SHIPPED = sorted(RECIPES.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.description, f"{path.name} needs a one-line description"
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith("# Run: gptj-tune run recipes/" + path.name), first_line
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_recipe_frozen_as_a_run_freezes_it_validates_again(path, tmp_path):
+    # Before, a run of any model but tiny-gptj froze `model.tiny` (its defaults) beside the hub
+    # model, which the schema refuses: export, eval and generate of such runs failed to read it.
+    from gptj_tune.rundir import is_frozen_recipe
+
+    frozen = tmp_path / "recipe.yaml"
+    frozen.write_text(load_recipe(path).to_yaml())
+    again = load_recipe(frozen)
+    assert again == load_recipe(path) and is_frozen_recipe(frozen)
+    assert ("tiny:" in frozen.read_text()) == (again.model.name_or_path == "tiny-gptj")
+
+
+def test_defaults_and_output_dir_from_file_name(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path / "my-run.yaml", "{}\n"))
+    assert recipe.output.dir == "runs/my-run"
+    assert isinstance(recipe.method, LoraMethod) and recipe.method.r == 16
+    assert recipe.data.packing is True and recipe.train.lr == 2e-4
+
+
+def test_unknown_key_names_line_and_suggests_fix(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", "train:\n  lrr: 1.0e-4\n  batch_size: 2\n")
+    with pytest.raises(RecipeError, match=r"`train\.lrr` \(line 2\): unknown key; did you mean `lr`\?"):
+        load_recipe(path)
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    text = "model:\n  dtype: fp8\ntrain:\n  batch_size: lots\nmethod:\n  kind: lora\n  rr: 4\n"
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write_recipe(tmp_path / "r.yaml", text))
+    message = str(info.value)
+    assert "3 problem(s)" in message
+    assert re.search(r"`model\.dtype` \(line 2\): Input should be .*'float32'.*got 'fp8'", message)
+    assert re.search(r"`train\.batch_size` \(line 4\): .*integer.*got 'lots'", message)
+    assert "`method.rr` (line 7): unknown key; did you mean `r`?" in message
+
+
+def test_method_kind_is_a_tagged_union(tmp_path):
+    with pytest.raises(RecipeError, match=r"`method\.kind` \(line 2\): got 'qlora'; expected one of 'full', 'lora'"):
+        load_recipe(write_recipe(tmp_path / "r.yaml", "method:\n  kind: qlora\n"))
+    with pytest.raises(RecipeError, match=r"`method\.r`.*unknown key"):
+        load_recipe(write_recipe(tmp_path / "r.yaml", "method:\n  kind: full\n  r: 8\n"))
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("train:\n  warmup_steps: 10\n  warmup_ratio: 0.1\n", "can't set both train.warmup_steps and train.warmup_ratio"),
+        ("train:\n  epochs: 2\n  max_steps: 10\n", "can't set both train.epochs and train.max_steps"),
+        ("data:\n  sources:\n    - format: alpaca\n", r"`data\.sources\[0\]` \(line 3\): `path` is required for format alpaca"),
+        ("data:\n  sources:\n    - {format: jsonl, path: x.jsonl}\n", "format jsonl needs `prompt_field`"),
+        ("data:\n  sources:\n    - {format: synthetic, path: x}\n", "`path` is not used with format synthetic"),
+        ("model:\n  name_or_path: EleutherAI/gpt-j-6b\n  tiny: {layers: 2}\n", "model.tiny only shapes the built-in"),
+        ("model:\n  tiny: {width: 30, heads: 4}\n", r"width \(30\) must be divisible by model.tiny.heads"),
+        ("data:\n  template: {prompt: 'Q: {question}'}\n", "may use only"),
+        ("train:\n  compile: true\ndistributed:\n  backend: fsdp\n  num_processes: 2\n", "train.compile works with distributed.backend single or ddp, not fsdp"),
+    ],
+)
+def test_contradictions_are_errors(tmp_path, text, match):
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(write_recipe(tmp_path / "r.yaml", text))
+
+
+def test_overrides(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", "train:\n  lr: 1.0e-3\n")
+    recipe = load_recipe(path, ["train.lr=1e-4", "data.max_length=256", "data.packing=false", "method.kind=full"])
+    assert recipe.train.lr == 1e-4 and recipe.data.max_length == 256 and recipe.data.packing is False
+    assert recipe.method.kind == "full"
+    recipe = load_recipe(RECIPES / "quickstart.yaml", ["data.sources.0.count=100"])
+    assert recipe.data.sources[0].count == 100
+    with pytest.raises(RecipeError, match=r"`train\.lrr` \(from --set\): unknown key; did you mean `lr`"):
+        load_recipe(path, ["train.lrr=1"])
+    with pytest.raises(RecipeError, match="expected KEY=VALUE"):
+        load_recipe(path, ["train.lr"])
+    # One past the end of a list adds an entry, field by field; further is an error naming the length.
+    mixed = load_recipe(RECIPES / "quickstart.yaml", ["data.sources.1.format=text", "data.sources.1.path=/books",
+                                                      "data.sources.1.weight=0.5"])  # fmt: skip
+    assert [(s.format, s.path, s.weight) for s in mixed.data.sources] == [("synthetic", None, 1.0), ("text", "/books", 0.5)]
+    with pytest.raises(RecipeError, match=r"`data.sources` has 1 entry, so index 3 is past its end; use 0 to 1"):
+        load_recipe(RECIPES / "quickstart.yaml", ["data.sources.3.path=x"])
+    for key in ("=3", "train..lr=3"):
+        with pytest.raises(RecipeError, match="the key has an empty part"):
+            load_recipe(path, [key])
+
+
+def test_local_paths_relative_to_the_working_directory_are_frozen_absolute(tmp_path, monkeypatch):
+    # A run's export, eval and generate read its frozen recipe from any directory; before, a
+    # `--set` data path or a relative model folder stayed relative to where `run` was typed.
+    (tmp_path / "work" / "models" / "gj").mkdir(parents=True)
+    (tmp_path / "work" / "d.jsonl").write_text("{}\n")
+    (tmp_path / "recipes").mkdir()
+    recipe = write_recipe(tmp_path / "recipes" / "r.yaml", "model: {name_or_path: models/gj, tokenizer: models/gj}\n")
+    monkeypatch.chdir(tmp_path / "work")
+    loaded = load_recipe(recipe, ["data.sources=[{format: alpaca, path: d.jsonl}]"])
+    assert loaded.model.name_or_path == loaded.model.tokenizer == str(tmp_path / "work" / "models" / "gj")
+    assert loaded.data.sources[0].path == str(tmp_path / "work" / "d.jsonl")
+    hub = load_recipe(recipe, ["model.name_or_path=EleutherAI/gpt-j-6b", "model.tokenizer=null"])
+    assert hub.model.name_or_path == "EleutherAI/gpt-j-6b"  # no such folder here: a hub id, left as written
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", "train: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(RecipeError, match="line 1: not valid YAML"):
+        load_recipe(path)
+
+
+def test_recipe_is_read_only(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", "{}\n"))
+    with pytest.raises(Exception):
+        recipe.train.lr = 1.0  # type: ignore[misc]
+
+
+def test_validate_command_exit_codes(tmp_path):
+    good = cli("validate", str(RECIPES / "quickstart.yaml"))
+    assert good.returncode == 0, good.stderr
+    assert "name_or_path: tiny-gptj" in good.stdout and "valid" in good.stdout
+    bad = cli("validate", str(write_recipe(tmp_path / "bad.yaml", "trian: {}\n")))
+    assert bad.returncode == 2
+    assert "`trian` (line 1): unknown key; did you mean `train`?" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_recipes_list_and_copy(tmp_path):
+    listing = cli("recipes")
+    assert listing.returncode == 0
+    for path in SHIPPED:
+        assert path.stem in listing.stdout
+    dest = tmp_path / "mine.yaml"
+    assert cli("recipes", "copy", "quickstart", str(dest)).returncode == 0
+    assert dest.read_text() == (RECIPES / "quickstart.yaml").read_text()
+    again = cli("recipes", "copy", "quickstart", str(dest))
+    assert again.returncode == 2 and "already exists" in again.stderr
+    missing = cli("recipes", "copy", "nope", str(tmp_path / "x.yaml"))
+    assert missing.returncode == 2 and "no shipped recipe 'nope'" in missing.stderr
+    into = cli("recipes", "copy", "quickstart", str(tmp_path))  # a folder: the copy goes inside, like cp
+    assert into.returncode == 0 and (tmp_path / "quickstart.yaml").read_text() == dest.read_text()
+    below = cli("recipes", "copy", "quickstart", str(dest / "x.yaml"))
+    assert below.returncode == 2 and "mine.yaml is a file, not a folder" in below.stderr and "Traceback" not in below.stderr
+
+
+def test_a_folder_or_a_binary_file_given_as_the_recipe_is_a_one_line_error(tmp_path):
+    folder = cli("validate", str(tmp_path))
+    assert folder.returncode == 2 and f"{tmp_path} is a folder; give a recipe file" in folder.stderr
+    (tmp_path / "r.yaml").write_bytes(b"\xff\xfe model: {}")
+    binary = cli("validate", str(tmp_path / "r.yaml"))
+    assert binary.returncode == 2 and "not UTF-8 text (byte 0)" in binary.stderr
+    assert "Traceback" not in folder.stderr + binary.stderr
+
+
+@pytest.mark.slow
+def test_messages_print_paths_and_hints_verbatim_not_as_rich_markup(tmp_path):
+    # rich reads "[draft]" or ".[eval]" as a style tag and drops it; every message is escaped
+    missing = cli("run", str(tmp_path / "[draft]-v2.yaml"))
+    assert missing.returncode == 2 and f"file not found: {tmp_path}/[draft]-v2.yaml;" in missing.stderr
+    folder = tmp_path / "[v2]"
+    folder.mkdir()
+    copied = cli("recipes", "copy", "quickstart", str(folder))
+    assert copied.returncode == 0 and f"gptj-tune run {folder}/quickstart.yaml" in copied.stdout.replace("\n", "")
+
+
+def test_the_recipe_reference_is_generated_from_the_schema():
+    reference = (REPO / "docs" / "recipe-reference.md").read_text()
+    start, end = "<!-- recipe-reference:start -->\n", "<!-- recipe-reference:end -->"
+    assert start in reference and end in reference, "docs/recipe-reference.md needs the generated recipe reference"
+    embedded = reference.split(start)[1].split(end)[0]
+    assert embedded == reference_markdown(), "docs/recipe-reference.md is stale: run `gptj-tune recipes reference`"
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt_neo_with_gpt2_tokenizer(tmp_path_factory, gpt2_tokenizer):
+    """A two-layer GPT-Neo on the real GPT-2 tokenizer, saved like a hub checkpoint."""
+    from conftest import save_tiny_gpt_neo
+
+    return save_tiny_gpt_neo(tmp_path_factory.mktemp("neo") / "model", gpt2_tokenizer)
+
+
+# Shipped recipes that read data, each run for a few steps on the real data under ../shared/data with
+# a tiny model in its place (`neo`: the tiny GPT-Neo above; `tiny`: the built-in tiny GPT-J).
+DATA_RECIPES = {
+    "soft-prompt": ("neo", "domain", "PROMPT_TUNING"),
+    "novel-domain": ("tiny", "domain", "LORA"),
+    "dolly-lora": ("tiny", "dolly/dolly_sample_train20.jsonl", "LORA"),
+    "gpt-neo-125m-alpaca": ("neo", "alpaca/alpaca_2k.json", None),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(DATA_RECIPES))
+def test_shipped_data_recipes_run_on_the_real_data_with_a_tiny_model(name, tmp_path, shared_data, tiny_gpt_neo_with_gpt2_tokenizer):
+    import json
+
+    model, data, adapter = DATA_RECIPES[name]
+    model_args = (["--set", "model.name_or_path=tiny-gptj", "--set", "model.tiny.layers=2", "--set", "model.tiny.width=64"]
+                  if model == "tiny" else ["--set", f"model.name_or_path={tiny_gpt_neo_with_gpt2_tokenizer}"])  # fmt: skip
+    result = cli(
+        "run", str(RECIPES / f"{name}.yaml"), *model_args,
+        "--set", "model.revision=null", "--set", "model.dtype=float32", "--set", "model.gradient_checkpointing=false",
+        "--set", f"data.sources.0.path={shared_data / data}", "--set", "data.max_length=128",
+        "--set", "train.epochs=null", "--set", "train.max_steps=3", "--set", "train.log_every=1", "--set", "train.batch_size=2", "--set", "train.grad_accum=1",
+        "--set", "train.warmup_steps=1", "--set", "train.save_every=3", "--set", "eval.generate_samples=2",
+        "--set", f"output.dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    final = tmp_path / "run" / "final"
+    if adapter:
+        assert json.loads((final / "adapter_config.json").read_text())["peft_type"] == adapter
+    else:
+        assert (final / "config.json").is_file() and (final / "model.safetensors").is_file()
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]

@@ -1,0 +1,474 @@
+"""Two CPU processes on gloo, for real: DDP, DeepSpeed ZeRO-2/3 and FSDP train the same curve as one
+process with the same global batch; ZeRO-3 and FSDP checkpoints resume, and `export` consolidates
+their shards offline; final/ is complete; failures end the job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import cli, write_recipe
+
+from gptj_tune.errors import RecipeError
+from gptj_tune.recipe import load_recipe
+
+pytestmark = pytest.mark.slow
+
+RECIPE = """\
+model:
+  name_or_path: tiny-gptj
+  tiny: {{layers: 2, width: 64, heads: 4, rotary_dim: 8}}
+method: {method}
+data:
+  sources: [{{format: synthetic, count: 600}}]
+  template: plain
+  max_length: 128
+train: {{lr: 3.0e-3, max_steps: {steps}, batch_size: 2, warmup_steps: 2, log_every: 4, save_every: 6, keep_last: 10, seed: 7}}
+"""
+FULL = "{kind: full}"
+LORA = "{kind: lora, dropout: 0.1}"
+TOLERANCE = 1e-5  # measured: DDP, ZeRO-2, ZeRO-3 and FSDP within 7e-7 of one process per step
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def recipe_file(tmp_path, method=FULL, steps=12, name="r.yaml"):
+    return write_recipe(tmp_path / name, RECIPE.format(method=method, steps=steps))
+
+
+def run_args(out, backend=None, stage=None, processes=2):
+    args = ["--set", f"output.dir={out}"]
+    if backend:
+        args += ["--set", f"distributed.backend={backend}", "--set", f"distributed.num_processes={processes}",
+                 "--set", f"distributed.main_process_port={free_port()}"]  # fmt: skip
+    if stage:
+        args += ["--set", f"distributed.deepspeed.zero_stage={stage}"]
+    return args
+
+
+def own_tmpdir(tmp_path):
+    """A TMPDIR of the test's own, and the environment that points a process at it: what the launch
+    leaves in its temp dir can then be checked."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    return temp, {**os.environ, "TMPDIR": str(temp)}
+
+
+def losses(run_dir):
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {m["step"]: m["loss"] for m in lines if "loss" in m}
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    """One process, batch 4: the reference for two processes with batch 2 each."""
+    tmp = tmp_path_factory.mktemp("single")
+    recipe = recipe_file(tmp)
+    result = cli("run", str(recipe), *run_args(tmp / "run"), "--set", "train.batch_size=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp / "run"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,stage", [("ddp", None), ("deepspeed", 2), ("deepspeed", 3), ("fsdp", None)])
+def test_two_processes_train_the_single_process_curve(tmp_path, single_run, backend, stage):
+    result = cli("run", str(recipe_file(tmp_path)), *run_args(tmp_path / "run", backend, stage))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert f"({backend}, 2 processes)" in result.stdout
+    ours, reference = losses(tmp_path / "run"), losses(single_run)
+    assert sorted(ours) == sorted(reference) == list(range(1, 13))
+    assert max(abs(ours[s] - reference[s]) for s in ours) < TOLERANCE
+    assert ours[12] < ours[1] - 1.0  # and it learned
+    # final/ is one complete model, loadable with plain from_pretrained, equal to the 1-process result.
+    assert _final_logits_diff(tmp_path / "run", single_run) < 1e-4
+
+
+@pytest.mark.slow
+def test_a_soft_prompt_trains_the_single_process_curve_on_two_ddp_processes(tmp_path):
+    from gptj_tune.model.prompt_tuning import read_prompt
+
+    soft = "{kind: prompt_tuning, num_virtual_tokens: 8}"
+    recipe = recipe_file(tmp_path, soft)
+    single = cli("run", str(recipe), *run_args(tmp_path / "one"), "--set", "train.batch_size=4", "--set", "train.lr=3e-2")
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = cli("run", str(recipe), *run_args(tmp_path / "two", "ddp"), "--set", "train.lr=3e-2")
+    assert ddp.returncode == 0, ddp.stdout[-2000:] + ddp.stderr[-3000:]
+    ours, reference = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert sorted(ours) == sorted(reference) == list(range(1, 13))
+    assert max(abs(ours[s] - reference[s]) for s in ours) < TOLERANCE
+    torch.testing.assert_close(read_prompt(tmp_path / "two" / "final"), read_prompt(tmp_path / "one" / "final"), atol=1e-5, rtol=0)
+
+
+def _final_logits_diff(run_a, run_b) -> float:
+    """Largest logit difference between two runs' final/ folders."""
+    return _logits_diff(run_a / "final", run_b / "final")
+
+
+def _logits_diff(folder_a, folder_b) -> float:
+    """Largest logit difference between two model folders, each loaded with plain from_pretrained
+    (here in the test process; test_export checks loading in a fresh one)."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        a, b = (AutoModelForCausalLM.from_pretrained(folder)(input_ids=ids).logits for folder in (folder_a, folder_b))
+    return (a - b).abs().max().item()
+
+
+ENGINES = {
+    "zero3-full": (FULL, "deepspeed", 3, []),
+    "zero3-lora": (LORA, "deepspeed", 3, []),
+    "fsdp-full-sharded": (FULL, "fsdp", None, []),
+    "fsdp-lora-fullstate": (LORA, "fsdp", None, ["--set", "distributed.fsdp.state_dict_type=full"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(ENGINES))
+def test_sharded_run_interrupted_and_resumed_continues_the_same_curve(tmp_path, case):
+    method, backend, stage, extra = ENGINES[case]
+    recipe = recipe_file(tmp_path, method=method, steps=30)
+    straight = cli("run", str(recipe), *run_args(tmp_path / "straight", backend, stage), *extra)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    if method == FULL:  # ZeRO-3's / FSDP's shards in the last checkpoint, consolidated offline, are final/
+        assert not (tmp_path / "straight" / "checkpoints" / "step-30" / "model").exists()  # only shards there
+        exported = cli("export", str(tmp_path / "straight"), "--checkpoint", "step-30", "--out", str(tmp_path / "m"))
+        assert exported.returncode == 0 and "verified: reloaded in a fresh process" in exported.stdout, exported.stderr[-3000:]
+        assert _logits_diff(tmp_path / "m", tmp_path / "straight" / "final") < 1e-5
+
+    # Ctrl-C as a terminal sends it: SIGINT to the whole process group, mid-run. The launcher and
+    # workers are in a session of their own: only `gptj-tune run` gets it, and hands it on once.
+    # Early (3 of 30 steps), so that a fast machine cannot finish the run before the signal lands.
+    args = [*run_args(tmp_path / "cut", backend, stage), *extra]
+    temp, env = own_tmpdir(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "gptj_tune", "run", str(recipe), *args, "--set", "train.save_every=100"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)  # fmt: skip
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+        time.sleep(0.01)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    assert "checkpoint saved" in out + err
+    saved = sorted((tmp_path / "cut" / "checkpoints").iterdir())
+    assert len(saved) == 1 and 3 <= int(saved[0].name.split("-")[1]) < 30, saved
+    assert not list(temp.glob("gptj-tune-launcher-*")), "a stopped run leaves no launcher log behind"
+
+    resumed = cli("run", str(recipe), *args, "--set", "train.save_every=100", "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "cut")
+    assert sorted(b) == list(range(1, 31))
+    assert max(abs(a[s] - b[s]) for s in a) < TOLERANCE
+    if method == LORA:
+        assert (tmp_path / "cut" / "final" / "adapter_model.safetensors").exists()
+        assert _adapter_logits_diff(tmp_path / "cut", tmp_path / "straight") < 1e-4
+    else:
+        assert _final_logits_diff(tmp_path / "cut", tmp_path / "straight") < 1e-4
+
+
+def _adapter_logits_diff(run_a, run_b) -> float:
+    """Largest logit difference between two runs' final adapters, each on its run's base model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    out = []
+    with torch.no_grad():
+        for run in (run_a, run_b):
+            base = AutoModelForCausalLM.from_pretrained(run / "base-model")
+            reference = base(input_ids=ids).logits
+            out.append(PeftModel.from_pretrained(base, run / "final")(input_ids=ids).logits)
+            assert (out[-1] - reference).abs().max() > 1e-3, "the adapter changed nothing"
+    return (out[0] - out[1]).abs().max().item()
+
+
+@pytest.mark.slow
+def test_two_machines_on_loopback_complete_a_run(tmp_path, single_run):
+    recipe = recipe_file(tmp_path)
+    port = free_port()
+    common = ["--set", f"output.dir={tmp_path / 'run'}", "--set", "distributed.backend=ddp",
+              "--set", "distributed.num_machines=2", "--set", f"distributed.main_process_port={port}"]  # fmt: skip
+    machines = [
+        subprocess.Popen([sys.executable, "-m", "gptj_tune", "run", str(recipe), *common, "--set", f"distributed.machine_rank={rank}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        for rank in (0, 1)
+    ]
+    outputs = [m.communicate(timeout=300) for m in machines]
+    assert [m.returncode for m in machines] == [0, 0], [o[1][-2000:] for o in outputs]
+    assert "machine 1 of 2" in outputs[1][0]
+    ours, reference = losses(tmp_path / "run"), losses(single_run)
+    assert max(abs(ours[s] - reference[s]) for s in ours) < TOLERANCE
+
+
+@pytest.mark.slow
+def test_a_failing_worker_ends_the_job_with_its_message(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": "c", "input": ""}\n')
+    recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(method=FULL, steps=4).replace(
+        "[{format: synthetic, count: 600}]", f"[{{format: alpaca, path: {bad}}}]"))  # fmt: skip
+    started = time.time()
+    temp, env = own_tmpdir(tmp_path)
+    result = cli("run", str(recipe), *run_args(tmp_path / "run", "ddp"), timeout=180, env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "(rank 0)" in result.stdout and "bad.jsonl:2" in result.stdout and "output" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    assert time.time() - started < 120  # rank 1 was waiting for the data: it was stopped, not left hanging
+    # The launcher's log is kept only when it holds something, and then the message names it.
+    logs = list(temp.glob("gptj-tune-launcher-*.log"))
+    assert all(log.stat().st_size > 0 and str(log) in result.stdout.replace("\n", "") for log in logs), logs
+
+
+@pytest.mark.parametrize("args,code", [(["recipes"], 0), (["run", "missing.yaml"], 2)])
+def test_a_worker_ends_without_the_interpreter_teardown(tmp_path, args, code):
+    """A worker's objects are not finalized at exit (DeepSpeed leaves a destroyed process group in a
+    module global, and gloo can abort while the interpreter tears it down), but atexit handlers run,
+    output arrives whole and the exit code is the command's. Outside a worker, teardown is normal."""
+    script = (
+        "import atexit, sys\n"
+        "from pathlib import Path\n"
+        "from gptj_tune import cli\n"
+        "out = Path(sys.argv[1])\n"
+        "class Leftover:\n"
+        "    def __del__(self): (out / 'finalized').write_text('x')\n"
+        "cli.LEFTOVER = Leftover()\n"
+        "atexit.register(lambda: (out / 'atexit').write_text('x'))\n"
+        "sys.argv = ['gptj-tune', *sys.argv[2:]]\n"
+        "cli.main()\n"
+    )
+    for worker in (True, False):
+        out = tmp_path / ("worker" if worker else "plain")
+        out.mkdir()
+        env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE")}
+        if worker:
+            env |= {"LOCAL_RANK": "0", "WORLD_SIZE": "2", "RANK": "0"}
+        result = subprocess.run([sys.executable, "-c", script, str(out), *args], capture_output=True, text=True,
+                                cwd=tmp_path, env=env, timeout=120)  # fmt: skip
+        assert result.returncode == code, result.stdout + result.stderr
+        assert ("quickstart" in result.stdout) if code == 0 else ("missing.yaml" in result.stderr)
+        assert (out / "atexit").exists()
+        assert (out / "finalized").exists() is not worker
+
+
+def test_the_launching_process_does_not_import_torch(tmp_path):
+    """`gptj-tune run` on a multi-process recipe only reads the recipe and starts the launcher: the
+    workers import torch, transformers and peft; the process that waits for them does not."""
+    recipe = recipe_file(tmp_path)
+    code = (
+        "import sys\n"
+        "from gptj_tune import cli, recipe\n"
+        "from gptj_tune.train import launch\n"
+        f"r = recipe.load_recipe({str(recipe)!r}, ['distributed.backend=ddp', 'distributed.num_processes=2'])\n"
+        "assert launch.needs_launch(r)\n"
+        "launch._launcher_command(r, ['run'])\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'deepspeed') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+
+
+def test_only_build_locks_no_process_holds_are_stale(tmp_path):
+    """torch's extension builder waits forever on a `lock` file; its holder keeps the file open. A
+    lock nobody has open (its build was killed) is stale; one a live process holds is not."""
+    from gptj_tune.train.extension_builds import stale_build_locks
+
+    stale = [tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "py311_cpu" / "cpu_adam" / "lock"]
+    held = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    for lock in [*stale, held]:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        lock.touch()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import os,sys,time; fd = os.open({str(held)!r}, os.O_RDONLY); print(1, flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "1"
+        assert sorted(stale_build_locks(tmp_path)) == sorted(stale)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(stale_build_locks(tmp_path)) == sorted([*stale, held])  # its holder is gone
+    assert stale_build_locks(tmp_path / "nothing-built-yet") == []
+
+
+def test_deepspeed_launch_clears_stale_locks_and_announces_the_first_build(tmp_path, monkeypatch):
+    from rich.console import Console
+
+    from gptj_tune.train.launch import prepare_deepspeed_builds
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    console = Console(record=True, width=300)
+    prepare_deepspeed_builds(console)
+    said = console.export_text()
+    assert not lock.exists() and f"removed a lock left by an interrupted extension build, which DeepSpeed would have waited on forever: {lock}" in said
+    assert "compiles its CPU all-reduce op on first use" in said  # nothing built under this root yet
+    (lock.parent / "deepspeed_shm_comm.so").touch()
+    console = Console(record=True, width=300)
+    prepare_deepspeed_builds(console)
+    assert console.export_text() == ""  # built, no lock: nothing to say
+
+
+@pytest.mark.slow
+def test_a_lock_left_by_a_killed_deepspeed_build_does_not_hang_the_next_run(tmp_path):
+    """A DeepSpeed build killed with its lock taken (a timeout, SIGKILL) left every later DeepSpeed
+    run on the machine waiting at start, silently and forever (torch's builder waits on the file;
+    CI lost an hour to it). The launch removes such a lock first, and says so."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
+    lock.touch()  # as a killed build leaves it: nobody holds it
+    try:
+        recipe = recipe_file(tmp_path, steps=2)
+        result = cli("run", str(recipe), *run_args(tmp_path / "run", "deepspeed", 2), timeout=300)
+    finally:
+        lock.unlink(missing_ok=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "removed a lock left by an interrupted extension build" in result.stdout
+    assert str(lock) in result.stdout.replace("\n", "")
+    assert (tmp_path / "run" / "final").is_dir()
+
+
+# ------------------------------------------------------------------------------- recipe checks
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("distributed: {backend: single, num_processes: 2}", "backend single runs one process"),
+        ("distributed: {backend: deepspeed, deepspeed: {zero_stage: 2, offload_params: cpu}}", "offload_params needs zero_stage: 3"),
+        ("model: {dtype: bf16}\ndistributed: {mixed_precision: fp16}", "contradicts model.dtype bf16"),
+        ("distributed: {backend: ddp, deepspeed: {zero_stage: 3}}", "only apply to backend: deepspeed"),
+        ("distributed: {backend: ddp, num_machines: 2, machine_rank: 2}", "machine_rank 2 must be below num_machines 2"),
+        ("distributed: {backend: deepspeed, deepspeed: {config: ds.json, zero_stage: 3}}", "set either `config` or zero_stage"),
+    ],
+)
+def test_contradictions_are_errors(tmp_path, text, match):
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(write_recipe(tmp_path / "r.yaml", text))
+
+
+def test_user_deepspeed_json_gets_auto_values_from_the_recipe(tmp_path):
+    from gptj_tune.train.engines import deepspeed_config
+
+    (tmp_path / "ds.json").write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 3, "overlap_comm": True},
+    }))  # fmt: skip
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", (
+        "train: {batch_size: 8, grad_accum: 4, max_grad_norm: 0.5}\n"
+        "distributed: {backend: deepspeed, num_processes: 8, mixed_precision: bf16, deepspeed: {config: ds.json}}\n"
+    )))  # fmt: skip
+    config = deepspeed_config(recipe)
+    assert config["train_micro_batch_size_per_gpu"] == 8 and config["gradient_accumulation_steps"] == 4
+    assert config["train_batch_size"] == 8 * 4 * 8 and config["gradient_clipping"] == 0.5
+    assert config["bf16"] == {"enabled": True}
+    assert config["zero_optimization"]["overlap_comm"] is True  # the user's own keys stay
+    assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+    (tmp_path / "ds.json").write_text('{"optimizer": {"type": "Adam"}}')
+    with pytest.raises(RecipeError, match="has `optimizer`; remove it"):
+        deepspeed_config(recipe)
+
+
+@pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero3-offload.json"])
+def test_shipped_deepspeed_jsons_fill_in(tmp_path, name):
+    from conftest import RECIPES
+
+    from gptj_tune.train.engines import deepspeed_config
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", (
+        f"distributed: {{backend: deepspeed, num_processes: 4, deepspeed: {{config: {RECIPES / 'deepspeed' / name}}}}}\n"
+    )))  # fmt: skip
+    config = deepspeed_config(recipe)
+    assert "auto" not in json.dumps(config)
+    assert config["train_batch_size"] == 8 * 1 * 4
+
+
+@pytest.mark.slow
+def test_runs_under_an_outside_torchrun(tmp_path, single_run):
+    recipe = recipe_file(tmp_path)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+               "-m", "gptj_tune", "run", str(recipe), *run_args(tmp_path / "run", "deepspeed", 2)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Launching" not in result.stdout  # the workers ran the recipe themselves: no second launch
+    ours, reference = losses(tmp_path / "run"), losses(single_run)
+    assert max(abs(ours[s] - reference[s]) for s in ours) < TOLERANCE
+
+
+@pytest.mark.slow
+def test_deepspeed_hostfile_launch(tmp_path, single_run):
+    """DeepSpeed's own launcher from a hostfile (one machine here: no ssh involved)."""
+    (tmp_path / "hosts").write_text("# the machines of the job\nlocalhost slots=2\n")
+    recipe = recipe_file(tmp_path)
+    args = [*run_args(tmp_path / "run", "deepspeed", 2), "--set", "distributed.hostfile=hosts"]
+    result = cli("run", str(recipe), *args)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    ours, reference = losses(tmp_path / "run"), losses(single_run)
+    assert max(abs(ours[s] - reference[s]) for s in ours) < TOLERANCE
+    # DeepSpeed's launcher switches on its shared-memory all-reduce (69 MB per rank in /dev/shm,
+    # which DeepSpeed never unlinks): the workers unlink it once every rank has it open.
+    port = next(a.split("=")[1] for a in args if a.startswith("distributed.main_process_port="))
+    left = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+    assert not left, f"shared memory left behind: {left}"
+
+    temp, env = own_tmpdir(tmp_path)
+    (tmp_path / "hosts").write_text("localhost slots=2\nother slots=2\n")
+    mismatch = cli("run", str(recipe), *args, "--force", env=env)
+    assert mismatch.returncode == 2 and "lists 2 machine(s)" in mismatch.stderr + mismatch.stdout
+    (tmp_path / "hosts").write_text("localhost 2\n")
+    bad = cli("run", str(recipe), *args, "--force", env=env)
+    assert bad.returncode == 2 and "line 1: expected `HOST slots=N`" in bad.stderr + bad.stdout
+    assert not list(temp.iterdir()), "a hostfile error leaves no launcher files behind"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["launcher-starting", "workers-importing"])
+def test_ctrl_c_while_workers_start_stops_the_whole_launch(tmp_path, when):
+    """Nothing to save yet: every process of the launch ends promptly, exit 130, reported as a stop
+    (not as whatever error an import cut short turns into), none left behind. `launcher-starting`:
+    the signal lands before any worker runs our code; `workers-importing`: once every worker has
+    registered, while it imports torch and transformers."""
+    recipe = recipe_file(tmp_path, steps=500)
+    temp, env = own_tmpdir(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "gptj_tune", "run", str(recipe), *run_args(tmp_path / "run", "ddp")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)  # fmt: skip
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        folders = list(temp.glob("gptj-tune-errors-*"))
+        if folders and (when == "launcher-starting" or len(list(folders[0].glob("pid-*"))) == 2):
+            break
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    assert "stopped" in out + err and "error" not in out + err, out[-2000:] + err[-2000:]
+    time.sleep(1)
+    left = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline_mentions(p, str(tmp_path))]
+    assert not left, left
+    assert not list(temp.glob("gptj-tune-launcher-*")), "a stopped launch leaves no launcher log"
+
+
+def _cmdline_mentions(proc_dir, text: str) -> bool:
+    try:
+        return text in (proc_dir / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False

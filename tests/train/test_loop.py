@@ -1,0 +1,458 @@
+"""End to end through the real CLI on the tiny model: learning, resume, signals, guards."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import can_compile, cli, small_recipe
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir):
+    return {m["step"]: m["loss"] for m in metrics(run_dir) if "loss" in m}
+
+
+def resume_a_copy(recipe, run, copy, *args: str):
+    """Copy a finished 20-step run, drop its step-20 checkpoint and final/, and resume the copy from step-10."""
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "checkpoints" / "step-20")
+    shutil.rmtree(copy / "final")
+    return cli("run", str(recipe), *args, "--resume", "step-10", "--set", f"output.dir={copy}")
+
+
+def small_net(dtype=None):
+    """Linear, LayerNorm, Linear: 2-D weights with weight decay and 1-D ones without."""
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4))
+    return net if dtype is None else net.to(dtype)
+
+
+def decay_groups(model):
+    """The parameter groups build_optimizer makes (weight decay 0.1): decay on 2-D weights only."""
+    return [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": 0.1},
+            {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_loss_falls_and_run_dir_is_complete(tmp_path):
+    recipe = small_recipe(tmp_path, steps=30, save_every=10)
+    result = cli("run", str(recipe))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    curve = losses(run)
+    assert sorted(curve) == list(range(1, 31))
+    first, last = sum(curve[s] for s in range(1, 6)) / 5, sum(curve[s] for s in range(26, 31)) / 5
+    assert last < first - 0.8, (first, last)  # measured: 6.21 -> 4.96 in 30 LoRA steps
+    for name in ("recipe.yaml", "summary.json", "final/adapter_config.json", "final/adapter_model.safetensors",
+                 "final/tokenizer.json", "base-model/config.json"):  # fmt: skip
+        assert (run / name).exists(), name
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-10", "step-20", "step-30"]
+    assert "held-out loss" in result.stdout and "Run finished" in result.stdout
+    line = next(m for m in metrics(run) if m["step"] == 5)
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "tokens", "epoch"} <= line.keys()
+    # The frozen recipe is a complete recipe that validates again.
+    again = cli("validate", str(run / "recipe.yaml"))
+    assert again.returncode == 0, again.stderr
+
+
+@pytest.mark.slow
+def test_final_adapter_loads_on_the_base_model(tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert cli("run", str(small_recipe(tmp_path, steps=4, save_every=4))).returncode == 0
+    run = tmp_path / "run"
+    base = AutoModelForCausalLM.from_pretrained(run / "base-model")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    before = base(input_ids=ids).logits
+    model = PeftModel.from_pretrained(base, run / "final")
+    assert (model(input_ids=ids).logits - before).abs().max() > 1e-4  # the adapter changed the model
+
+
+@pytest.mark.slow
+def test_a_compiled_run_follows_the_eager_curve_and_saves_the_same_adapter(tmp_path):
+    """train.compile: the same LoRA run (no dropout: inductor draws its own random numbers) with
+    compiled blocks logs the eager run's losses, over batches of different widths."""
+    if not can_compile():
+        pytest.skip("torch.compile on CPU needs a C++ compiler")
+    curves = {}
+    for mode in ("eager", "compiled"):
+        recipe = small_recipe(tmp_path, steps=6, save_every=6, out=tmp_path / mode, name=f"{mode}.yaml")
+        extra = ["--set", "train.compile=true"] if mode == "compiled" else []
+        result = cli("run", str(recipe), "--set", "method.dropout=0.0", *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert ("torch.compile: 2 blocks" in result.stdout) == (mode == "compiled")
+        curves[mode] = losses(tmp_path / mode)
+    assert sorted(curves["compiled"]) == list(range(1, 7))
+    assert max(abs(curves["eager"][s] - curves["compiled"][s]) for s in range(1, 7)) < 1e-3, curves
+    assert curves["compiled"][6] < curves["compiled"][1]
+    from safetensors.torch import load_file
+
+    eager, compiled = (load_file(tmp_path / mode / "final" / "adapter_model.safetensors") for mode in ("eager", "compiled"))
+    assert eager.keys() == compiled.keys() and max((eager[k] - compiled[k]).abs().max() for k in eager) < 1e-3
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues_the_same_curve(tmp_path):
+    """LoRA with dropout 0.1: equality needs the data position and the RNG state restored."""
+    uninterrupted = small_recipe(tmp_path, steps=40, save_every=100, out=tmp_path / "a", name="a.yaml")
+    assert cli("run", str(uninterrupted)).returncode == 0
+    interrupted = small_recipe(tmp_path, steps=40, save_every=100, out=tmp_path / "b", name="b.yaml")
+    proc = subprocess.Popen([sys.executable, "-m", "gptj_tune", "run", str(interrupted)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until training is under way, then press Ctrl-C
+        if (tmp_path / "b" / "metrics.jsonl").exists() and len(metrics(tmp_path / "b")) >= 4:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "checkpoint saved to" in err and "--resume" in err
+    [stopped_at] = [int(p.name.split("-")[1]) for p in (tmp_path / "b" / "checkpoints").iterdir()]
+    assert 4 <= stopped_at < 40
+    resumed = cli("run", str(interrupted), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed from" in resumed.stdout
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(b) == list(range(1, 41))
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-5
+
+
+@pytest.mark.slow
+def test_ctrl_c_before_the_training_loop_stops_at_once_without_a_traceback(tmp_path):
+    """A signal while the run prepares (here: tokenizing 30,000 records) ends it with exit 130 and one
+    line, not a KeyboardInterrupt traceback from inside a library, and leaves no checkpoint."""
+    recipe = small_recipe(tmp_path, steps=40)
+    recipe.write_text(recipe.read_text().replace("count: 600", "count: 30000"))
+    proc = subprocess.Popen([sys.executable, "-m", "gptj_tune", "run", str(recipe)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (tmp_path / "run" / "recipe.yaml").exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-2000:] + err[-3000:]
+    assert "stopped by SIGINT outside the training loop" in err and "Traceback" not in out + err, err[-3000:]
+    assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
+
+
+@pytest.mark.slow
+def test_a_signal_after_the_steps_collective_stops_after_the_next_step(tmp_path, monkeypatch):
+    """The stop checkpoint is the one every process agreed on in a step's collective. A signal that
+    lands after that collective (here: during the step's eval, on the one process) is a request
+    for the next step's: with ZeRO-3 or FSDP a process saving on its own, while the others step on,
+    hung CI's interrupted ZeRO-3 LoRA run."""
+    import os
+
+    from gptj_tune.train import loop
+
+    real_evaluate = loop.evaluate_loss
+
+    def evaluate_then_signalled(*args, **kwargs):
+        loss = real_evaluate(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs here: after the collective, before the save
+        return loss
+
+    monkeypatch.setattr(loop, "evaluate_loss", evaluate_then_signalled)
+    recipe = small_recipe(tmp_path, steps=20, save_every=100)
+    result = cli("run", str(recipe), "--set", "eval.every_steps=4")
+    assert result.returncode == 130, result.stdout[-2000:] + result.stderr[-2000:]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-5"]
+
+
+@pytest.mark.slow
+def test_resume_from_a_named_checkpoint_full_finetune(tmp_path):
+    recipe = small_recipe(tmp_path, method="full", steps=20, save_every=10, lr=1e-3)
+    assert cli("run", str(recipe)).returncode == 0
+    run, copy = tmp_path / "run", tmp_path / "copy"
+    resumed = resume_a_copy(recipe, run, copy)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = losses(run), losses(copy)
+    assert sorted(b) == list(range(1, 21)) and max(abs(a[s] - b[s]) for s in range(11, 21)) < 1e-5
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(run / "final" / "model.safetensors"), load_file(copy / "final" / "model.safetensors")
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+    missing = cli("run", str(recipe), "--resume", "step-7")
+    assert missing.returncode == 2 and "no checkpoint 'step-7'; available: step-10, step-20" in missing.stderr
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    big = small_recipe(tmp_path, method="full", steps=5, save_every=100, out=tmp_path / "big", name="big.yaml")
+    assert cli("run", str(big), "--set", "train.batch_size=8").returncode == 0
+    small = small_recipe(tmp_path, method="full", steps=5, save_every=100, out=tmp_path / "acc", name="acc.yaml")
+    assert cli("run", str(small), "--set", "train.batch_size=4", "--set", "train.grad_accum=2").returncode == 0
+    a, b = losses(tmp_path / "big"), losses(tmp_path / "acc")
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-5
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(tmp_path):
+    recipe = small_recipe(tmp_path, method="full", steps=50, save_every=1, lr=1e9)
+    result = cli("run", str(recipe), "--set", "train.max_grad_norm=null")
+    assert result.returncode == 1
+    assert "training stopped before the update (last good checkpoint:" in result.stderr
+    assert "Lower train.lr" in result.stderr and "Traceback" not in result.stderr
+    saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert saved and not (tmp_path / "run" / "final").exists()
+
+
+@pytest.mark.slow
+def test_existing_run_dir_is_never_overwritten_silently(tmp_path):
+    recipe = small_recipe(tmp_path, steps=2, save_every=2)
+    assert cli("run", str(recipe)).returncode == 0
+    again = cli("run", str(recipe))
+    assert again.returncode == 2 and "already holds a run. Use --resume" in again.stderr
+    changed = cli("run", str(recipe), "--resume", "--set", "train.lr=0.5")
+    assert changed.returncode == 2 and "train.lr (0.003 -> 0.5)" in changed.stderr
+    forced = cli("run", str(recipe), "--force")
+    assert forced.returncode == 0, forced.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_start_that_failed_in_setup_can_be_run_again_without_force(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "input": "", "output": "b"}\nnot json\n')
+    recipe = small_recipe(tmp_path, steps=2, save_every=2)
+    first = cli("run", str(recipe), "--set", f"data.sources=[{{format: alpaca, path: {bad}}}]", "--set", "model.tiny.width=32")
+    assert first.returncode == 2 and "Traceback" not in first.stderr
+    run = tmp_path / "run"
+    assert (run / "recipe.yaml").exists() and (run / "base-model" / "config.json").exists()  # set up, then stopped
+    resumed = cli("run", str(recipe), "--resume")
+    assert resumed.returncode == 2 and "start it again without --resume" in resumed.stderr
+    again = cli("run", str(recipe))  # no --force needed: nothing of a run was there to lose
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((run / "base-model" / "config.json").read_text())["n_embd"] == 64  # rebuilt, not the stale 32-wide one
+    assert "width: 32" not in (run / "recipe.yaml").read_text()
+    refused = cli("run", str(recipe))  # a run with results is still never replaced without --force
+    assert refused.returncode == 2 and "already holds a run" in refused.stderr
+    # Someone's own recipe.yaml (not the canonical one a run freezes) is never taken for leftovers.
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "recipe.yaml").write_text(recipe.read_text())
+    mine = cli("run", str(own / "recipe.yaml"), "--set", f"output.dir={own}")
+    assert mine.returncode == 2 and "holds a recipe.yaml that no run wrote there" in mine.stderr
+    assert (own / "recipe.yaml").read_text() == recipe.read_text()
+    # A run's own frozen recipe restarts it with --force.
+    restarted = cli("run", str(run / "recipe.yaml"), "--force")
+    assert restarted.returncode == 0, restarted.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_force_never_deletes_the_recipe_its_data_or_the_current_directory(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text("model: {}\n")
+    (run / "metrics.jsonl").write_text("")  # a run directory with results, which --force would delete
+    records = [{"instruction": f"say {i}", "input": "", "output": str(i)} for i in range(40)]
+    (run / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    recipe = small_recipe(tmp_path, steps=2, save_every=2)
+    data = cli("run", str(recipe), "--force", "--set", f"data.sources=[{{format: alpaca, path: {run / 'data.jsonl'}}}]")
+    assert data.returncode == 2 and f"it holds a data source ({run / 'data.jsonl'})" in data.stderr
+    inside = small_recipe(run, steps=2, save_every=2, out=run, name="my.yaml")
+    own = cli("run", str(inside), "--force")
+    assert own.returncode == 2 and "it holds the recipe being run" in own.stderr
+    monkeypatch.chdir(run)
+    here = cli("run", str(recipe), "--force", "--set", "output.dir=.")
+    assert here.returncode == 2 and "that is the current directory" in here.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["data.jsonl", "metrics.jsonl", "my.yaml", "recipe.yaml"]
+    assert "Traceback" not in data.stderr + own.stderr + here.stderr
+
+
+def test_adamw_is_fused_for_plain_parameters_and_steps_like_the_loop():
+    import torch
+
+    from gptj_tune.recipe import TrainSection
+    from gptj_tune.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    models = [small_net() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = build_optimizer(models[0], TrainSection(lr=1e-2, weight_decay=0.1))
+    assert fused.defaults["fused"] is True
+    loop = torch.optim.AdamW(decay_groups(models[1]), lr=1e-2)  # the per-parameter loop
+    x = torch.randn(64, 16)
+    for _ in range(5):
+        for model, opt in ((models[0], fused), (models[1], loop)):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert (a - b).abs().max() < 1e-6
+
+
+def test_clipping_inside_the_fused_step_equals_clip_grad_norm():
+    """The loop hands clipping to fused AdamW (gradients divided inside its kernel): the same norms
+    and parameters as clip_grad_norm_ then the step, clipped or not; only for fused AdamW."""
+    from types import SimpleNamespace
+
+    import torch
+    from accelerate.utils import DistributedType
+
+    from gptj_tune.recipe import TrainSection
+    from gptj_tune.train.optim import build_optimizer, clip_in_fused_step, step_takes_the_clip
+
+    single, deepspeed = (SimpleNamespace(distributed_type=t) for t in (DistributedType.NO, DistributedType.DEEPSPEED))
+
+    torch.manual_seed(0)
+    models = [small_net() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [build_optimizer(m, TrainSection(lr=1e-2, weight_decay=0.1)) for m in models]
+    assert step_takes_the_clip(optimizers[0], single) is optimizers[0]
+    assert step_takes_the_clip(optimizers[0], deepspeed) is None  # its engine clips
+    assert step_takes_the_clip(torch.optim.AdamW(models[1].parameters()), single) is None  # not fused
+    clipped = 0
+    for step in range(6):
+        x, scale = torch.randn(64, 16), (100.0 if step % 2 else 1e-3)  # norms far above and below max_norm
+        norms = []
+        for k, (model, opt) in enumerate(zip(models, optimizers, strict=True)):
+            opt.zero_grad()
+            (model(x).pow(2).mean() * scale).backward()
+            if k == 0:
+                norms.append(float(clip_in_fused_step(opt, 1.0)))
+                opt.step()
+                del opt.grad_scale
+            else:
+                norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
+                opt.step()
+        assert abs(norms[0] - norms[1]) <= 1e-6 * norms[1]
+        clipped += norms[1] > 1.0
+        for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+            assert (a - b).abs().max() < 1e-6, step
+    assert clipped == 3
+
+
+def test_kahan_adamw_keeps_the_updates_that_bf16_weights_round_away(monkeypatch):
+    """60 steps at lr 2e-5 (Alpaca's full fine-tuning lr) on a tiny GPT-J held in bf16: torch's AdamW
+    rounds most updates back to the old weight; KahanAdamW's weight + compensation stays within 3% of
+    the fp32 run's update. build_optimizer picks it for 16-bit weights unless told not to."""
+    import copy
+
+    import torch
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    from gptj_tune.recipe import TrainSection
+    from gptj_tune.train.optim import KahanAdamW, build_optimizer
+
+    monkeypatch.setattr(KahanAdamW, "CPU_CHUNK", 3000)  # most weights in several chunks, the last one short
+    torch.manual_seed(0)
+    config = GPTJConfig(vocab_size=512, n_embd=128, n_layer=2, n_head=4, rotary_dim=16, n_positions=64, bos_token_id=0, eos_token_id=0)
+    reference, ids = GPTJForCausalLM(config), torch.randint(0, 512, (16, 64))
+
+    def run(dtype, kahan: bool):
+        model = copy.deepcopy(reference).to(dtype)
+        start = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+        opt = build_optimizer(model, TrainSection(lr=2e-5, weight_decay=0.1, kahan_summation=kahan))
+        for step in range(60):
+            batch = ids[step % 4 * 4 : step % 4 * 4 + 4]
+            model(input_ids=batch, labels=batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        kept = {n: opt.state[p].get("compensation", torch.zeros(())).float() for n, p in model.named_parameters()}
+        return opt, {n: p.detach().float() + kept[n] - start[n] for n, p in model.named_parameters()}
+
+    fp32_opt, exact = run(torch.float32, True)
+    kahan_opt, kahan = run(torch.bfloat16, True)
+    plain_opt, plain = run(torch.bfloat16, False)
+    assert type(fp32_opt) is torch.optim.AdamW and type(kahan_opt) is KahanAdamW and type(plain_opt) is torch.optim.AdamW
+    assert build_optimizer(copy.deepcopy(reference).to(torch.bfloat16), TrainSection(), master_weights_elsewhere=True).__class__ is torch.optim.AdamW
+
+    def off(update):
+        return float(sum(((update[n] - exact[n]) ** 2).sum() for n in exact).sqrt() / sum((u**2).sum() for u in exact.values()).sqrt())
+
+    assert off(kahan) < 0.03, off(kahan)
+    assert off(plain) > 0.5, off(plain)
+
+
+def test_kahan_adamw_is_torchs_adamw_on_fp32_weights_takes_the_clip_and_resumes_exactly():
+    import copy
+    import io
+    from types import SimpleNamespace
+
+    import torch
+    from accelerate.utils import DistributedType
+
+    from gptj_tune.train.optim import KahanAdamW, clip_in_fused_step, step_takes_the_clip
+
+    torch.manual_seed(0)
+    models = [small_net() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    ours, theirs = KahanAdamW(decay_groups(models[0]), lr=1e-2), torch.optim.AdamW(decay_groups(models[1]), lr=1e-2)
+    assert step_takes_the_clip(ours, SimpleNamespace(distributed_type=DistributedType.NO)) is ours
+    for step in range(6):
+        x, scale = torch.randn(64, 16), (100.0 if step % 2 else 1e-3)  # clipped, and not
+        for model in models:
+            model.zero_grad()
+            (model(x).pow(2).mean() * scale).backward()
+        clip_in_fused_step(ours, 1.0)
+        ours.step()
+        del ours.grad_scale
+        torch.nn.utils.clip_grad_norm_(models[1].parameters(), 1.0)
+        theirs.step()
+        for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+            assert (a - b).abs().max() < 1e-6, step
+
+    # bf16 weights: 3 steps, save, load into a fresh copy, 3 more == 6 steps uninterrupted (exactly)
+    def steps(model, opt, first, count):
+        for k in range(first, first + count):
+            model.zero_grad()
+            model(torch.randn(64, 16, generator=torch.Generator().manual_seed(k)).bfloat16()).pow(2).mean().backward()
+            opt.step()
+
+    torch.manual_seed(1)
+    start = small_net(torch.bfloat16)
+    whole = copy.deepcopy(start)
+    whole_opt = KahanAdamW(decay_groups(whole), lr=1e-3)
+    steps(whole, whole_opt, 0, 6)
+    half = copy.deepcopy(start)
+    half_opt = KahanAdamW(decay_groups(half), lr=1e-3)
+    steps(half, half_opt, 0, 3)
+    saved_model, saved_opt = io.BytesIO(), io.BytesIO()
+    torch.save(half.state_dict(), saved_model)
+    torch.save(half_opt.state_dict(), saved_opt)
+    resumed = copy.deepcopy(start)
+    resumed.load_state_dict(torch.load(io.BytesIO(saved_model.getvalue())))
+    resumed_opt = KahanAdamW(decay_groups(resumed), lr=1e-3)
+    resumed_opt.load_state_dict(torch.load(io.BytesIO(saved_opt.getvalue())))
+    steps(resumed, resumed_opt, 3, 3)
+    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+        assert torch.equal(whole_opt.state[a]["compensation"], resumed_opt.state[b]["compensation"])
+        assert resumed_opt.state[b]["compensation"].dtype == torch.bfloat16 and resumed_opt.state[b]["compensation"].abs().max() > 0
+
+    # a checkpoint of plain AdamW (train.kahan_summation was off) resumed with it on: compensation starts at zero
+    plain = copy.deepcopy(start)
+    plain_opt = torch.optim.AdamW(decay_groups(plain), lr=1e-3)
+    steps(plain, plain_opt, 0, 3)
+    switched = KahanAdamW(decay_groups(plain), lr=1e-3)
+    switched.load_state_dict(plain_opt.state_dict())
+    steps(plain, switched, 3, 1)
+    assert all(switched.state[p]["compensation"].abs().max() > 0 for p in plain.parameters())
+
+
+@pytest.mark.slow
+def test_a_bf16_full_run_uses_kahan_summation_and_resumes_the_same_curve(tmp_path):
+    recipe = small_recipe(tmp_path, method="full", steps=20, save_every=10, lr=1e-4)
+    run = cli("run", str(recipe), "--set", "model.dtype=bfloat16")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "round to nothing" not in run.stdout + run.stderr
+    curve = losses(tmp_path / "run")
+    assert curve[20] < curve[1] - 0.1
+    resumed = resume_a_copy(recipe, tmp_path / "run", tmp_path / "copy", "--set", "model.dtype=bfloat16")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = losses(tmp_path / "copy")
+    assert max(abs(curve[s] - again[s]) for s in range(11, 21)) < 1e-5
+    plain = cli("run", str(recipe), "--set", "model.dtype=bfloat16", "--set", "train.kahan_summation=false",
+                "--set", "train.max_steps=2", "--set", f"output.dir={tmp_path / 'plain'}")  # fmt: skip
+    assert plain.returncode == 0 and "round to nothing" in plain.stdout + plain.stderr and "kahan_summation: true" in plain.stdout + plain.stderr
