@@ -33,7 +33,13 @@ class TrainSection(Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; null disables.")
     seed: int = Field(42, description="Seed for data order, dropout and adapter init.")
     log_every: int = Field(10, ge=1, description="Print a log line every N steps (metrics.jsonl gets every step).")
-    save_every: int | None = Field(None, ge=1, description="Save a checkpoint every N steps (always at the end).")
+    save_every: int | None = Field(None, ge=1, description="Save a checkpoint every N steps (and at the end).")
+    checkpoint_at_end: bool = Field(
+        True,
+        description="Save a checkpoint after the last step, besides final/. false: final/ only, for benchmarks and "
+        "throwaway runs where a checkpoint's optimizer state would not fit the disk (GPT-J-6B full fine-tuning: "
+        "~48 GB); a stop signal still saves one.",
+    )
     keep_last: int = Field(2, ge=1, description="Checkpoints to keep; older ones are deleted.")
     loss: Literal["fused", "plain"] = Field(
         "fused",

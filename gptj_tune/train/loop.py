@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -97,8 +98,10 @@ class Training:
                 f.write(json.dumps(record) + "\n")
 
 
-def train(recipe: Recipe, resume: str | bool = False, force: bool = False, console=None) -> TrainResult | None:
-    """Run the recipe into its run directory. Returns a summary on the main process, None on the others."""
+def train(recipe: Recipe, resume: str | bool = False, force: bool = False, console=None,
+          after_each_step: Callable[[int], None] | None = None) -> TrainResult | None:  # fmt: skip
+    """Run the recipe into its run directory. Returns a summary on the main process, None on the others.
+    `after_each_step(step)` is called after every optimizer step (a profiler's `step`, for one)."""
     from accelerate.utils import set_seed
     from rich.console import Console
 
@@ -145,7 +148,7 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
 
     benchmarks = benchmarks_during_training(recipe, run, accelerator, tokenizer, console)
     t = Training(recipe, run, accelerator, model, optimizer, scheduler, batches, held_out, loss_path, console, benchmarks)
-    last_loss = run_steps(t, state, total_steps)
+    last_loss = run_steps(t, state, total_steps, after_each_step)
 
     save_final(recipe, run, accelerator, model, tokenizer)
     eval_loss = evaluate_loss(model, held_out, accelerator, loss_path)
@@ -162,7 +165,7 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     return result
 
 
-def run_steps(t: Training, state: TrainState, total_steps: int) -> float:
+def run_steps(t: Training, state: TrainState, total_steps: int, after_each_step: Callable[[int], None] | None = None) -> float:
     """The optimizer steps from `state` to `total_steps`, with a progress bar, a metrics line per
     step, held-out loss, benchmarks and checkpoints as the recipe asks; a stop signal saves a
     checkpoint after the step. Returns the last step's loss."""
@@ -197,6 +200,8 @@ def run_steps(t: Training, state: TrainState, total_steps: int) -> float:
                 eta = int(per_step * (total_steps - state.step))
                 t.console.print(f"step {state.step}/{total_steps}  {info}  ETA {eta // 60}:{eta % 60:02d}")
             after_step(t, state, total_steps, stopping=stop.agreed)
+            if after_each_step is not None:
+                after_each_step(state.step)
     return loss
 
 
@@ -268,7 +273,7 @@ def after_step(t: Training, state: TrainState, total_steps: int, stopping: bool)
     if t.benchmarks is not None and every and (step % every == 0 or step == total_steps):
         t.benchmarks(t.model, step, t.log)
     periodic = recipe.train.save_every and step % recipe.train.save_every == 0
-    if periodic or step == total_steps or stopping:
+    if periodic or (step == total_steps and recipe.train.checkpoint_at_end) or stopping:
         path = save_checkpoint(recipe, t.run, step, t.accelerator, t.model, t.optimizer, t.scheduler, asdict(state))
         if stopping:
             raise Interrupted(

@@ -66,6 +66,18 @@ def test_loss_falls_and_run_dir_is_complete(tmp_path):
 
 
 @pytest.mark.slow
+def test_without_a_checkpoint_at_end_only_final_is_written(tmp_path):
+    """train.checkpoint_at_end: false (benchmarks: a 6B full run's last checkpoint would not fit the
+    disk) keeps the periodic checkpoints and final/, and writes none after the last step."""
+    recipe = small_recipe(tmp_path, steps=12, save_every=5)
+    result = cli("run", str(recipe), "--set", "train.checkpoint_at_end=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-10", "step-5"]
+    assert (run / "final" / "adapter_model.safetensors").exists() and sorted(losses(run)) == list(range(1, 13))
+
+
+@pytest.mark.slow
 def test_final_adapter_loads_on_the_base_model(tmp_path):
     import torch
     from peft import PeftModel
