@@ -69,6 +69,25 @@ VOCAB = 50400  # GPT-J's embedding and head rows, in every shape
 # --------------------------------------------------------------------------------- the workload
 
 
+def model_for(shape: str, folder: Path, console) -> Path:
+    """The benchmark's random-init model of `shape` in `folder`: built there once, reused after
+    (`--model-dir`: the GPT-J-6B shape is 12 GB and takes minutes to build). A folder holding
+    another shape, or something else, is refused."""
+    marker = folder / "benchmark-shape.json"
+    if marker.is_file():
+        built = json.loads(marker.read_text()).get("shape")
+        if built != shape:
+            raise SystemExit(f"--model-dir {folder} holds the {built} shape, not {shape}: choose another folder or delete it")
+        console.print(f"reusing the {shape} model in {folder}")
+        return folder
+    if folder.exists() and any(folder.iterdir()):
+        raise SystemExit(f"--model-dir {folder} is not empty and holds no benchmark model: choose an empty or new folder")
+    console.print(f"building the {shape} model in {folder} ...")
+    build_model(shape, folder)
+    marker.write_text(json.dumps({"shape": shape, "config": SHAPES[shape]}))  # last: a half-built folder has none
+    return folder
+
+
 def build_model(shape: str, folder: Path) -> None:
     import torch
     from transformers import GPTJConfig, GPTJForCausalLM
@@ -139,7 +158,7 @@ def peak_memory(device: str) -> float:
 # ------------------------------------------------------------------------------------- engines
 
 
-def run_ours(spec: dict, out: Path) -> dict:
+def run_ours(spec: dict, out: Path, after_each_step=None) -> dict:
     from rich.console import Console
 
     from gptj_tune.recipe import Recipe
@@ -151,12 +170,13 @@ def run_ours(spec: dict, out: Path) -> dict:
         "data": {"sources": [{"format": "alpaca", "path": spec["alpaca"], "limit": spec["records"]}],
                  "template": "alpaca", "max_length": spec["max_length"], "eval_fraction": 0.0, "on_bad_record": "skip"},
         "train": {"lr": spec["lr"], "epochs": 1, "batch_size": spec["packed_batch_size"], "warmup_ratio": 0.03,
-                  "schedule": "cosine", "seed": spec["seed"], "log_every": 10},
+                  "schedule": "cosine", "seed": spec["seed"], "log_every": 10,
+                  "checkpoint_at_end": False},  # final/ only: a 6B full checkpoint (~48 GB) would fill the disk
         "distributed": {"mixed_precision": spec["mixed_precision"]},
         "eval": {"generate_samples": 0},
         "output": {"dir": str(out / "run")},
     })  # fmt: skip
-    result = train(recipe, console=Console(stderr=True))
+    result = train(recipe, console=Console(stderr=True), after_each_step=after_each_step)
     model = _load_final(out / "run" / "final", spec)
     return {"seconds": result.seconds, "real_tokens": result.tokens, "slots": result.slots, "model": model, "steps": result.steps,
             "attention": "gptj-tune SDPA (per packed example on a CPU, variable-length on a GPU)"}  # fmt: skip
@@ -424,6 +444,9 @@ def main() -> None:
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
                         help="gptj-tune's distributed.mixed_precision (the recipe default is no). TRL's best setting on "
                              "a CPU stays fp32: with bf16 it ran slower here (341 vs 365 tok/s, small full).")
+    parser.add_argument("--model-dir", default=None,
+                        help="Build the random-init model here once and reuse it in later invocations (default: a temp "
+                             "folder, deleted at the end). GPT-J-6B's shape is 12 GB.")
     parser.add_argument("--out", default="train_throughput.json",
                         help="The JSON; a PNG of the results is written beside it (same name, .png).")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -462,9 +485,9 @@ def main() -> None:
 
     console = Console()
     runs: dict[str, list[dict]] = {e: [] for e in engines}
+    failed: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / "model"
-        build_model(args.shape, model_dir)
+        model_dir = model_for(args.shape, Path(args.model_dir) if args.model_dir else Path(tmp) / "model", console)
         spec = {
             "device": args.device, "shape": args.shape, "method": args.method, "records": args.records,
             "max_length": args.max_length, "batch_size": args.batch_size, "seed": args.seed,
@@ -482,15 +505,18 @@ def main() -> None:
         env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
         for repeat in range(args.repeats):
             for engine in engines if repeat % 2 == 0 else engines[::-1]:
+                if engine in failed:
+                    continue
                 console.print(f"[bold]{engine}[/] (run {repeat + 1}/{args.repeats}) ...")
                 result = Path(tmp) / f"{engine}-{repeat}.json"
                 started = time.time()
                 proc = subprocess.run([sys.executable, __file__, "--worker", engine, "--spec", str(spec_path), "--result", str(result)],
                                       env=env, capture_output=True, text=True)  # fmt: skip
-                if proc.returncode != 0:
-                    console.print(f"[red]{engine} failed[/] after {time.time() - started:.0f} s:")
+                if proc.returncode != 0:  # the other engines still run, and their rows are kept
+                    failed[engine] = engine_failure(proc, time.time() - started)
+                    console.print(f"[red]{engine} failed[/] after {failed[engine]['seconds']:.0f} s:")
                     console.print(proc.stderr[-3000:], markup=False, highlight=False)
-                    raise SystemExit(1)
+                    continue
                 runs[engine].append(json.loads(result.read_text()))
 
     def best(engine: str) -> dict:  # the fastest of the repeats
@@ -502,7 +528,9 @@ def main() -> None:
 
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-    rows = {e: best(e) for e in engines}
+    rows = {e: best(e) for e in engines if runs[e]}
+    if not rows:
+        raise SystemExit("no engine finished, so there is no table: " + "; ".join(f"{e}: {f['error']}" for e, f in failed.items()))
     ours = rows.get("gptj-tune")
     for e, r in rows.items():
         r["runs_tokens_per_s"] = [x["tokens_per_s"] for x in runs[e]]
@@ -522,10 +550,13 @@ def main() -> None:
     console.print("attention: " + "; ".join(f"{e} {r['attention']}" for e, r in rows.items()))
     versions = _versions()
     console.print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    for e, f in failed.items():
+        console.print(f"[red]{e} failed[/] (not in the table): {f['error']}", soft_wrap=True)
     report = {
         "settings": {k: v for k, v in spec.items() if k not in ("model",)}
-        | {"repeats": args.repeats, "torch_threads": args.threads, "versions": versions},
+        | {"repeats": args.repeats, "torch_threads": args.threads, "versions": versions, "device_name": _device_name(args.device)},
         "engines": rows,
+        "failed": failed,
     }
     from gptj_tune.rundir import atomic_write_text
 
@@ -537,6 +568,29 @@ def main() -> None:
         console.print(f"wrote {out} (no plot: matplotlib is not installed; pip install 'gptj-tune[eval]')")
     if any(math.isnan(r["held_out_loss"]) for r in rows.values()):
         raise SystemExit("a held-out loss is NaN")
+    if failed:
+        raise SystemExit(f"{len(failed)} engine(s) failed: {', '.join(failed)}; the others' results are written")
+
+
+def engine_failure(proc: subprocess.CompletedProcess, seconds: float) -> dict:
+    """What the JSON keeps of a failed engine: its last error line (the exception), exit code and time."""
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    return {"error": lines[-1] if lines else f"exit code {proc.returncode}", "exit_code": proc.returncode, "seconds": seconds}
+
+
+def _device_name(device: str) -> str:
+    """The GPU's name, or the CPU's model name (Linux), for the JSON."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    import platform
+
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0]} ({len(names)} cores)" if names else platform.machine()
 
 
 if __name__ == "__main__":

@@ -14,13 +14,15 @@ from conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-def run_benchmark(script: str, shared_data, out, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_benchmark(script: str, shared_data, out, *args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python benchmarks/<script>.py ... --data-dir <shared data> --out <out>`, as a user runs it."""
+    import os
+
     cmd = [sys.executable, str(REPO / "benchmarks" / f"{script}.py"), *args, "--data-dir", str(shared_data), "--out", str(out)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}  # this checkout's gptj_tune, whichever one pip installed
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-@pytest.mark.slow
 def test_train_throughput_harness_runs_every_engine_on_the_same_tokens(tmp_path, shared_data):
     out = tmp_path / "tt.json"
     result = run_benchmark("train_throughput", shared_data, out, "--records", "16", "--max-length", "128", "--mixed-precision", "bf16")
@@ -61,6 +63,46 @@ def test_train_throughput_harness_runs_every_engine_on_the_same_tokens(tmp_path,
     height, width = imread(tmp_path / "tt.png").shape[:2]
     assert width > 2 * height > 0 and f"{tmp_path / 'tt.png'}" in result.stdout.replace("\n", "")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tt.json", "tt.png"]
+
+
+def test_a_failing_engine_keeps_the_others_rows_and_no_rows_is_a_clear_message(tmp_path, shared_data):
+    """TRL not importable (as on the GPU image before its wheels are installed): the trl-best worker
+    fails, gptj-tune's row is kept in the JSON and the plot, the failure is named, and the exit code
+    says one failed. With no engine left there is no table: one line, and no JSON or plot."""
+    hidden = tmp_path / "no-trl" / "trl"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('trl is hidden by this test')\n")
+    env = {"PYTHONPATH": f"{hidden.parent}:{REPO}"}
+    out = tmp_path / "tt.json"
+    args = ("--records", "8", "--max-length", "128")
+    result = run_benchmark("train_throughput", shared_data, out, *args, "--engines", "gptj-tune,trl-best", env=env)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert list(report["engines"]) == ["gptj-tune"] and report["engines"]["gptj-tune"]["tokens_per_s"] > 0
+    assert report["failed"]["trl-best"]["error"] == "ImportError: trl is hidden by this test"
+    assert report["failed"]["trl-best"]["exit_code"] == 1 and (tmp_path / "tt.png").exists()
+    assert "1 engine(s) failed: trl-best; the others' results are written" in result.stderr
+    alone = run_benchmark("train_throughput", shared_data, tmp_path / "none.json", *args, "--engines", "trl-best", env=env)
+    assert alone.returncode == 1 and "no engine finished, so there is no table: trl-best: ImportError" in alone.stderr
+    assert not (tmp_path / "none.json").exists() and not (tmp_path / "none.png").exists()
+
+
+def test_the_model_dir_is_built_once_and_reused(tmp_path, shared_data):
+    model_dir = tmp_path / "model"
+    first = run_benchmark("train_throughput", shared_data, tmp_path / "a.json", "--records", "8", "--max-length", "128",
+                          "--engines", "gptj-tune", "--model-dir", str(model_dir))  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f"building the tiny model in {model_dir}" in first.stdout.replace("\n", "")
+    built = (model_dir / "model.safetensors").stat().st_mtime_ns
+    again = run_benchmark("train_throughput", shared_data, tmp_path / "b.json", "--records", "8", "--max-length", "128",
+                          "--engines", "gptj-tune", "--model-dir", str(model_dir))  # fmt: skip
+    assert again.returncode == 0 and "reusing the tiny model" in again.stdout
+    assert (model_dir / "model.safetensors").stat().st_mtime_ns == built
+    assert json.loads((tmp_path / "a.json").read_text())["engines"]["gptj-tune"]["held_out_loss"] == pytest.approx(
+        json.loads((tmp_path / "b.json").read_text())["engines"]["gptj-tune"]["held_out_loss"])
+    other = run_benchmark("train_throughput", shared_data, tmp_path / "c.json", "--shape", "small", "--records", "8",
+                          "--engines", "gptj-tune", "--model-dir", str(model_dir))  # fmt: skip
+    assert other.returncode == 1 and f"--model-dir {model_dir} holds the tiny shape, not small" in other.stderr
 
 
 @pytest.mark.parametrize(
@@ -110,7 +152,6 @@ def test_a_plot_that_fails_to_draw_leaves_the_earlier_one_whole(tmp_path, monkey
     assert plot.read_bytes() == earlier and sorted(p.name for p in tmp_path.iterdir()) == ["r.png"]
 
 
-@pytest.mark.slow
 def test_eval_speed_runs_the_chosen_tasks_and_writes_json(tmp_path, shared_data):
     out = tmp_path / "es.json"
     # Two tasks (a loglikelihood-of-continuation one and a multiple-choice one): every task's
@@ -189,3 +230,51 @@ def test_the_results_table_fits_an_80_column_terminal_whole(gpu):
     assert "real ours/ padding peak held-out model" in lines
     assert ("engine tok/s this eff. GiB loss steps TFLOP/s" + (" MFU" if gpu else "")) in lines
     assert ("trl-default 123,456 27.21x 0.552 71.23 10.7049 1234 457" + (" 45.7%" if gpu else "")) in lines
+
+
+def test_the_gpu_session_script_runs_its_steps_on_the_cpu(tmp_path, shared_data):
+    """benchmarks/gpu_session.sh, the one device call of the GPU issues, dry-run on the tiny shape:
+    each step logged with its exit code, the results under $OUT, the built model deleted."""
+    import os
+
+    out, model = tmp_path / "out", tmp_path / "model"
+    env = {**os.environ, "OUT": str(out), "DEVICE": "cpu", "SHAPE": "tiny", "LORA_STEPS": "2", "FULL_STEPS": "2",
+           "PROFILE_STEPS": "2", "MAX_LENGTH": "128", "DATA": str(shared_data), "MODEL": str(model),
+           "PYTHONPATH": str(REPO)}  # fmt: skip
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_session.sh")], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=900)  # fmt: skip
+    log = (out / "session.log").read_text()
+    assert result.returncode == 0, result.stdout + log[-3000:]
+    for step in ("profile-lora", "lora", "profile-full", "full"):
+        assert f"== {step}: exit 0" in log, log[-3000:]
+    assert "== done: 0 step(s) failed" in log and "where a step goes: tiny full" in log
+    assert sorted(p.name for p in out.iterdir()) == ["full.json", "full.png", "lora.json", "lora.png", "profile-full.json",
+                                                     "profile-lora.json", "session.log"]  # fmt: skip
+    assert set(json.loads((out / "lora.json").read_text())["engines"]) == {"gptj-tune", "trl-best"}
+    assert not model.exists()
+
+
+def test_the_profile_says_where_a_steps_time_goes(tmp_path, shared_data):
+    out = tmp_path / "p.json"
+    result = run_benchmark("profile_step", shared_data, out, "--max-length", "256", "--rows", "2", "--warmup", "2", "--steps", "3")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert summary["steps"] == 3 and summary["step_ms"] > 0
+    assert sum(k["share"] for k in summary["by_kind"].values()) == pytest.approx(1.0)
+    assert {"GEMM", "attention", "optimizer", "elementwise"} <= set(summary["by_kind"])
+    assert summary["top_ops"][0]["ms_per_step"] > 0 and summary["per_step"]["operators_dispatched"] > 100
+    assert "where a step goes: tiny lora" in out.with_suffix(".txt").read_text()
+
+
+def test_profile_kinds_and_busy_time():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import profile_step
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert profile_step.kind_of("sm90_xmma_gemm_bf16bf16_bf16f32") == "GEMM"
+    assert profile_step.kind_of("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert profile_step.kind_of("aten::_fused_adamw_") == "optimizer"
+    assert profile_step.kind_of("Memcpy DtoH (Device -> Pinned)") == "copies"
+    assert profile_step.kind_of("void at::native::vectorized_elementwise_kernel<4, ...>") == "elementwise"
+    assert profile_step.merged_busy_us([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17
