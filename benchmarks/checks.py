@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def require_at_least_one(args, *names: str) -> None:
     """Each of these options, where given, is 1 or more."""
@@ -20,3 +22,18 @@ def require_device(shape: str, device: str) -> None:
 
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: this torch sees no CUDA device (torch.cuda.is_available() is False)")
+
+
+def require_max_length(max_length: int) -> None:
+    """Rows of 64 to 2048 tokens: GPT-J's context, and room for a response after Alpaca's prompt."""
+    if not 64 <= max_length <= 2048:
+        raise SystemExit(f"--max-length {max_length}: use 64 to 2048 (GPT-J's context; the Alpaca template's "
+                         f"prompt alone takes ~40 tokens, so shorter rows keep no response tokens to train on)")  # fmt: skip
+
+
+def require_alpaca(data_dir: str) -> Path:
+    """The shared data folder, which must hold alpaca/alpaca_data.json."""
+    data = Path(data_dir)
+    if not (data / "alpaca" / "alpaca_data.json").exists():
+        raise SystemExit(f"--data-dir: {data} has no alpaca/alpaca_data.json (the shared data folder)")
+    return data

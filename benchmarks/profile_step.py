@@ -25,8 +25,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from checks import require_at_least_one, require_device
-from train_throughput import REPO, SHAPES, model_for, run_ours, tokenize
+from checks import require_alpaca, require_at_least_one, require_device, require_max_length
+from engines import run_ours
+from workload import REPO, SHAPES, model_for, tokenize
 
 # Kinds by substrings of kernel or operator names, first match wins (lower case).
 KINDS = [
@@ -134,11 +135,8 @@ def main() -> None:
     args = parser.parse_args()
     require_at_least_one(args, "rows", "warmup", "steps")
     require_device(args.shape, args.device)
-    if not 64 <= args.max_length <= 2048:
-        raise SystemExit(f"--max-length {args.max_length}: use 64 to 2048")
-    data, out = Path(args.data_dir), Path(args.out)
-    if not (data / "alpaca" / "alpaca_data.json").exists():
-        raise SystemExit(f"--data-dir: {data} has no alpaca/alpaca_data.json (the shared data folder)")
+    require_max_length(args.max_length)
+    data, out = require_alpaca(args.data_dir), Path(args.out)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from gptj_tune.cli import quiet_libraries

@@ -166,13 +166,15 @@ def test_eval_speed_runs_the_chosen_tasks_and_writes_json(tmp_path, shared_data)
     assert "lm-eval speed: tiny on cpu" in result.stdout
 
 
-def _benchmark_module():
+def _benchmark_module(name: str = "train_throughput"):
+    """A module of benchmarks/ (they import each other by plain name, as scripts do)."""
+    import importlib
+
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
-        import train_throughput
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
-    return train_throughput
 
 
 @pytest.mark.parametrize("shape", ["tiny", "small", "gptj-6b"])
@@ -182,13 +184,13 @@ def test_the_flop_count_counts_the_weights_a_real_model_multiplies_by(shape):
     from peft import get_peft_model
     from transformers import GPTJConfig, GPTJForCausalLM
 
-    tt = _benchmark_module()
+    tt = _benchmark_module("workload")
     with torch.device("meta"):
         model = GPTJForCausalLM(GPTJConfig(vocab_size=tt.VOCAB, **tt.SHAPES[shape]))
     counts = tt.matmul_params(shape, "lora")
     assert counts["blocks"] == sum(p.numel() for p in model.transformer.h.parameters() if p.dim() == 2)
     assert counts["head"] == model.lm_head.weight.numel() == model.transformer.wte.weight.numel()
-    lora = get_peft_model(model, tt._lora_config())
+    lora = get_peft_model(model, _benchmark_module("engines")._lora_config())
     assert counts["adapters"] == sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n) > 0
     assert tt.matmul_params(shape, "full") == counts | {"adapters": 0}
 
@@ -196,7 +198,7 @@ def test_the_flop_count_counts_the_weights_a_real_model_multiplies_by(shape):
 def test_the_flop_count_takes_the_scored_tokens_and_the_spans_of_the_examples():
     from types import SimpleNamespace as Example
 
-    tt = _benchmark_module()
+    tt = _benchmark_module("workload")
     # 3 + 2 real tokens; next-token labels scored: 1 of the first's, 1 of the second's; causal
     # spans 1+2+3 and 1+2.
     examples = [Example(input_ids=[5, 6, 7], labels=[-100, -100, 7]), Example(input_ids=[8, 9], labels=[-100, 9])]
@@ -267,11 +269,7 @@ def test_the_profile_says_where_a_steps_time_goes(tmp_path, shared_data):
 
 
 def test_profile_kinds_and_busy_time():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import profile_step
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    profile_step = _benchmark_module("profile_step")
     assert profile_step.kind_of("sm90_xmma_gemm_bf16bf16_bf16f32") == "GEMM"
     assert profile_step.kind_of("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
     assert profile_step.kind_of("aten::_fused_adamw_") == "optimizer"

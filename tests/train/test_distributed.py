@@ -233,37 +233,6 @@ def test_a_failing_worker_ends_the_job_with_its_message(tmp_path):
     assert all(log.stat().st_size > 0 and str(log) in result.stdout.replace("\n", "") for log in logs), logs
 
 
-@pytest.mark.parametrize("args,code", [(["recipes"], 0), (["run", "missing.yaml"], 2)])
-def test_a_worker_ends_without_the_interpreter_teardown(tmp_path, args, code):
-    """A worker's objects are not finalized at exit (DeepSpeed leaves a destroyed process group in a
-    module global, and gloo can abort while the interpreter tears it down), but atexit handlers run,
-    output arrives whole and the exit code is the command's. Outside a worker, teardown is normal."""
-    script = (
-        "import atexit, sys\n"
-        "from pathlib import Path\n"
-        "from gptj_tune import cli\n"
-        "out = Path(sys.argv[1])\n"
-        "class Leftover:\n"
-        "    def __del__(self): (out / 'finalized').write_text('x')\n"
-        "cli.LEFTOVER = Leftover()\n"
-        "atexit.register(lambda: (out / 'atexit').write_text('x'))\n"
-        "sys.argv = ['gptj-tune', *sys.argv[2:]]\n"
-        "cli.main()\n"
-    )
-    for worker in (True, False):
-        out = tmp_path / ("worker" if worker else "plain")
-        out.mkdir()
-        env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE")}
-        if worker:
-            env |= {"LOCAL_RANK": "0", "WORLD_SIZE": "2", "RANK": "0"}
-        result = subprocess.run([sys.executable, "-c", script, str(out), *args], capture_output=True, text=True,
-                                cwd=tmp_path, env=env, timeout=120)  # fmt: skip
-        assert result.returncode == code, result.stdout + result.stderr
-        assert ("quickstart" in result.stdout) if code == 0 else ("missing.yaml" in result.stderr)
-        assert (out / "atexit").exists()
-        assert (out / "finalized").exists() is not worker
-
-
 def test_the_launching_process_does_not_import_torch(tmp_path):
     """`gptj-tune run` on a multi-process recipe only reads the recipe and starts the launcher: the
     workers import torch, transformers and peft; the process that waits for them does not."""
@@ -280,50 +249,6 @@ def test_the_launching_process_does_not_import_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
-
-
-def test_only_build_locks_no_process_holds_are_stale(tmp_path):
-    """torch's extension builder waits forever on a `lock` file; its holder keeps the file open. A
-    lock nobody has open (its build was killed) is stale; one a live process holds is not."""
-    from gptj_tune.train.extension_builds import stale_build_locks
-
-    stale = [tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "py311_cpu" / "cpu_adam" / "lock"]
-    held = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
-    for lock in [*stale, held]:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        lock.touch()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", f"import os,sys,time; fd = os.open({str(held)!r}, os.O_RDONLY); print(1, flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "1"
-        assert sorted(stale_build_locks(tmp_path)) == sorted(stale)
-    finally:
-        holder.kill()
-        holder.wait()
-    assert sorted(stale_build_locks(tmp_path)) == sorted([*stale, held])  # its holder is gone
-    assert stale_build_locks(tmp_path / "nothing-built-yet") == []
-
-
-def test_deepspeed_launch_clears_stale_locks_and_announces_the_first_build(tmp_path, monkeypatch):
-    from rich.console import Console
-
-    from gptj_tune.train.launch import prepare_deepspeed_builds
-
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    lock = tmp_path / "deepspeed_shm_comm" / "lock"
-    lock.parent.mkdir()
-    lock.touch()
-    console = Console(record=True, width=300)
-    prepare_deepspeed_builds(console)
-    said = console.export_text()
-    assert not lock.exists() and f"removed a lock left by an interrupted extension build, which DeepSpeed would have waited on forever: {lock}" in said
-    assert "compiles its CPU all-reduce op on first use" in said  # nothing built under this root yet
-    (lock.parent / "deepspeed_shm_comm.so").touch()
-    console = Console(record=True, width=300)
-    prepare_deepspeed_builds(console)
-    assert console.export_text() == ""  # built, no lock: nothing to say
 
 
 @pytest.mark.slow

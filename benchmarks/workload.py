@@ -1,0 +1,147 @@
+"""The throughput benchmarks' workload: GPT-J shapes with random init (built once, reusable), Alpaca
+records through gptj-tune's own tokenizer path, the held-out loss every engine is scored by, peak
+memory, and the model FLOPs a token needs (train_throughput.py's docstring has the formula)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHAPES = {  # GPT-J configs; every shape keeps GPT-J's 50400-row embedding and head
+    "tiny": dict(n_layer=2, n_embd=64, n_head=4, rotary_dim=8),  # the 50400-wide head dominates
+    "small": dict(n_layer=6, n_embd=512, n_head=8, rotary_dim=32),  # the blocks dominate
+    "gptj-6b": dict(n_layer=28, n_embd=4096, n_head=16, rotary_dim=64),
+}
+LORA = dict(r=16, alpha=32, dropout=0.05)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"]
+HELD_OUT = 64  # records after the training records, scored the same way for every engine
+VOCAB = 50400  # GPT-J's embedding and head rows, in every shape
+
+
+def model_for(shape: str, folder: Path, console) -> Path:
+    """The benchmark's random-init model of `shape` in `folder`: built there once, reused after
+    (`--model-dir`: the GPT-J-6B shape is 12 GB and takes minutes to build). A folder holding
+    another shape, or something else, is refused."""
+    marker = folder / "benchmark-shape.json"
+    if marker.is_file():
+        built = json.loads(marker.read_text()).get("shape")
+        if built != shape:
+            raise SystemExit(f"--model-dir {folder} holds the {built} shape, not {shape}: choose another folder or delete it")
+        console.print(f"reusing the {shape} model in {folder}")
+        return folder
+    if folder.exists() and any(folder.iterdir()):
+        raise SystemExit(f"--model-dir {folder} is not empty and holds no benchmark model: choose an empty or new folder")
+    console.print(f"building the {shape} model in {folder} ...")
+    build_model(shape, folder)
+    marker.write_text(json.dumps({"shape": shape, "config": SHAPES[shape]}))  # last: a half-built folder has none
+    return folder
+
+
+def build_model(shape: str, folder: Path) -> None:
+    import torch
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    config = GPTJConfig(vocab_size=VOCAB, n_positions=2048, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0, **SHAPES[shape])
+    torch.manual_seed(0)
+    if shape == "gptj-6b":
+        with torch.device("cuda"):
+            model = GPTJForCausalLM(config).to(torch.bfloat16)
+    else:
+        model = GPTJForCausalLM(config)
+    model.save_pretrained(folder)
+
+
+def tokenize(spec: dict, first: int, count: int):
+    """Alpaca records [first, first+count) through gptj-tune's own tokenizer path (prompt masked)."""
+    from transformers import AutoTokenizer
+
+    from gptj_tune.data.formats import read_source
+    from gptj_tune.data.templates import BUILTIN_TEMPLATES
+    from gptj_tune.data.tokens import tokenize_instructions
+    from gptj_tune.recipe import SourceSection
+
+    tok = AutoTokenizer.from_pretrained(spec["tokenizer"])
+    tok.eos_token = tok.eos_token or "<|endoftext|>"  # GPT-2's files name none
+    tok.pad_token = tok.eos_token
+    source = SourceSection(format="alpaca", path=spec["alpaca"], limit=first + count)
+    records = read_source(source, 0, "skip").records[first:]
+    examples, _ = tokenize_instructions(records, tok, BUILTIN_TEMPLATES["alpaca"], spec["max_length"], False, "truncate")
+    return tok, examples
+
+
+def held_out_loss(model, spec: dict, device) -> float:
+    """Mean target-token cross-entropy on the held-out records; plain padded batches, eager math."""
+    import torch
+    import torch.nn.functional as F
+
+    tok, examples = tokenize(spec, spec["records"], HELD_OUT)
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), 8):
+            chunk = examples[i : i + 8]
+            width = max(len(e.input_ids) for e in chunk)
+            ids = torch.tensor([e.input_ids + [tok.pad_token_id] * (width - len(e.input_ids)) for e in chunk], device=device)
+            labels = torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in chunk], device=device)
+            mask = (torch.arange(width, device=device)[None] < torch.tensor([len(e.input_ids) for e in chunk], device=device)[:, None]).long()
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), reduction="sum"))
+            count += int((labels[:, 1:] != -100).sum())
+    return total / count
+
+
+def peak_memory(device: str) -> float:
+    """GiB: CUDA max allocated, or this process's peak RSS (VmHWM)."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**30
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _matching_rows(spec: dict, examples) -> int:
+    mean = sum(len(e.input_ids) for e in examples) / len(examples)
+    return max(1, math.floor(spec["batch_size"] * mean / spec["max_length"]))
+
+
+def matmul_params(shape: str, method: str) -> dict[str, int]:
+    """Weights that multiply tokens: the blocks' (q, k, v, out: d x d; fc_in, fc_out: d x 4d), the
+    head's (vocab x d) and, for LoRA, the adapters' (rank r x (in + out) on each target)."""
+    d, layers = SHAPES[shape]["n_embd"], SHAPES[shape]["n_layer"]
+    adapters = LORA["r"] * layers * (4 * (d + d) + 2 * (d + 4 * d)) if method == "lora" else 0
+    return {"blocks": 12 * d * d * layers, "head": VOCAB * d, "adapters": adapters}
+
+
+def token_stats(examples) -> dict[str, float]:
+    """Over the workload's real tokens: the share whose next token the loss scores, and the mean
+    causal span (keys a token attends to: its position in its example, plus one)."""
+    real = sum(len(e.input_ids) for e in examples)
+    scored = sum(sum(1 for label in e.labels[1:] if label != -100) for e in examples)
+    spans = sum(len(e.input_ids) * (len(e.input_ids) + 1) // 2 for e in examples)
+    return {"scored_share": scored / real, "mean_span": spans / real}
+
+
+def flops_per_token(spec: dict, stats: dict[str, float]) -> tuple[float, str]:
+    """Model FLOPs per real training token, and the formula with its numbers (module docstring)."""
+    shape, n = SHAPES[spec["shape"]], matmul_params(spec["shape"], spec["method"])
+    k = 6 if spec["method"] == "full" else 4
+    attention = 12 * shape["n_layer"] * shape["n_embd"] * stats["mean_span"]
+    total = k * n["blocks"] + k * n["head"] * stats["scored_share"] + 6 * n["adapters"] + attention
+    formula = (
+        f"{k}*N_blocks + {k}*N_head*{stats['scored_share']:.3f} (scored share)"
+        + (" + 6*N_lora" if n["adapters"] else "")
+        + f" + 12*layers*d_model*{stats['mean_span']:.1f} (mean causal span) = {total / 1e9:.3g} GFLOP per token; "
+        f"N_blocks {n['blocks']:,}, N_head {n['head']:,}" + (f", N_lora {n['adapters']:,}" if n["adapters"] else "")
+    )
+    return total, formula
+
+
+# Two-line headers of fixed width, no outer edge: the whole table, MFU column included, fits an
+# 80-column terminal (rich otherwise cuts headers and cells to "…" to fit).

@@ -1,0 +1,189 @@
+"""The optimizer side of a step (train/optim.py): torch's fused AdamW where it applies, clipping folded
+into the fused step, and KahanAdamW for weights held in 16 bits, each equal to its reference."""
+
+from __future__ import annotations
+
+
+def small_net(dtype=None):
+    """Linear, LayerNorm, Linear: 2-D weights with weight decay and 1-D ones without."""
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4))
+    return net if dtype is None else net.to(dtype)
+
+
+def decay_groups(model):
+    """The parameter groups build_optimizer makes (weight decay 0.1): decay on 2-D weights only."""
+    return [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": 0.1},
+            {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]  # fmt: skip
+
+
+def test_adamw_is_fused_for_plain_parameters_and_steps_like_the_loop():
+    import torch
+
+    from gptj_tune.recipe import TrainSection
+    from gptj_tune.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    models = [small_net() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = build_optimizer(models[0], TrainSection(lr=1e-2, weight_decay=0.1))
+    assert fused.defaults["fused"] is True
+    loop = torch.optim.AdamW(decay_groups(models[1]), lr=1e-2)  # the per-parameter loop
+    x = torch.randn(64, 16)
+    for _ in range(5):
+        for model, opt in ((models[0], fused), (models[1], loop)):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert (a - b).abs().max() < 1e-6
+
+
+def test_clipping_inside_the_fused_step_equals_clip_grad_norm():
+    """The loop hands clipping to fused AdamW (gradients divided inside its kernel): the same norms
+    and parameters as clip_grad_norm_ then the step, clipped or not; only for fused AdamW."""
+    from types import SimpleNamespace
+
+    import torch
+    from accelerate.utils import DistributedType
+
+    from gptj_tune.recipe import TrainSection
+    from gptj_tune.train.optim import build_optimizer, clip_in_fused_step, step_takes_the_clip
+
+    single, deepspeed = (SimpleNamespace(distributed_type=t) for t in (DistributedType.NO, DistributedType.DEEPSPEED))
+
+    torch.manual_seed(0)
+    models = [small_net() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [build_optimizer(m, TrainSection(lr=1e-2, weight_decay=0.1)) for m in models]
+    assert step_takes_the_clip(optimizers[0], single) is optimizers[0]
+    assert step_takes_the_clip(optimizers[0], deepspeed) is None  # its engine clips
+    assert step_takes_the_clip(torch.optim.AdamW(models[1].parameters()), single) is None  # not fused
+    clipped = 0
+    for step in range(6):
+        x, scale = torch.randn(64, 16), (100.0 if step % 2 else 1e-3)  # norms far above and below max_norm
+        norms = []
+        for k, (model, opt) in enumerate(zip(models, optimizers, strict=True)):
+            opt.zero_grad()
+            (model(x).pow(2).mean() * scale).backward()
+            if k == 0:
+                norms.append(float(clip_in_fused_step(opt, 1.0)))
+                opt.step()
+                del opt.grad_scale
+            else:
+                norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
+                opt.step()
+        assert abs(norms[0] - norms[1]) <= 1e-6 * norms[1]
+        clipped += norms[1] > 1.0
+        for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+            assert (a - b).abs().max() < 1e-6, step
+    assert clipped == 3
+
+
+def test_kahan_adamw_keeps_the_updates_that_bf16_weights_round_away(monkeypatch):
+    """60 steps at lr 2e-5 (Alpaca's full fine-tuning lr) on a tiny GPT-J held in bf16: torch's AdamW
+    rounds most updates back to the old weight; KahanAdamW's weight + compensation stays within 3% of
+    the fp32 run's update. build_optimizer picks it for 16-bit weights unless told not to."""
+    import copy
+
+    import torch
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    from gptj_tune.recipe import TrainSection
+    from gptj_tune.train.optim import KahanAdamW, build_optimizer
+
+    monkeypatch.setattr(KahanAdamW, "CPU_CHUNK", 3000)  # most weights in several chunks, the last one short
+    torch.manual_seed(0)
+    config = GPTJConfig(vocab_size=512, n_embd=128, n_layer=2, n_head=4, rotary_dim=16, n_positions=64, bos_token_id=0, eos_token_id=0)
+    reference, ids = GPTJForCausalLM(config), torch.randint(0, 512, (16, 64))
+
+    def run(dtype, kahan: bool):
+        model = copy.deepcopy(reference).to(dtype)
+        start = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+        opt = build_optimizer(model, TrainSection(lr=2e-5, weight_decay=0.1, kahan_summation=kahan))
+        for step in range(60):
+            batch = ids[step % 4 * 4 : step % 4 * 4 + 4]
+            model(input_ids=batch, labels=batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        kept = {n: opt.state[p].get("compensation", torch.zeros(())).float() for n, p in model.named_parameters()}
+        return opt, {n: p.detach().float() + kept[n] - start[n] for n, p in model.named_parameters()}
+
+    fp32_opt, exact = run(torch.float32, True)
+    kahan_opt, kahan = run(torch.bfloat16, True)
+    plain_opt, plain = run(torch.bfloat16, False)
+    assert type(fp32_opt) is torch.optim.AdamW and type(kahan_opt) is KahanAdamW and type(plain_opt) is torch.optim.AdamW
+    assert build_optimizer(copy.deepcopy(reference).to(torch.bfloat16), TrainSection(), master_weights_elsewhere=True).__class__ is torch.optim.AdamW
+
+    def off(update):
+        return float(sum(((update[n] - exact[n]) ** 2).sum() for n in exact).sqrt() / sum((u**2).sum() for u in exact.values()).sqrt())
+
+    assert off(kahan) < 0.03, off(kahan)
+    assert off(plain) > 0.5, off(plain)
+
+
+def test_kahan_adamw_is_torchs_adamw_on_fp32_weights_takes_the_clip_and_resumes_exactly():
+    import copy
+    import io
+    from types import SimpleNamespace
+
+    import torch
+    from accelerate.utils import DistributedType
+
+    from gptj_tune.train.optim import KahanAdamW, clip_in_fused_step, step_takes_the_clip
+
+    torch.manual_seed(0)
+    models = [small_net() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    ours, theirs = KahanAdamW(decay_groups(models[0]), lr=1e-2), torch.optim.AdamW(decay_groups(models[1]), lr=1e-2)
+    assert step_takes_the_clip(ours, SimpleNamespace(distributed_type=DistributedType.NO)) is ours
+    for step in range(6):
+        x, scale = torch.randn(64, 16), (100.0 if step % 2 else 1e-3)  # clipped, and not
+        for model in models:
+            model.zero_grad()
+            (model(x).pow(2).mean() * scale).backward()
+        clip_in_fused_step(ours, 1.0)
+        ours.step()
+        del ours.grad_scale
+        torch.nn.utils.clip_grad_norm_(models[1].parameters(), 1.0)
+        theirs.step()
+        for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+            assert (a - b).abs().max() < 1e-6, step
+
+    # bf16 weights: 3 steps, save, load into a fresh copy, 3 more == 6 steps uninterrupted (exactly)
+    def steps(model, opt, first, count):
+        for k in range(first, first + count):
+            model.zero_grad()
+            model(torch.randn(64, 16, generator=torch.Generator().manual_seed(k)).bfloat16()).pow(2).mean().backward()
+            opt.step()
+
+    torch.manual_seed(1)
+    start = small_net(torch.bfloat16)
+    whole = copy.deepcopy(start)
+    whole_opt = KahanAdamW(decay_groups(whole), lr=1e-3)
+    steps(whole, whole_opt, 0, 6)
+    half = copy.deepcopy(start)
+    half_opt = KahanAdamW(decay_groups(half), lr=1e-3)
+    steps(half, half_opt, 0, 3)
+    saved_model, saved_opt = io.BytesIO(), io.BytesIO()
+    torch.save(half.state_dict(), saved_model)
+    torch.save(half_opt.state_dict(), saved_opt)
+    resumed = copy.deepcopy(start)
+    resumed.load_state_dict(torch.load(io.BytesIO(saved_model.getvalue())))
+    resumed_opt = KahanAdamW(decay_groups(resumed), lr=1e-3)
+    resumed_opt.load_state_dict(torch.load(io.BytesIO(saved_opt.getvalue())))
+    steps(resumed, resumed_opt, 3, 3)
+    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+        assert torch.equal(whole_opt.state[a]["compensation"], resumed_opt.state[b]["compensation"])
+        assert resumed_opt.state[b]["compensation"].dtype == torch.bfloat16 and resumed_opt.state[b]["compensation"].abs().max() > 0
+
+    # a checkpoint of plain AdamW (train.kahan_summation was off) resumed with it on: compensation starts at zero
+    plain = copy.deepcopy(start)
+    plain_opt = torch.optim.AdamW(decay_groups(plain), lr=1e-3)
+    steps(plain, plain_opt, 0, 3)
+    switched = KahanAdamW(decay_groups(plain), lr=1e-3)
+    switched.load_state_dict(plain_opt.state_dict())
+    steps(plain, switched, 3, 1)
+    assert all(switched.state[p]["compensation"].abs().max() > 0 for p in plain.parameters())
