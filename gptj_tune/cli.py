@@ -123,12 +123,17 @@ def validate(
     recipe: str = typer.Argument(..., help="Recipe YAML file, or the name of a shipped recipe."),
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.lr=1e-4 (repeatable)."),
 ):
-    """Check a recipe and print it fully resolved (every default filled in); exit 2 if invalid."""
+    """Check a recipe and print it fully resolved (every default filled in; `> file.yaml` saves it whole); exit 2 if invalid."""
     from .recipe import load_recipe
 
     recipe_obj = load_recipe(_resolve_recipe_path(recipe), set_)
-    console.print(Syntax(recipe_obj.to_yaml(), "yaml", theme="ansi_dark", background_color="default"))
-    console.print("[green]valid[/]")
+    resolved = recipe_obj.to_yaml()
+    if console.is_terminal:  # highlighted, long lines wrapped (never cut)
+        console.print(Syntax(resolved, "yaml", theme="ansi_dark", background_color="default", word_wrap=True))
+    else:  # to a file or a pipe: the YAML whole, as it validates again, and nothing else
+        sys.stdout.write(resolved)
+        sys.stdout.flush()
+    err_console.print("[green]valid[/]")
 
 
 @app.command("eval")

@@ -8,6 +8,7 @@ TINY_MODEL_NAME = "tiny-gptj"
 
 
 class Section(BaseModel):
-    """Base of every recipe section: unknown keys are errors and values are read-only."""
+    """Base of every recipe section: unknown keys are errors, values are read-only, and numbers are
+    finite (YAML reads `1e400` as infinity, which a learning rate would turn into NaN at step 2)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)

@@ -16,14 +16,18 @@ from .schema import Recipe, section_type
 
 
 
-def _line_index(text: str) -> dict[tuple, int]:
-    """Map each key path of a YAML document to its 1-based line, for error messages."""
+def _key_lines(text: str) -> tuple[dict[tuple, int], list[str]]:
+    """Each key path of a YAML document mapped to its 1-based line, for error messages; and a
+    problem for every key given twice in one mapping (YAML would keep the last value silently)."""
     index: dict[tuple, int] = {}
+    twice: list[str] = []
 
     def walk(node, path):
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
                 sub = path + (key_node.value,)
+                if sub in index:
+                    twice.append(f"`{_dotted(sub)}` is given twice (lines {index[sub]} and {key_node.start_mark.line + 1}); keep one")
                 index[sub] = key_node.start_mark.line + 1
                 walk(value_node, sub)
         elif isinstance(node, yaml.SequenceNode):
@@ -35,7 +39,7 @@ def _line_index(text: str) -> dict[tuple, int]:
         walk(yaml.compose(text, Loader=yaml.SafeLoader), ())
     except yaml.YAMLError:
         pass
-    return index
+    return index, twice
 
 
 def _clean_loc(loc: tuple) -> tuple:
@@ -167,7 +171,12 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         mark = getattr(e, "problem_mark", None)
         line = f"line {mark.line + 1}: " if mark else ""
         raise RecipeError([f"{line}not valid YAML: {getattr(e, 'problem', e)}"], source=str(path))
-    raw = {} if raw is None else raw
+    if raw is None:
+        raise RecipeError(["the file is empty: write the sections to change (`{}` for every default), or start from "
+                           "a shipped recipe: gptj-tune recipes copy quickstart my.yaml"], source=str(path))  # fmt: skip
+    lines, twice = _key_lines(text)
+    if twice:
+        raise RecipeError(twice, source=str(path))
     if not isinstance(raw, dict):
         raise RecipeError([f"the top level must be a mapping of sections, got {type(raw).__name__}"], source=str(path))
     parsed = [parse_override(o) for o in overrides]
@@ -177,7 +186,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if isinstance(output, dict):
         output.setdefault("dir", f"runs/{path.stem}")
     _resolve_source_paths(raw, path.parent)
-    return validate_recipe(raw, source=str(path), lines=_line_index(text), overrides={p for p, _ in parsed})
+    return validate_recipe(raw, source=str(path), lines=lines, overrides={p for p, _ in parsed})
 
 
 def _resolve_source_paths(raw: dict, base: Path) -> None:

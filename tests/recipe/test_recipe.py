@@ -136,11 +136,45 @@ def test_recipe_is_read_only(tmp_path):
 def test_validate_command_exit_codes(tmp_path):
     good = cli("validate", str(RECIPES / "quickstart.yaml"))
     assert good.returncode == 0, good.stderr
-    assert "name_or_path: tiny-gptj" in good.stdout and "valid" in good.stdout
+    assert "name_or_path: tiny-gptj" in good.stdout and "valid" in good.stderr
     bad = cli("validate", str(write_recipe(tmp_path / "bad.yaml", "trian: {}\n")))
     assert bad.returncode == 2
     assert "`trian` (line 1): unknown key; did you mean `train`?" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_validate_writes_the_resolved_recipe_whole_when_saved_to_a_file(tmp_path):
+    """`gptj-tune validate r.yaml > resolved.yaml`: the YAML whole (piped output was cut at 80
+    columns: a long data path and a description lost their ends), and nothing else on stdout."""
+    folder = tmp_path / ("a_rather_long_folder_name_" * 4) / "and_another_level_of_folders_below_it"
+    folder.mkdir(parents=True)
+    data = folder / "alpaca_records_with_a_long_name.json"
+    data.write_text('[{"instruction": "Say hi.", "input": "", "output": "hi"}]')
+    description = "a description long enough to pass the edge of any eighty-column terminal, and then some more words"
+    recipe = write_recipe(tmp_path / "r.yaml", f"description: {description}\n"
+                          f"data:\n  sources:\n    - {{format: alpaca, path: {data}}}\n")  # fmt: skip
+    result = cli("validate", str(recipe))
+    assert result.returncode == 0, result.stderr
+    saved = write_recipe(tmp_path / "resolved.yaml", result.stdout)
+    again = load_recipe(saved)
+    assert again.data.sources[0].path == str(data) and again.description == description
+    assert again.to_yaml() == result.stdout and "valid" in result.stderr
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "the file is empty: write the sections to change (`{}` for every default)"),
+    ("# only a comment\n", "the file is empty"),
+    ("train:\n  lr: 1e-4\n  batch_size: 2\n  lr: 3e-4\n", "`train.lr` is given twice (lines 2 and 4); keep one"),
+    ("train: {lr: 1e400}\n", "`train.lr` (line 1): Input should be a finite number"),
+    ("data: {eval_fraction: .nan}\n", "`data.eval_fraction` (line 1): Input should be a finite number"),
+])  # fmt: skip
+def test_empty_files_repeated_keys_and_infinite_numbers_are_errors(tmp_path, text, message):
+    path = write_recipe(tmp_path / "r.yaml", text)
+    with pytest.raises(RecipeError) as raised:
+        load_recipe(path)
+    assert message in str(raised.value)
+    result = cli("validate", str(path))
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_recipes_list_and_copy(tmp_path):
