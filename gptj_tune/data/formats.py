@@ -83,6 +83,11 @@ def _field(raw: dict, name: str, origin: str, allow_empty: bool) -> str:
         return ""
     if not isinstance(value, str):
         raise DataError(f"{origin}: field `{name}` must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON allows "\ud800"; no tokenizer takes it
+        raise DataError(f"{origin}: field `{name}` holds {value[e.start]!r} at character {e.start + 1}, half of a "
+                        f"UTF-16 surrogate pair and not text") from None  # fmt: skip
     if not allow_empty and not value.strip():
         raise DataError(f"{origin}: field `{name}` is empty")
     return value
@@ -116,24 +121,40 @@ def read_text_file(file: Path) -> str:
 
 
 def _starts_with(file: Path) -> str:
-    with open(file, encoding="utf-8-sig") as f:
-        return f.read(64).lstrip()[:1]
+    with open(file, "rb") as f:
+        return f.read(64).removeprefix(b"\xef\xbb\xbf").lstrip()[:1].decode("ascii", errors="replace")
 
 
 def _jsonl_rows(file: Path) -> Iterator[tuple[str, object]]:
-    with open(file, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, start=1):
+    """Each line's JSON value; a line that is not UTF-8 or not JSON is a malformed record of its own
+    (named by file and line, skipped with on_bad_record: skip), not the end of the file."""
+    with open(file, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            origin = f"{file}:{n}"
+            try:
+                line = raw.decode("utf-8").removeprefix("\ufeff")
+            except UnicodeDecodeError as e:
+                yield origin, _Malformed(f"{origin}: not UTF-8 text (byte {e.start + 1} of the line is {raw[e.start]:#04x})")
+                continue
             if not line.strip():
                 continue
             try:
-                yield f"{file}:{n}", json.loads(line)
+                yield origin, json.loads(line)
             except json.JSONDecodeError as e:
-                yield f"{file}:{n}", _Malformed(f"{file}:{n}: not valid JSON ({e.msg} at column {e.colno})")
+                yield origin, _Malformed(f"{origin}: not valid JSON ({e.msg} at column {e.colno})")
+            except RecursionError:
+                yield origin, _Malformed(f"{origin}: JSON nested too deeply to read (thousands of levels)")
 
 
 def _json_array_rows(file: Path) -> Iterator[tuple[str, object]]:
     """Items of a JSON array, each with the line it starts on."""
-    text = file.read_text(encoding="utf-8-sig")
+    data = file.read_bytes()
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{file}:{line}: not UTF-8 text (byte {e.start + 1} of the file is {data[e.start]:#04x}); a JSON "
+                        f"array is read whole, so this file cannot be read: fix or remove that byte") from None  # fmt: skip
     decoder = json.JSONDecoder()
     pos = text.index("[") + 1
     line, counted_to = 1, 0  # newlines are counted incrementally: the file can be tens of MB
@@ -150,6 +171,8 @@ def _json_array_rows(file: Path) -> Iterator[tuple[str, object]]:
             item, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise DataError(f"{file}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise DataError(f"{file}:{line}: JSON nested too deeply to read (thousands of levels)") from None
         yield f"{file}:{line}", item
 
 

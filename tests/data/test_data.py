@@ -153,6 +153,29 @@ def test_malformed_jsonl_names_file_line_and_field(tmp_path):
     assert any(f"{path}:6: field `instruction` must be a string, got int" in s for s in read.skipped)
 
 
+def test_bytes_and_text_no_reader_can_take_are_records_named_by_file_and_line(tmp_path):
+    """A JSONL line that is not UTF-8, a field holding half a surrogate pair (JSON allows "\\ud800",
+    no tokenizer takes it), and a line nested 100,000 levels deep: each one line naming file and
+    line, or skipped and counted; the lines around them are read."""
+    good = json.dumps({"instruction": "a", "input": "", "output": "b"}).encode()
+    lines = [good, b'{"instruction": "caf\xe9", "output": "x"}', good, b'{"instruction": "\\ud800", "output": "x"}',
+             b"[" * 100_000 + b"]" * 100_000, good]  # fmt: skip
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    source = SourceSection(format="alpaca", path=str(path))
+    with pytest.raises(DataError, match=rf"{path}:2: not UTF-8 text \(byte 21 of the line is 0xe9\).*on_bad_record: skip"):
+        read_source(source, 0, "fail")
+    read = read_source(source, 0, "skip")
+    assert [r["origin"] for r in read.records] == [f"{path}:1", f"{path}:3", f"{path}:6"]
+    assert any(f"{path}:4: field `instruction` holds '\\ud800' at character 1, half of a UTF-16 surrogate pair" in s
+               for s in read.skipped)  # fmt: skip
+    assert any(f"{path}:5: JSON nested too deeply to read" in s for s in read.skipped) and len(read.skipped) == 3
+    array = tmp_path / "bad.json"
+    array.write_bytes(b'[\n  {"instruction": "a", "input": "", "output": "b"},\n  {"instruction": "\xff"}\n]\n')
+    with pytest.raises(DataError, match=rf"{array}:3: not UTF-8 text \(byte 74 of the file is 0xff\)"):
+        read_source(SourceSection(format="alpaca", path=str(array)), 0, "skip")
+
+
 def test_malformed_json_array_names_record_line(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text('[\n  {"instruction": "a", "input": "", "output": "b"},\n  {"instruction": "c", "input": ""}\n]\n')
