@@ -3,8 +3,9 @@ and packed into rows."""
 
 from __future__ import annotations
 
+import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from ..recipe import DataSection
 from .formats import read_source
@@ -22,6 +23,24 @@ class PreparedData:
     train_stats: TokenizeStats = field(default_factory=TokenizeStats)
     eval_stats: TokenizeStats = field(default_factory=TokenizeStats)
     skipped_records: int = 0
+
+    def to_json(self) -> str:
+        """Everything as JSON: the multi-process run's shared cache holds this, not a pickle, so
+        nothing in a run directory runs code when it is read (`from_json`)."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> PreparedData:
+        raw = json.loads(text)
+        return cls(
+            train_rows=[Row(**r) for r in raw["train_rows"]],
+            eval_rows=[Row(**r) for r in raw["eval_rows"]],
+            eval_records=raw["eval_records"],
+            template=Template(**{**raw["template"], "stop": tuple(raw["template"]["stop"])}),
+            train_stats=TokenizeStats(**raw["train_stats"]),
+            eval_stats=TokenizeStats(**raw["eval_stats"]),
+            skipped_records=raw["skipped_records"],
+        )
 
     @property
     def padding_efficiency(self) -> float:

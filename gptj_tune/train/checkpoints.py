@@ -4,6 +4,7 @@ under ZeRO/FSDP), and read back so that a resumed run continues the same loss cu
 from __future__ import annotations
 
 import json
+import pickle
 import random
 from pathlib import Path
 
@@ -30,10 +31,7 @@ def save_checkpoint(recipe: Recipe, run: RunDir, step: int, accelerator, model, 
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     save_engine_state(tmp, accelerator, model, optimizer, recipe)
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, tmp / f"rng-{rank}.pt")
+    torch.save(rng_states(), tmp / f"rng-{rank}.pt")
     if main:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "world_size": accelerator.num_processes}, indent=2))
@@ -58,15 +56,47 @@ def load_checkpoint(recipe: Recipe, folder: Path, accelerator, model, optimizer,
             )
         load_engine_state(folder, accelerator, model, optimizer, recipe, _load_weights)
         scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-        rng = torch.load(folder / f"rng-{accelerator.process_index}.pt", weights_only=False)
+        rng = read_rng_states(folder / f"rng-{accelerator.process_index}.pt")
     except (OSError, RuntimeError, KeyError, ValueError) as e:
         raise RunDirError(f"{folder}: checkpoint cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
+    set_rng_states(rng)
     return {k: v for k, v in state.items() if k != "world_size"}
+
+
+def rng_states() -> dict:
+    """This process's random states (python, numpy, torch, CUDA) as tensors, ints and strings only,
+    so that `read_rng_states` loads them with `weights_only=True`: nothing in a checkpoint is
+    unpickled as an object, and a planted payload cannot run on --resume."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {
+        "python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def read_rng_states(path: Path) -> dict:
+    """What `rng_states` saved. A file holding anything else (an older checkpoint's pickled state,
+    or a payload) is refused unread."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        raise RunDirError(f"{path} holds pickled Python objects, which gptj-tune does not load (unpickling a file can run "
+                          f"code); a checkpoint written before this version cannot be resumed: start the run again") from None  # fmt: skip
+
+
+def set_rng_states(states: dict) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal.tolist()), gauss))
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def _load_weights(folder: Path, model) -> None:

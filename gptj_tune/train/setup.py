@@ -66,16 +66,16 @@ def data_once_per_machine(recipe: Recipe, tokenizer, run: RunDir, accelerator) -
     key = hashlib.sha256(
         (recipe.data.model_dump_json() + tokenizer.name_or_path + str(len(tokenizer)) + f"slots={slots}").encode()
     ).hexdigest()[:16]
-    cache = run.path / "cache" / f"data-{key}.pt"
+    cache = run.path / "cache" / f"data-{key}.json"
     if accelerator.is_local_main_process and not cache.exists():
         data = prepare_data(recipe.data, tokenizer, slots)
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
-        torch.save(data, tmp)
+        tmp.write_text(data.to_json())
         tmp.replace(cache)
         return data
     wait_for_file(cache)
-    return torch.load(cache, weights_only=False)  # our own file, written above by this job
+    return PreparedData.from_json(cache.read_text())  # JSON, not a pickle: reading it runs no code
 
 
 def batches_of(recipe: Recipe, data: PreparedData, pad_id: int, accelerator) -> tuple[Batches, Batches]:

@@ -283,3 +283,35 @@ def test_a_bf16_full_run_uses_kahan_summation_and_resumes_the_same_curve(tmp_pat
     plain = cli("run", str(recipe), "--set", "model.dtype=bfloat16", "--set", "train.kahan_summation=false",
                 "--set", "train.max_steps=2", "--set", f"output.dir={tmp_path / 'plain'}")  # fmt: skip
     assert plain.returncode == 0 and "round to nothing" in plain.stdout + plain.stderr and "kahan_summation: true" in plain.stdout + plain.stderr
+
+
+class _Payload:
+    """What an attacker would plant in a run directory: unpickling it writes `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (_touch, (self.marker,))
+
+
+def _touch(path):
+    with open(path, "w") as f:
+        f.write("the payload ran")
+
+
+@pytest.mark.slow
+def test_a_payload_planted_in_a_checkpoints_rng_state_does_not_run_on_resume(tmp_path):
+    """RNG states are saved as tensors and numbers and read with weights_only=True (they were
+    pickled, and `torch.load(weights_only=False)` ran whatever a planted rng-0.pt held)."""
+    import torch
+
+    recipe = small_recipe(tmp_path, steps=4, save_every=2)
+    assert cli("run", str(recipe)).returncode == 0
+    step = tmp_path / "run" / "checkpoints" / "step-2"
+    marker = tmp_path / "payload-ran"
+    torch.save({"python": _Payload(marker)}, step / "rng-0.pt")
+    result = cli("run", str(recipe), "--resume", "step-2")
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "rng-0.pt holds pickled Python objects, which gptj-tune does not load" in result.stderr
+    assert not marker.exists() and "Traceback" not in result.stderr
