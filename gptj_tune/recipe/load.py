@@ -21,8 +21,12 @@ def _key_lines(text: str) -> tuple[dict[tuple, int], list[str]]:
     problem for every key given twice in one mapping (YAML would keep the last value silently)."""
     index: dict[tuple, int] = {}
     twice: list[str] = []
+    seen: set[int] = set()  # an alias names a node already walked (`x: &a [*a]` would recurse forever)
 
     def walk(node, path):
+        if id(node) in seen:
+            return
+        seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
                 sub = path + (key_node.value,)

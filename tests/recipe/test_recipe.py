@@ -167,6 +167,7 @@ def test_validate_writes_the_resolved_recipe_whole_when_saved_to_a_file(tmp_path
     ("train:\n  lr: 1e-4\n  batch_size: 2\n  lr: 3e-4\n", "`train.lr` is given twice (lines 2 and 4); keep one"),
     ("train: {lr: 1e400}\n", "`train.lr` (line 1): Input should be a finite number"),
     ("data: {eval_fraction: .nan}\n", "`data.eval_fraction` (line 1): Input should be a finite number"),
+    ("x: &a [*a]\n", "`x` (line 1): unknown key"),  # a list holding itself: was a 1,009-line RecursionError
 ])  # fmt: skip
 def test_empty_files_repeated_keys_and_infinite_numbers_are_errors(tmp_path, text, message):
     path = write_recipe(tmp_path / "r.yaml", text)
