@@ -15,8 +15,8 @@ import torch
 
 from .errors import GptjTuneError, RunDirError
 from .model.load import DTYPES
-from .model.prompt_tuning import SoftPromptModel, is_prompt_tuning_folder
-from .model.trained import load_trained_model
+from .model.prompt_tuning import SoftPromptModel
+from .model.trained import holds_trained_model, load_trained_model
 from .recipe import Recipe, check_shard_size, load_recipe
 from .rundir import RunDir, atomic_dir, guard_output, run_inputs
 
@@ -124,7 +124,7 @@ def _trained_model(recipe: Recipe, run: RunDir, source: Path, base: str):
     dtype = DTYPES[_training_dtype(recipe)]
     tokenizer = AutoTokenizer.from_pretrained(run.final if (run.final / "tokenizer_config.json").exists() else base)
     folder = source / "model" if (source / "model").is_dir() else source
-    if is_prompt_tuning_folder(folder) or (folder / "adapter_config.json").exists() or (folder / "config.json").exists():
+    if holds_trained_model(folder):
         return load_trained_model(base, folder, dtype), tokenizer
     state = _consolidated_state(source)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)

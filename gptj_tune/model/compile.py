@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 
-
 class CompileUnavailable(RuntimeError):
     """torch.compile cannot generate code on this device (no C++ compiler on CPU, no Triton on GPU)."""
 

@@ -140,7 +140,6 @@ def fused_linear_cross_entropy(hidden, weight, bias, targets, chunk: int = DEFAU
     return total
 
 
-
 class LossHead(nn.Linear):
     """The LM head (same parameters, same state-dict keys). While `targets` is set (by `model_loss`,
     for one forward) it returns the summed next-token cross-entropy against them instead of logits."""
@@ -170,12 +169,10 @@ def use_loss_head(model: nn.Module) -> LossHead | None:
 
 
 def loss_heads_of(model: nn.Module) -> tuple[LossHead, ...]:
-    """The LossHeads inside `model`, whatever wraps it (peft, DDP, DeepSpeed, a soft prompt). Usually
-    one; two where peft trains a copy of the head (`modules_to_save`) beside the frozen original."""
-    heads = tuple(m for m in model.modules() if isinstance(m, LossHead))
-    if not heads:
-        raise ValueError("the model has no LossHead: call use_loss_head on it first")
-    return heads
+    """The LossHeads inside `model`, whatever wraps it (peft, DDP, DeepSpeed, a soft prompt): usually
+    one; two where peft trains a copy of the head (`modules_to_save`) beside the frozen original;
+    none before `use_loss_head`."""
+    return tuple(m for m in model.modules() if isinstance(m, LossHead))
 
 
 def model_loss(model: nn.Module, labels: torch.Tensor, chunk: int = DEFAULT_CHUNK_TOKENS,
@@ -184,6 +181,8 @@ def model_loss(model: nn.Module, labels: torch.Tensor, chunk: int = DEFAULT_CHUN
     `inputs`, computed by its LossHead (`heads`, else found in the model). The head's output, which
     the model hands back as its `logits`, is that sum: a 0-dim fp32 tensor."""
     heads = heads or loss_heads_of(model)
+    if not heads:
+        raise ValueError("the model has no LossHead: call use_loss_head on it first")
     for head in heads:
         head.targets = (labels, chunk)
     try:

@@ -8,7 +8,6 @@ from .load import check_targets, lora_targets
 from .prompt_tuning import SoftPromptModel, initial_prompt
 
 
-
 def apply_method(model, method: FullMethod | LoraMethod | PromptTuningMethod, gradient_checkpointing: bool = False,
                  tokenizer=None, seed: int = 0):  # fmt: skip
     """Return the model to train: itself for `full`, a peft model for `lora`, a SoftPromptModel for

@@ -10,6 +10,12 @@ from ..errors import ModelError
 from .prompt_tuning import SoftPromptModel, is_prompt_tuning_folder
 
 
+def holds_trained_model(folder: Path) -> bool:
+    """Whether `folder` holds what `load_trained_model` reads: a soft prompt, a LoRA adapter or a
+    whole model (not, for one, a sharded engine checkpoint)."""
+    return is_prompt_tuning_folder(folder) or (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file()
+
+
 def load_trained_model(base: str, weights: str | Path | None = None, dtype: torch.dtype | None = None):
     """The model as trained: `weights` a soft prompt or a LoRA adapter (peft folders, put on `base`),
     or a whole model folder (config.json); None: `base` alone. `dtype` None loads as transformers

@@ -15,7 +15,6 @@ from .inputs import METHOD_TYPES
 from .schema import Recipe, section_type
 
 
-
 def _key_lines(text: str) -> tuple[dict[tuple, int], list[str]]:
     """Each key path of a YAML document mapped to its 1-based line, for error messages; and a
     problem for every key given twice in one mapping (YAML would keep the last value silently)."""

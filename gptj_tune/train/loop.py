@@ -90,6 +90,7 @@ class Training:
     loss_path: LossPath
     console: object
     benchmarks: object = None  # (model, step, log) -> None, or None
+    fused_clip: torch.optim.Optimizer | None = None  # the optimizer that takes the clip in its step (optim.py)
 
     def log(self, record: dict) -> None:
         """One line of metrics.jsonl (main process)."""
@@ -147,7 +148,8 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
         console.print(f"Resumed from [bold]{checkpoint}[/] at step {state.step}/{total_steps}")
 
     benchmarks = benchmarks_during_training(recipe, run, accelerator, tokenizer, console)
-    t = Training(recipe, run, accelerator, model, optimizer, scheduler, batches, held_out, loss_path, console, benchmarks)
+    t = Training(recipe, run, accelerator, model, optimizer, scheduler, batches, held_out, loss_path, console, benchmarks,
+                 fused_clip=step_takes_the_clip(optimizer, accelerator))
     last_loss = run_steps(t, state, total_steps, after_each_step)
 
     save_final(recipe, run, accelerator, model, tokenizer)
@@ -230,7 +232,7 @@ def one_step(t: Training, state: TrainState, stop: StopRequest) -> tuple[float, 
                 _stop_on_nan(t.run, state, value)
             acc.backward(loss_sum * scale)  # under DeepSpeed the last one also steps the optimizer
             total += value
-    fused_clip = step_takes_the_clip(t.optimizer, acc)
+    fused_clip = t.fused_clip
     if train.max_grad_norm is not None and fused_clip is not None:
         grad_norm = float(clip_in_fused_step(fused_clip, train.max_grad_norm))
     elif train.max_grad_norm is not None or is_deepspeed(acc):

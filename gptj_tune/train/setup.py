@@ -5,7 +5,6 @@ benchmarks hook, and the final model saved."""
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from ..model.load import check_fits_context, load_model_and_tokenizer
 from ..model.loss_head import use_loss_head
 from ..model.methods import apply_method, count_parameters
 from ..recipe import Recipe
-from ..rundir import RunDir, atomic_dir
+from ..rundir import RunDir, atomic_dir, atomic_write_text
 from .engines import full_state_dict, wait_for_file
 from .memory import CPU_16BIT_WIDTH_MULTIPLE, own_trainable_weights
 
@@ -69,10 +68,7 @@ def data_once_per_machine(recipe: Recipe, tokenizer, run: RunDir, accelerator) -
     cache = run.path / "cache" / f"data-{key}.json"
     if accelerator.is_local_main_process and not cache.exists():
         data = prepare_data(recipe.data, tokenizer, slots)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
-        tmp.write_text(data.to_json())
-        tmp.replace(cache)
+        atomic_write_text(cache, data.to_json())
         return data
     wait_for_file(cache)
     return PreparedData.from_json(cache.read_text())  # JSON, not a pickle: reading it runs no code

@@ -54,18 +54,8 @@ class LossPath:
             varlen=flash,
             # Compiled blocks would recompile for every batch's segments: the mask there.
             segmented=ours and not recipe.train.compile,
-            heads=_heads_in(model) if recipe.train.loss == "fused" else None,
+            heads=(loss_heads_of(model) or None) if model is not None and recipe.train.loss == "fused" else None,
         )
-
-
-def _heads_in(model) -> tuple | None:
-    """The model's LossHeads, to hand `model_loss` at every step (None: none yet, looked up then)."""
-    if model is None:
-        return None
-    try:
-        return loss_heads_of(model)
-    except ValueError:
-        return None
 
 
 def target_count(batch: dict[str, torch.Tensor]) -> int:
