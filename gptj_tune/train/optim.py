@@ -3,6 +3,7 @@ clipping folded into that step, and the learning-rate schedule."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -51,6 +52,12 @@ class KahanAdamW(torch.optim.Optimizer):
     (tests/train/test_loop.py). Costs 2 bytes per trainable parameter. fp32 parameters get exactly
     torch's AdamW update. Like torch's fused AdamW it takes a `grad_scale` set before `step` (the
     gradients divided by it, for clipping without a pass of its own; see `clip_in_fused_step`).
+
+    `fused` (default: on a GPU with Triton): each 16-bit weight is updated by one kernel that
+    torch.compile generates from `_kahan_update` (read weight, gradient, moments and compensation
+    once, write them once), instead of ~20 passes of fp32 chunks. On an H200 at the GPT-J-6B shape
+    the chunked update took ~250 ms of a full fine-tuning step (benchmarks/results/history.md).
+    Same arithmetic in fp32; results equal within one rounding (tests/train/test_optim.py).
     """
 
     # Elements computed in fp32 at once, in three reused fp32 buffers: on a CPU a chunk that stays in
@@ -59,9 +66,13 @@ class KahanAdamW(torch.optim.Optimizer):
     # on a GPU large chunks, for few kernel launches (3 x 64 MB of buffers).
     CPU_CHUNK, DEVICE_CHUNK = 1 << 17, 1 << 24
 
-    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, fused: bool | None = None):  # fmt: skip
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self._scratch: dict[torch.device, torch.Tensor] = {}
+        self.fused = fused
+        self._numbers_cache: tuple | None = None  # (key, the fused kernel's numbers): made once per step
+        self._ones: dict[torch.device, torch.Tensor] = {}
 
     @staticmethod
     def serves(params: list[torch.Tensor]) -> bool:
@@ -89,6 +100,11 @@ class KahanAdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 t = float(state["step"])
                 hyper = (lr, b1, b2, eps, wd, 1 - b1**t, 1 - b2**t, scale)
+                if "compensation" in state and p.is_contiguous() and self._fuses(p.device):
+                    numbers = self._numbers(p.device, hyper)
+                    _fused_kahan_update()(p.view(-1), p.grad.reshape(-1), state["exp_avg"].view(-1),
+                                          state["exp_avg_sq"].view(-1), state["compensation"].view(-1), *numbers)  # fmt: skip
+                    continue
                 weight = p.view(-1) if p.is_contiguous() else p.detach().contiguous().view(-1)  # (then copied back)
                 grad, m, v = p.grad.reshape(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
                 c = state["compensation"].view(-1) if "compensation" in state else None  # fp32 weights: none
@@ -100,6 +116,29 @@ class KahanAdamW(torch.optim.Optimizer):
                 if not p.is_contiguous():
                     p.copy_(weight.view_as(p))
         return loss
+
+    def _fuses(self, device: torch.device) -> bool:
+        if self.fused is None:
+            from ..model.compile import CompileUnavailable, check_can_compile
+
+            try:
+                check_can_compile(device)
+                self.fused = device.type == "cuda"
+            except CompileUnavailable:
+                self.fused = False
+        return self.fused
+
+    def _numbers(self, device: torch.device, hyper: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """The update's numbers as fp32 tensors on `device`, so the compiled kernel is built once and
+        reads them (a Python float would be baked into the code, and rebuilt when the lr changes)."""
+        lr, b1, b2, eps, wd, bc1, bc2, scale = hyper
+        key = (device, lr, b1, b2, eps, wd, bc1, bc2)
+        if self._numbers_cache is None or self._numbers_cache[0] != key:
+            values = torch.tensor([1 - b1, b2, 1 - b2, bc2, eps, 1 - lr * wd, lr / bc1], dtype=torch.float32)
+            self._numbers_cache = (key, values.to(device))
+        if scale is None:
+            scale = self._ones.setdefault(device, torch.ones((), dtype=torch.float32, device=device))
+        return self._numbers_cache[1], scale.float()
 
     def _buffers(self, device: torch.device, size: int) -> list[torch.Tensor]:
         scratch = self._scratch.get(device)
@@ -131,6 +170,29 @@ def _adamw_update(w, g, m, v, c, buffers, lr, b1, b2, eps, wd, bc1, bc2, scale) 
     w.copy_(exact.view_as(w))  # a 16-bit weight: rounded to the nearest 16-bit value
     if c is not None:
         c.copy_(exact.sub_(w.reshape(-1)))  # and what that rounding dropped
+
+
+def _kahan_update(w, g, m, v, c, numbers, grad_scale) -> None:
+    """`_adamw_update` of a 16-bit weight as one expression over whole tensors, for torch.compile to
+    make one kernel of: `numbers` holds (1-b1, b2, 1-b2, bias correction 2, eps, 1 - lr*wd, lr / bias
+    correction 1), `grad_scale` the clip's divisor (or 1)."""
+    g32 = g.float() / grad_scale
+    m32 = torch.lerp(m.float(), g32, numbers[0])
+    v32 = v.float() * numbers[1] + g32 * g32 * numbers[2]
+    denominator = (v32 / numbers[3]).sqrt() + numbers[4]
+    exact = (w.float() + c.float()) * numbers[5] - m32 / denominator * numbers[6]
+    rounded = exact.to(w.dtype)
+    m.copy_(m32)
+    v.copy_(v32)
+    w.copy_(rounded)
+    c.copy_(exact - rounded.float())
+
+
+@functools.cache
+def _fused_kahan_update():
+    # emulate_precision_casts: inductor otherwise keeps `exact.to(bf16).float()` in fp32, which
+    # makes the compensation zero and the update plain AdamW's rounded one.
+    return torch.compile(_kahan_update, dynamic=True, options={"emulate_precision_casts": True})
 
 
 def _can_fuse(params: list[torch.Tensor]) -> bool:

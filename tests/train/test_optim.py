@@ -3,6 +3,8 @@ into the fused step, and KahanAdamW for weights held in 16 bits, each equal to i
 
 from __future__ import annotations
 
+import pytest
+
 
 def small_net(dtype=None):
     """Linear, LayerNorm, Linear: 2-D weights with weight decay and 1-D ones without."""
@@ -187,3 +189,52 @@ def test_kahan_adamw_is_torchs_adamw_on_fp32_weights_takes_the_clip_and_resumes_
     switched.load_state_dict(plain_opt.state_dict())
     steps(plain, switched, 3, 1)
     assert all(switched.state[p]["compensation"].abs().max() > 0 for p in plain.parameters())
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_fused_kahan_update_equals_the_chunked_one(monkeypatch, device):
+    """The one-kernel update (torch.compile of `_kahan_update`: C++ on a CPU, Triton on a GPU) moves
+    16-bit weights, moments and compensation as the chunked fp32 passes do, with weight decay, a
+    clip and a changing lr: the same values within one rounding of the 16-bit result."""
+    import torch
+
+    from gptj_tune.model.compile import CompileUnavailable, check_can_compile
+    from gptj_tune.train.optim import KahanAdamW, clip_in_fused_step
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (run it on the GPU machine)")
+    try:
+        check_can_compile(torch.device(device))
+    except CompileUnavailable as e:
+        pytest.skip(str(e))
+    torch.manual_seed(0)
+    models = [small_net().to(device, torch.bfloat16) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    before = [p.detach().clone() for p in models[0].parameters()]
+    monkeypatch.setattr(KahanAdamW, "CPU_CHUNK", 300)  # the chunked path in several chunks
+    monkeypatch.setattr(KahanAdamW, "DEVICE_CHUNK", 300)
+    chunked = KahanAdamW(decay_groups(models[0]), lr=1e-2, fused=False)
+    fused = KahanAdamW(decay_groups(models[1]), lr=1e-2, fused=True)
+    for step in range(5):  # the same gradients for both (from the chunked model): only the updates differ
+        x = torch.randn(64, 16, generator=torch.Generator().manual_seed(step)).to(device, torch.bfloat16)
+        models[0].zero_grad()
+        (models[0](x).float().pow(2).mean() * (100.0 if step % 2 else 1.0)).backward()
+        for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+            b.grad = a.grad.clone()
+        for opt in (chunked, fused):
+            for group in opt.param_groups:
+                group["lr"] = 1e-2 * (step + 1) / 5
+            clip_in_fused_step(opt, 1.0)
+            opt.step()
+            del opt.grad_scale
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        moved = a.detach().float()
+        assert (moved - b.detach().float()).abs().max() <= moved.abs().max() * 2**-7, "weights"
+        sa, sb = chunked.state[a], fused.state[b]
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(sa[key].float(), sb[key].float(), rtol=2**-7, atol=1e-30), key
+        # weight + compensation: the 16-bit pair carries ~16 bits, equal far below one bf16 rounding
+        exact_a = a.detach().float() + sa["compensation"].float()
+        exact_b = b.detach().float() + sb["compensation"].float()
+        assert (exact_a - exact_b).abs().max() <= exact_a.abs().max() * 2**-12, "weight + compensation"
+    assert all((p.detach() != q).float().mean() > 0.5 for p, q in zip(models[1].parameters(), before, strict=True))
