@@ -13,7 +13,10 @@ model/loss_head.py, regional torch.compile in model/compile.py.
   exact inverse of the keep probability. On GPUs torch's fused dropout kernel is kept.
 - fused LoRA add: peft adds an adapter's output as `base + B(A(dropout(x))) * scaling`, three
   passes over the output; ours is one `torch.add(base, B(A(h)), alpha=scale)`, with the CPU
-  dropout's rescaling folded into `scale`.
+  dropout's rescaling folded into `scale`. On a 16-bit base the adapter's products run in the
+  base's dtype, the fp32 adapter weights cast for them (as autocast does): peft casts the input
+  up to fp32 instead, a copy of every target's input, fp32 dropout and fp32 products (on an H200,
+  ~50 of a 6B LoRA step's ~160 ms of kernels).
 """
 
 from __future__ import annotations
@@ -130,19 +133,26 @@ def _lora_linear_class():
             lora_a, lora_b = self.lora_A[name], self.lora_B[name]
             dropout, scale = self.lora_dropout[name], self.scaling[name]
             result = self.base_layer(x)
-            h = self._cast_input_dtype(x, lora_a.weight.dtype)
+            sixteen_bits = x.dtype in (torch.bfloat16, torch.float16)
+            h = x if sixteen_bits else self._cast_input_dtype(x, lora_a.weight.dtype)
             if isinstance(dropout, CheapDropout) and dropout.is_cheap_for(h):
                 h, keep_scale = dropout_on_cpu(h, dropout.p, rescale=False)
                 scale = scale * keep_scale
             else:
                 h = dropout(h)
-            return torch.add(result, lora_b(lora_a(h)), alpha=scale).to(result.dtype)
+            if sixteen_bits:  # products in the base's dtype; the cast's backward sums the fp32 gradients
+                update = F.linear(F.linear(h, lora_a.weight.to(h.dtype)), lora_b.weight.to(h.dtype))
+            else:
+                update = lora_b(lora_a(h))
+            return torch.add(result, update, alpha=scale).to(result.dtype)
 
         def _plain_adapter(self, args, kwargs) -> str | None:
             if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
                 return None
             name = self.active_adapters[0]
             if name not in self.lora_A or name in getattr(self, "lora_variant", {}):
+                return None
+            if self.lora_A[name].bias is not None or self.lora_B[name].bias is not None:  # peft's lora_bias
                 return None
             return name
 
