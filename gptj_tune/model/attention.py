@@ -36,6 +36,8 @@ def _sdpa_class():
         kernels where the device has them). Same inputs, same mask, same result within rounding."""
 
         def forward(self, *args, position_ids=None, **kwargs):
+            if torch.compiler.is_compiling():  # compiled blocks: the segments are read outside the graph (`_attend`)
+                return super().forward(*args, position_ids=position_ids, **kwargs)
             # The batch's packed examples travel on its position ids (`mark_segments`): a block that
             # gradient checkpointing recomputes in backward gets the same tensor, so it runs the same way.
             self._segments = getattr(position_ids, SEGMENTS, None)
@@ -60,9 +62,24 @@ def _interface_attention(module, query, key, value, attention_mask, scaling=None
 
 def _attend(module, query, key, value, attention_mask, dropout_p: float, scale: float | None = None) -> torch.Tensor:
     """Attention of (batch, heads, L, head_dim) tensors, in that shape: per packed example where the
-    batch's segments are marked, else one SDPA call under the mask."""
+    batch's segments are marked, else one SDPA call under the mask. In a compiled block
+    (`train.compile`) this runs outside the graph, with the segments `mark_segments` marked last:
+    the graph is the same for every batch, and the packed examples still get the variable-length kernel."""
+    if torch.compiler.is_compiling():
+        return _attend_outside_the_graph(module, query, key, value, attention_mask, dropout_p, scale)
+    return _attend_within(getattr(module, "_segments", None), module, query, key, value, attention_mask, dropout_p, scale)
+
+
+@torch.compiler.disable
+def _attend_outside_the_graph(module, query, key, value, attention_mask, dropout_p, scale) -> torch.Tensor:
+    out = _attend_within(_marked_last, module, query, key, value, attention_mask, dropout_p, scale)
+    # One memory layout whatever path ran, (batch, L, heads, head_dim) underneath (free for the
+    # variable-length kernel's output): the graph after this call is guarded on its strides.
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _attend_within(segments, module, query, key, value, attention_mask, dropout_p: float, scale: float | None) -> torch.Tensor:
     q_len, k_len = query.shape[-2], key.shape[-2]
-    segments = getattr(module, "_segments", None)
     if segments is not None and q_len == k_len == segments.length and query.shape[0] == len(segments.rows):
         value = value.to(query.dtype)
         kernel = varlen_kernel(query.device, getattr(module, "varlen", "torch"))
@@ -178,6 +195,7 @@ class Segments:
 
 
 SEGMENTS = "_gptj_tune_segments"  # the attribute of a batch's position ids that holds its Segments
+_marked_last: Segments | None = None  # what compiled blocks read (they cannot read the attribute); see `_attend`
 
 
 def mark_segments(
@@ -194,11 +212,14 @@ def mark_segments(
     kernel takes, stays correct. `host`: the same position ids on the CPU (the batch before it
     moved), read instead of `position_ids`, which on a GPU would cost a device-to-host wait for
     every micro-batch. Returns the segments, or None where the masked call is kept (always with
-    `use` False)."""
+    `use` False). Compiled blocks read the segments marked last (a module global: the batch whose
+    forward and backward run next); the attention checks they fit its shapes."""
+    global _marked_last
     segments = Segments(position_ids if host is None else host) if use else None
     if segments is not None and not (always or position_ids.device.type != "cpu" or segments.pays_off):
         segments = None
     setattr(position_ids, SEGMENTS, segments)
+    _marked_last = segments
     return segments
 
 

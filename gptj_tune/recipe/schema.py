@@ -65,10 +65,10 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _check_compile(self):
-        if self.train.compile and self.distributed.backend in ("deepspeed", "fsdp"):
+        if self.train.compile is True and self.distributed.backend in ("deepspeed", "fsdp"):
             raise ValueError(
                 f"train.compile works with distributed.backend single or ddp, not {self.distributed.backend} "
-                "(its weight gathering runs inside the blocks); set train.compile: false"
+                "(its weight gathering runs inside the blocks); set train.compile: auto or false"
             )
         return self
 

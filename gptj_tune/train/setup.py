@@ -36,9 +36,23 @@ def model_to_train(recipe: Recipe, base: str, device: torch.device):
         own_trainable_weights(model)  # off the checkpoint's file mapping: no copy-on-write fault per page in step 1
     use_cheap_dropout(model)
     use_fused_lora(model)
-    if recipe.train.compile:
+    if compiles(recipe, device):
         compile_model(model, device)
     return model, tokenizer
+
+
+def compiles(recipe: Recipe, device: torch.device) -> bool:
+    """Whether the blocks are compiled: `train.compile` true, or `auto` on a CUDA GPU that can (Triton)
+    in a single-process or ddp run."""
+    if recipe.train.compile != "auto":
+        return recipe.train.compile
+    if device.type != "cuda" or recipe.distributed.backend in ("deepspeed", "fsdp"):
+        return False
+    try:
+        check_can_compile(device)
+    except CompileUnavailable:
+        return False
+    return True
 
 
 def compile_model(model, device) -> int:

@@ -28,7 +28,8 @@ class LossPath:
     segmented: GPT-J's attention (ours) runs within each packed example (`attention.mark_segments`):
         one variable-length FlashAttention call on a GPU, one SDPA call per example on a CPU;
         the block-causal mask is passed too, for every case those do not take. Blocks recomputed
-        by gradient checkpointing run the same way (the segments travel on the position ids).
+        by gradient checkpointing run the same way (the segments travel on the position ids), and so
+        do compiled blocks (their attention runs outside the graph, see `attention._attend`).
     """
 
     fused_chunk: int | None = None
@@ -52,8 +53,7 @@ class LossPath:
         return cls(
             fused_chunk=recipe.train.loss_chunk_tokens if recipe.train.loss == "fused" else None,
             varlen=flash,
-            # Compiled blocks would recompile for every batch's segments: the mask there.
-            segmented=ours and not recipe.train.compile,
+            segmented=ours,
             heads=(loss_heads_of(model) or None) if model is not None and recipe.train.loss == "fused" else None,
         )
 
@@ -109,4 +109,8 @@ def evaluate_loss(model, batches: Batches, accelerator, path: LossPath = LossPat
 
 
 def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
+    """The batch on `device`; to a GPU through pinned memory, without waiting for the copy (a copy
+    from pageable memory waits for the work queued before it, leaving the GPU idle after)."""
+    if torch.device(device).type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}

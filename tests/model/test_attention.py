@@ -146,8 +146,8 @@ def test_loss_path_of_a_recipe_and_its_model(tiny_gptj):
     assert LossPath.of(Recipe.model_validate({"output": output})).segmented
     checkpointed = {"gradient_checkpointing": True}
     assert LossPath.of(Recipe.model_validate({"model": checkpointed, "output": output})).segmented  # see above
-    compiled = {"compile": True}
-    assert not LossPath.of(Recipe.model_validate({"train": compiled, "output": output})).segmented
+    compiled = {"compile": True}  # compiled blocks attend outside their graph (test_kernels.py)
+    assert LossPath.of(Recipe.model_validate({"train": compiled, "output": output})).segmented
     flash = Recipe.model_validate({"model": {"attn_implementation": "flash_attention_2"}, "output": output})
     gptj, _ = load_tiny(tiny_gptj, "auto")
     assert LossPath.of(flash, gptj) == LossPath(fused_chunk=2048, varlen=False, segmented=True)  # GPT-J's is ours
@@ -236,8 +236,11 @@ def test_no_varlen_kernel_on_a_cpu_and_flash_attention_2_needs_its_package(tiny_
 @pytest.mark.parametrize("width,heads", [(64, 4), (512, 2)])  # heads of 16, and of 256 as in GPT-J-6B
 def test_varlen_kernel_on_a_gpu(width, heads, monkeypatch):
     """torch's variable-length FlashAttention (or flash-attn's) on packed bf16 rows: the masked
-    row's loss and gradients within bf16 rounding, one kernel call per layer."""
+    row's loss and gradients within bf16 rounding, one kernel call per layer, in compiled blocks
+    (`train.compile`) too, where the attention runs outside the graph."""
     from transformers import GPTJConfig, GPTJForCausalLM
+
+    from gptj_tune.model.compile import compile_blocks
 
 
     kernel = varlen_kernel(torch.device("cuda"))
@@ -250,19 +253,22 @@ def test_varlen_kernel_on_a_gpu(width, heads, monkeypatch):
     reference = GPTJForCausalLM(config).to("cuda", torch.bfloat16)
     batch = {k: v.cuda() for k, v in packed_batch(512).items()}
     results = {}
-    for name in ("masked", "varlen"):
+    for name in ("masked", "varlen", "compiled varlen"):
         model = GPTJForCausalLM(config).to("cuda", torch.bfloat16)
         model.load_state_dict(reference.state_dict())
         use_sdpa_attention(model)
+        if name == "compiled varlen":
+            assert compile_blocks(model) == 2
         model.train()
-        loss = batch_loss(model, batch, LossPath(segmented=name == "varlen"))
+        loss = batch_loss(model, batch, LossPath(segmented=name != "masked"))
         loss.backward()
         results[name] = (loss.item(), {n: p.grad.float() for n, p in model.named_parameters()})
-    assert len(calls) == 2  # the varlen run's two layers
-    (base_loss, base_grads), (loss, grads) = results["masked"], results["varlen"]
-    assert abs(loss - base_loss) < 2e-2 * abs(base_loss)
-    for n in grads:
-        assert (grads[n] - base_grads[n]).abs().max() <= 0.05 * base_grads[n].abs().max() + 1e-3, n
+    assert len(calls) == 4  # the two varlen runs' two layers
+    base_loss, base_grads = results["masked"]
+    for loss, grads in (results["varlen"], results["compiled varlen"]):
+        assert abs(loss - base_loss) < 2e-2 * abs(base_loss)
+        for n in grads:
+            assert (grads[n] - base_grads[n]).abs().max() <= 0.05 * base_grads[n].abs().max() + 1e-3, n
 
 
 def test_sdpa_generation_with_left_padding_and_cache_matches_eager(tiny_gptj):

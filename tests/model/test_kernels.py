@@ -256,6 +256,32 @@ def test_fused_lora_add_equals_peft(tiny_gptj, dropout):
     assert base_plain == base_fused and abs(base_plain - plain) > 1e-3
 
 
+def test_fused_lora_on_a_16_bit_base_computes_in_its_dtype(tiny_gptj):
+    """On a bf16 base the adapter's products run in bf16 (its fp32 weights cast for them, their
+    gradients fp32), not on an fp32 copy of the input as peft does: the same loss and gradients as
+    peft's fp32 adapter path within bf16 rounding, and a different computation (it can fail)."""
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model, _ = load_tiny(tiny_gptj, "auto")
+        model = apply_method(model.to(torch.bfloat16), LoraMethod(kind="lora", r=4, dropout=0.0), False)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.05)
+        if fused:
+            use_fused_lora(model)
+        loss = batch_loss(model.train(), packed_batch(model.config.vocab_size))
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        assert all(p.dtype == torch.float32 and g.dtype == torch.float32 for n, p in model.named_parameters()
+                   if p.requires_grad for g in [grads[n]])  # fmt: skip
+        results.append((loss.item(), torch.cat([g.flatten() for g in grads.values()])))
+    (peft_loss, peft_grads), (ours_loss, our_grads) = results
+    assert abs(peft_loss - ours_loss) < 1e-2 * abs(peft_loss) and peft_loss != ours_loss
+    cosine = F.cosine_similarity(peft_grads, our_grads, dim=0)
+    assert cosine > 0.99 and (peft_grads - our_grads).norm() < 0.1 * peft_grads.norm(), cosine
+
+
 def test_compile_without_a_cpu_compiler_is_a_clear_recipe_error(tiny_gptj, monkeypatch):
     from gptj_tune.train.setup import compile_model as _compile
 
@@ -314,6 +340,53 @@ def test_compiled_blocks_train_like_eager_and_evaluate_eagerly(tiny_gptj, method
     for (eager_loss, eager_grads), (compiled_loss, compiled_grads) in zip(eager_runs, compiled_runs):
         assert abs(eager_loss - compiled_loss) < 1e-4 * abs(eager_loss)
         assert eager_grads.keys() == compiled_grads.keys()
+        assert max((eager_grads[n] - compiled_grads[n]).abs().max() for n in eager_grads) < 1e-5
+
+
+@pytest.mark.skipif(not can_compile(), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_blocks_attend_within_packed_examples(tiny_gptj, monkeypatch):
+    """Compiled blocks run the attention outside their graph, per packed example as marked for the
+    batch (on a GPU the variable-length kernel): as eager does, through gradient checkpointing's
+    recomputation too, with no recompilation for the next batch's different examples."""
+    from torch._dynamo.utils import counters
+
+    from gptj_tune.model import attention
+    from gptj_tune.model.attention import Segments
+
+    monkeypatch.setattr(Segments, "MIN_WIDTH", 0)  # per example on these small rows too
+    calls = []
+    per_example = attention._segmented_attention
+    monkeypatch.setattr(attention, "_segmented_attention", lambda *a, **k: calls.append(1) or per_example(*a, **k))
+    torch._dynamo.reset()
+    vocab = load_tiny(tiny_gptj, "auto")[0].config.vocab_size
+    batches = [packed_batch(vocab, seed=0), packed_batch(vocab, seed=1)]
+    batches[1]["position_ids"] = torch.cat([torch.arange(64)[None], batches[1]["position_ids"][1:]])  # other segments
+    results, counts, graphs = [], [], []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model, _ = load_tiny(tiny_gptj, "auto")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = apply_method(model, LoraMethod(kind="lora", r=4, dropout=0.0), True)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.02)
+        if compiled:
+            compile_blocks(model)
+        model.train()
+        calls.clear()
+        runs = []
+        for batch in batches:
+            model.zero_grad(set_to_none=True)
+            loss = batch_loss(model, batch, LossPath(segmented=True))
+            loss.backward()
+            runs.append((float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+            graphs.append(counters["stats"]["unique_graphs"])
+        results.append(runs)
+        counts.append(len(calls))
+    assert counts[0] >= LAYERS * len(batches) and counts[1] == counts[0], counts  # each block, as eager does
+    assert graphs[0] == graphs[1] < graphs[2] == graphs[3], graphs  # compiled for batch 1, not again for batch 2
+    for (eager_loss, eager_grads), (compiled_loss, compiled_grads) in zip(*results, strict=True):
+        assert abs(eager_loss - compiled_loss) < 1e-4 * abs(eager_loss)
         assert max((eager_grads[n] - compiled_grads[n]).abs().max() for n in eager_grads) < 1e-5
 
 
