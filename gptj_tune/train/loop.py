@@ -223,23 +223,33 @@ def one_step(t: Training, state: TrainState, stop: StopRequest) -> tuple[float, 
     # DDP/DeepSpeed average gradients over processes and accelerate (or DeepSpeed) divides each
     # micro-batch by grad_accum: the scale undoes both.
     scale = acc.num_processes * train.grad_accum / max(targets, 1)
-    total, grad_norm = 0.0, float("nan")
+    # The loss is read once a step, with the gradient norm, after the step's backward passes are
+    # queued: a read per micro-batch made the GPU wait, idle, for the host to queue each backward.
+    # DeepSpeed steps its optimizer inside the last backward: there each loss is read before it.
+    read_each = is_deepspeed(acc)
+    sums, grad_norm = [], None
     for batch, host in zip(micro, on_host, strict=True):
         with acc.accumulate(t.model):
             loss_sum = batch_loss(t.model, batch, t.loss_path, host_positions=host["position_ids"])
-            value = float(loss_sum.detach())  # note: a host sync per micro-batch; cheap next to a step
-            if not math.isfinite(value):
-                _stop_on_nan(t.run, state, value)
+            sums.append(loss_sum.detach().float())
+            if read_each:
+                _check_finite(t.run, state, float(sums[-1]))
             acc.backward(loss_sum * scale)  # under DeepSpeed the last one also steps the optimizer
-            total += value
     fused_clip = t.fused_clip
     if train.max_grad_norm is not None and fused_clip is not None:
-        grad_norm = float(clip_in_fused_step(fused_clip, train.max_grad_norm))
+        grad_norm = clip_in_fused_step(fused_clip, train.max_grad_norm)
     elif train.max_grad_norm is not None or is_deepspeed(acc):
-        norm = acc.clip_grad_norm_(t.model.parameters(), train.max_grad_norm or float("inf"))
-        if hasattr(norm, "full_tensor"):  # FSDP2: the norm is a DTensor
-            norm = norm.full_tensor()
-        grad_norm = float(norm) if norm is not None else float("nan")
+        grad_norm = acc.clip_grad_norm_(t.model.parameters(), train.max_grad_norm or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm is a DTensor
+            grad_norm = grad_norm.full_tensor()
+    read = torch.stack(sums).sum()
+    if isinstance(grad_norm, torch.Tensor):
+        read = torch.stack([read, grad_norm.detach().float().to(read.device)])
+    values = read.reshape(-1).tolist()  # the step's one wait for the device
+    total = values[0]
+    grad_norm = values[1] if len(values) > 1 else (float(grad_norm) if grad_norm is not None else float("nan"))
+    if not read_each:
+        _check_finite(t.run, state, total)
     t.optimizer.step()
     if fused_clip is not None:
         fused_clip.__dict__.pop("grad_scale", None)  # one step only
@@ -251,6 +261,11 @@ def one_step(t: Training, state: TrainState, stop: StopRequest) -> tuple[float, 
     total, real, slots, stopping = all_sum([total, real, slots, float(stop.requested)], acc)
     stop.agreed = stopping > 0
     return total / max(targets, 1), int(real), int(slots), grad_norm
+
+
+def _check_finite(run: RunDir, state: TrainState, value: float) -> None:
+    if not math.isfinite(value):
+        _stop_on_nan(run, state, value)
 
 
 def _stop_on_nan(run: RunDir, state: TrainState, value: float) -> None:
