@@ -23,7 +23,7 @@ def run_ours(spec: dict, out: Path, after_each_step=None) -> dict:
                  "template": "alpaca", "max_length": spec["max_length"], "eval_fraction": 0.0, "on_bad_record": "skip"},
         "train": {"lr": spec["lr"], "epochs": 1, "batch_size": spec["packed_batch_size"], "warmup_ratio": 0.03,
                   "schedule": "cosine", "seed": spec["seed"], "log_every": 10,
-                  "checkpoint_at_end": False},  # final/ only: a 6B full checkpoint (~48 GB) would fill the disk
+                  "checkpoint_at_end": False, "compile": spec.get("compile", "auto")},  # final/ only: a 6B full checkpoint (~48 GB) would fill the disk
         "distributed": {"mixed_precision": spec["mixed_precision"]},
         "eval": {"generate_samples": 0},
         "output": {"dir": str(out / "run")},

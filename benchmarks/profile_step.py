@@ -7,7 +7,8 @@ GPT-2 tokenizer and recipe as its `gptj-tune` engine).
 
 Prints a table and writes JSON (and the table as text beside it, .txt):
 - time per step by kind: GEMM (matrix products), attention, elementwise (activations, norms,
-  rotary, dropout, casts), optimizer (AdamW, clipping), copies (memcpy, memset, cat, layout),
+  rotary, dropout, casts; torch.compile's fused kernels apart), optimizer (every kernel the
+  optimizer's step launches, on a GPU), copies (memcpy, memset, cat, layout),
   communication, other. On a GPU the kinds are of device kernels (their summed durations), with
   the GPU's idle time between kernels inside the profiled steps; on a CPU, of operators' own time;
 - per step: kernel launches (GPU), operators dispatched, and host syncs: `.item()`-style reads
@@ -34,7 +35,9 @@ KINDS = [
     ("communication", ("nccl", "all_reduce", "allreduce", "gloo", "c10d")),
     ("attention", ("flash", "fmha", "attention", "varlen", "sdpa", "softmax_backward_data")),
     ("optimizer", ("adam", "multi_tensor", "optimizer", "_foreach", "kahan", "clip_grad", "norm_kernel")),
-    ("GEMM", ("gemm", "matmul", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "cutlass", "cublas", "xmma", "gemv")),
+    ("GEMM", ("gemm", "matmul", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "cutlass", "cublas", "xmma",
+              "gemv", "nvjet", "triton_tem_fused_mm")),
+    ("compiled elementwise", ("triton_",)),  # inductor's fused kernels (torch.compile)
     ("copies", ("memcpy", "memset", "copy", "aten::to", "contiguous", "aten::cat", "aten::stack", "cat_", "transpose")),
     ("elementwise", ("elementwise", "vectorized", "aten::", "reduce", "gelu", "tanh", "dropout", "layer_norm", "embedding")),
 ]
@@ -69,13 +72,24 @@ def summarise(events, steps: int, gpu: bool) -> dict:
 
     by_kind: dict[str, float] = {}
     top: dict[str, float] = {}
+    host: dict[str, float] = {}  # operators' own host time: on a GPU, where the launching time goes
     launches = syncs = dispatched = scalar_reads = 0
     kernels = []
+    # On the GPU's timeline the profiler also draws the host's annotations (each ProfilerStep, the
+    # optimizer's step): not kernels, but the optimizer's span says which kernels are its.
+    def annotation(e) -> bool:
+        return e.name.startswith("ProfilerStep") or "#" in e.name
+
+    optimizer_spans = [(e.time_range.start, e.time_range.end) for e in events
+                       if gpu and e.device_type == DeviceType.CUDA and e.name.startswith("Optimizer.step")]  # fmt: skip
     for e in events:
         if gpu and e.device_type == DeviceType.CUDA:
+            if annotation(e):
+                continue
+            kind = "optimizer" if any(a <= e.time_range.start < b for a, b in optimizer_spans) else kind_of(e.name)
             kernels.append((e.time_range.start, e.time_range.end))
             duration = e.time_range.end - e.time_range.start
-            by_kind[kind_of(e.name)] = by_kind.get(kind_of(e.name), 0.0) + duration
+            by_kind[kind] = by_kind.get(kind, 0.0) + duration
             top[e.name] = top.get(e.name, 0.0) + duration
             syncs += "memcpy dtoh" in e.name.lower()
             continue
@@ -87,6 +101,7 @@ def summarise(events, steps: int, gpu: bool) -> dict:
             scalar_reads += 1
         if e.name.startswith("aten::"):
             dispatched += 1
+            host[e.name] = host.get(e.name, 0.0) + e.self_cpu_time_total
         if not gpu and e.name.startswith(("aten::", "Optimizer")) and not e.name.startswith("ProfilerStep"):
             own = e.self_cpu_time_total
             by_kind[kind_of(e.name)] = by_kind.get(kind_of(e.name), 0.0) + own
@@ -98,6 +113,7 @@ def summarise(events, steps: int, gpu: bool) -> dict:
         "step_ms": sum(steps_us) / max(len(steps_us), 1) / 1e3,
         "by_kind": {k: {"ms_per_step": v / steps / 1e3, "share": v / total} for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
         "top_ops": [{"name": n, "ms_per_step": v / steps / 1e3} for n, v in sorted(top.items(), key=lambda kv: -kv[1])[:15]],
+        "top_host_ops": [{"name": n, "ms_per_step": v / steps / 1e3} for n, v in sorted(host.items(), key=lambda kv: -kv[1])[:15]],
         "per_step": {"operators_dispatched": dispatched / steps, "scalar_reads": scalar_reads / steps,
                      "kernel_launches": launches / steps if gpu else None, "syncs": (syncs + scalar_reads) / steps if gpu else scalar_reads / steps},
     }  # fmt: skip
@@ -129,6 +145,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1, help="Packed max_length rows per step.")
     parser.add_argument("--warmup", type=int, default=3, help="Steps run before the profiled ones (not counted).")
     parser.add_argument("--steps", type=int, default=10, help="Steady steps profiled.")
+    parser.add_argument("--compile", choices=["auto", "true", "false"], default="auto",
+                        help="train.compile (regional torch.compile; auto: on a GPU).")
     parser.add_argument("--model-dir", default=None, help="As in train_throughput.py: build the model once, reuse it.")
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--out", default="profile.json", help="The JSON; the table is written beside it as .txt.")
@@ -155,7 +173,7 @@ def main() -> None:
             "batch_size": args.rows, "packed_batch_size": args.rows, "seed": 0, "model": str(model_dir),
             "lr": 2e-4 if args.method == "lora" else 5e-5, "tokenizer": str(data / "gpt2-tokenizer"),
             "alpaca": str(data / "alpaca" / "alpaca_data.json"), "dtype": "bfloat16" if gpu else "float32",
-            "mixed_precision": "no",
+            "mixed_precision": "no", "compile": {"true": True, "false": False}.get(args.compile, "auto"),
         }  # fmt: skip
         # Enough records for the steps (one epoch: the run ends when they are used up), with a margin.
         _, sample = tokenize(spec, 0, 200)
@@ -174,7 +192,7 @@ def main() -> None:
         summary = summarise(events, args.steps, gpu)
     summary["settings"] = {k: v for k, v in vars(args).items()} | {"torch": torch.__version__,
                                                                    "device_name": torch.cuda.get_device_name() if gpu else "cpu"}  # fmt: skip
-    title = f"where a step goes: {args.shape} {args.method}, {args.rows} x {args.max_length} tokens, {args.device}"
+    title = f"where a step goes: {args.shape} {args.method}{'' if args.compile == 'auto' else ', compile ' + args.compile}, {args.rows} x {args.max_length} tokens, {args.device}"
     console.print(table(title, summary))
     per = summary["per_step"]
     line = (f"per step: {summary['step_ms']:.1f} ms; {per['operators_dispatched']:.0f} operators, {per['scalar_reads']:.0f} "
