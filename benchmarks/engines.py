@@ -30,7 +30,10 @@ def run_ours(spec: dict, out: Path, after_each_step=None) -> dict:
     })  # fmt: skip
     result = train(recipe, console=Console(stderr=True), after_each_step=after_each_step)
     model = _load_final(out / "run" / "final", spec)
+    lines = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    marks = [[r["elapsed_s"], r["tokens"]] for r in lines if "tokens" in r and "elapsed_s" in r]
     return {"seconds": result.seconds, "real_tokens": result.tokens, "slots": result.slots, "model": model, "steps": result.steps,
+            "marks": marks,
             "attention": "gptj-tune SDPA (per packed example on a CPU, variable-length on a GPU)"}  # fmt: skip
 
 
@@ -47,17 +50,39 @@ def _load_final(final: Path, spec: dict):
     return AutoModelForCausalLM.from_pretrained(final, dtype=dtype).to(spec["device"])
 
 
+def _step_marks(trainer, counting) -> list:
+    """[seconds since training began, real tokens of the steps so far] at the end of every step, for
+    the steady rate after the first steps: a step's tokens are its batch's (one batch a step, no
+    accumulation), counted by the collator, which runs ahead of the steps."""
+    import time
+
+    from transformers import TrainerCallback
+
+    marks, began = [], []
+
+    class Marks(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            began.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            marks.append([time.perf_counter() - began[0], sum(counting.per_batch[: state.global_step])])
+
+    trainer.add_callback(Marks())
+    return marks
+
+
 class CountingCollator:
     """Wraps a collator and counts the token slots it hands out and the real tokens in them."""
 
     def __init__(self, inner):
-        self.inner, self.slots, self.real = inner, 0, 0
+        self.inner, self.slots, self.real, self.per_batch = inner, 0, 0, []
 
     def __call__(self, features):
         batch = self.inner(features)
         self.slots += batch["input_ids"].numel()
         mask = batch.get("attention_mask")
-        self.real += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        self.per_batch.append(int(mask.sum()) if mask is not None else batch["input_ids"].numel())
+        self.real += self.per_batch[-1]
         return batch
 
 
@@ -107,8 +132,9 @@ def run_trl(spec: dict, out: Path, best: bool) -> dict:
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tok,
                          peft_config=_lora_config() if spec["method"] == "lora" else None)  # fmt: skip
     trainer.data_collator = counting = CountingCollator(trainer.data_collator)
+    marks = _step_marks(trainer, counting)
     metrics = trainer.train().metrics
-    return {"seconds": metrics["train_runtime"], "real_tokens": counting.real, "slots": counting.slots,
+    return {"seconds": metrics["train_runtime"], "real_tokens": counting.real, "slots": counting.slots, "marks": marks,
             "model": trainer.model, "steps": trainer.state.global_step, "attention": model.config._attn_implementation}  # fmt: skip
 
 
@@ -127,9 +153,19 @@ def run_hf_trainer(spec: dict, out: Path) -> dict:
     counting = CountingCollator(DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
     args = TrainingArguments(**_training_args(spec, out, bf16=spec["device"] == "cuda"))
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=counting)
+    marks = _step_marks(trainer, counting)
     metrics = trainer.train().metrics
-    return {"seconds": metrics["train_runtime"], "real_tokens": counting.real, "slots": counting.slots,
+    return {"seconds": metrics["train_runtime"], "real_tokens": counting.real, "slots": counting.slots, "marks": marks,
             "model": trainer.model, "steps": trainer.state.global_step, "attention": model.config._attn_implementation}  # fmt: skip
+
+
+def steady_rate(marks: list, warmup: int) -> float | None:
+    """Real tokens per second from the end of step `warmup` to the last step's: the steady rate,
+    without start-up, first-step allocations and compilation (None with too few steps after it)."""
+    if len(marks) < warmup + 2:
+        return None
+    (t0, n0), (t1, n1) = marks[warmup - 1] if warmup else (0.0, 0), marks[-1]
+    return (n1 - n0) / (t1 - t0) if t1 > t0 else None
 
 
 def worker(engine: str, spec: dict, result_path: Path) -> None:
@@ -149,6 +185,7 @@ def worker(engine: str, spec: dict, result_path: Path) -> None:
         r["held_out_loss"] = held_out_loss(model, spec, next(model.parameters()).device)
         r["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         r["params"] = sum(p.numel() for p in model.parameters())
-    r["tokens_per_s"] = r["real_tokens"] / r["seconds"]
+    r["end_to_end_tokens_per_s"] = r["real_tokens"] / r["seconds"]
+    r["tokens_per_s"] = steady_rate(r.pop("marks"), spec.get("warmup_steps", 5)) or r["end_to_end_tokens_per_s"]
     r["padding_efficiency"] = r["real_tokens"] / r["slots"]
     result_path.write_text(json.dumps(r))

@@ -4,7 +4,8 @@
 # profile-full.json, profile-lora.json; the profiles' tables are in the log).
 #
 #   bash ../shared/tools/gpu-prepare.sh                      # here, once: fills the git-ignored .gpu/
-#   run(command=". .gpu/env.sh && bash benchmarks/gpu_session.sh", carry=[".gpu"], timeout_s=480)
+#   run(command=". .gpu/env.sh && COMMIT=<git rev-parse --short HEAD here> bash benchmarks/gpu_session.sh",
+#       carry=[".gpu"], timeout_s=480)
 #
 # Steps, in order of what matters most: the GPU tests, LoRA against TRL best, the full figure,
 # where a full step's time goes, where a LoRA step's time goes. Each has its own time limit, so
@@ -55,7 +56,8 @@ step() {  # step NAME SECONDS COMMAND...: run it under a time limit, its output 
 }
 
 {
-  echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%FT%TZ)"
+  # COMMIT: pass it in the command (COMMIT=abc1234 bash ...): the device's copy of .git can be older than the tree
+  echo "commit ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}, $(date -u +%FT%TZ)"
   python -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
   df -h /tmp | tail -1
 } >>"$LOG" 2>&1

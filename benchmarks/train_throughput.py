@@ -20,7 +20,8 @@ whole, so update counts cannot be equal; rounding down means no packing engine m
 updates than the padded engines, or larger ones (fewer, larger updates would lose them loss at
 an equal token budget). The steps column shows the counts.
 
-Reported: real tokens/s, padding efficiency (real tokens / token slots computed), peak memory
+Reported: real tokens/s in the steady state (from the end of step --warmup-steps to the last
+step: without start-up and torch.compile's first steps) and end to end, padding efficiency (real tokens / token slots computed), peak memory
 (RSS on CPU, CUDA max allocated on GPU), the held-out loss after the budget (the same records and
 the same loss code for every engine, so equal learning shows), ours / baseline tokens/s, the model
 FLOP rate, and on a GPU the MFU (model FLOP rate / the GPU's dense bf16 peak).
@@ -58,7 +59,7 @@ ENGINES = ["gptj-tune", "trl-default", "trl-best", "hf-trainer"]
 PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-COLUMNS = ("engine", "real\ntok/s", "ours/\nthis", "padding\neff.", "peak\nGiB", "held-out\nloss", "steps", "model\nTFLOP/s")
+COLUMNS = ("engine", "real\ntok/s", "end to\nend", "ours/\nthis", "padding\neff.", "peak\nGiB", "held-out\nloss", "steps", "model\nTFLOP/s")
 
 
 def results_table(title: str, rows: dict[str, dict], gpu: bool):
@@ -71,7 +72,7 @@ def results_table(title: str, rows: dict[str, dict], gpu: bool):
         width = max(len(line) for line in col.split("\n"))
         table.add_column(col, justify="left" if col == "engine" else "right", no_wrap=True, min_width=width)
     for e, r in rows.items():
-        cells = [e, f"{r['tokens_per_s']:,.0f}", f"{r['ours_over_this']:.2f}x" if "ours_over_this" in r else "-",
+        cells = [e, f"{r['tokens_per_s']:,.0f}", f"{r['end_to_end_tokens_per_s']:,.0f}", f"{r['ours_over_this']:.2f}x" if "ours_over_this" in r else "-",
                  f"{r['padding_efficiency']:.3f}", f"{r['peak_memory_gib']:.2f}", f"{r['held_out_loss']:.4f}", str(r["steps"]), f"{r['model_tflops']:.3g}"]  # fmt: skip
         if gpu:
             cells.append(f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-")
@@ -149,6 +150,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--packed-batch-size", type=int, default=None,
                         help="Rows per step for the packing engines (default: the padded engines' tokens per step).")
+    parser.add_argument("--warmup-steps", type=int, default=5,
+                        help="Steps left out of the steady tokens/s (start-up, compilation); 0: from the start.")
     parser.add_argument("--lr", type=float, default=None, help="Default: 2e-4 for LoRA, 5e-5 for full.")
     parser.add_argument("--repeats", type=int, default=1, help="Runs per engine; the order alternates.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of every engine (data order, dropout, adapter init).")
@@ -176,6 +179,8 @@ def main() -> None:
         return worker(args.worker, json.loads(Path(args.spec).read_text()), Path(args.result))
 
     require_at_least_one(args, "steps", "batch_size", "packed_batch_size", "repeats", "threads")
+    if args.warmup_steps < 0:
+        raise SystemExit(f"--warmup-steps {args.warmup_steps}: use 0 or more")
     if args.steps:
         args.records = args.steps * args.batch_size
     require_max_length(args.max_length)
@@ -204,6 +209,7 @@ def main() -> None:
             "lr": args.lr or (2e-4 if args.method == "lora" else 5e-5), "model": str(model_dir),
             "tokenizer": str(data / "gpt2-tokenizer"), "alpaca": str(data / "alpaca" / "alpaca_data.json"),
             "dtype": "bfloat16" if args.device == "cuda" else "float32", "mixed_precision": args.mixed_precision,
+            "warmup_steps": args.warmup_steps,
         }  # fmt: skip
         # Packed engines get as many max_length rows per step as fit in the padded engines' real
         # tokens per step: never fewer, larger updates than theirs.
@@ -256,6 +262,8 @@ def main() -> None:
              f"{'s' if spec['packed_batch_size'] != 1 else ''}), {args.device}"
              f"{', gptj-tune in bf16 autocast' if args.mixed_precision == 'bf16' else ''}")  # fmt: skip
     console.print(results_table(title, rows, gpu=args.device == "cuda"))
+    console.print(f"real tok/s: steady, from the end of step {args.warmup_steps} to the last (end to end where fewer "
+                  f"steps ran); end to end: all the training time")  # fmt: skip
     console.print(f"model FLOPs: {formula}" + (" (MFU: over the GPU's dense bf16 peak)" if args.device == "cuda" else ""))
     console.print("attention: " + "; ".join(f"{e} {r['attention']}" for e, r in rows.items()))
     versions = _versions()

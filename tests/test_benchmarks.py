@@ -37,6 +37,7 @@ def test_train_throughput_harness_runs_every_engine_on_the_same_tokens(tmp_path,
     assert len({e["trainable_params"] for e in engines.values()}) == 1 and engines["gptj-tune"]["trainable_params"] > 0
     for name, e in engines.items():
         assert e["tokens_per_s"] > 0 and 0 < e["padding_efficiency"] <= 1 and e["peak_memory_gib"] > 0, name
+        assert e["tokens_per_s"] == e["end_to_end_tokens_per_s"] == e["real_tokens"] / e["seconds"], name  # 2 steps: no steady part
         assert 5 < e["held_out_loss"] < 12, name  # near ln(50400) = 10.8 after two steps from random init
         if name != "gptj-tune":
             assert e["ours_over_this"] == pytest.approx(engines["gptj-tune"]["tokens_per_s"] / e["tokens_per_s"])
@@ -111,6 +112,7 @@ def test_the_model_dir_is_built_once_and_reused(tmp_path, shared_data):
         ("train_throughput", ["--max-length", "32"], "--max-length 32: use 64 to 2048"),
         ("train_throughput", ["--steps", "0"], "--steps 0: use 1 or more"),
         ("train_throughput", ["--batch-size", "0"], "--batch-size 0: use 1 or more"),
+        ("train_throughput", ["--warmup-steps", "-1"], "--warmup-steps -1: use 0 or more"),
         ("train_throughput", ["--records", "60000"], "--records 60000: use 1 to 50,000"),
         ("train_throughput", ["--engines", "gptj-tune,axolotl"], "--engines: unknown ['axolotl']"),
         ("train_throughput", ["--shape", "gptj-6b"], "the gptj-6b shape runs on a GPU only"),
@@ -175,6 +177,16 @@ def _benchmark_module(name: str = "train_throughput"):
         return importlib.import_module(name)
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
+
+
+def test_the_steady_rate_leaves_the_first_steps_out():
+    """Tokens/s from the end of the warm-up steps to the last step's end: a slow first step (start-up,
+    torch.compile) does not count; too few steps after the warm-up give None (end to end instead)."""
+    engines = _benchmark_module("engines")
+    marks = [[10.0, 100], [11.0, 200], [12.0, 300], [13.0, 400]]  # 10 s first step, then 100 tokens/s
+    assert engines.steady_rate(marks, 1) == pytest.approx(100.0)
+    assert engines.steady_rate(marks, 0) == pytest.approx(400 / 13)
+    assert engines.steady_rate(marks, 3) is None
 
 
 @pytest.mark.parametrize("shape", ["tiny", "small", "gptj-6b"])
