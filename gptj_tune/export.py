@@ -74,7 +74,8 @@ def export_run(request: ExportRequest) -> ExportResult:
     guard_output(target, "--out", [*run.guarded(), *run_inputs(recipe)])
     if target.exists() and not request.force:
         raise RunDirError(f"{target} already exists; pass --force to replace it, or choose another --out")
-    lora = recipe.method.kind == "lora"
+    lora = recipe.method.kind in ("lora", "qlora")
+    qlora = recipe.method.kind == "qlora"
     dtype = request.dtype or (recipe.export.dtype if recipe.export.dtype != "auto" else _training_dtype(recipe))
     adapter_only, verify = request.adapter_only, request.verify
     base = str(run.path / "base-model") if (run.path / "base-model").is_dir() else recipe.model.name_or_path
@@ -89,6 +90,9 @@ def export_run(request: ExportRequest) -> ExportResult:
         reference = _logits(model, tokenizer) if verify else None
         # An adapter is checked on the base in the dtype it was trained on, as the reference ran.
         checked = _training_dtype(recipe) if adapter_only else dtype
+        qlora_tolerance = None
+        if qlora and not adapter_only:  # merged into the original base, as it was before quantization
+            model, qlora_tolerance = _unquantized(model, tokenizer, recipe, base, folder_of(source), verify)
         if isinstance(model, SoftPromptModel):
             model.save_pretrained(tmp)
         elif adapter_only:
@@ -101,13 +105,39 @@ def export_run(request: ExportRequest) -> ExportResult:
             merged.to(DTYPES[dtype]).save_pretrained(tmp, max_shard_size=request.max_shard_size or recipe.export.max_shard_size, safe_serialization=True)
             _write_generation_config(merged, tokenizer, tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "gptj-tune.json").write_text(json.dumps({"template": recipe.model_dump(mode="json")["data"]["template"],
-                                                        "base_model": recipe.model.name_or_path, "method": recipe.method.kind}, indent=2))  # fmt: skip
+        about = {"template": recipe.model_dump(mode="json")["data"]["template"], "base_model": recipe.model.name_or_path,
+                 "method": recipe.method.kind}  # fmt: skip
+        if qlora and adapter_only:  # how to load its base as it trained (eval and generate read this)
+            from .model.quantize import quantized_args
+
+            about["quantized"] = quantized_args(recipe.method, _training_dtype(recipe))
+        (tmp / "gptj-tune.json").write_text(json.dumps(about, indent=2))
         (tmp / "README.md").write_text(model_card(recipe, run, dtype, adapter_only))
         diff = tol = None
         if verify:
-            diff, tol = _verify(tmp, reference, checked, adapter_only, base)
+            quantized = about.get("quantized")
+            diff, tol = _verify(tmp, reference, checked, adapter_only, base, quantized, qlora_tolerance)
     return ExportResult(target, checked, diff, tol, adapter_only)
+
+
+def folder_of(source: Path) -> Path:
+    """Where a checkpoint or final/ keeps its weights."""
+    return source / "model" if (source / "model").is_dir() else source
+
+
+def _unquantized(quantized_model, tokenizer, recipe: Recipe, base: str, folder: Path, verify: bool):
+    """A qlora run's adapter on its base in 16 bits, as the base was before quantization (what a
+    merged export holds), and the tolerance its logits get against the 4-bit model as trained:
+    merging removes the 4-bit rounding of the base, which moves the logits by about what it moves
+    the base's own (measured here on the same prompts, adapters off); the adapter trained on top
+    changes that little, so the tolerance is 1.5 x that gap, plus the export dtype's own."""
+    model = load_trained_model(base, folder, DTYPES[_training_dtype(recipe)])
+    if not verify:
+        return model, None
+    with quantized_model.disable_adapter(), model.disable_adapter():
+        gap = max((a - b).abs().max().item() for a, b in zip(_logits(quantized_model, tokenizer).values(),
+                                                              _logits(model, tokenizer).values()))  # fmt: skip
+    return model, 1.5 * gap
 
 
 def _training_dtype(recipe: Recipe) -> str:
@@ -123,12 +153,17 @@ def _trained_model(recipe: Recipe, run: RunDir, source: Path, base: str):
 
     dtype = DTYPES[_training_dtype(recipe)]
     tokenizer = AutoTokenizer.from_pretrained(run.final if (run.final / "tokenizer_config.json").exists() else base)
-    folder = source / "model" if (source / "model").is_dir() else source
+    folder = folder_of(source)
     if holds_trained_model(folder):
-        return load_trained_model(base, folder, dtype), tokenizer
+        quantized = None
+        if recipe.method.kind == "qlora" and (folder / "adapter_config.json").is_file():
+            from .model.quantize import quantized_args
+
+            quantized = quantized_args(recipe.method, _training_dtype(recipe))
+        return load_trained_model(base, folder, dtype, quantized=quantized), tokenizer
     state = _consolidated_state(source)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    if recipe.method.kind == "lora":
+    if recipe.method.kind in ("lora", "qlora"):
         from .model.methods import apply_method
 
         model = apply_method(model, recipe.method, gradient_checkpointing=False)
@@ -176,11 +211,19 @@ _VERIFY_SCRIPT = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 folder, refs, adapter_only, base, dtype = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4], sys.argv[5]
+quantized = json.loads(sys.argv[6]) if len(sys.argv) > 6 else None
 reference = torch.load(refs)
 tokenizer = AutoTokenizer.from_pretrained(folder)
 if adapter_only:
     from peft import PeftModel
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype)), folder)
+    options = {"dtype": getattr(torch, dtype)}
+    if quantized:  # a qlora adapter, on its base in 4 bits as it trained
+        from transformers import BitsAndBytesConfig
+        options["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quantized["quant_type"],
+            bnb_4bit_use_double_quant=quantized["double_quant"], bnb_4bit_compute_dtype=getattr(torch, quantized["dtype"]))
+        options["device_map"] = {"": "cpu"}
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **options), folder)
 else:
     model = AutoModelForCausalLM.from_pretrained(folder)
 model.eval()
@@ -196,18 +239,20 @@ print(json.dumps({"max_abs_diff": diff, "scale": scale, "vocab": len(tokenizer),
 """
 
 
-def _verify(folder: Path, reference: dict, dtype: str, adapter_only: bool, base: str) -> tuple[float, float]:
+def _verify(folder: Path, reference: dict, dtype: str, adapter_only: bool, base: str, quantized: dict | None = None,
+            extra_tolerance: float | None = None) -> tuple[float, float]:  # fmt: skip
     """Reload the export in a fresh process and compare its logits with the model as trained.
-    `dtype`: the export's weights, or for an adapter the base's dtype to load it on."""
+    `dtype`: the export's weights, or for an adapter the base's dtype to load it on; `quantized`:
+    an adapter's 4-bit base; `extra_tolerance`: added for a merged qlora export (`_unquantized`)."""
     with tempfile.TemporaryDirectory() as tmp:
         refs = Path(tmp) / "reference.pt"
         torch.save(reference, refs)
-        done = subprocess.run([sys.executable, "-c", _VERIFY_SCRIPT, str(folder), str(refs), "1" if adapter_only else "0", base, dtype],
-                              capture_output=True, text=True)  # fmt: skip
+        argv = [sys.executable, "-c", _VERIFY_SCRIPT, str(folder), str(refs), "1" if adapter_only else "0", base, dtype]
+        done = subprocess.run(argv + ([json.dumps(quantized)] if quantized else []), capture_output=True, text=True)
     if done.returncode != 0:
         raise GptjTuneError(f"verification failed: the export does not load with plain transformers:\n{done.stderr[-1500:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    tolerance = TOLERANCE[dtype] * max(1.0, result["scale"])
+    tolerance = TOLERANCE[dtype] * max(1.0, result["scale"]) + (extra_tolerance or 0.0)
     if result["max_abs_diff"] > tolerance:
         raise GptjTuneError(f"verification failed: logits of the export differ from the trained model by "
                             f"{result['max_abs_diff']:.3g} (tolerance {tolerance:.3g} for {dtype}); the export was not written")  # fmt: skip
@@ -221,6 +266,9 @@ def _what_the_folder_holds(recipe: Recipe, dtype: str, adapter_only: bool) -> st
                 "`PeftModel.from_pretrained`, or generate with `gptj-tune generate FOLDER`.")  # fmt: skip
     if adapter_only:
         return "This folder holds the LoRA adapter: load it on the base model with `PeftModel.from_pretrained`."
+    if recipe.method.kind == "qlora":
+        return (f"QLoRA adapter merged into the original (unquantized) base weights; weights in {dtype}; loads with "
+                "`AutoModelForCausalLM.from_pretrained`.")  # fmt: skip
     if recipe.method.kind == "lora":
         return f"LoRA merged into the base weights; weights in {dtype}; loads with `AutoModelForCausalLM.from_pretrained`."
     return f"Weights in {dtype}; loads with `AutoModelForCausalLM.from_pretrained`."
@@ -233,7 +281,7 @@ def model_card(recipe: Recipe, run: RunDir, dtype: str, adapter_only: bool) -> s
         "tags: [gptj-tune, gpt-j]", "---", "",
         f"# {run.path.name}", "",
         f"Fine-tuned from **{recipe.model.name_or_path}** with gptj-tune ({recipe.method.kind}"
-        + (f", r {recipe.method.r}, alpha {recipe.method.alpha}" if recipe.method.kind == "lora" else "")
+        + (f", r {recipe.method.r}, alpha {recipe.method.alpha}" if recipe.method.kind in ("lora", "qlora") else "")
         + (f", {recipe.prompt_slots()} virtual tokens" if recipe.prompt_slots() else "") + ").",
         _what_the_folder_holds(recipe, dtype, adapter_only),
         "", "## Training data", "",

@@ -32,6 +32,7 @@ class Shape:
     hidden: int
     heads: int
     vocab: int
+    quantizable: int = 0  # weights of the linear layers a 4-bit base holds in 4 bits (all but the LM head)
 
 
 @dataclass
@@ -64,6 +65,8 @@ def model_shape(recipe: Recipe) -> Shape:
             raise ModelError(f"plan: cannot read the config of {m.name_or_path!r} ({str(e).splitlines()[0]})") from None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+    quantizable = sum(m.weight.numel() for name, m in model.named_modules()
+                      if isinstance(m, torch.nn.Linear) and name != "lm_head")  # fmt: skip
     from .model.methods import apply_method
 
     model = apply_method(model, recipe.method, gradient_checkpointing=False)
@@ -80,6 +83,7 @@ def model_shape(recipe: Recipe) -> Shape:
         hidden=config.hidden_size,
         heads=config.num_attention_heads,
         vocab=config.vocab_size,
+        quantizable=quantizable,
     )
 
 
@@ -97,7 +101,11 @@ def activation_bytes(recipe: Recipe, shape: Shape) -> float:
     per_layer = s * b * h * 15 * e + (a * s * s * b * (4 if e == 4 else 6) if eager else 0)
     mask = b * s * s * 4  # GPT-J's attention gets the block-causal mask also when a varlen kernel runs it
     method = recipe.method
-    if method.kind == "lora" and method.dropout > 0:
+    if method.kind == "qlora":  # bitsandbytes dequantizes one layer's weight at a time for its products
+        per_layer_transient = 4 * h * h * e
+    else:
+        per_layer_transient = 0
+    if method.kind in ("lora", "qlora") and method.dropout > 0:
         # peft keeps each adapted layer's dropped-out input (and its mask) and the rank-r output of A.
         inputs = {"q_proj": h, "k_proj": h, "v_proj": h, "out_proj": h, "fc_in": h, "fc_out": 4 * h}
         targets = method.target_modules if isinstance(method.target_modules, list) else list(inputs)
@@ -110,7 +118,7 @@ def activation_bytes(recipe: Recipe, shape: Shape) -> float:
     # one chunk of target tokens with the fused one.
     tokens = b * s if recipe.train.loss == "plain" else min(recipe.train.loss_chunk_tokens, b * s)
     logits = tokens * shape.vocab * (e + 4 + 4)
-    return layers + logits + mask
+    return layers + logits + mask + per_layer_transient
 
 
 def state_bytes(recipe: Recipe, shape: Shape, setup: str, devices: int) -> float:
@@ -129,6 +137,11 @@ def state_bytes(recipe: Recipe, shape: Shape, setup: str, devices: int) -> float
     unit = 2 * shape.block * w  # one gathered block, and the next one prefetched
     if setup in ("single", "ddp"):
         kahan = 2 if t_w == 2 and recipe.train.kahan_summation else 0  # KahanAdamW's compensation (train/optim.py)
+        if recipe.method.kind == "qlora":  # the blocks' linear weights in 4 bits (with their scales), the rest in w
+            from .model.quantize import bytes_per_weight
+
+            q = shape.quantizable
+            return q * bytes_per_weight(recipe.method.double_quant) + (frozen - q) * w + T * per_trainable
         return frozen * w + T * (per_trainable + kahan)
     if setup.startswith("zero"):
         # DeepSpeed holds the weights in 16 bits whenever bf16/fp16 is on (weights or autocast).
@@ -204,7 +217,8 @@ def plan(recipe: Recipe, devices: int | None = None, device_gib: float = 80.0) -
     activations = activation_bytes(recipe, shape)
     skip = "single" if devices > 1 else "ddp"  # one device: no data parallelism; several: not one process
     # A soft prompt trains on single or ddp only (the recipe refuses sharding it does not need).
-    setups = [s for s in SETUPS if s != skip and (not recipe.prompt_slots() or s in ("single", "ddp"))]
+    adapters_only = recipe.prompt_slots() or recipe.method.kind == "qlora"  # (neither is sharded)
+    setups = [s for s in SETUPS if s != skip and (not adapters_only or s in ("single", "ddp"))]
     estimates = [Estimate(setup, state_bytes(recipe, shape, setup, devices), activations) for setup in setups]
     own = recipe_setup(recipe)
     own = {"single": "ddp", "ddp": "single"}[own] if own == skip else own

@@ -99,7 +99,8 @@ def _run_benchmarks(target: Target, files, limit, batch_size: int, device: str) 
     the model its held-out loss and generation use, with lm-eval's inputs cut to the context the
     prompt leaves (through peft, lm-eval would fill the whole context and the prompt would push its
     last tokens past the model's positions)."""
-    if "peft" in target.model_args and is_prompt_tuning_folder(target.model_args["peft"]):
+    soft_prompt = "peft" in target.model_args and is_prompt_tuning_folder(target.model_args["peft"])
+    if soft_prompt or "quantized" in target.model_args:  # (a 4-bit base: loaded as it trained, not by lm-eval)
         model, tokenizer = load_target_model(target, device)
         return run_benchmarks_in_memory(model, tokenizer, files, limit, batch_size, device)
     return run_benchmarks(target.model_args, files, limit, batch_size, device)

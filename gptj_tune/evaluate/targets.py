@@ -14,7 +14,7 @@ class Target:
     """What `gptj-tune eval` evaluates: a run directory, an exported folder, or a model name."""
 
     label: str
-    model_args: dict  # for lm-eval's HF model: pretrained (+ peft)
+    model_args: dict  # for lm-eval's HF model: pretrained (+ peft); `quantized`: a qlora run's 4-bit base
     run_dir: Path | None = None
     base: str | None = None  # the base model of a run (for the comparison column)
 
@@ -36,6 +36,10 @@ def resolve_target(target: str, checkpoint: str | None = None) -> Target:
         base = str(path / "base-model") if (path / "base-model").is_dir() else recipe.model.name_or_path
         if (folder / "adapter_config.json").is_file():
             args = {"pretrained": base, "peft": str(folder), "tokenizer": str(run.final if run.final.is_dir() else base)}
+            if recipe.method.kind == "qlora":  # the base in 4 bits, as it trained
+                from ..model.quantize import quantized_args
+
+                args["quantized"] = quantized_args(recipe.method, recipe.model.dtype)
         elif (folder / "config.json").is_file():
             args = {"pretrained": str(folder), "tokenizer": str(run.final if run.final.is_dir() else base)}
         else:
@@ -63,7 +67,14 @@ def _adapter_target(folder: Path) -> Target:
     if not Path(base).exists():
         _check_model_name(base)
     tokenizer = str(folder) if (folder / "tokenizer_config.json").is_file() else base
-    return Target(str(folder), {"pretrained": base, "peft": str(folder), "tokenizer": tokenizer}, base=base)
+    args = {"pretrained": base, "peft": str(folder), "tokenizer": tokenizer}
+    try:  # an adapter exported from a qlora run names how its base was quantized
+        quantized = json.loads((folder / "gptj-tune.json").read_text()).get("quantized")
+    except (OSError, ValueError, AttributeError):
+        quantized = None
+    if quantized:
+        args["quantized"] = quantized
+    return Target(str(folder), args, base=base)
 
 
 def _check_model_name(target: str) -> None:
@@ -88,8 +99,9 @@ def load_target_model(target: Target, device: str):
     from ..model.trained import load_trained_model
 
     args = target.model_args
-    model = load_trained_model(args["pretrained"], args.get("peft"))
+    quantized = args.get("quantized")
+    model = load_trained_model(args["pretrained"], args.get("peft"), quantized=quantized, device=device)
     tokenizer = AutoTokenizer.from_pretrained(args.get("tokenizer", args["pretrained"]))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device).eval(), tokenizer
+    return (model if quantized else model.to(device)).eval(), tokenizer

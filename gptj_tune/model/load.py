@@ -82,10 +82,16 @@ def check_targets(model, names: list[str], key: str) -> None:
                          f"model; its linear and embedding layers are named {', '.join(layers)}")  # fmt: skip
 
 
-def load_model_and_tokenizer(section: ModelSection, base: str):
-    """Load what `base` names (a local folder or hub id) as the recipe's `model` section asks."""
+def load_model_and_tokenizer(section: ModelSection, base: str, quantized=None, device: torch.device | None = None):
+    """Load what `base` names (a local folder or hub id) as the recipe's `model` section asks;
+    `quantized` (a QLoraMethod): its linear layers in 4 bits, loaded straight onto `device`."""
     tokenizer = load_tokenizer(section.tokenizer if section.name_or_path != TINY_MODEL_NAME else None, base, section)
-    model = _from_pretrained(base, section)
+    extra = {}
+    if quantized is not None:
+        from .quantize import quantized_loading
+
+        extra = quantized_loading(quantized, DTYPES[section.dtype], device or torch.device("cpu"))
+    model = _from_pretrained(base, section, extra)
     _fix_special_tokens(tokenizer, model.config)
     weight = model.get_input_embeddings().weight
     rows = getattr(weight, "ds_shape", weight.shape)[0]  # under ZeRO-3 the local shard is empty
@@ -96,14 +102,15 @@ def load_model_and_tokenizer(section: ModelSection, base: str):
     return model, tokenizer
 
 
-def _from_pretrained(base: str, section: ModelSection):
-    """Load with the recipe's attention and one-kernel GELU (model/attention.py, model/kernels.py)."""
-    model = _load_with_attention(base, section)
+def _from_pretrained(base: str, section: ModelSection, extra: dict | None = None):
+    """Load with the recipe's attention and one-kernel GELU (model/attention.py, model/kernels.py);
+    `extra`: more from_pretrained arguments (a quantization config and where to put the weights)."""
+    model = _load_with_attention(base, section, extra or {})
     use_one_kernel_gelu(model)
     return model
 
 
-def _load_with_attention(base: str, section: ModelSection):
+def _load_with_attention(base: str, section: ModelSection, extra: dict):
     """GPT-J's `sdpa` and `flash_attention_2` are ours: load eager, then switch modules. (transformers'
     GPT-J FlashAttention-2 would attend across packed examples: it passes the kernel neither a mask
     nor the restarting positions.)"""
@@ -122,28 +129,28 @@ def _load_with_attention(base: str, section: ModelSection):
                     "CUDA GPUs); `auto` needs nothing: on a GPU it runs packed rows through torch's own variable-length "
                     "FlashAttention kernel (torch >= 2.10)"
                 )
-            model = _load(base, section, "eager")
+            model = _load(base, section, "eager", extra)
             use_sdpa_attention(model, varlen="flash_attn" if requested == "flash_attention_2" else "torch")
             return model
         if requested == "auto":
             try:  # each attempt builds its own config: a failed "sdpa" must not leak into the next
-                return _load(base, section, "sdpa", quiet=True)
+                return _load(base, section, "sdpa", extra, quiet=True)
             except _AttentionUnsupported:
-                return _load(base, section, "eager")
-    return _load(base, section, requested)
+                return _load(base, section, "eager", extra)
+    return _load(base, section, requested, extra)
 
 
 class _AttentionUnsupported(Exception):
     pass
 
 
-def _load(base: str, section: ModelSection, attn: str, quiet: bool = False):
+def _load(base: str, section: ModelSection, attn: str, extra: dict, quiet: bool = False):
     from transformers import AutoModelForCausalLM
 
     try:
         return AutoModelForCausalLM.from_pretrained(
             base, revision=section.revision, dtype=DTYPES[section.dtype],
-            attn_implementation=attn, trust_remote_code=section.trust_remote_code,
+            attn_implementation=attn, trust_remote_code=section.trust_remote_code, **extra,
         )  # fmt: skip
     except (OSError, ValueError, ImportError) as e:
         if attn != "eager" and ("attn_implementation" in str(e) or "attention" in str(e).lower()):

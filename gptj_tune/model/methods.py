@@ -1,5 +1,6 @@
-"""Training methods: full fine-tuning, LoRA adapters through peft on a frozen base, or a soft prompt
-(prompt tuning, model/prompt_tuning.py) in front of a frozen model."""
+"""Training methods: full fine-tuning, LoRA adapters through peft on a frozen base (QLoRA: the same on
+a 4-bit base, loaded by model/quantize.py), or a soft prompt (prompt tuning, model/prompt_tuning.py)
+in front of a frozen model."""
 
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ def apply_method(model, method: FullMethod | LoraMethod | PromptTuningMethod, gr
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     def size(p):  # under ZeRO-3 a parameter's local shard is empty; ds_numel is its real size
+        quant_state = getattr(p, "quant_state", None)  # a bitsandbytes 4-bit weight packs two in a byte
+        if quant_state is not None:
+            return quant_state.shape.numel()
         return getattr(p, "ds_numel", p.numel())
 
     trainable = sum(size(p) for p in model.parameters() if p.requires_grad)

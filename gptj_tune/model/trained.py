@@ -16,13 +16,19 @@ def holds_trained_model(folder: Path) -> bool:
     return is_prompt_tuning_folder(folder) or (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file()
 
 
-def load_trained_model(base: str, weights: str | Path | None = None, dtype: torch.dtype | None = None):
+def load_trained_model(base: str, weights: str | Path | None = None, dtype: torch.dtype | None = None,
+                       quantized: dict | None = None, device: str | torch.device = "cpu"):  # fmt: skip
     """The model as trained: `weights` a soft prompt or a LoRA adapter (peft folders, put on `base`),
     or a whole model folder (config.json); None: `base` alone. `dtype` None loads as transformers
-    does by default."""
+    does by default. `quantized` (`quantize.quantized_args` of a qlora run): the base in 4 bits as
+    it trained, loaded onto `device` (a quantized model is not moved after loading)."""
     from transformers import AutoModelForCausalLM
 
     options = {} if dtype is None else {"dtype": dtype}
+    if quantized is not None:
+        from .quantize import quantized_loading_from_args
+
+        options = quantized_loading_from_args(quantized, torch.device(device))
     if weights is None:
         return AutoModelForCausalLM.from_pretrained(base, **options)
     weights = Path(weights)

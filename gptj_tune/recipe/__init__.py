@@ -11,6 +11,7 @@ from .inputs import (
     Method,
     ModelSection,
     PromptTuningMethod,
+    QLoraMethod,
     SourceSection,
     TinyModelSection,
 )
@@ -32,6 +33,6 @@ from .schema import Recipe
 __all__ = [
     "BENCHMARK_TASKS", "METHOD_TYPES", "TINY_MODEL_NAME", "CustomTemplate", "DataSection", "DeepSpeedSection",
     "DistributedSection", "EvalSection", "ExportSection", "FsdpSection", "FullMethod", "LoraMethod", "Method",
-    "ModelSection", "OutputSection", "PromptTuningMethod", "Recipe", "Section", "SourceSection", "TinyModelSection",
+    "ModelSection", "OutputSection", "PromptTuningMethod", "QLoraMethod", "Recipe", "Section", "SourceSection", "TinyModelSection",
     "TrainSection", "check_shard_size", "load_recipe", "parse_override", "reference_markdown", "validate_recipe",
 ]

@@ -114,6 +114,25 @@ class LoraMethod(Section):
     )
 
 
+class QLoraMethod(LoraMethod):
+    """LoRA on a base whose block weights are held in 4 bits (bitsandbytes), as QLoRA does.
+
+    A method of its own, not a `quantize:` setting on `lora` or on the model: a 4-bit base only
+    serves adapters (nothing can train 4-bit weights, and a soft prompt gains little from it), so
+    one key says it all, as axolotl's `adapter: qlora` does, and no recipe can ask for full
+    fine-tuning of a quantized model."""
+
+    kind: Literal["qlora"] = Field(
+        description="LoRA adapters on a base whose linear layers are held in 4 bits (bitsandbytes NF4/FP4)."
+    )
+    quant_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="4-bit format of the base's linear weights: nf4 (NormalFloat, QLoRA's) or fp4."
+    )
+    double_quant: bool = Field(
+        True, description="Quantize the per-block scales too (QLoRA's double quantization): ~0.37 bits a weight saved."
+    )
+
+
 class PromptTuningMethod(Section):
     kind: Literal["prompt_tuning"] = Field(
         description="A soft prompt: learned input vectors placed before every example, on a frozen model."
@@ -126,8 +145,8 @@ class PromptTuningMethod(Section):
     )
 
 
-Method = Annotated[Union[FullMethod, LoraMethod, PromptTuningMethod], Field(discriminator="kind")]
-METHOD_TYPES = {"full": FullMethod, "lora": LoraMethod, "prompt_tuning": PromptTuningMethod}
+Method = Annotated[Union[FullMethod, LoraMethod, QLoraMethod, PromptTuningMethod], Field(discriminator="kind")]
+METHOD_TYPES = {"full": FullMethod, "lora": LoraMethod, "qlora": QLoraMethod, "prompt_tuning": PromptTuningMethod}
 
 
 # ---------------------------------------------------------------------------------------- data

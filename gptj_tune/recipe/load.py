@@ -99,7 +99,7 @@ def _describe(err: dict, lines: dict[tuple, int], overrides: set[tuple]) -> str:
     if kind == "missing":
         return f"`{key}`{where}: required but missing"
     if kind == "union_tag_invalid":
-        return f"`{key}`{where}: got {err['input'].get('kind')!r}; expected one of 'full', 'lora', 'prompt_tuning'"
+        return f"`{key}`{where}: got {err['input'].get('kind')!r}; expected one of 'full', 'lora', 'qlora', 'prompt_tuning'"
     if kind == "union_tag_not_found":
         return f"`{key}`{where}: needs `kind: full`, `kind: lora` or `kind: prompt_tuning`"
     msg = err["msg"].removeprefix("Value error, ")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .inputs import LoraMethod, PromptTuningMethod, SourceSection
+from .inputs import LoraMethod, PromptTuningMethod, QLoraMethod, SourceSection
 from .schema import Recipe, section_type
 
 
@@ -15,9 +15,10 @@ def reference_markdown() -> str:
             key = f"{prefix}{name}"
             sub = section_type(field.annotation) if name != "method" else None
             if name == "method":
-                out.append("| `method.kind` | `lora` | `full` (train every weight), `lora` (peft adapters) or "
-                           "`prompt_tuning` (a soft prompt) |")
-                walk_fields(LoraMethod, "method.", skip={"kind"}, note=" (lora)")
+                out.append("| `method.kind` | `lora` | `full` (train every weight), `lora` (peft adapters), `qlora` "
+                           "(adapters on a 4-bit base) or `prompt_tuning` (a soft prompt) |")
+                walk_fields(LoraMethod, "method.", skip={"kind"}, note=" (lora, qlora)")
+                walk_fields(QLoraMethod, "method.", skip=set(LoraMethod.model_fields), note=" (qlora)")
                 walk_fields(PromptTuningMethod, "method.", skip={"kind"}, note=" (prompt_tuning)")
                 continue
             if sub is not None and name not in ("sources", "template"):

@@ -7,14 +7,14 @@ import yaml
 from pydantic import BaseModel, Field, model_validator
 
 from .base import TINY_MODEL_NAME, Section
-from .inputs import DataSection, LoraMethod, Method, ModelSection, PromptTuningMethod
+from .inputs import DataSection, LoraMethod, Method, ModelSection, PromptTuningMethod, QLoraMethod
 from .runtime import DistributedSection, EvalSection, ExportSection, OutputSection, TrainSection
 
 
 class Recipe(Section):
     description: str = Field("", description="One line shown by `gptj-tune recipes`.")
     model: ModelSection = Field(default_factory=ModelSection, description="Base model and tokenizer.")
-    method: Method = Field(default_factory=lambda: LoraMethod(kind="lora"), description="full, lora or prompt_tuning.")
+    method: Method = Field(default_factory=lambda: LoraMethod(kind="lora"), description="full, lora, qlora or prompt_tuning.")
     data: DataSection = Field(default_factory=DataSection, description="Datasets, template, packing.")
     train: TrainSection = Field(default_factory=TrainSection, description="Optimizer, schedule, steps, checkpoints.")
     distributed: DistributedSection = Field(default_factory=DistributedSection, description="Processes and engine.")
@@ -40,6 +40,19 @@ class Recipe(Section):
                 f"data.max_length {self.data.max_length} is longer than the tiny model's context (model.tiny.context "
                 f"{self.model.tiny.context}): lower data.max_length or raise model.tiny.context"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_qlora(self):
+        if not isinstance(self.method, QLoraMethod):
+            return self
+        if self.distributed.backend in ("deepspeed", "fsdp"):
+            raise ValueError(
+                f"method.kind qlora holds the base in 4 bits, which {self.distributed.backend} cannot shard; set "
+                f"distributed.backend to single or ddp, or use method.kind lora with {self.distributed.backend}"
+            )
+        if self.train.compile is True:
+            raise ValueError("train.compile: true does not take a 4-bit base (bitsandbytes' layers); set it to auto or false")
         return self
 
     @model_validator(mode="after")

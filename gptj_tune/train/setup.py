@@ -18,7 +18,7 @@ from ..model.kernels import use_cheap_dropout, use_fused_lora
 from ..model.load import check_fits_context, load_model_and_tokenizer
 from ..model.loss_head import use_loss_head
 from ..model.methods import apply_method, count_parameters
-from ..recipe import Recipe
+from ..recipe import QLoraMethod, Recipe
 from ..rundir import RunDir, atomic_dir, atomic_write_text
 from .engines import full_state_dict, wait_for_file
 from .memory import CPU_16BIT_WIDTH_MULTIPLE, own_trainable_weights
@@ -27,7 +27,8 @@ from .memory import CPU_16BIT_WIDTH_MULTIPLE, own_trainable_weights
 def model_to_train(recipe: Recipe, base: str, device: torch.device):
     """The model as the recipe trains it, and its tokenizer: loaded, the loss head fused, the method
     applied (full, LoRA, soft prompt), the speed paths switched on, the blocks compiled if asked."""
-    model, tokenizer = load_model_and_tokenizer(recipe.model, base)
+    quantized = recipe.method if isinstance(recipe.method, QLoraMethod) else None
+    model, tokenizer = load_model_and_tokenizer(recipe.model, base, quantized, device)
     check_fits_context(model, recipe.data.max_length)
     if recipe.train.loss == "fused":
         use_loss_head(model)
@@ -46,7 +47,8 @@ def compiles(recipe: Recipe, device: torch.device) -> bool:
     in a single-process or ddp run."""
     if recipe.train.compile != "auto":
         return recipe.train.compile
-    if device.type != "cuda" or recipe.distributed.backend in ("deepspeed", "fsdp"):
+    # (bitsandbytes' 4-bit layers are not compiled: qlora runs eager)
+    if device.type != "cuda" or recipe.distributed.backend in ("deepspeed", "fsdp") or isinstance(recipe.method, QLoraMethod):
         return False
     try:
         check_can_compile(device)

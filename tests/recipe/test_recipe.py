@@ -59,8 +59,8 @@ def test_all_problems_reported_at_once(tmp_path):
 
 
 def test_method_kind_is_a_tagged_union(tmp_path):
-    with pytest.raises(RecipeError, match=r"`method\.kind` \(line 2\): got 'qlora'; expected one of 'full', 'lora'"):
-        load_recipe(write_recipe(tmp_path / "r.yaml", "method:\n  kind: qlora\n"))
+    with pytest.raises(RecipeError, match=r"`method\.kind` \(line 2\): got 'qlorah'; expected one of 'full', 'lora', 'qlora'"):
+        load_recipe(write_recipe(tmp_path / "r.yaml", "method:\n  kind: qlorah\n"))
     with pytest.raises(RecipeError, match=r"`method\.r`.*unknown key"):
         load_recipe(write_recipe(tmp_path / "r.yaml", "method:\n  kind: full\n  r: 8\n"))
 
@@ -239,6 +239,8 @@ DATA_RECIPES = {
     "novel-domain": ("tiny", "domain", "LORA"),
     "dolly-lora": ("tiny", "dolly/dolly_sample_train20.jsonl", "LORA"),
     "gpt-neo-125m-alpaca": ("neo", "alpaca/alpaca_2k.json", None),
+    "alpaca-qlora": ("tiny", "alpaca/alpaca_2k.json", "LORA"),  # a 4-bit base (bitsandbytes on the CPU)
+    "gpt-neo-2.7b-qlora": ("neo", "alpaca/alpaca_2k.json", "LORA"),  # GPT-Neo's module names, 4-bit
 }
 
 

@@ -111,6 +111,25 @@ def test_a_soft_prompt_trains_the_single_process_curve_on_two_ddp_processes(tmp_
     torch.testing.assert_close(read_prompt(tmp_path / "two" / "final"), read_prompt(tmp_path / "one" / "final"), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
+def test_qlora_trains_the_single_process_curve_on_two_ddp_processes(tmp_path):
+    """Each process holds the 4-bit base (bitsandbytes, on the CPU here); DDP averages the adapters'
+    gradients: the one-process curve, and the same adapter."""
+    from safetensors.torch import load_file
+
+    recipe = recipe_file(tmp_path, "{kind: qlora, r: 4, dropout: 0.0}")
+    single = cli("run", str(recipe), *run_args(tmp_path / "one"), "--set", "train.batch_size=4", "--set", "train.lr=1e-2")
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = cli("run", str(recipe), *run_args(tmp_path / "two", "ddp"), "--set", "train.lr=1e-2")
+    assert ddp.returncode == 0, ddp.stdout[-2000:] + ddp.stderr[-3000:]
+    ours, reference = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert sorted(ours) == sorted(reference) == list(range(1, 13))
+    assert max(abs(ours[s] - reference[s]) for s in ours) < TOLERANCE and ours[12] < ours[1] - 0.3
+    a = load_file(tmp_path / "two" / "final" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "one" / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+
+
 def _final_logits_diff(run_a, run_b) -> float:
     """Largest logit difference between two runs' final/ folders."""
     return _logits_diff(run_a / "final", run_b / "final")
