@@ -38,6 +38,7 @@ def test_train_throughput_harness_runs_every_engine_on_the_same_tokens(tmp_path,
     for name, e in engines.items():
         assert e["tokens_per_s"] > 0 and 0 < e["padding_efficiency"] <= 1 and e["peak_memory_gib"] > 0, name
         assert e["tokens_per_s"] == e["end_to_end_tokens_per_s"] == e["real_tokens"] / e["seconds"], name  # 2 steps: no steady part
+        assert f"{name} {e['end_to_end_tokens_per_s']:,.0f}" in result.stdout.replace("\n", " "), name
         assert 5 < e["held_out_loss"] < 12, name  # near ln(50400) = 10.8 after two steps from random init
         if name != "gptj-tune":
             assert e["ours_over_this"] == pytest.approx(engines["gptj-tune"]["tokens_per_s"] / e["tokens_per_s"])
@@ -233,7 +234,7 @@ def test_the_results_table_fits_an_80_column_terminal_whole(gpu):
     from rich.console import Console
 
     tt = _benchmark_module()
-    row = {"tokens_per_s": 123_456.0, "padding_efficiency": 0.552, "peak_memory_gib": 71.234, "held_out_loss": 10.70491,
+    row = {"tokens_per_s": 123_456.0, "end_to_end_tokens_per_s": 101_234.0, "padding_efficiency": 0.552, "peak_memory_gib": 71.234, "held_out_loss": 10.70491,
            "steps": 1234, "model_tflops": 456.7, "mfu": 0.4567}  # fmt: skip
     rows = {"gptj-tune": row, "trl-default": row | {"ours_over_this": 27.21}, "trl-best": row | {"ours_over_this": 3.5}}
     console = Console(width=80, record=True)
