@@ -18,7 +18,7 @@ def run_ours(spec: dict, out: Path, after_each_step=None) -> dict:
 
     recipe = Recipe.model_validate({
         "model": {"name_or_path": spec["model"], "tokenizer": spec["tokenizer"], "dtype": spec["dtype"]},
-        "method": {"kind": "lora", **LORA} if spec["method"] == "lora" else {"kind": "full"},
+        "method": {"kind": spec["method"], **LORA} if spec["method"] in ("lora", "qlora") else {"kind": "full"},
         "data": {"sources": [{"format": "alpaca", "path": spec["alpaca"], "limit": spec["records"]}],
                  "template": "alpaca", "max_length": spec["max_length"], "eval_fraction": 0.0, "on_bad_record": "skip"},
         "train": {"lr": spec["lr"], "epochs": 1, "batch_size": spec["packed_batch_size"], "warmup_ratio": 0.03,
@@ -45,6 +45,9 @@ def _load_final(final: Path, spec: dict):
     if (final / "adapter_config.json").exists():
         from peft import PeftModel
 
+        if spec["method"] == "qlora":  # scored on the 4-bit base it trained on
+            quantized = AutoModelForCausalLM.from_pretrained(spec["model"], **_quantized(spec, dtype))
+            return PeftModel.from_pretrained(quantized, final)
         base = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype)
         return PeftModel.from_pretrained(base, final, is_trainable=True).to(spec["device"])
     return AutoModelForCausalLM.from_pretrained(final, dtype=dtype).to(spec["device"])
@@ -97,10 +100,22 @@ def _training_args(spec: dict, out: Path, **overrides) -> dict:
     return args
 
 
+def _quantized(spec: dict, dtype) -> dict:
+    """from_pretrained's arguments for the 4-bit base every engine's qlora run gets: gptj-tune's own
+    settings (NF4, double quantization, products in the model's dtype), as a TRL user sets them."""
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=dtype)  # fmt: skip
+    return {"dtype": dtype, "quantization_config": config, "device_map": {"": 0 if spec["device"] == "cuda" else "cpu"}}
+
+
 def _base_model(spec: dict, full_precision: bool):
     import torch
     from transformers import AutoModelForCausalLM
 
+    if spec["method"] == "qlora":
+        return AutoModelForCausalLM.from_pretrained(spec["model"], **_quantized(spec, torch.float32 if spec["device"] == "cpu" else torch.bfloat16))
     dtype = torch.float32 if full_precision or spec["device"] == "cpu" else torch.bfloat16
     # transformers' default attention, as a TRL or Trainer user gets it: for GPT-J eager before
     # transformers 5.24 (its only other one was FlashAttention-2), its own SDPA from 5.24 on
@@ -130,7 +145,7 @@ def run_trl(spec: dict, out: Path, best: bool) -> dict:
     config = SFTConfig(**_training_args(spec, out, **batch), **settings)
     model = _base_model(spec, full_precision=True)
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tok,
-                         peft_config=_lora_config() if spec["method"] == "lora" else None)  # fmt: skip
+                         peft_config=_lora_config() if spec["method"] in ("lora", "qlora") else None)  # fmt: skip
     trainer.data_collator = counting = CountingCollator(trainer.data_collator)
     marks = _step_marks(trainer, counting)
     metrics = trainer.train().metrics
@@ -146,7 +161,7 @@ def run_hf_trainer(spec: dict, out: Path) -> dict:
     data = Dataset.from_list([{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels}
                               for e in examples])  # fmt: skip
     model = _base_model(spec, full_precision=False)
-    if spec["method"] == "lora":
+    if spec["method"] in ("lora", "qlora"):
         from peft import get_peft_model
 
         model = get_peft_model(model, _lora_config())

@@ -4,7 +4,7 @@ batch size, learning-rate schedule and seed; one epoch, so every engine trains o
 (non-pad) tokens.
 
     python benchmarks/train_throughput.py [--device cpu|cuda] [--shape tiny|small|gptj-6b]
-        [--method lora|full] [--records 120 | --steps N] [--repeats 1] [--seed 0] [--out train_throughput.json]
+        [--method lora|qlora|full] [--records 120 | --steps N] [--repeats 1] [--seed 0] [--out train_throughput.json]
         [--mixed-precision no|bf16]
 
 Engines (each in its own process, so peak memory is its own; the order alternates per repeat):
@@ -142,7 +142,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--shape", choices=list(SHAPES), default="tiny")
-    parser.add_argument("--method", choices=["lora", "full"], default="lora")
+    parser.add_argument("--method", choices=["lora", "qlora", "full"], default="lora",
+                        help="qlora: every engine gets the same 4-bit base (bitsandbytes NF4, double quantization).")
     parser.add_argument("--records", type=int, default=120, help="Alpaca records trained on (one epoch).")
     parser.add_argument("--steps", type=int, default=None,
                         help="The budget as the padded engines' optimizer steps: sets --records to steps x batch size.")
@@ -206,7 +207,7 @@ def main() -> None:
         spec = {
             "device": args.device, "shape": args.shape, "method": args.method, "records": args.records,
             "max_length": args.max_length, "batch_size": args.batch_size, "seed": args.seed,
-            "lr": args.lr or (2e-4 if args.method == "lora" else 5e-5), "model": str(model_dir),
+            "lr": args.lr or (5e-5 if args.method == "full" else 2e-4), "model": str(model_dir),
             "tokenizer": str(data / "gpt2-tokenizer"), "alpaca": str(data / "alpaca" / "alpaca_data.json"),
             "dtype": "bfloat16" if args.device == "cuda" else "float32", "mixed_precision": args.mixed_precision,
             "warmup_steps": args.warmup_steps,

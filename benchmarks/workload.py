@@ -115,7 +115,7 @@ def matmul_params(shape: str, method: str) -> dict[str, int]:
     """Weights that multiply tokens: the blocks' (q, k, v, out: d x d; fc_in, fc_out: d x 4d), the
     head's (vocab x d) and, for LoRA, the adapters' (rank r x (in + out) on each target)."""
     d, layers = SHAPES[shape]["n_embd"], SHAPES[shape]["n_layer"]
-    adapters = LORA["r"] * layers * (4 * (d + d) + 2 * (d + 4 * d)) if method == "lora" else 0
+    adapters = LORA["r"] * layers * (4 * (d + d) + 2 * (d + 4 * d)) if method in ("lora", "qlora") else 0
     return {"blocks": 12 * d * d * layers, "head": VOCAB * d, "adapters": adapters}
 
 
