@@ -121,7 +121,7 @@ def _load_with_attention(base: str, section: ModelSection, extra: dict):
         try:
             config = AutoConfig.from_pretrained(base, revision=section.revision, trust_remote_code=section.trust_remote_code)
         except (OSError, ValueError) as e:
-            raise ModelError(_load_hint(base, "model", e)) from None
+            raise ModelError(_load_hint(base, "model", e, section.revision)) from None
         if config.model_type == "gptj":
             if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
                 raise ModelError(
@@ -160,7 +160,7 @@ def _load(base: str, section: ModelSection, attn: str, extra: dict, quiet: bool 
                 f"model.attn_implementation: {attn!r} is not available for {base} ({str(e).splitlines()[0]}); "
                 f"use `auto` or `eager`"
             ) from None
-        raise ModelError(_load_hint(base, "model", e)) from None
+        raise ModelError(_load_hint(base, "model", e, section.revision)) from None
 
 
 def load_tokenizer(name: str | None, base: str, section: ModelSection):
@@ -172,19 +172,20 @@ def load_tokenizer(name: str | None, base: str, section: ModelSection):
             source, revision=section.revision if source == base else None, trust_remote_code=section.trust_remote_code
         )
     except (OSError, ValueError, TypeError) as e:
-        raise ModelError(_load_hint(source, "tokenizer", e)) from None
+        raise ModelError(_load_hint(source, "tokenizer", e, section.revision if source == base else None)) from None
     return tokenizer
 
 
-def _load_hint(name: str, what: str, error: Exception) -> str:
+def _load_hint(name: str, what: str, error: Exception, revision: str | None = None) -> str:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if Path(name).exists():
         return f"model.name_or_path: could not load the {what} from folder {name} ({first})"
     offline = " HF_HUB_OFFLINE is set, so nothing is downloaded." if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
     return (
         f"model.name_or_path: {name!r} is not a local folder, and loading the {what} from the hub failed "
-        f"({first}).{offline} Download it on a machine with network access (e.g. `huggingface-cli download "
-        f"{name}`) and set the path, or use `{TINY_MODEL_NAME}` to try the toolkit offline."
+        f"({first}).{offline} Download it on a machine with network access (e.g. `hf download {name}"
+        f"{f' --revision {revision}' if revision else ''} --local-dir DIR`) and set model.name_or_path to DIR, or use "
+        f"`{TINY_MODEL_NAME}` to try the toolkit offline."
     )
 
 

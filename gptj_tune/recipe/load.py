@@ -101,11 +101,22 @@ def _describe(err: dict, lines: dict[tuple, int], overrides: set[tuple]) -> str:
     if kind == "union_tag_invalid":
         return f"`{key}`{where}: got {err['input'].get('kind')!r}; expected one of 'full', 'lora', 'qlora', 'prompt_tuning'"
     if kind == "union_tag_not_found":
-        return f"`{key}`{where}: needs `kind: full`, `kind: lora` or `kind: prompt_tuning`"
+        return f"`{key}`{where}: needs `kind: full`, `kind: lora`, `kind: qlora` or `kind: prompt_tuning`"
     msg = err["msg"].removeprefix("Value error, ")
     if kind.startswith(("value_error", "assertion_error")):
-        return f"`{key}`{where}: {msg}"
+        return f"`{key}`{where}: {msg}{_synthetic_keys_hint(msg, loc)}"
     return f"`{key}`{where}: {msg}; got {err['input']!r}"
+
+
+def _synthetic_keys_hint(msg: str, loc: tuple) -> str:
+    """A source switched from `synthetic` on the command line keeps the recipe's `count`/`tasks`:
+    say how to drop them there."""
+    keys = [k for k in ("count", "tasks") if f"`{k}` only applies to format synthetic" in msg]
+    if not keys:
+        return ""
+    path = ".".join(str(part) for part in loc)
+    drops = " ".join(f"--set {path}.{k}=null" for k in keys)
+    return f" (the recipe sets it: on the command line add {drops}, or give the whole list with --set 'data.sources=[...]')"
 
 
 def parse_override(text: str) -> tuple[tuple, Any]:

@@ -176,6 +176,9 @@ def test_targets_that_match_no_module_and_rows_past_the_context_are_refused(gpt_
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(ModelError, match=r"'EleutherAI/gpt-j-6b' is not a local folder.*HF_HUB_OFFLINE is set"):
         load_model_and_tokenizer(ModelSection(name_or_path="EleutherAI/gpt-j-6b"), "EleutherAI/gpt-j-6b")
+    # the download hint is today's CLI (`hf`, not the retired huggingface-cli), with the recipe's revision
+    with pytest.raises(ModelError, match=r"`hf download EleutherAI/gpt-j-6b --revision float16 --local-dir DIR`"):
+        load_model_and_tokenizer(ModelSection(name_or_path="EleutherAI/gpt-j-6b", revision="float16"), "EleutherAI/gpt-j-6b")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="could not load the tokenizer from folder"):
         load_model_and_tokenizer(ModelSection(name_or_path=str(tmp_path / "empty")), str(tmp_path / "empty"))

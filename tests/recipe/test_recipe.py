@@ -58,6 +58,17 @@ def test_all_problems_reported_at_once(tmp_path):
     assert "`method.rr` (line 7): unknown key; did you mean `r`?" in message
 
 
+def test_a_source_switched_from_synthetic_on_the_command_line_is_told_how_to_drop_count():
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(RECIPES / "quickstart.yaml", ["data.sources.0.format=alpaca", "data.sources.0.path=/data/alpaca.json"])
+    message = str(caught.value)
+    assert "`count` only applies to format synthetic" in message
+    assert "--set data.sources.0.count=null" in message and "--set 'data.sources=[...]'" in message
+    fixed = load_recipe(RECIPES / "quickstart.yaml", ["data.sources.0.format=alpaca", "data.sources.0.path=/data/alpaca.json",
+                                                      "data.sources.0.count=null"])  # fmt: skip
+    assert fixed.data.sources[0].format == "alpaca" and fixed.data.sources[0].count is None
+
+
 def test_method_kind_is_a_tagged_union(tmp_path):
     with pytest.raises(RecipeError, match=r"`method\.kind` \(line 2\): got 'qlorah'; expected one of 'full', 'lora', 'qlora'"):
         load_recipe(write_recipe(tmp_path / "r.yaml", "method:\n  kind: qlorah\n"))
