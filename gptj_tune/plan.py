@@ -134,9 +134,12 @@ def state_bytes(recipe: Recipe, shape: Shape, setup: str, devices: int) -> float
     fp32_trainables = recipe.method.kind != "full"
     t_w = 4 if fp32_trainables else w
     per_trainable = t_w + (t_w + 2 * t_w)  # weight + grad + m + v in the same dtype
+    eight_bit = recipe.train.optimizer == "adamw_8bit"
+    if eight_bit:  # m and v a byte each, with an fp32 scale per 256 of them (train/optim.py, _Blockwise8)
+        per_trainable = t_w + t_w + 2 * (1 + 4 / 256)
     unit = 2 * shape.block * w  # one gathered block, and the next one prefetched
     if setup in ("single", "ddp"):
-        kahan = 2 if t_w == 2 and recipe.train.kahan_summation else 0  # KahanAdamW's compensation (train/optim.py)
+        kahan = 2 if t_w == 2 and (recipe.train.kahan_summation or eight_bit) else 0  # KahanAdamW's compensation (train/optim.py)
         if recipe.method.kind == "qlora":  # the blocks' linear weights in 4 bits (with their scales), the rest in w
             from .model.quantize import bytes_per_weight
 

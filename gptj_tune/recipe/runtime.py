@@ -19,6 +19,13 @@ class TrainSection(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    optimizer: Literal["adamw", "adamw_8bit"] = Field(
+        "adamw",
+        description="`adamw`: moments in the trainable weights' dtype (torch's fused AdamW, or Kahan-compensated for "
+        "16-bit weights). `adamw_8bit`: both moments held in 8 bits (bitsandbytes' blockwise dynamic quantization, "
+        "256 values a block), 16-bit weights still Kahan-compensated: about 8 bytes a parameter for bf16 full "
+        "fine-tuning instead of 10. `single` and `ddp` runs.",
+    )
     kahan_summation: bool = Field(
         True,
         description="Where trainable weights are held in 16 bits (full fine-tuning with model.dtype bfloat16/float16 "

@@ -43,6 +43,15 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
+    def _check_optimizer(self):
+        if self.train.optimizer == "adamw_8bit" and self.distributed.backend in ("deepspeed", "fsdp"):
+            raise ValueError(
+                f"train.optimizer adamw_8bit runs on single and ddp; {self.distributed.backend} shards the optimizer "
+                f"states itself (set train.optimizer: adamw, or distributed.backend: ddp)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_qlora(self):
         if not isinstance(self.method, QLoraMethod):
             return self

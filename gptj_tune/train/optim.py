@@ -22,6 +22,8 @@ def build_optimizer(model, train: TrainSection, master_weights_elsewhere: bool =
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     hparams = dict(lr=train.lr, betas=train.adam_betas, eps=train.adam_eps)
+    if train.optimizer == "adamw_8bit":
+        return KahanAdamW(groups, **hparams, state_bits=8)
     if train.kahan_summation and not master_weights_elsewhere and KahanAdamW.serves(decay + no_decay):
         return KahanAdamW(groups, **hparams)
     return torch.optim.AdamW(groups, **hparams, fused=_can_fuse(decay + no_decay))
@@ -67,10 +69,13 @@ class KahanAdamW(torch.optim.Optimizer):
     CPU_CHUNK, DEVICE_CHUNK = 1 << 17, 1 << 24
 
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, fused: bool | None = None):  # fmt: skip
+                 weight_decay: float = 0.0, fused: bool | None = None, state_bits: int = 16):  # fmt: skip
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self._scratch: dict[torch.device, torch.Tensor] = {}
-        self.fused = fused
+        # state_bits 8 (`train.optimizer: adamw_8bit`): both moments of every weight in 8 bits,
+        # blockwise (`_Blockwise8`); 16: in the weight's own dtype.
+        self.state_bits = state_bits
+        self.fused = fused if state_bits == 16 else False
         self._numbers_cache: tuple | None = None  # (key, the fused kernel's numbers): made once per step
         self._ones: dict[torch.device, torch.Tensor] = {}
 
@@ -93,8 +98,12 @@ class KahanAdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    if self.state_bits == 8:
+                        state.update(_Blockwise8.zeros(p))
+                    else:
+                        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                _check_state_bits(state, self.state_bits)
                 if p.dtype in _SIXTEEN_BITS and "compensation" not in state:  # also: resumed from plain AdamW's state
                     state["compensation"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 state["step"] += 1
@@ -106,16 +115,37 @@ class KahanAdamW(torch.optim.Optimizer):
                                           state["exp_avg_sq"].view(-1), state["compensation"].view(-1), *numbers)  # fmt: skip
                     continue
                 weight = p.view(-1) if p.is_contiguous() else p.detach().contiguous().view(-1)  # (then copied back)
-                grad, m, v = p.grad.reshape(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
+                grad = p.grad.reshape(-1)
                 c = state["compensation"].view(-1) if "compensation" in state else None  # fp32 weights: none
                 chunk = min(self.CPU_CHUNK if p.device.type == "cpu" else self.DEVICE_CHUNK, p.numel())
+                if self.state_bits == 8:  # whole blocks of 8-bit states per chunk
+                    chunk = max(_Blockwise8.BLOCK, chunk // _Blockwise8.BLOCK * _Blockwise8.BLOCK)
                 buffers = self._buffers(p.device, chunk)
                 for start in range(0, p.numel(), chunk):
                     part = slice(start, start + chunk)
-                    _adamw_update(weight[part], grad[part], m[part], v[part], None if c is None else c[part], buffers, *hyper)
+                    m, v = self._moments(state, p.device, start, min(chunk, p.numel() - start))
+                    _adamw_update(weight[part], grad[part], m, v, None if c is None else c[part], buffers, *hyper)
                 if not p.is_contiguous():
                     p.copy_(weight.view_as(p))
         return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's, but every state keeps the dtype it was saved in: torch casts floating states to
+        the parameter's dtype, which would turn 8-bit codes into floats and round bf16 weights'
+        fp32 block scales to bf16."""
+        saved = {pid: {k: v for k, v in s.items() if k != "step" and torch.is_tensor(v)} for pid, s in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for pid, p in zip(ids, params, strict=True):
+            for key, value in saved.get(pid, {}).items():
+                self.state[p][key] = value.to(p.device)
+
+    def _moments(self, state: dict, device: torch.device, start: int, n: int):
+        """Where a chunk's two moments are read from and written back to."""
+        if self.state_bits == 8:
+            return _Blockwise8.of(state, "exp_avg", start, n, signed=True), _Blockwise8.of(state, "exp_avg_sq", start, n, signed=False)
+        return (_Plain(state["exp_avg"].view(-1)[start : start + n]), _Plain(state["exp_avg_sq"].view(-1)[start : start + n]))
 
     def _fuses(self, device: torch.device) -> bool:
         if self.fused is None:
@@ -147,19 +177,87 @@ class KahanAdamW(torch.optim.Optimizer):
         return list(scratch)
 
 
+class _Plain:
+    """A chunk of a moment held as a tensor (the weight's dtype): read into fp32, written back."""
+
+    def __init__(self, values: torch.Tensor):
+        self.values = values
+
+    def load(self, into: torch.Tensor) -> torch.Tensor:
+        return into.copy_(self.values)
+
+    def store(self, source: torch.Tensor) -> None:
+        self.values.copy_(source)
+
+
+class _Blockwise8:
+    """A chunk of a moment held in 8 bits: bitsandbytes' blockwise dynamic quantization (each block of
+    256 values scaled by its absmax, then mapped to the nearest of 256 codes spaced for a wide
+    dynamic range; unsigned codes for the second moment, which is never negative), as its 8-bit
+    optimizers keep their states. 1 byte a value plus 4 bytes a block."""
+
+    BLOCK = 256
+
+    def __init__(self, codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor):
+        self.codes, self.absmax, self.code = codes, absmax, code
+
+    @classmethod
+    def zeros(cls, p: torch.Tensor) -> dict:
+        blocks = -(-p.numel() // cls.BLOCK)
+        zeros = lambda n, dtype: torch.zeros(n, dtype=dtype, device=p.device)  # noqa: E731
+        # absmax 0: every value reads as 0 whatever its code
+        return {"exp_avg": zeros(p.numel(), torch.uint8), "exp_avg_absmax": zeros(blocks, torch.float32),
+                "exp_avg_sq": zeros(p.numel(), torch.uint8), "exp_avg_sq_absmax": zeros(blocks, torch.float32)}  # fmt: skip
+
+    @classmethod
+    def of(cls, state: dict, name: str, start: int, n: int, signed: bool) -> _Blockwise8:
+        first, blocks = start // cls.BLOCK, -(-n // cls.BLOCK)
+        return cls(state[name][start : start + n], state[name + "_absmax"][first : first + blocks], _dynamic_code(signed, state[name].device))
+
+    def load(self, into: torch.Tensor) -> torch.Tensor:
+        from bitsandbytes.functional import dequantize_blockwise
+
+        # (no `out=` here: bitsandbytes' CPU backend has no such kernel)
+        return into.copy_(dequantize_blockwise(self.codes, absmax=self.absmax, code=self.code, blocksize=self.BLOCK))
+
+    def store(self, source: torch.Tensor) -> None:
+        from bitsandbytes.functional import quantize_blockwise
+
+        _, quant = quantize_blockwise(source, code=self.code, blocksize=self.BLOCK, out=self.codes)
+        self.absmax.copy_(quant.absmax)
+
+
+@functools.cache
+def _dynamic_code(signed: bool, device: torch.device) -> torch.Tensor:
+    from bitsandbytes.functional import create_dynamic_map
+
+    return create_dynamic_map(signed=signed).to(device)
+
+
+def _check_state_bits(state: dict, bits: int) -> None:
+    """A checkpoint's optimizer states must be the kind this run keeps."""
+    eight = state["exp_avg"].dtype == torch.uint8
+    if eight != (bits == 8):
+        from ..errors import TrainingError
+
+        saved, asked = ("adamw_8bit", "adamw") if eight else ("adamw", "adamw_8bit")
+        raise TrainingError(f"the checkpoint's optimizer states are {saved}'s, this recipe's train.optimizer is {asked}: "
+                            f"resume with train.optimizer: {saved}, or start a new run")  # fmt: skip
+
+
 def _adamw_update(w, g, m, v, c, buffers, lr, b1, b2, eps, wd, bc1, bc2, scale) -> None:
-    """One AdamW update of a chunk of weights `w`, in place with its moments, computed in fp32 in
-    `buffers`; `c`: a 16-bit weight's compensation, what rounding it has dropped so far (None for
-    fp32 weights, which are then updated exactly as torch's AdamW does)."""
+    """One AdamW update of a chunk of weights `w`, in place with its moments `m` and `v` (`_Plain` or
+    `_Blockwise8`), computed in fp32 in `buffers`; `c`: a 16-bit weight's compensation, what rounding
+    it has dropped so far (None for fp32 weights, which are then updated exactly as torch's AdamW does)."""
     n = w.numel()
     g32, m32, v32 = (b[:n] for b in buffers)
     g32.copy_(g)
     if scale is not None:
         g32.div_(scale)
-    m32.copy_(m).lerp_(g32, 1 - b1)
-    m.copy_(m32)
-    v32.copy_(v).mul_(b2).addcmul_(g32, g32, value=1 - b2)
-    v.copy_(v32)
+    m.load(m32).lerp_(g32, 1 - b1)
+    m.store(m32)
+    v.load(v32).mul_(b2).addcmul_(g32, g32, value=1 - b2)
+    v.store(v32)
     denominator = v32.div_(bc2).sqrt_().add_(eps)
     exact = g32.copy_(w.reshape(-1))  # the weight as it would be without rounding
     if c is not None:

@@ -1,4 +1,4 @@
-"""QLoRA (`method.kind: qlora`): the 4-bit base (bitsandbytes, run for real on the CPU), training,
+"""QLoRA (`method.kind: qlora`) and 8-bit optimizer states: the 4-bit base (bitsandbytes, run for real on the CPU), training,
 resume, eval and export on the tiny model, the plan's figures, and the recipes it refuses."""
 
 from __future__ import annotations
@@ -124,3 +124,23 @@ def test_qlora_learns_like_lora_resumes_the_same_curve_evaluates_and_exports(tmp
     about = json.loads((tmp_path / "adapter" / "gptj-tune.json").read_text())
     assert about["method"] == "qlora" and about["quantized"] == {"quant_type": "nf4", "double_quant": True, "dtype": "float32"}
     assert "max |logit diff| 0 " in adapter.stdout.replace("\n", " ")  # the same 4-bit model, reloaded
+
+
+def test_plan_counts_8bit_optimizer_states_for_6b_full_fine_tuning(tmp_path):
+    """bf16 weights, gradients and Kahan compensation with 8-bit moments: ~8 bytes a parameter
+    (10 with 16-bit moments), so GPT-J-6B full fine-tuning at 1 x 2048 plans under 48 GiB."""
+    args = ["data.max_length=2048", "train.batch_size=1", f"output.dir={tmp_path}"]
+    eight = plan(load_recipe("recipes/alpaca-full.yaml", args + ["train.optimizer=adamw_8bit"]), devices=1, device_gib=48)
+    sixteen = plan(load_recipe("recipes/alpaca-full.yaml", args), devices=1, device_gib=48)
+    single = next(e for e in eight.estimates if e.setup == "single")
+    assert 7.9 < single.states / eight.shape.params < 8.2 and single.total < 48 * GIB and eight.refusal() is None
+    assert next(e for e in sixteen.estimates if e.setup == "single").states / sixteen.shape.params > 9.9
+    assert "train.optimizer adamw_8bit runs on single and ddp" in _validate_error(tmp_path, ["train.optimizer=adamw_8bit",
+        "distributed.backend=fsdp", "distributed.num_processes=2"])  # fmt: skip
+    assert "train.optimizer" in _validate_error(tmp_path, ["train.optimizer=adam8"])
+
+
+def _validate_error(tmp_path, overrides: list[str]) -> str:
+    result = cli("validate", str(small_recipe(tmp_path)), *[a for o in overrides for a in ("--set", o)])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    return result.stderr

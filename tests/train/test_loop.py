@@ -285,6 +285,26 @@ def test_a_bf16_full_run_uses_kahan_summation_and_resumes_the_same_curve(tmp_pat
     assert plain.returncode == 0 and "round to nothing" in plain.stdout + plain.stderr and "kahan_summation: true" in plain.stdout + plain.stderr
 
 
+@pytest.mark.slow
+def test_a_bf16_full_run_with_8bit_optimizer_states_learns_and_resumes_the_same_curve(tmp_path):
+    recipe = small_recipe(tmp_path, method="full", steps=20, save_every=10, lr=1e-4)
+    eight = ["--set", "model.dtype=bfloat16", "--set", "train.optimizer=adamw_8bit"]
+    run = cli("run", str(recipe), *eight)
+    assert run.returncode == 0, run.stderr[-3000:]
+    curve = losses(tmp_path / "run")
+    assert curve[20] < curve[1] - 0.1
+    import torch
+
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "step-10" / "optimizer.pt", weights_only=True)
+    assert {v["exp_avg"].dtype for v in saved["state"].values()} == {torch.uint8}
+    resumed = resume_a_copy(recipe, tmp_path / "run", tmp_path / "copy", *eight)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = losses(tmp_path / "copy")
+    assert max(abs(curve[s] - again[s]) for s in range(11, 21)) < 1e-5
+    switched = resume_a_copy(recipe, tmp_path / "run", tmp_path / "other", "--set", "model.dtype=bfloat16")
+    assert switched.returncode != 0 and "train.optimizer" in switched.stderr and "Traceback" not in switched.stderr
+
+
 class _Payload:
     """What an attacker would plant in a run directory: unpickling it writes `marker`."""
 
