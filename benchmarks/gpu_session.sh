@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # One device call that measures what the GPU issues ask for, everything written under $OUT (the
 # device tool brings back at most 8 files: here session.log, lora.json/.png, full.json/.png,
-# profile-full.json, profile-lora.json; the profiles' tables are in the log).
+# qlora.json, profile-full.json, profile-lora.json; the profiles' tables are in the log; qlora.png
+# is deleted to stay within 8).
 #
 #   bash ../shared/tools/gpu-prepare.sh                      # here, once: fills the git-ignored .gpu/
+#   bash benchmarks/gpu_add_bitsandbytes.sh                  # and bitsandbytes, for the qlora step
 #   run(command=". .gpu/env.sh && COMMIT=<git rev-parse --short HEAD here> bash benchmarks/gpu_session.sh",
 #       carry=[".gpu"], timeout_s=480)
 #
 # Steps, in order of what matters most: the GPU tests, LoRA against TRL best, the full figure,
-# where a full step's time goes, where a LoRA step's time goes. Each has its own time limit, so
+# QLoRA against TRL best on the same 4-bit base, where a full step's time goes, where a LoRA
+# step's time goes. Each has its own time limit, so
 # one that hangs cannot eat the others' time, and all of them share BUDGET seconds (a step starts
 # with what is left of it, and is skipped under 30 s); a failed step is logged and the next one
 # runs. PHASES picks a subset.
@@ -30,7 +33,9 @@ MAX_LENGTH=${MAX_LENGTH:-2048}
 LORA_STEPS=${LORA_STEPS:-80}    # the padded engines' optimizer steps: 640 records, ~35 packed 2048-token steps
 FULL_STEPS=${FULL_STEPS:-40}
 MODEL=${MODEL:-/tmp/gptj-tune-bench-$SHAPE}
-PHASES=${PHASES:-gpu-tests build-model lora full profile-full profile-lora}
+PHASES=${PHASES:-gpu-tests build-model lora full qlora profile-full profile-lora}
+# bitsandbytes for the qlora step (benchmarks/gpu_add_bitsandbytes.sh puts a slim copy in .gpu/site)
+[ -d .gpu/site ] && export PYTHONPATH="$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
 BUDGET=${BUDGET:-450}
 LOG=$OUT/session.log
 mkdir -p "$OUT"
@@ -72,10 +77,12 @@ step lora 170 python benchmarks/train_throughput.py "${shape[@]}" --batch-size 8
   --engines gptj-tune,trl-best --out "$OUT/lora.json"
 step full 130 python benchmarks/train_throughput.py "${shape[@]}" --batch-size 8 --method full --steps "$FULL_STEPS" \
   --engines gptj-tune --out "$OUT/full.json"
+step qlora 120 python benchmarks/train_throughput.py "${shape[@]}" --batch-size 8 --method qlora --steps "$LORA_STEPS" \
+  --engines gptj-tune,trl-best --out "$OUT/qlora.json"
 step profile-full 90 python benchmarks/profile_step.py "${shape[@]}" --method full --rows 1 --warmup 3 \
   --steps "${PROFILE_STEPS:-5}" --out "$OUT/profile-full.json"  # its table goes to the log, and to a .txt left out below
 step profile-lora 90 python benchmarks/profile_step.py "${shape[@]}" --method lora --rows 1 --warmup 3 \
   --steps "${PROFILE_STEPS:-5}" --out "$OUT/profile-lora.json"
-rm -rf "$MODEL" "$OUT"/profile-*.txt
+rm -rf "$MODEL" "$OUT"/profile-*.txt "$OUT"/qlora.png
 echo "== done: $failed step(s) failed or skipped" | tee -a "$LOG"
 exit "$failed"
