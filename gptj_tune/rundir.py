@@ -238,9 +238,23 @@ def _recipe_diff(old: str, new: str) -> str:
     return ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys[:6])
 
 
-def rewind_metrics(run: RunDir, step: int) -> None:
-    """Drop metric lines after `step` so a resumed run's metrics.jsonl is one clean curve."""
+def rewind_metrics(run: RunDir, step: int) -> int:
+    """Drop metric lines after `step` so a resumed run's metrics.jsonl is one clean curve, and the
+    end-of-run line (the resumed run writes its own). A line that is not a JSON record (cut short
+    when the disk filled or the process died mid-write) is dropped too. Returns how many such
+    lines were dropped."""
     if not run.metrics.exists():
-        return
-    kept = [line for line in run.metrics.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        return 0
+    kept, damaged = [], 0
+    for line in run.metrics.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError
+        except ValueError:
+            damaged += bool(line.strip())
+            continue
+        if record["step"] <= step and "final_eval_loss" not in record:
+            kept.append(line)
     atomic_write_text(run.metrics, "".join(line + "\n" for line in kept))
+    return damaged

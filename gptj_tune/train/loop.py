@@ -143,9 +143,13 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     state = TrainState()
     if checkpoint is not None:
         state = TrainState.from_saved(load_checkpoint(recipe, checkpoint, accelerator, model, optimizer, scheduler))
-        if main:
-            rewind_metrics(run, state.step)
+        if main and (damaged := rewind_metrics(run, state.step)):
+            console.print(f"[yellow]note:[/] {damaged} damaged line(s) of {run.metrics} (cut short by a full disk or a "
+                          f"kill) were dropped")  # fmt: skip
         console.print(f"Resumed from [bold]{checkpoint}[/] at step {state.step}/{total_steps}")
+        if state.step >= total_steps:
+            console.print(f"The run had already trained all {total_steps} steps: nothing left to train; final/ is saved and "
+                          f"evaluated again. To train longer, raise train.max_steps (or train.epochs) and resume.")  # fmt: skip
 
     benchmarks = benchmarks_during_training(recipe, run, accelerator, tokenizer, console)
     t = Training(recipe, run, accelerator, model, optimizer, scheduler, batches, held_out, loss_path, console, benchmarks,

@@ -186,6 +186,29 @@ def test_resume_from_a_named_checkpoint_full_finetune(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_cut_metrics_line_and_a_finished_run_resume_cleanly(tmp_path):
+    """A metrics.jsonl line cut short (the disk filled mid-write) is dropped with a note on resume,
+    not a JSONDecodeError on every resume after; resuming a finished run says there is nothing left
+    to train and leaves one end-of-run line, not two."""
+    recipe = small_recipe(tmp_path, steps=20, save_every=10)
+    assert cli("run", str(recipe)).returncode == 0
+    run, copy = tmp_path / "run", tmp_path / "copy"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "checkpoints" / "step-20")
+    shutil.rmtree(copy / "final")
+    text = (copy / "metrics.jsonl").read_text()
+    (copy / "metrics.jsonl").write_text(text + '{"step": 21, "loss": 1.23')  # a line cut mid-write
+    resumed = cli("run", str(recipe), "--resume", "step-10", "--set", f"output.dir={copy}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "1 damaged line(s)" in resumed.stdout.replace("\n", " ") and "Traceback" not in resumed.stderr
+    assert sorted(losses(copy)) == list(range(1, 21))
+    finished = cli("run", str(recipe), "--resume", "latest")
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "nothing left to train" in finished.stdout.replace("\n", " ")
+    assert sum("final_eval_loss" in m for m in metrics(run)) == 1 and sorted(losses(run)) == list(range(1, 21))
+
+
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     big = small_recipe(tmp_path, method="full", steps=5, save_every=100, out=tmp_path / "big", name="big.yaml")
     assert cli("run", str(big), "--set", "train.batch_size=8").returncode == 0
