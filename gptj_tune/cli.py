@@ -94,13 +94,20 @@ def run(
 
             if not is_frozen_recipe(path):  # a run's own frozen recipe is rewritten as it was
                 guard_output(recipe_obj.output.dir, "output.dir (which --force deletes)", [(path, "the recipe being run", False)])
-        if needs_launch(recipe_obj):  # start the workers, which run this same command
-            argv = ["run", str(path.resolve()), *(a for o in set_ for a in ("--set", o))]
-            argv += (["--resume", resume] if resume else []) + (["--force"] if force else [])
-            raise typer.Exit(launch(recipe_obj, argv, console))
-        from .train.loop import train  # torch and transformers: only where this process trains
+        lock = _run_lock(recipe_obj)  # one writer per run directory (runlock.py)
+        if lock is not None and (note := lock.acquire()):
+            console.print(f"[yellow]note:[/] {escape(note)}")
+        try:
+            if needs_launch(recipe_obj):  # start the workers, which run this same command
+                argv = ["run", str(path.resolve()), *(a for o in set_ for a in ("--set", o))]
+                argv += (["--resume", resume] if resume else []) + (["--force"] if force else [])
+                raise typer.Exit(launch(recipe_obj, argv, console))
+            from .train.loop import train  # torch and transformers: only where this process trains
 
-        result = train(recipe_obj, resume=resume or False, force=force, console=console)
+            result = train(recipe_obj, resume=resume or False, force=force, console=console)
+        finally:
+            if lock is not None:
+                lock.release()
     if result is None:  # a worker other than rank 0: rank 0 reports
         return
     table = Table(title=f"Run finished: {result.run_dir}", show_header=False)
@@ -115,6 +122,22 @@ def run(
     table.add_row("wall time (training)", f"{result.seconds:.1f} s")
     table.add_row("final model", str(result.run_dir / "final"))
     console.print(table)
+
+
+def _run_lock(recipe_obj):
+    """The run directory's lock for this process to hold: the command a user started (it holds it
+    for its workers too; on several machines, the first machine's), or rank 0 under a launcher
+    that is not ours; None in our workers."""
+    import os
+
+    from .runlock import RunLock
+    from .train.launch import ERROR_DIR_ENV, in_worker
+
+    if in_worker() and (os.environ.get(ERROR_DIR_ENV) or os.environ.get("RANK", "0") != "0"):
+        return None
+    if recipe_obj.distributed.machine_rank != 0:  # the machines share the directory: machine 0 holds it
+        return None
+    return RunLock(recipe_obj.output.dir)
 
 
 @app.command()

@@ -1,0 +1,116 @@
+"""One writer per run directory: `gptj-tune run` holds a lock beside it while it trains.
+
+The lock is a file next to the run directory (`.NAME.lock` in its parent, so `--force` deleting
+the directory keeps it), created with O_EXCL and holding who took it: host, pid, start time and a
+random token. Nothing relies on fcntl, which NFS does not honour across machines. While the run
+lasts a thread touches the file every HEARTBEAT seconds, so a lock is recognised as left behind
+when its process is gone (same host), or when nobody has touched it for STALE_AFTER seconds (a
+holder on another machine); such a lock is taken over with a note. Two runs on one directory, or
+`--resume` while a run still trains, are refused naming the holder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+from pathlib import Path
+
+from .errors import RunDirError
+
+HEARTBEAT = 30.0
+STALE_AFTER = 300.0
+
+
+class RunLock:
+    def __init__(self, run_dir: str | Path):
+        run_dir = Path(run_dir).resolve()
+        self.path = run_dir.parent / f".{run_dir.name}.lock"
+        self.run_dir = run_dir
+        self.token = secrets.token_hex(8)
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock, or raise RunDirError naming who holds it. Returns a note when a lock left
+        by a run that is gone was taken over."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "token": self.token}
+        note = None
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = self._holder()
+            why = self._gone(holder)
+            if why is None:
+                raise RunDirError(self._in_use(holder)) from None
+            tmp = self.path.with_name(f"{self.path.name}.{self.token}.tmp")
+            tmp.write_text(json.dumps(me))
+            os.replace(tmp, self.path)
+            time.sleep(0.05)  # two takers at once: the last rename wins, the other sees it below
+            if self._holder().get("token") != self.token:
+                raise RunDirError(self._in_use(self._holder())) from None
+            note = f"took over the lock {self.path} left by {_who(holder)}, {why}"
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me))
+        self._beat = threading.Thread(target=self._heartbeat, name="gptj-tune run lock", daemon=True)
+        self._beat.start()
+        return note
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._holder().get("token") == self.token:
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def _holder(self) -> dict:
+        try:
+            holder = json.loads(self.path.read_text())
+            return holder if isinstance(holder, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _gone(self, holder: dict) -> str | None:
+        """Why the holder is taken to be gone, or None while it may still run."""
+        try:
+            quiet = time.time() - self.path.stat().st_mtime
+        except OSError:
+            return "its file gone"
+        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+            try:
+                os.kill(holder["pid"], 0)
+            except ProcessLookupError:
+                return "whose process has ended"
+            except PermissionError:
+                pass  # alive, another user's
+            return None
+        if quiet > STALE_AFTER:
+            return f"untouched for {quiet:.0f} s"
+        return None
+
+    def _in_use(self, holder: dict) -> str:
+        return (f"{self.run_dir} is in use by another gptj-tune run ({_who(holder)}): wait for it to end or stop it, or "
+                f"--set output.dir=runs/NEW. If that run is gone (another machine; its lock is taken over after "
+                f"{STALE_AFTER:.0f} s untouched), delete {self.path}")  # fmt: skip
+
+
+def _who(holder: dict) -> str:
+    started = holder.get("started")
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else "?"
+    return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {since}"
