@@ -81,6 +81,7 @@ def run(
 ):
     """Train a recipe into its run directory (output.dir)."""
     from .recipe import load_recipe
+    from .runlock import lock_for_this_process
     from .train.launch import launch, needs_launch, register_worker
 
     from .train.signals import signals_stop_the_command
@@ -94,7 +95,7 @@ def run(
 
             if not is_frozen_recipe(path):  # a run's own frozen recipe is rewritten as it was
                 guard_output(recipe_obj.output.dir, "output.dir (which --force deletes)", [(path, "the recipe being run", False)])
-        lock = _run_lock(recipe_obj)  # one writer per run directory (runlock.py)
+        lock = lock_for_this_process(recipe_obj)  # one writer per run directory (runlock.py)
         if lock is not None and (note := lock.acquire()):
             console.print(f"[yellow]note:[/] {escape(note)}")
         try:
@@ -122,22 +123,6 @@ def run(
     table.add_row("wall time (training)", f"{result.seconds:.1f} s")
     table.add_row("final model", str(result.run_dir / "final"))
     console.print(table)
-
-
-def _run_lock(recipe_obj):
-    """The run directory's lock for this process to hold: the command a user started (it holds it
-    for its workers too; on several machines, the first machine's), or rank 0 under a launcher
-    that is not ours; None in our workers."""
-    import os
-
-    from .runlock import RunLock
-    from .train.launch import ERROR_DIR_ENV, in_worker
-
-    if in_worker() and (os.environ.get(ERROR_DIR_ENV) or os.environ.get("RANK", "0") != "0"):
-        return None
-    if recipe_obj.distributed.machine_rank != 0:  # the machines share the directory: machine 0 holds it
-        return None
-    return RunLock(recipe_obj.output.dir)
 
 
 @app.command()

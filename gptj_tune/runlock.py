@@ -110,6 +110,19 @@ class RunLock:
                 f"{STALE_AFTER:.0f} s untouched), delete {self.path}")  # fmt: skip
 
 
+def lock_for_this_process(recipe) -> RunLock | None:
+    """The run directory's lock for this `gptj-tune run` to hold: the command a user started (it
+    holds it for its workers too; on several machines, the first machine's), or rank 0 under a
+    launcher that is not ours; None in our workers."""
+    from .train.launch import ERROR_DIR_ENV, in_worker
+
+    if in_worker() and (os.environ.get(ERROR_DIR_ENV) or os.environ.get("RANK", "0") != "0"):
+        return None
+    if recipe.distributed.machine_rank != 0:  # the machines share the directory: machine 0 holds it
+        return None
+    return RunLock(recipe.output.dir)
+
+
 def _who(holder: dict) -> str:
     started = holder.get("started")
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else "?"

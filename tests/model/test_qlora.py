@@ -10,7 +10,7 @@ import torch
 from conftest import cli, small_recipe
 
 from gptj_tune.plan import GIB, plan
-from gptj_tune.recipe import Recipe, load_recipe
+from gptj_tune.recipe import load_recipe
 
 
 def losses(run_dir):
