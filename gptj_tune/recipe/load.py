@@ -4,6 +4,7 @@ resolved, and every validation problem reported at once under its dotted key, wi
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,10 @@ def _allowed_keys(raw_loc: tuple) -> list[str]:
 def _describe(err: dict, lines: dict[tuple, int], overrides: set[tuple]) -> str:
     loc = _clean_loc(tuple(err["loc"]))
     kind = err["type"]
+    if not loc:  # a check across sections names its key first (`data.max_length 256 is longer ...`): file it there
+        named = re.match(r"([a-z_]+(?:\.[a-z_]+)+)\b", err["msg"].removeprefix("Value error, "))
+        if named:
+            loc = tuple(named.group(1).split("."))
     if kind == "union_tag_invalid":
         loc += ("kind",)
     key = _dotted(loc) or "(top level)"

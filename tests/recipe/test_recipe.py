@@ -69,6 +69,15 @@ def test_a_source_switched_from_synthetic_on_the_command_line_is_told_how_to_dro
     assert fixed.data.sources[0].format == "alpaca" and fixed.data.sources[0].count is None
 
 
+def test_a_check_across_sections_is_filed_under_the_key_it_names(tmp_path):
+    """Not `(top level)`: the key the message starts with, and its line (or --set)."""
+    text = "model:\n  tiny: {context: 128}\ndata:\n  sources: [{format: synthetic}]\n  max_length: 400\n"
+    with pytest.raises(RecipeError, match=r"`data\.max_length` \(line 5\): data\.max_length 400 is longer than the tiny model"):
+        load_recipe(write_recipe(tmp_path / "r.yaml", text))
+    with pytest.raises(RecipeError, match=r"`data\.max_length` \(from --set\): data\.max_length 300"):
+        load_recipe(write_recipe(tmp_path / "r.yaml", text), ["data.max_length=300"])
+
+
 def test_method_kind_is_a_tagged_union(tmp_path):
     with pytest.raises(RecipeError, match=r"`method\.kind` \(line 2\): got 'qlorah'; expected one of 'full', 'lora', 'qlora'"):
         load_recipe(write_recipe(tmp_path / "r.yaml", "method:\n  kind: qlorah\n"))
