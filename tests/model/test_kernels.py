@@ -293,6 +293,20 @@ def test_compile_without_a_cpu_compiler_is_a_clear_recipe_error(tiny_gptj, monke
     assert type(model.transformer.h[0]).__name__ == "GPTJBlock" and not hasattr(type(model.transformer.h[0]), "compiled_for_training")
 
 
+def losses_and_grads(model, batches, path: LossPath, after_each=None) -> list:
+    """(loss, gradients) of each batch in turn, the model in training mode; `after_each` runs after each."""
+    model.train()
+    runs = []
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        loss = batch_loss(model, batch, path)
+        loss.backward()
+        runs.append((float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        if after_each is not None:
+            after_each()
+    return runs
+
+
 @pytest.mark.skipif(not can_compile(), reason="torch.compile on CPU needs a C++ compiler")
 @pytest.mark.parametrize("method", ["full", "lora-checkpointed"])
 def test_compiled_blocks_train_like_eager_and_evaluate_eagerly(tiny_gptj, method):
@@ -319,13 +333,7 @@ def test_compiled_blocks_train_like_eager_and_evaluate_eagerly(tiny_gptj, method
             captured = counters["stats"]["calls_captured"]
             assert compile_blocks(model) == LAYERS
             assert compile_blocks(model) == 0  # already switched
-        model.train()
-        runs = []
-        for batch in batches:
-            model.zero_grad(set_to_none=True)
-            loss = batch_loss(model, batch, LossPath(fused_chunk=None))
-            loss.backward()
-            runs.append((float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        runs = losses_and_grads(model, batches, LossPath(fused_chunk=None))
         if compiled:
             traced = counters["stats"]["calls_captured"]
             assert traced > captured  # the blocks ran compiled code
@@ -372,16 +380,9 @@ def test_compiled_blocks_attend_within_packed_examples(tiny_gptj, monkeypatch):
                 torch.nn.init.normal_(param, std=0.02)
         if compiled:
             compile_blocks(model)
-        model.train()
         calls.clear()
-        runs = []
-        for batch in batches:
-            model.zero_grad(set_to_none=True)
-            loss = batch_loss(model, batch, LossPath(segmented=True))
-            loss.backward()
-            runs.append((float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-            graphs.append(counters["stats"]["unique_graphs"])
-        results.append(runs)
+        results.append(losses_and_grads(model, batches, LossPath(segmented=True),
+                                        after_each=lambda: graphs.append(counters["stats"]["unique_graphs"])))  # fmt: skip
         counts.append(len(calls))
     assert counts[0] >= LAYERS * len(batches) and counts[1] == counts[0], counts  # each block, as eager does
     assert graphs[0] == graphs[1] < graphs[2] == graphs[3], graphs  # compiled for batch 1, not again for batch 2
