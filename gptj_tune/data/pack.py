@@ -1,134 +1,276 @@
 """Packing: examples into rows of at most max_length tokens (best-fit decreasing, then the emptiest
 rows dissolved into the others' free space), or one example per row.
 
-In a packed row `position_ids` restart at 0 for each example, and the model's attention mask is
-built from them, so no token attends across an example boundary (see model/attention.py).
+Packing works on an array of example lengths and returns rows as index arrays (`row_starts`,
+`members`: row i holds examples members[row_starts[i]:row_starts[i + 1]]), so ten million examples
+pack in seconds and no token is touched. In a packed row `position_ids` restart at 0 for each
+example, and the model's attention mask is built from them, so no token attends across an example
+boundary (see model/attention.py).
 """
 
 from __future__ import annotations
 
 import bisect
+import heapq
+import itertools
 from dataclasses import dataclass
+
+import numpy as np
 
 from .tokens import Example
 
 
-def pack_examples(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Bins of example indices, each summing to <= capacity: best-fit decreasing, then bins dissolved
-    while their examples can be moved into the others' free space (`_dissolve_bins`).
+def pack_lengths(lengths, capacity: int, budget: int = 2_000_000) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of example indices, each summing to <= capacity: best-fit decreasing, then rows dissolved
+    while their examples can be moved into the others' free space (`_Bins.dissolve`). Examples keep
+    data order inside a row. Deterministic: ties keep the original order.
 
-    Deterministic: ties keep the original order.
-    """
-    bins = _best_fit_decreasing(lengths, capacity)
-    return _dissolve_bins(bins, lengths, capacity)
+    Returns (row_starts, members), both int64; row_starts has one entry more than there are rows."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) == 0:
+        return np.zeros(1, np.int64), np.zeros(0, np.int64)
+    bins = _Bins.best_fit_decreasing(lengths, capacity)
+    bins.dissolve(budget)
+    return bins.as_rows()
+
+
+def pack_examples(lengths: list[int], capacity: int) -> list[list[int]]:
+    """`pack_lengths` as lists of example indices, one list per row."""
+    starts, members = pack_lengths(lengths, capacity)
+    return [members[a:b].tolist() for a, b in zip(starts[:-1], starts[1:])]
 
 
 def _best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
-    """O(n log n) with a sorted list of free spaces."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    bins: list[list[int]] = []
-    spaces: list[int] = []  # sorted distinct free capacities that have at least one bin
-    by_space: dict[int, list[int]] = {}
-    for i in order:
-        n = lengths[i]
-        if n > capacity:
-            raise ValueError(f"example {i} has {n} tokens, more than the capacity {capacity}")
-        k = bisect.bisect_left(spaces, n)
-        if k < len(spaces):
-            space = spaces[k]
-            b = by_space[space].pop()
-            if not by_space[space]:
-                del by_space[space]
-                spaces.pop(k)
-        else:
-            space, b = capacity, len(bins)
-            bins.append([])
-        bins[b].append(i)
-        left = space - n
-        if left not in by_space:
-            by_space[left] = []
-            bisect.insort(spaces, left)
-        by_space[left].append(b)
-    return bins
+    """Best-fit decreasing alone (what dissolving rows improves on), as lists of indices."""
+    bins = _Bins.best_fit_decreasing(np.asarray(lengths, dtype=np.int64), capacity)
+    starts, members = bins.as_rows()
+    return [members[a:b].tolist() for a, b in zip(starts[:-1], starts[1:])]
 
 
-def _dissolve_bins(bins: list[list[int]], lengths: list[int], capacity: int, budget: int = 2_000_000) -> list[list[int]]:
-    """Move the examples of the least-filled bin into the others' free space, and repeat while a
-    whole bin can be emptied that way.
+class _FreeSpace:
+    """Bins by free space: a sorted list of the distinct free spaces and, for each, its bins (a
+    dict, in the order they got there) with a heap of their ids for the lowest one (entries of
+    bins that left are dropped when they reach the top)."""
 
-    Best-fit decreasing leaves most bins a few tokens short (no example left was short enough for
-    the gap) and a last, part-empty bin of the shortest examples. An example of that bin goes into
-    a bin with room for it; or into the roomiest bin R after R has traded examples for shorter
-    ones from bins with room for the difference, until its gap is large enough (`_make_room`).
-    A bin that cannot be emptied is left as it was. `budget` caps the work
-    (example visits), so very large datasets keep what is done by then (they lose little: the
-    tail is a small part of them).
-    """
-    bins = [list(b) for b in bins]
-    fill = [sum(lengths[i] for i in b) for b in bins]
-    while len(bins) > 1 and capacity * len(bins) - sum(fill) >= capacity and budget > 0:
-        t = min(range(len(bins)), key=lambda k: (fill[k], -k))
-        saved = [list(b) for b in bins], list(fill)
-        for item in sorted(bins[t], key=lambda i: (-lengths[i], i)):
-            n = lengths[item]
-            target = None
-            room = [(capacity - fill[k], k) for k in range(len(bins)) if k != t and capacity - fill[k] >= n]
-            if room:
-                target = min(room)[1]
-            else:
-                target, budget = _make_room(bins, fill, lengths, capacity, t, n, budget)
-            if target is None:
+    def __init__(self):
+        self.spaces: list[int] = []
+        self.bins: dict[int, dict[int, None]] = {}
+        self._heaps: dict[int, list[int]] = {}
+
+    def add(self, space: int, bins) -> None:
+        if space not in self.bins:
+            self.bins[space] = {}
+            bisect.insort(self.spaces, space)
+        self.bins[space].update(dict.fromkeys(bins))
+        if space in self._heaps:  # built by the first `lowest` call for this space
+            for b in bins:
+                heapq.heappush(self._heaps[space], b)
+
+    def remove(self, space: int, b: int) -> None:
+        group = self.bins[space]
+        del group[b]
+        if not group:
+            del self.bins[space]
+            self._heaps.pop(space, None)
+            self.spaces.pop(bisect.bisect_left(self.spaces, space))
+
+    def lowest(self, space: int, exclude: int = -1) -> int | None:
+        """The lowest bin id with this free space, other than `exclude`."""
+        group = self.bins[space]
+        if space not in self._heaps:
+            self._heaps[space] = list(group)
+            heapq.heapify(self._heaps[space])
+        heap = self._heaps[space]
+        while heap[0] not in group:
+            heapq.heappop(heap)
+        if heap[0] != exclude:
+            return heap[0]
+        top = heapq.heappop(heap)
+        while heap and heap[0] not in group:
+            heapq.heappop(heap)
+        found = heap[0] if heap else None
+        heapq.heappush(heap, top)
+        return found
+
+    def tightest(self, n: int, exclude: int = -1) -> int | None:
+        """The lowest-numbered bin with the least free space that is at least n (not `exclude`)."""
+        k = bisect.bisect_left(self.spaces, n)
+        while k < len(self.spaces):
+            b = self.lowest(self.spaces[k], exclude)
+            if b is not None:
+                return b
+            k += 1
+        return None
+
+
+class _Bins:
+    def __init__(self, lengths: np.ndarray, capacity: int, bin_of: np.ndarray, n_bins: int):
+        self.lengths, self.capacity = lengths, capacity
+        fill = np.bincount(bin_of, weights=lengths, minlength=n_bins).astype(np.int64)
+        self.fill = fill.tolist()
+        self.alive = np.ones(n_bins, bool)
+        self.n_alive = n_bins
+        self.bin_of = bin_of
+        order = np.argsort(bin_of, kind="stable")
+        self._order, self._starts = order, np.searchsorted(bin_of[order], np.arange(n_bins + 1))
+        self._members: dict[int, list[int]] = {}  # bins whose members changed or were read, as lists
+        self.free = _FreeSpace()
+        by_space = np.argsort(capacity - fill, kind="stable")
+        spaces = (capacity - fill)[by_space]
+        edges = np.concatenate(([0], np.flatnonzero(np.diff(spaces)) + 1, [n_bins])).tolist()
+        for a, b in zip(edges[:-1], edges[1:]):
+            self.free.add(int(spaces[a]), by_space[a:b].tolist())
+
+    @classmethod
+    def best_fit_decreasing(cls, lengths: np.ndarray, capacity: int) -> _Bins:
+        """Best-fit decreasing, a run of equal lengths at a time: the bins of the tightest free
+        space s >= L each take s // L examples of length L in turn, exactly as one at a time would."""
+        over = np.flatnonzero(lengths > capacity)
+        if len(over):
+            raise ValueError(f"example {over[0]} has {lengths[over[0]]} tokens, more than the capacity {capacity}")
+        key = -lengths.astype(np.int16 if capacity < 1 << 15 else np.int32)  # 16 bits: numpy's stable sort is a radix sort
+        order = np.argsort(key, kind="stable")
+        sorted_len = lengths[order]
+        bin_of_sorted = np.empty(len(lengths), np.int64)
+        free = _FreeSpace()
+        n_bins = 0
+        edges = np.concatenate(([0], np.flatnonzero(np.diff(sorted_len)) + 1, [len(lengths)])).tolist()
+        for a, b in zip(edges[:-1], edges[1:]):
+            n, pos = int(sorted_len[a]), a
+            while pos < b:
+                left = b - pos
+                k = bisect.bisect_left(free.spaces, n)
+                if k < len(free.spaces):
+                    space = free.spaces[k]
+                    group = free.bins[space]
+                    per_bin = min(space // n, left)
+                    take = min(len(group), left // per_bin)
+                    chosen = list(itertools.islice(reversed(group), take))  # the bin that got there last goes first
+                    for c in chosen:
+                        free.remove(space, c)
+                else:
+                    space, per_bin = capacity, min(capacity // n, left)
+                    take = left // per_bin
+                    chosen = list(range(n_bins, n_bins + take))
+                    n_bins += take
+                bin_of_sorted[pos : pos + take * per_bin] = np.repeat(chosen, per_bin)
+                pos += take * per_bin
+                free.add(space - per_bin * n, chosen)
+        bin_of = np.empty_like(bin_of_sorted)
+        bin_of[order] = bin_of_sorted
+        return cls(lengths, capacity, bin_of, n_bins)
+
+    def members(self, b: int) -> list[int]:
+        if b not in self._members:
+            self._members[b] = self._order[self._starts[b] : self._starts[b + 1]].tolist()
+        return self._members[b]
+
+    def _set_fill(self, b: int, fill: int) -> None:
+        self.free.remove(self.capacity - self.fill[b], b)
+        self.fill[b] = fill
+        self.free.add(self.capacity - fill, [b])
+
+    def move(self, item: int, src: int, dst: int) -> None:
+        n = int(self.lengths[item])
+        self.members(src).remove(item)
+        self.members(dst).append(item)
+        self._set_fill(src, self.fill[src] - n)
+        self._set_fill(dst, self.fill[dst] + n)
+
+    def dissolve(self, budget: int) -> None:
+        """Move the examples of the least-filled bin into the others' free space, and repeat while a
+        whole bin can be emptied that way.
+
+        Best-fit decreasing leaves most bins a few tokens short (no example left was short enough
+        for the gap) and a last, part-empty bin of the shortest examples. An example of that bin
+        goes into the bin with the least room that still fits it; or into a roomy bin R after R has
+        traded examples for shorter ones from bins with room for the difference, until its gap is
+        large enough (`_make_room`). A bin that cannot be emptied is left as it was, and dissolving
+        stops. `budget` caps the work (example visits), so very large datasets keep what is done by
+        then (they lose little: the tail is a small part of them)."""
+        total = int(self.lengths.sum())
+        while self.n_alive > 1 and self.capacity * self.n_alive - total >= self.capacity and budget > 0:
+            roomiest = self.free.spaces[-1]
+            t = max(self.free.bins[roomiest])
+            journal: list[tuple] = []
+            for item in sorted(self.members(t), key=lambda i: (-self.lengths[i], i)):
+                n = int(self.lengths[item])
+                budget -= 1
+                target = self.free.tightest(n, exclude=t)
+                if target is None:
+                    target, budget = self._make_room(t, n, budget, journal)
+                if target is None:
+                    break
+                self.move(item, t, target)
+                journal.append(("move", item, t, target))
+            if self.members(t):  # could not empty it: undo, and keep the packing as it is
+                for op in reversed(journal):
+                    if op[0] == "move":
+                        self.move(op[1], op[3], op[2])
+                    else:
+                        self._trade(op[1], op[4], op[3], op[2])
                 break
-            bins[t].remove(item)
-            bins[target].append(item)
-            fill[t] -= n
-            fill[target] += n
-        if bins[t]:  # could not empty it: keep the packing as it was before trying
-            bins, fill = saved
-            break
-        del bins[t], fill[t]
-    return bins
+            self.free.remove(self.capacity, t)
+            self.alive[t] = False
+            self.n_alive -= 1
 
-
-def _make_room(bins, fill, lengths, capacity, t, n, budget, tries: int = 32) -> tuple[int | None, int]:
-    """Grow the free space of a bin R (not t) to n tokens by trading its examples for shorter ones
-    from bins S that have room for the difference (each trade moves free space from S to R: the
-    smallest trade that is enough, else the largest). The `tries` roomiest bins are tried as R in
-    turn; a failed try is undone. Returns R, or None, and the budget left."""
-    others = [k for k in range(len(bins)) if k != t]
-    for r_bin in sorted(others, key=lambda k: (fill[k], k))[:tries]:
-        trades = []
-        while (need := n - (capacity - fill[r_bin])) > 0 and budget > 0:
-            best = None  # (delta, r, s_bin, s)
-            for s_bin in others:
-                gap = capacity - fill[s_bin]
-                if s_bin == r_bin or gap == 0:
-                    continue
-                budget -= len(bins[s_bin]) * len(bins[r_bin])
-                for r in bins[r_bin]:
-                    for s in bins[s_bin]:
-                        delta = lengths[r] - lengths[s]
-                        if 0 < delta <= gap and (best is None or _better_trade(delta, best[0], need)):
-                            best = (delta, r, s_bin, s)
-            if best is None:
+    def _make_room(self, t: int, n: int, budget: int, journal: list, tries: int = 32) -> tuple[int | None, int]:
+        """Grow the free space of a bin R (not t) to n tokens by trading its examples for shorter
+        ones from bins S that have room for the difference (each trade moves free space from S to R:
+        the smallest trade that is enough, else the largest). The `tries` roomiest bins are tried
+        as R in turn; a failed try is undone. Returns R, or None, and the budget left."""
+        candidates = []
+        for space in reversed(self.free.spaces):  # the roomiest first, the lowest id first among equals
+            candidates += sorted(b for b in self.free.bins[space] if b != t)
+            if len(candidates) >= tries:
                 break
-            trades.append(best)
-            _trade(bins, fill, r_bin, *best)
-        if n <= capacity - fill[r_bin]:
-            return r_bin, budget
-        for delta, r, s_bin, s in reversed(trades):  # undo: trade back
-            _trade(bins, fill, r_bin, -delta, s, s_bin, r)
-        if budget <= 0:
-            break
-    return None, budget
+        for r_bin in candidates[:tries]:
+            trades = []
+            while (need := n - (self.capacity - self.fill[r_bin])) > 0 and budget > 0:
+                best = None  # (delta, r, s_bin, s)
+                with_room = sorted(b for space in self.free.spaces if space > 0 for b in self.free.bins[space])
+                for s_bin in with_room:
+                    if s_bin in (r_bin, t):
+                        continue
+                    gap = self.capacity - self.fill[s_bin]
+                    budget -= len(self.members(s_bin)) * len(self.members(r_bin))
+                    for r in self.members(r_bin):
+                        for s in self.members(s_bin):
+                            delta = int(self.lengths[r] - self.lengths[s])
+                            if 0 < delta <= gap and (best is None or _better_trade(delta, best[0], need)):
+                                best = (delta, r, s_bin, s)
+                if best is None:
+                    break
+                trades.append(best)
+                self._trade(r_bin, *best[1:])
+            if n <= self.capacity - self.fill[r_bin]:
+                journal += [("trade", r_bin, r, s_bin, s) for _, r, s_bin, s in trades]
+                return r_bin, budget
+            for _, r, s_bin, s in reversed(trades):  # undo: trade back
+                self._trade(r_bin, s, s_bin, r)
+            if budget <= 0:
+                break
+        return None, budget
 
+    def _trade(self, r_bin: int, r: int, s_bin: int, s: int) -> None:
+        """Example r leaves bin r_bin for s_bin, s the other way."""
+        delta = int(self.lengths[r] - self.lengths[s])
+        self.members(r_bin).remove(r), self.members(s_bin).remove(s)
+        self.members(r_bin).append(s), self.members(s_bin).append(r)
+        self._set_fill(r_bin, self.fill[r_bin] - delta)
+        self._set_fill(s_bin, self.fill[s_bin] + delta)
 
-def _trade(bins, fill, r_bin, delta, r, s_bin, s) -> None:
-    """Example r leaves bin r_bin for s_bin, s the other way; delta = len(r) - len(s)."""
-    bins[r_bin].remove(r), bins[s_bin].remove(s)
-    bins[r_bin].append(s), bins[s_bin].append(r)
-    fill[r_bin] -= delta
-    fill[s_bin] += delta
+    def as_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(row_starts, members) of the bins left, members in data order within a row."""
+        if self._members:
+            self.bin_of = self.bin_of.copy()
+            for b, items in self._members.items():
+                self.bin_of[items] = b
+        renumber = np.cumsum(self.alive) - 1
+        row_of = renumber[self.bin_of]
+        members = np.argsort(row_of, kind="stable")  # grouped by row, data order inside a row
+        sizes = np.bincount(row_of, minlength=self.n_alive)
+        return np.concatenate(([0], np.cumsum(sizes))).astype(np.int64), members.astype(np.int64)
 
 
 def _better_trade(delta: int, best: int, need: int) -> bool:
@@ -148,11 +290,11 @@ def make_rows(examples: list[Example], max_length: int, packing: bool) -> list[R
     """One row per example, or packed rows of several examples with restarting positions."""
     if not packing:
         return [Row(e.input_ids, e.labels, list(range(len(e.input_ids)))) for e in examples]
+    starts, members = pack_lengths([len(e.input_ids) for e in examples], max_length)
     rows = []
-    for members in pack_examples([len(e.input_ids) for e in examples], max_length):
-        members.sort()  # keep data order inside a row; it does not change the loss
+    for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
         row = Row([], [], [])
-        for i in members:
+        for i in members[a:b].tolist():
             e = examples[i]
             row.input_ids += e.input_ids
             row.labels += e.labels
