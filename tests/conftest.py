@@ -28,6 +28,7 @@ def _offline(tmp_path_factory):
         "HF_DATASETS_CACHE": str(cache / "datasets"),
         "TOKENIZERS_PARALLELISM": "false",
         "TORCHINDUCTOR_CACHE_DIR": str(cache / "torchinductor"),  # train.compile's kernels
+        "GPTJ_TUNE_DATA_CACHE": str(cache / "gptj-tune-data"),  # token stores (data/cache.py)
     }.items():
         os.environ[key] = value
     yield

@@ -29,27 +29,52 @@ class SourceRecords:
     skipped: list[str] = field(default_factory=list)  # one message per skipped record
 
 
+@dataclass
+class SkipLog:
+    """Records skipped (on_bad_record: skip): how many, and the first messages, for the report."""
+
+    count: int = 0
+    messages: list[str] = field(default_factory=list)
+    keep: int = 1000
+
+    def add(self, message: str) -> None:
+        self.count += 1
+        if len(self.messages) < self.keep:
+            self.messages.append(message)
+
+
 def read_source(source: SourceSection, index: int, on_bad_record: str) -> SourceRecords:
-    """Read every record of one `data.sources[index]` entry."""
+    """Every record of one `data.sources[index]` entry, in a list (`iter_records` streams them)."""
+    log = SkipLog(keep=10**9)
+    records = list(iter_records(source, index, on_bad_record, log))
+    return SourceRecords(records, log.messages)
+
+
+def iter_records(source: SourceSection, index: int, on_bad_record: str, skipped: SkipLog) -> Iterator[dict]:
+    """The records of one `data.sources[index]` entry, one at a time (a corpus larger than memory
+    streams through); a skipped record is counted in `skipped`."""
     key = f"data.sources[{index}]"
     if source.format == "synthetic":
         records = synthetic.generate_records(source.count or 4000, tuple(source.tasks or synthetic.TASKS), source.seed)
         for i, r in enumerate(records):
             r["origin"] = f"synthetic:{i + 1}"
-        return SourceRecords(records)
-    out = SourceRecords([])
+        yield from records
+        return
+    count = 0
     for origin, raw in _raw_rows(source, key):
         try:
-            out.records.append(_to_record(source, raw, origin))
+            record = _to_record(source, raw, origin)
         except DataError as e:
             if on_bad_record == "fail":
                 raise DataError(f"{e} (set data.on_bad_record: skip to skip such records)") from None
-            out.skipped.append(str(e))
-        if source.limit and len(out.records) >= source.limit:
+            skipped.add(str(e))
+            continue
+        yield record
+        count += 1
+        if source.limit and count >= source.limit:
             break
-    if not out.records:
-        raise DataError(f"{key}: no usable records in {source.path} ({len(out.skipped)} skipped)")
-    return out
+    if not count:
+        raise DataError(f"{key}: no usable records in {source.path} ({skipped.count} skipped)")
 
 
 def _to_record(source: SourceSection, raw, origin: str) -> dict:
@@ -194,12 +219,18 @@ def _hub_rows(source: SourceSection, key: str) -> Iterator[tuple[str, object]]:
     try:
         import datasets
 
-        dataset = datasets.load_dataset(source.path, split=source.split)
+        # Streaming: a hub dataset larger than memory (or the disk's free space) is read a shard at a time.
+        dataset = datasets.load_dataset(source.path, split=source.split, streaming=True)
+        rows = iter(dataset)
+        first = next(rows, None)
     except Exception as e:  # datasets raises many types for "not found" / "offline"
         raise DataError(
             f"{key}.path: {source.path!r} is not a local file or folder{_where_looked(source.path)}, and loading it as a hub dataset "
             f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Check the path, or "
             f"download the dataset on a machine with network access and point `path` at the file."
         ) from None
-    for n, row in enumerate(dataset, start=1):
+    if first is None:
+        return
+    yield f"{source.path}[{source.split}] row 1", dict(first)
+    for n, row in enumerate(rows, start=2):
         yield f"{source.path}[{source.split}] row {n}", dict(row)

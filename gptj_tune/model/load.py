@@ -176,6 +176,22 @@ def load_tokenizer(name: str | None, base: str, section: ModelSection):
     return tokenizer
 
 
+def tokenizer_as_trained(section: ModelSection, scratch: Path):
+    """The tokenizer a run of this model section trains with, EOS and pad set as training sets
+    them, without loading the weights (`gptj-tune data`). The built-in tiny model is built into
+    `scratch` first, as a run builds it into its directory."""
+    from transformers import AutoConfig
+
+    base = resolve_base(section, scratch)
+    tokenizer = load_tokenizer(section.tokenizer if section.name_or_path != TINY_MODEL_NAME else None, base, section)
+    try:
+        config = AutoConfig.from_pretrained(base, revision=section.revision, trust_remote_code=section.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(_load_hint(base, "model", e, section.revision)) from None
+    _fix_special_tokens(tokenizer, config)
+    return tokenizer
+
+
 def _load_hint(name: str, what: str, error: Exception, revision: str | None = None) -> str:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if Path(name).exists():

@@ -251,3 +251,9 @@ class DataSection(Section):
     on_bad_record: Literal["fail", "skip"] = Field(
         "fail", description="A malformed record: fail with file and line, or skip it and print the count."
     )
+    cache_dir: str | None = Field(
+        None,
+        description="Where prepared token stores are kept and shared by runs (one folder per content key); "
+        "null: $GPTJ_TUNE_DATA_CACHE, else ~/.cache/gptj-tune/data. Put it on a filesystem every machine "
+        "sees and the data is prepared once for all of them.",
+    )

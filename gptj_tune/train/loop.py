@@ -31,7 +31,7 @@ from .optim import build_optimizer, clip_in_fused_step, lr_factor, step_takes_th
 from .setup import (
     batches_of,
     benchmarks_during_training,
-    data_once_per_machine,
+    data_for_run,
     held_out_exact_match,
     model_to_train,
     print_setup,
@@ -125,7 +125,7 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     set_seed(recipe.train.seed)
     model, tokenizer = model_to_train(recipe, base, accelerator.device)
     loss_path = LossPath.of(recipe, model)  # (refuses packing under attention that ignores its boundaries)
-    data = data_once_per_machine(recipe, tokenizer, run, accelerator)
+    data = data_for_run(recipe, tokenizer, console)
     print_setup(console, recipe, model, data, accelerator.num_processes)
     if advice := bf16_advice(model, accelerator.device, recipe.distributed.mixed_precision):
         console.print(f"[cyan]tip:[/] {advice}")

@@ -4,13 +4,13 @@ benchmarks hook, and the final model saved."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 from rich.markup import escape
 
 from ..data import PreparedData, prepare_data
+from ..data.progress import data_progress
 from ..data.batches import Batches
 from ..errors import DataError, RecipeError
 from ..model.compile import CompileUnavailable, check_can_compile, compile_blocks, compiled_blocks
@@ -19,8 +19,8 @@ from ..model.load import check_fits_context, load_model_and_tokenizer
 from ..model.loss_head import use_loss_head
 from ..model.methods import apply_method, count_parameters
 from ..recipe import QLoraMethod, Recipe
-from ..rundir import RunDir, atomic_dir, atomic_write_text
-from .engines import full_state_dict, wait_for_file
+from ..rundir import RunDir, atomic_dir
+from .engines import full_state_dict
 from .memory import CPU_16BIT_WIDTH_MULTIPLE, own_trainable_weights
 
 
@@ -70,24 +70,15 @@ def compile_model(model, device) -> int:
     return compiled
 
 
-def data_once_per_machine(recipe: Recipe, tokenizer, run: RunDir, accelerator) -> PreparedData:
-    """Tokenize and pack on one process per machine and share the result through a cache file.
-
-    The other processes wait for the file, not in a collective, so a long preprocessing step cannot
-    hit a collective timeout; a resumed run reuses the cache."""
-    slots = recipe.prompt_slots()
-    if accelerator.num_processes == 1:
-        return prepare_data(recipe.data, tokenizer, slots)
-    key = hashlib.sha256(
-        (recipe.data.model_dump_json() + tokenizer.name_or_path + str(len(tokenizer)) + f"slots={slots}").encode()
-    ).hexdigest()[:16]
-    cache = run.path / "cache" / f"data-{key}.json"
-    if accelerator.is_local_main_process and not cache.exists():
-        data = prepare_data(recipe.data, tokenizer, slots)
-        atomic_write_text(cache, data.to_json())
-        return data
-    wait_for_file(cache)
-    return PreparedData.from_json(cache.read_text())  # JSON, not a pickle: reading it runs no code
+def data_for_run(recipe: Recipe, tokenizer, console) -> PreparedData:
+    """The recipe's token store from the shared cache, or built now with a progress line. Every
+    process asks; one builds (data/cache.py), the others wait for the file, not in a collective, so
+    a long preprocessing step cannot hit a collective timeout."""
+    with data_progress(console) as progress:
+        data = prepare_data(recipe.data, tokenizer, recipe.prompt_slots(), progress, console.print)
+    if not data.built:
+        console.print(f"data: prepared earlier, read from {data.store.folder}")
+    return data
 
 
 def batches_of(recipe: Recipe, data: PreparedData, pad_id: int, accelerator) -> tuple[Batches, Batches]:
@@ -117,7 +108,7 @@ def print_setup(console, recipe: Recipe, model, data: PreparedData, world: int) 
     console.print(
         f"data: {s.examples:,} train examples ({s.target_tokens:,} target tokens) in {len(data.train_rows):,} rows"
         f"{' packed' if recipe.data.packing else ''}, padding efficiency {data.padding_efficiency:.3f}; "
-        f"{data.eval_stats.examples + (len(data.eval_rows) if not data.eval_records else 0):,} held out"
+        f"{data.eval_stats.examples:,} held out"
     )
     if s.truncated or s.dropped or data.skipped_records:
         console.print(

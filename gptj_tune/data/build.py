@@ -1,0 +1,275 @@
+"""A recipe's data written into a token store (data/store.py): sources read a chunk of records at a
+time, tokenized in batches (the fast tokenizer encodes a batch on every core), appended to disk,
+then split, weighted and packed as index arrays. Memory stays flat: what is kept per example is its
+length and counts, and per instruction record an offset into a spill file of the records (so the
+held-out records can be read back once the split is known).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from ..recipe import DataSection
+from .encode import encoder
+from .formats import SkipLog, iter_records
+from .pack import pack_lengths
+from .store import StoreWriter
+from .templates import Template, get_template
+
+RECORDS_PER_CHUNK = 4096
+CHARS_PER_CHUNK = 4_000_000  # raw text tokenized per batch call
+PIECE_CHARS = 65_536  # a long document is cut into pieces this long (at exact boundaries) to spread it over cores
+
+Progress = Callable[[int, int], None]  # (records read so far, tokens written so far)
+
+
+def split_indices(n: int, fraction: float, cap: int, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic train/eval split of n items: the same (n, fraction, cap, seed) gives the same split."""
+    n_eval = min(cap, int(round(n * fraction))) if n > 1 else 0
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held = sorted(order[:n_eval])
+    keep = np.ones(n, bool)
+    keep[held] = False
+    return np.flatnonzero(keep).tolist(), held
+
+
+def apply_weight(indices: np.ndarray, weight: float, seed: int) -> np.ndarray:
+    """A source's example indices repeated `floor(weight)` times plus a seeded sample for the fraction."""
+    whole, frac = int(weight), weight - int(weight)
+    extra = random.Random(seed).sample(indices.tolist(), int(round(len(indices) * frac)))
+    return np.concatenate([np.tile(indices, whole), np.asarray(extra, np.int64)]).astype(np.int64)
+
+
+def build_store(section: DataSection, tokenizer, prompt_slots: int, folder: Path, progress: Progress | None = None) -> None:
+    """Every source of `section` read, tokenized, split, weighted and packed into the store at `folder`."""
+    template = get_template(section.template)
+    writer = StoreWriter(folder, len(tokenizer))
+    (encode, encoder_name), exact_cuts = encoder(tokenizer), cuts_are_exact(tokenizer)
+    train_parts, eval_parts, eval_records, sources = [], [], [], []
+    stats = {"train": _Stats(), "eval": _Stats()}
+    skipped = SkipLog(keep=20)
+    counter = _Counter(progress)
+    try:
+        for index, source in enumerate(section.sources):
+            first, skipped_before = writer.n_examples, skipped.count
+            records = counter.wrap(iter_records(source, index, section.on_bad_record, skipped))
+            if source.format == "text":
+                _write_text(records, encode, exact_cuts, tokenizer.eos_token_id, section.max_length, prompt_slots, writer, counter)
+                n = writer.n_examples - first
+                train_idx, eval_idx = split_indices(n, section.eval_fraction, section.eval_max, section.split_seed)
+                train = first + np.asarray(train_idx, np.int64)
+                held = first + np.asarray(eval_idx, np.int64)
+                dropped = {"train": 0, "eval": 0}
+                n_records = counter.records_of_source
+            else:
+                spill = folder / f"records-{index}.jsonl"
+                example_of, offsets = _write_instructions(records, encode, tokenizer.eos_token_id, template, section,
+                                                          prompt_slots, writer, spill, counter)  # fmt: skip
+                n_records = len(example_of)
+                train_idx, eval_idx = split_indices(n_records, section.eval_fraction, section.eval_max, section.split_seed)
+                train_of, held_of = example_of[train_idx], example_of[eval_idx]
+                train, held = train_of[train_of >= 0], held_of[held_of >= 0]
+                dropped = {"train": int((train_of < 0).sum()), "eval": int((held_of < 0).sum())}
+                eval_records += _read_lines(spill, offsets, eval_idx)
+                spill.unlink()
+            stats["train"].add(writer, train, dropped["train"])
+            stats["eval"].add(writer, held, dropped["eval"])
+            train_parts.append(apply_weight(train, source.weight, section.split_seed + index))
+            eval_parts.append(held)
+            sources.append({"format": source.format, "path": source.path, "records": n_records,
+                            "skipped": skipped.count - skipped_before, "examples": writer.n_examples - first,
+                            "train_examples": len(train), "held_out_examples": len(held)})  # fmt: skip
+            counter.next_source()
+        lengths = writer.lengths()
+        rows = {split: _rows(np.concatenate(parts), lengths, section.max_length, section.packing)
+                for split, parts in (("train", train_parts), ("eval", eval_parts))}  # fmt: skip
+        writer.finish(rows, {
+            "template": asdict(template), "eval_records": eval_records, "sources": sources,
+            "train_stats": vars(stats["train"]), "eval_stats": vars(stats["eval"]),
+            "skipped_records": skipped.count, "skipped_messages": skipped.messages,
+            "max_length": section.max_length, "prompt_slots": prompt_slots, "encoder": encoder_name,
+        })  # fmt: skip
+    except BaseException:
+        writer.abandon()
+        raise
+
+
+def _rows(examples: np.ndarray, lengths: np.ndarray, max_length: int, packing: bool) -> tuple[np.ndarray, np.ndarray]:
+    if not packing:
+        return np.arange(len(examples) + 1, dtype=np.int64), examples
+    row_starts, members = pack_lengths(lengths[examples], max_length)
+    return row_starts, examples[members]
+
+
+class _Stats:
+    """TokenizeStats of one split, counted from the writer's per-example arrays."""
+
+    def __init__(self):
+        self.examples = self.truncated = self.dropped = self.tokens = self.target_tokens = 0
+
+    def add(self, writer: StoreWriter, examples: np.ndarray, dropped: int) -> None:
+        self.examples += len(examples)
+        self.truncated += int(writer.truncated()[examples].sum())
+        self.dropped += dropped
+        self.tokens += int(writer.lengths()[examples].sum())
+        self.target_tokens += int(writer.target_counts()[examples].sum())
+
+
+class _Counter:
+    def __init__(self, progress: Progress | None):
+        self.progress, self.records, self.tokens, self.records_of_source = progress, 0, 0, 0
+
+    def wrap(self, records: Iterator[dict]) -> Iterator[dict]:
+        for r in records:
+            self.records += 1
+            self.records_of_source += 1
+            yield r
+
+    def wrote(self, tokens: int) -> None:
+        self.tokens += tokens
+        if self.progress:
+            self.progress(self.records, self.tokens)
+
+    def next_source(self) -> None:
+        self.records_of_source = 0
+
+
+def cuts_are_exact(tokenizer) -> bool:
+    """Whether a text cut between a non-space character, a newline and a non-space character
+    tokenizes to the same ids in pieces as whole: true of GPT-2's byte-level BPE (GPT-J, GPT-Neo),
+    whose pre-tokenizer always ends a word before a newline and starts one after it."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None:
+        return False
+    spec = json.loads(backend.to_str())
+    pre = spec.get("pre_tokenizer") or {}
+    return pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not spec.get("normalizer")
+
+
+_CUT = re.compile(r"(?<=\S\n)(?=\S)")
+
+
+def _pieces(text: str, exact_cuts: bool) -> list[str]:
+    """A document cut into pieces of about PIECE_CHARS at newlines between non-space characters."""
+    if not exact_cuts or len(text) <= 2 * PIECE_CHARS:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > 2 * PIECE_CHARS:
+        m = _CUT.search(text, start + PIECE_CHARS)
+        if m is None:
+            break
+        pieces.append(text[start : m.start()])
+        start = m.start()
+    pieces.append(text[start:])
+    return pieces
+
+
+def _write_text(records, encode, exact: bool, eos: int, max_length: int, slots: int, writer: StoreWriter,
+                counter: _Counter) -> None:  # fmt: skip
+    """Documents joined with EOS and cut into blocks of max_length - slots tokens; every token is a
+    target except the first of a block (nothing predicts it) and the soft prompt's slots."""
+    block = max_length - slots
+    carry = np.zeros(0, np.int64)
+    texts: list[str] = []
+    ends: list[bool] = []  # whether each piece ends a document (EOS follows it)
+    chars = 0
+
+    def flush(final: bool) -> None:
+        nonlocal carry, texts, ends, chars
+        parts = [carry]
+        for ids, end in zip(encode(texts), ends):
+            parts.append(np.asarray(ids, np.int64))
+            if end:
+                parts.append(np.asarray([eos], np.int64))
+        stream = np.concatenate(parts)
+        n_full = len(stream) // block
+        _append_blocks(stream[: n_full * block].reshape(n_full, block), eos, slots, writer)
+        carry = stream[n_full * block :]
+        if final and len(carry) >= 2:
+            _append_blocks(carry[None], eos, slots, writer)
+        counter.wrote(n_full * block + (len(carry) if final else 0))
+        texts, ends, chars = [], [], 0
+
+    for record in records:
+        pieces = _pieces(record["text"], exact)
+        texts += pieces
+        ends += [False] * (len(pieces) - 1) + [True]
+        chars += len(record["text"])
+        if chars >= CHARS_PER_CHUNK:
+            flush(final=False)
+    flush(final=True)
+
+
+def _append_blocks(blocks: np.ndarray, slot_id: int, slots: int, writer: StoreWriter) -> None:
+    n, width = blocks.shape
+    if n == 0:
+        return
+    ids = np.full((n, slots + width), slot_id, np.int64)
+    ids[:, slots:] = blocks
+    targets = np.ones((n, slots + width), np.uint8)
+    targets[:, : slots + 1] = 0
+    writer.append(ids.ravel(), targets.ravel(), np.full(n, slots + width))
+
+
+def _write_instructions(records, encode, eos: int, template: Template, section: DataSection, slots: int,
+                        writer: StoreWriter, spill: Path, counter: _Counter) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Prompt and response tokenized apart (so the response start is exact), prompt tokens masked
+    unless train_on_prompt, EOS appended as a target. Returns, per record, its example index (-1:
+    dropped) and its byte offset in the spill file."""
+    example_of: list[int] = []
+    offsets: list[int] = []
+    with open(spill, "wb") as out:
+        chunk: list[dict] = []
+        for record in records:
+            offsets.append(out.tell())
+            out.write(json.dumps(record).encode() + b"\n")
+            chunk.append(record)
+            if len(chunk) == RECORDS_PER_CHUNK:
+                example_of += _instruction_chunk(chunk, encode, eos, template, section, slots, writer, counter)
+                chunk = []
+        example_of += _instruction_chunk(chunk, encode, eos, template, section, slots, writer, counter)
+    return np.asarray(example_of, np.int64), np.asarray(offsets, np.int64)
+
+
+def _instruction_chunk(records, encode, eos, template, section, slots, writer, counter) -> list[int]:
+    if not records:
+        return []
+    limit = section.max_length - slots
+    prompts = encode([template.render_prompt(r["instruction"], r.get("input", "")) for r in records])
+    responses = encode([template.render_response(r["output"]) for r in records])
+    example_of, ids, targets, lengths, truncated = [], [], [], [], []
+    for p, r in zip(prompts, responses):
+        full = len(p) + len(r) + 1
+        keep = min(full, limit)
+        target = np.zeros(keep, np.uint8)
+        target[0 if section.train_on_prompt else len(p) :] = 1
+        target[0] = 0
+        if (full > limit and section.overlong == "drop") or not target.any():  # too long, or the prompt filled it
+            example_of.append(-1)
+            continue
+        example_of.append(writer.n_examples + len(lengths))
+        ids.append(np.asarray(([eos] * slots + p + r + [eos])[: slots + keep], np.int64))
+        targets.append(np.concatenate([np.zeros(slots, np.uint8), target]))
+        lengths.append(slots + keep)
+        truncated.append(full > limit)
+    if lengths:
+        writer.append(np.concatenate(ids), np.concatenate(targets), np.asarray(lengths), np.asarray(truncated))
+    counter.wrote(int(sum(lengths)))
+    return example_of
+
+
+def _read_lines(spill: Path, offsets: np.ndarray, picks: list[int]) -> list[dict]:
+    out = []
+    with open(spill, "rb") as f:
+        for i in picks:
+            f.seek(int(offsets[i]))
+            out.append(json.loads(f.readline()))
+    return out

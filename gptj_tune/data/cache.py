@@ -1,0 +1,164 @@
+"""The shared cache of token stores: one folder per content key, built once, read by every run.
+
+The key covers everything the tokens depend on: the data section (sources, template, max_length,
+packing, split, format options), the tokenizer's own definition (its serialized JSON, not its
+name), the soft prompt's slots, and for each local source file its path, size and modification
+time. A changed file, tokenizer or option gives a new key; a changed learning rate or a resume does
+not, so those runs start from the store at once.
+
+An entry is built in a temporary folder beside it and renamed into place, so a reader never sees a
+half-built store. One builder per entry at a time, on one machine or on several sharing the
+filesystem: the builder holds `KEY.building` (created with O_EXCL, touched every few seconds);
+the others wait for the entry, and take over a lock nobody has touched for STALE_AFTER seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from ..errors import DataError
+from ..recipe import DataSection
+from .store import FORMAT_VERSION
+
+HEARTBEAT = 5.0
+STALE_AFTER = 60.0
+
+
+def default_cache_dir() -> Path:
+    """GPTJ_TUNE_DATA_CACHE, else $XDG_CACHE_HOME/gptj-tune/data, else ~/.cache/gptj-tune/data."""
+    if os.environ.get("GPTJ_TUNE_DATA_CACHE"):
+        return Path(os.environ["GPTJ_TUNE_DATA_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "gptj-tune" / "data"
+
+
+def cache_dir_of(section: DataSection) -> Path:
+    return Path(section.cache_dir) if section.cache_dir else default_cache_dir()
+
+
+def cache_key(section: DataSection, tokenizer, prompt_slots: int) -> str:
+    spec = {
+        "format_version": FORMAT_VERSION,
+        "data": section.model_dump(mode="json", exclude={"cache_dir"}),
+        "tokenizer": _tokenizer_fingerprint(tokenizer),
+        "prompt_slots": prompt_slots,
+        "files": [_files_fingerprint(s.path) for s in section.sources],
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is not None:
+        text = backend.to_str()
+    else:
+        text = json.dumps(sorted(tokenizer.get_vocab().items())) + type(tokenizer).__name__
+    text += json.dumps([tokenizer.eos_token_id, len(tokenizer)])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _files_fingerprint(path: str | None) -> list:
+    """(relative path, size, mtime) of a local source's files; a hub id or synthetic data: nothing."""
+    if path is None or not Path(path).exists():
+        return []
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    out = []
+    for f in files:
+        st = f.stat()
+        out.append([str(f.relative_to(root)) if root.is_dir() else str(root.resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def open_or_build(root: Path, key: str, build: Callable[[Path], None], waiting: Callable[[str], None] | None = None) -> tuple[Path, bool]:
+    """The entry `root/key`, built by `build(folder)` unless it exists or another process builds it
+    (then this one waits). Returns (entry, whether this call built it)."""
+    entry = root / key
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"data.cache_dir: cannot create {root} ({e.strerror}); set data.cache_dir to a writable folder") from None
+    told = False
+    while not entry.exists():
+        lock = _BuildLock(root / f"{key}.building")
+        if lock.acquire():
+            try:
+                if entry.exists():  # finished between our look and our lock
+                    return entry, False
+                _build_into(root, entry, build)
+                return entry, True
+            finally:
+                lock.release()
+        if waiting and not told:
+            waiting(f"another process ({lock.holder()}) is preparing this data; waiting for {entry}")
+            told = True
+        time.sleep(0.5)
+    return entry, False
+
+
+def _build_into(root: Path, entry: Path, build: Callable[[Path], None]) -> None:
+    tmp = root / f".tmp-{entry.name}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, entry)
+        except OSError:
+            if not entry.exists():
+                raise
+            # Another builder's entry landed first (a lock taken over as stale); theirs is as good.
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _BuildLock:
+    def __init__(self, path: Path):
+        self.path = path
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def acquire(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                age = time.time() - self.path.stat().st_mtime
+            except FileNotFoundError:
+                return False  # released just now: the entry is there, or we try again
+            if age > STALE_AFTER:
+                self.path.unlink(missing_ok=True)  # its builder died; the next look takes it
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+        self._beat = threading.Thread(target=self._heartbeat, name="gptj-tune data lock", daemon=True)
+        self._beat.start()
+        return True
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def holder(self) -> str:
+        try:
+            who = json.loads(self.path.read_text())
+            return f"pid {who['pid']} on {who['host']}"
+        except (OSError, ValueError, KeyError):
+            return "unknown"
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._beat:
+            self._beat.join()
+        self.path.unlink(missing_ok=True)

@@ -1,0 +1,146 @@
+"""The token store: the same examples as tokenizing record by record, the shared cache (hits,
+rebuilds, one builder at a time), and the fast encoder's ids against the tokenizer's."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gptj_tune.data import prepare_data, split_indices
+from gptj_tune.data.build import _pieces
+from gptj_tune.data.encode import encoder
+from gptj_tune.data.formats import read_source
+from gptj_tune.data.templates import BUILTIN_TEMPLATES
+from gptj_tune.data.tokens import IGNORE, tokenize_instructions, tokenize_text
+from gptj_tune.recipe import DataSection, SourceSection
+
+
+def examples_of(rows) -> Counter:
+    """Each row split back into examples at position restarts."""
+    out = Counter()
+    for r in rows:
+        ids, labels, positions = (np.asarray(x).tolist() for x in (r.input_ids, r.labels, r.position_ids))
+        starts = [i for i, p in enumerate(positions) if p == 0] + [len(ids)]
+        for a, b in zip(starts, starts[1:]):
+            out[(tuple(ids[a:b]), tuple(labels[a:b]))] += 1
+    return out
+
+
+@pytest.mark.parametrize("slots", [0, 3])
+def test_store_holds_exactly_the_examples_of_record_by_record_tokenizing(shared_data, gpt2_tokenizer, tmp_path, slots):
+    """Instruction and text sources through the store give, split by split, the examples the
+    record-by-record path (tokens.py) gives for the same split, prompt slots in front."""
+    alpaca = SourceSection(format="alpaca", path=str(shared_data / "alpaca" / "alpaca_2k.json"), limit=400)
+    novel = shared_data / "domain" / "alice_in_wonderland_pg11.txt"
+    text = SourceSection(format="text", path=str(novel))
+    section = DataSection(sources=[alpaca, text], max_length=128, eval_fraction=0.05, on_bad_record="skip",
+                          overlong="drop", cache_dir=str(tmp_path))  # fmt: skip
+    data = prepare_data(section, gpt2_tokenizer, prompt_slots=slots)
+
+    def with_slots(examples):
+        return Counter((tuple([gpt2_tokenizer.eos_token_id] * slots + e.input_ids), tuple([IGNORE] * slots + e.labels))
+                       for e in examples)  # fmt: skip
+
+    records = read_source(alpaca, 0, "skip").records
+    train_idx, held_idx = split_indices(len(records), 0.05, 1000, 0)
+    args = (gpt2_tokenizer, BUILTIN_TEMPLATES["alpaca"], 128 - slots, False, "drop")
+    train, stats = tokenize_instructions([records[i] for i in train_idx], *args)
+    held, _ = tokenize_instructions([records[i] for i in held_idx], *args)
+    blocks, _ = tokenize_text(read_source(text, 1, "fail").records, gpt2_tokenizer, 128 - slots)
+    b_train, b_held = split_indices(len(blocks), 0.05, 1000, 0)
+    expected_train = with_slots(train) + with_slots([blocks[i] for i in b_train])
+    expected_held = with_slots(held) + with_slots([blocks[i] for i in b_held])
+    assert examples_of(data.train_rows) == expected_train
+    assert examples_of(data.eval_rows) == expected_held
+    assert data.eval_records == [records[i] for i in held_idx]
+    assert data.train_stats.dropped == stats.dropped > 0
+    assert data.train_stats.examples == len(train) + len(b_train)
+    assert data.train_stats.target_tokens == sum(sum(x != IGNORE for x in e.labels) for e in train) + \
+        sum(sum(x != IGNORE for x in blocks[i].labels) for i in b_train)  # fmt: skip
+    assert all(len(r.input_ids) <= 128 for r in data.train_rows) and data.padding_efficiency > 0.9
+    assert data.store.meta["encoder"] == "tiktoken"
+
+
+def test_second_prepare_reads_the_cache_and_a_changed_file_or_option_rebuilds(tmp_path, shared_data, gpt2_tokenizer):
+    corpus = tmp_path / "books"
+    corpus.mkdir()
+    for f in sorted((shared_data / "domain").glob("*.txt"))[:2]:
+        (corpus / f.name).write_bytes(f.read_bytes())
+    section = DataSection(sources=[SourceSection(format="text", path=str(corpus))], max_length=256, cache_dir=str(tmp_path / "cache"))
+    first = prepare_data(section, gpt2_tokenizer)
+    again = prepare_data(section, gpt2_tokenizer)
+    assert first.built and not again.built and again.store.folder == first.store.folder
+    assert examples_of(again.train_rows) == examples_of(first.train_rows)
+    longer = prepare_data(section.model_copy(update={"max_length": 512}), gpt2_tokenizer)
+    assert longer.built and longer.store.folder != first.store.folder
+    book = sorted(corpus.iterdir())[0]
+    book.write_text(book.read_text() + "\nOne more line.\n")
+    changed = prepare_data(section, gpt2_tokenizer)
+    assert changed.built and changed.train_stats.tokens > first.train_stats.tokens
+    assert not list((tmp_path / "cache").glob(".tmp-*")) and not list((tmp_path / "cache").glob("*.building"))
+
+
+def test_a_builder_in_progress_is_waited_for_and_a_dead_one_taken_over(tmp_path, shared_data, gpt2_tokenizer):
+    from gptj_tune.data import cache
+
+    section = DataSection(sources=[SourceSection(format="dolly", path=str(shared_data / "dolly" / "dolly_sample_train20.jsonl"))],
+                          template="dolly", max_length=256, cache_dir=str(tmp_path))  # fmt: skip
+    key = cache.cache_key(section, gpt2_tokenizer, 0)
+    lock = tmp_path / f"{key}.building"
+    lock.write_text('{"host": "elsewhere", "pid": 1}')  # a live builder: touched just now
+    got, messages = {}, []
+    waiter = threading.Thread(target=lambda: got.update(data=prepare_data(section, gpt2_tokenizer, waiting=messages.append)))
+    waiter.start()
+    time.sleep(1.5)
+    assert waiter.is_alive() and not (tmp_path / key).exists()
+    assert messages == [f"another process (pid 1 on elsewhere) is preparing this data; waiting for {tmp_path / key}"]
+    lock.unlink()  # that builder gave up without an entry: the waiter builds it
+    waiter.join(60)
+    assert got["data"].built and (tmp_path / key).is_dir()
+
+    other = section.model_copy(update={"max_length": 128})
+    stale = tmp_path / f"{cache.cache_key(other, gpt2_tokenizer, 0)}.building"
+    stale.write_text('{"host": "gone", "pid": 2}')
+    old = time.time() - cache.STALE_AFTER - 5
+    os.utime(stale, (old, old))
+    assert prepare_data(other, gpt2_tokenizer).built and not stale.exists()
+
+
+def test_the_fast_encoder_gives_the_tokenizers_ids(shared_data, gpt2_tokenizer):
+    encode, name = encoder(gpt2_tokenizer)
+    assert name == "tiktoken"
+    texts = [r["instruction"] + "\n" + r["output"] for r in read_source(
+        SourceSection(format="alpaca", path=str(shared_data / "alpaca" / "alpaca_2k.json")), 0, "skip").records]  # fmt: skip
+    texts += ["naïve café — 東京 🙂\t\ttabs  and   spaces\r\n", "ends with the marker<|endoftext|>and goes on", "", " "]
+    reference = [e.ids for e in gpt2_tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+    assert encode(texts) == reference
+    assert reference[-3].count(gpt2_tokenizer.eos_token_id) == 1  # the written-out marker is the one token
+
+
+def test_a_long_document_cut_into_pieces_tokenizes_as_whole(shared_data, gpt2_tokenizer):
+    text = (shared_data / "domain" / "pride_and_prejudice_pg1342.txt").read_text(encoding="utf-8-sig")
+    pieces = _pieces(text, exact_cuts=True)
+    assert len(pieces) > 5 and "".join(pieces) == text
+    encode, _ = encoder(gpt2_tokenizer)
+    assert [t for p in encode(pieces) for t in p] == gpt2_tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_rows_read_from_the_mapping_are_what_batches_collate(tmp_path, shared_data, gpt2_tokenizer):
+    from gptj_tune.data.batches import Batches
+
+    section = DataSection(sources=[SourceSection(format="alpaca", path=str(shared_data / "alpaca" / "alpaca_2k.json"), limit=200)],
+                          max_length=256, cache_dir=str(tmp_path))  # fmt: skip
+    data = prepare_data(section, gpt2_tokenizer)
+    assert isinstance(data.store.tokens, np.memmap) and data.store.tokens.dtype == np.uint16
+    batch = Batches(data.train_rows, 4, gpt2_tokenizer.pad_token_id, seed=0, shuffle=False).get(0)
+    first = data.train_rows[0]
+    n = len(first.input_ids)
+    assert batch["input_ids"][0, :n].tolist() == first.input_ids.tolist()
+    assert batch["labels"][0, :n].tolist() == first.labels.tolist()
+    assert Path(data.store.folder).parent == tmp_path
