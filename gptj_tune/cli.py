@@ -29,6 +29,8 @@ from .errors import GptjTuneError, RecipeError, Stopped
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="Fine-tune GPT-J (and GPT-Neo) from a YAML recipe.")
 recipes_app = typer.Typer(help="List shipped recipes, or copy one out to edit.", invoke_without_command=True)
 app.add_typer(recipes_app, name="recipes")
+data_app = typer.Typer(help="Prepare a recipe's data ahead of a run (a token store shared by runs), and look at it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -279,6 +281,43 @@ def plan(
     if refusal := planned.refusal():
         err_console.print(f"[bold red]will not fit:[/] {escape(refusal)}", soft_wrap=True)
         raise typer.Exit(2)
+
+
+@data_app.command("prepare")
+@_friendly
+def data_prepare(
+    recipe: str = typer.Argument(..., help="Recipe YAML file, or the name of a shipped recipe."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set data.max_length=1024 (repeatable)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Where to write the length histogram PNG (default: in the store)."),
+):
+    """Tokenize, split and pack the recipe's data into the shared cache (data.cache_dir) and print its statistics."""
+    from .data_commands import print_prepared, recipe_data
+    from .recipe import load_recipe
+
+    recipe_obj = load_recipe(_resolve_recipe_path(recipe), set_)
+    data, _, seconds = recipe_data(recipe_obj, console)
+    png = print_prepared(data, recipe_obj, seconds, console, plot)
+    console.print(f"length histogram: {escape(str(png))}" if png else "[dim]no length histogram: pip install 'gptj-tune[eval]' for matplotlib[/]")
+
+
+@data_app.command("show")
+@_friendly
+def data_show(
+    recipe: str = typer.Argument(..., help="Recipe YAML file, or the name of a shipped recipe."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key (repeatable)."),
+    n: int = typer.Option(3, "-n", min=1, help="Rows to show."),
+    start: int = typer.Option(0, "--start", min=0, help="First row to show."),
+    split: str = typer.Option("train", "--split", help="train, or eval (the held-out rows)."),
+):
+    """Print packed rows decoded: target tokens highlighted, example boundaries marked (the template and masking, before a GPU is paid for)."""
+    from .data_commands import recipe_data, show_rows
+    from .recipe import load_recipe
+
+    if split not in ("train", "eval"):
+        raise typer.BadParameter(f"expected train or eval, got {split!r}", param_hint="--split")
+    recipe_obj = load_recipe(_resolve_recipe_path(recipe), set_)
+    data, tokenizer, _ = recipe_data(recipe_obj, err_console)
+    show_rows(data, tokenizer, split, start, n, console)
 
 
 @recipes_app.callback()
