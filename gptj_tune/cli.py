@@ -91,7 +91,7 @@ def run(
     with signals_stop_the_command(passthrough=(typer.Exit,)):
         register_worker()  # under our launcher: signals reach this worker through the launching process
         path = _resolve_recipe_path(recipe)
-        recipe_obj = load_recipe(path, set_)
+        recipe_obj = load_recipe(path, set_, check_paths=True)
         if force:  # the run directory's own checks (train) know the recipe's inputs, not its file
             from .rundir import guard_output, is_frozen_recipe
 
@@ -136,7 +136,7 @@ def validate(
     """Check a recipe and print it fully resolved (every default filled in; `> file.yaml` saves it whole); exit 2 if invalid."""
     from .recipe import load_recipe
 
-    recipe_obj = load_recipe(_resolve_recipe_path(recipe), set_)
+    recipe_obj = load_recipe(_resolve_recipe_path(recipe), set_, check_paths=True)
     resolved = recipe_obj.to_yaml()
     if console.is_terminal:  # highlighted, long lines wrapped (never cut)
         console.print(Syntax(resolved, "yaml", theme="ansi_dark", background_color="default", word_wrap=True))
@@ -294,7 +294,7 @@ def data_prepare(
     from .data_commands import print_prepared, recipe_data
     from .recipe import load_recipe
 
-    recipe_obj = load_recipe(_resolve_recipe_path(recipe), set_)
+    recipe_obj = load_recipe(_resolve_recipe_path(recipe), set_, check_paths=True)
     data, _, seconds = recipe_data(recipe_obj, console)
     png = print_prepared(data, recipe_obj, seconds, console, plot)
     console.print(f"length histogram: {escape(str(png))}" if png else "[dim]no length histogram: pip install 'gptj-tune[eval]' for matplotlib[/]")
@@ -315,7 +315,7 @@ def data_show(
 
     if split not in ("train", "eval"):
         raise typer.BadParameter(f"expected train or eval, got {split!r}", param_hint="--split")
-    recipe_obj = load_recipe(_resolve_recipe_path(recipe), set_)
+    recipe_obj = load_recipe(_resolve_recipe_path(recipe), set_, check_paths=True)
     data, tokenizer, _ = recipe_data(recipe_obj, err_console)
     show_rows(data, tokenizer, split, start, n, console)
 

@@ -14,20 +14,22 @@ from .base import TINY_MODEL_NAME, Section
 
 
 class TinyModelSection(Section):
-    layers: int = Field(4, ge=1, description="Transformer blocks of the built-in tiny GPT-J.")
-    width: int = Field(128, ge=8, description="Hidden size (d_model) of the tiny GPT-J.")
-    heads: int = Field(4, ge=1, description="Attention heads; must divide `width`.")
-    rotary_dim: int = Field(16, ge=2, description="Rotary dimensions per head (GPT-J-6B uses 64 of 256).")
+    layers: int = Field(4, ge=1, le=256, description="Transformer blocks of the built-in tiny GPT-J.")
+    width: int = Field(128, ge=8, le=16384, description="Hidden size (d_model) of the tiny GPT-J.")
+    heads: int = Field(4, ge=1, le=256, description="Attention heads; must divide `width`.")
+    rotary_dim: int = Field(16, ge=2, le=4096, description="Rotary dimensions per head (GPT-J-6B uses 64 of 256).")
     vocab_size: int = Field(
         512,
         ge=260,
+        le=1 << 20,
         description="Size of the byte-level BPE our code trains on the demo data. Ignored when "
         "`model.tokenizer` names a tokenizer; the embedding then has GPT-J's padded size.",
     )
-    context: int = Field(512, ge=16, description="Maximum positions (n_positions).")
+    context: int = Field(512, ge=16, le=1 << 20, description="Maximum positions (n_positions).")
     init_std: float = Field(
         0.1,
         gt=0,
+        le=10,
         description="Std of the seeded normal init. Larger than GPT-J's 0.02 so that a LoRA on a frozen "
         "random head can still express confident predictions.",
     )
@@ -100,8 +102,8 @@ class FullMethod(Section):
 
 class LoraMethod(Section):
     kind: Literal["lora"] = Field(description="Low-rank adapters (peft) on frozen base weights.")
-    r: int = Field(16, ge=1, description="Adapter rank.")
-    alpha: float = Field(32, gt=0, description="Scaling numerator; the update is scaled by alpha / r.")
+    r: int = Field(16, ge=1, le=16384, description="Adapter rank.")
+    alpha: float = Field(32, gt=0, le=1e6, description="Scaling numerator; the update is scaled by alpha / r.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: list[str] | Literal["all-linear"] | None = Field(
         None,
@@ -164,13 +166,13 @@ class SourceSection(Section):
         "Relative paths are relative to the recipe file. Not used by `synthetic`.",
     )
     split: str = Field("train", description="Split to read from a hub dataset.")
-    weight: float = Field(1.0, gt=0, description="Sampling weight in the training mix: 2 repeats the source, 0.5 halves it.")
+    weight: float = Field(1.0, gt=0, le=1000, description="Sampling weight in the training mix: 2 repeats the source, 0.5 halves it.")
     limit: int | None = Field(None, ge=1, description="Read only the first N records.")
     prompt_field: str | None = Field(None, description="jsonl: field holding the prompt (instruction).")
     input_field: str | None = Field(None, description="jsonl: optional field holding extra input/context.")
     response_field: str | None = Field(None, description="jsonl: field holding the response.")
     text_field: str = Field("text", description="text: field of a JSONL file holding the document.")
-    count: int | None = Field(None, ge=10, description="synthetic: number of records to generate (default 4000).")
+    count: int | None = Field(None, ge=10, le=100_000_000, description="synthetic: number of records to generate (default 4000).")
     tasks: list[str] | None = Field(
         None, description="synthetic: tasks to generate (reverse, sort, upper, count, last); default all."
     )
@@ -235,7 +237,7 @@ class DataSection(Section):
     template: Literal["alpaca", "dolly", "plain"] | CustomTemplate = Field(
         "alpaca", description="Prompt template: alpaca, dolly, plain, or {prompt, prompt_with_input, response_suffix}."
     )
-    max_length: int = Field(512, ge=8, description="Tokens per training sequence (and per packed block).")
+    max_length: int = Field(512, ge=8, le=1 << 20, description="Tokens per training sequence (and per packed block).")
     packing: bool = Field(
         True,
         description="Pack several examples into each max_length row; positions restart per example and no token "

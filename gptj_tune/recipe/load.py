@@ -173,8 +173,11 @@ def _list_index(node: Any, part: Any, path: tuple, i: int) -> bool:
     return True
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read, override and validate a recipe file. Raises RecipeError listing every problem."""
+def load_recipe(path: str | Path, overrides: list[str] = (), check_paths: bool = False) -> Recipe:
+    """Read, override and validate a recipe file. Raises RecipeError listing every problem.
+    `check_paths`: also refuse data paths that are plainly local and do not exist (what `run`,
+    `validate` and `data` ask; a run's frozen recipe is read without it, so eval and export work
+    after the data has moved)."""
     path = Path(path)
     if path.is_dir():
         raise RecipeError([f"{path} is a folder; give a recipe file (YAML), or a shipped recipe's name (`gptj-tune recipes`)"])
@@ -205,7 +208,33 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if isinstance(output, dict):
         output.setdefault("dir", f"runs/{path.stem}")
     _resolve_source_paths(raw, path.parent)
-    return validate_recipe(raw, source=str(path), lines=lines, overrides={p for p, _ in parsed})
+    recipe = validate_recipe(raw, source=str(path), lines=lines, overrides={p for p, _ in parsed})
+    if check_paths and (missing := _missing_data_paths(recipe, lines, {p for p, _ in parsed})):
+        raise RecipeError(missing, source=str(path))
+    return recipe
+
+
+_DATA_SUFFIXES = (".json", ".jsonl", ".txt", ".csv", ".parquet", ".arrow")
+
+
+def looks_local(path: str) -> bool:
+    """Whether a data path can only mean a local file or folder: absolute, `./`, `../` or `~`, a
+    data file suffix, or more slashes than a hub id (`owner/name`) has. `novels` or `tatsu-lab/alpaca`
+    could be either, and are left to the run, which tries the hub after the disk."""
+    return (Path(path).is_absolute() or path.startswith(("./", "../", "~", ".\\")) or path.lower().endswith(_DATA_SUFFIXES)
+            or path.count("/") > 1 or "\\" in path)  # fmt: skip
+
+
+def _missing_data_paths(recipe: Recipe, lines: dict, overrides: set) -> list[str]:
+    problems = []
+    for i, source in enumerate(recipe.data.sources):
+        if source.path is None or not looks_local(source.path) or Path(source.path).expanduser().exists():
+            continue
+        loc = ("data", "sources", i, "path")
+        where = " (from --set)" if loc in overrides else f" (line {lines[loc]})" if loc in lines else ""
+        problems.append(f"`data.sources.{i}.path`{where}: {source.path} does not exist (a relative path is looked for "
+                        f"beside the recipe file, then in the current directory); fix the path, or copy the data there")  # fmt: skip
+    return problems
 
 
 def _resolve_source_paths(raw: dict, base: Path) -> None:

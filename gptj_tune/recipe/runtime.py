@@ -11,14 +11,14 @@ from .base import Section
 BENCHMARK_TASKS = ("lambada_openai", "hellaswag", "piqa", "winogrande", "arc_easy")  # the one list (evaluate.harness)
 
 class TrainSection(Section):
-    lr: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
-    epochs: int | None = Field(None, ge=1, description="Passes over the training data; null means 1 unless max_steps is set.")
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run; replaces `epochs`.")
-    batch_size: int = Field(8, ge=1, description="Rows per micro-batch (per device).")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
+    lr: float = Field(2e-4, gt=0, le=1, description="Peak learning rate (AdamW).")
+    epochs: int | None = Field(None, ge=1, le=100_000, description="Passes over the training data; null means 1 unless max_steps is set.")
+    max_steps: int | None = Field(None, ge=1, le=1_000_000_000, description="Optimizer steps to run; replaces `epochs`.")
+    batch_size: int = Field(8, ge=1, le=65536, description="Rows per micro-batch (per device).")
+    grad_accum: int = Field(1, ge=1, le=65536, description="Micro-batches per optimizer step.")
+    weight_decay: float = Field(0.0, ge=0, le=10, description="AdamW weight decay (not applied to biases and norms).")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
-    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    adam_eps: float = Field(1e-8, gt=0, le=1, description="AdamW epsilon.")
     optimizer: Literal["adamw", "adamw_8bit"] = Field(
         "adamw",
         description="`adamw`: moments in the trainable weights' dtype (torch's fused AdamW, or Kahan-compensated for "
@@ -47,13 +47,13 @@ class TrainSection(Section):
         "throwaway runs where a checkpoint's optimizer state would not fit the disk (GPT-J-6B full fine-tuning: "
         "~48 GB); a stop signal still saves one.",
     )
-    keep_last: int = Field(2, ge=1, description="Checkpoints to keep; older ones are deleted.")
+    keep_last: int = Field(2, ge=1, le=100_000, description="Checkpoints to keep; older ones are deleted.")
     loss: Literal["fused", "plain"] = Field(
         "fused",
         description="`fused`: cross-entropy over target tokens only, computed with its gradient a chunk at a time "
         "(no full fp32 logits). `plain`: full logits, then cross-entropy (the reference).",
     )
-    loss_chunk_tokens: int = Field(2048, ge=1, description="Tokens per chunk of the fused loss (memory: chunk x vocab x 4 bytes).")
+    loss_chunk_tokens: int = Field(2048, ge=1, le=1 << 24, description="Tokens per chunk of the fused loss (memory: chunk x vocab x 4 bytes).")
     keep_freed_memory: bool = Field(
         True,
         description="On CPU, keep memory the loop frees for reuse instead of handing it back to the OS each step "
@@ -120,7 +120,7 @@ class DistributedSection(Section):
         description="single: one process. ddp: data parallel, a full copy per process. deepspeed: ZeRO-2/3 "
         "sharding (set `deepspeed`). fsdp: PyTorch FSDP2 (`fully_shard`), each GPT-J block a shard unit.",
     )
-    num_processes: int = Field(1, ge=1, description="Processes per machine (one per GPU).")
+    num_processes: int = Field(1, ge=1, le=4096, description="Processes per machine (one per GPU).")
     num_machines: int = Field(1, ge=1, description="Machines in the job; run the same command on each.")
     machine_rank: int = Field(0, ge=0, description="This machine's index, 0 to num_machines - 1.")
     main_process_ip: str = Field("127.0.0.1", description="Address of machine 0, reachable from every machine.")

@@ -121,7 +121,7 @@ def _held_out_loss(run, model) -> float:
     recipe = load_recipe(run / "recipe.yaml")
     tokenizer = AutoTokenizer.from_pretrained(run / "final")
     data = prepare_data(recipe.data, tokenizer, recipe.prompt_slots())
-    assert all(row.input_ids[:8] == [tokenizer.eos_token_id] * 8 for row in data.eval_rows)  # each row starts with slots
+    assert all(list(row.input_ids[:8]) == [tokenizer.eos_token_id] * 8 for row in data.eval_rows)  # each row starts with slots
     return evaluate_loss(model, Batches(data.eval_rows, 8, tokenizer.pad_token_id, 0, shuffle=False), Accelerator(cpu=True))
 
 

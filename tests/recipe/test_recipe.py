@@ -181,6 +181,39 @@ def test_validate_writes_the_resolved_recipe_whole_when_saved_to_a_file(tmp_path
     assert again.to_yaml() == result.stdout and "valid" in result.stderr
 
 
+def test_values_that_pass_the_types_but_cannot_run_are_refused_with_their_bounds_in_one_pass(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", "model:\n  tiny: {width: 100000000000, layers: 100000}\ntrain:\n  lr: 50\n"
+                          "  batch_size: 10000000\ndata:\n  max_length: 100000000\n")  # fmt: skip
+    result = cli("validate", str(recipe))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    for line in ("`model.tiny.width` (line 2): Input should be less than or equal to 16384",
+                 "`model.tiny.layers` (line 2): Input should be less than or equal to 256",
+                 "`train.lr` (line 4): Input should be less than or equal to 1",
+                 "`train.batch_size` (line 5): Input should be less than or equal to 65536",
+                 "`data.max_length` (line 7): Input should be less than or equal to 1048576"):  # fmt: skip
+        assert line in result.stderr, result.stderr
+
+
+def test_validate_and_run_refuse_a_local_data_path_that_does_not_exist(tmp_path):
+    """A path that can only be local (a data file suffix, `./`, an absolute path) is checked by
+    `validate` and `run`; a bare name (`novels`, `tatsu-lab/alpaca`) may be a hub id and is left to the run."""
+    recipe = write_recipe(tmp_path / "r.yaml", "data:\n  sources:\n    - format: alpaca\n      path: data/alpaca.json\n"
+                          f"output: {{dir: {tmp_path / 'run'}}}\n")  # fmt: skip
+    for command in ("validate", "run"):
+        result = cli(command, str(recipe))
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert "`data.sources.0.path` (line 4): data/alpaca.json does not exist (a relative path is looked for beside " \
+               "the recipe file, then in the current directory)" in result.stderr  # fmt: skip
+    assert not (tmp_path / "run").exists()
+    result = cli("validate", str(recipe), "--set", "data.sources.0.path=/no/such/file.jsonl")
+    assert result.returncode == 2 and "`data.sources.0.path` (from --set): /no/such/file.jsonl does not exist" in result.stderr
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "alpaca.json").write_text('[{"instruction": "Say hi.", "input": "", "output": "hi"}]')
+    assert cli("validate", str(recipe)).returncode == 0
+    assert load_recipe(write_recipe(tmp_path / "hub.yaml", "data:\n  sources:\n    - {format: alpaca, path: tatsu-lab/alpaca}\n"),
+                       check_paths=True).data.sources[0].path == "tatsu-lab/alpaca"  # fmt: skip
+
+
 @pytest.mark.parametrize("text, message", [
     ("", "the file is empty: write the sections to change (`{}` for every default)"),
     ("# only a comment\n", "the file is empty"),
