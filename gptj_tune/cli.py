@@ -320,6 +320,27 @@ def data_show(
     show_rows(data, tokenizer, split, start, n, console)
 
 
+@app.command("runs")
+@_friendly
+def runs_(folder: Path = typer.Argument(Path("runs"), help="The folder holding run directories.")):
+    """A table of the runs under a folder: status (running, finished, interrupted at step N, failed), method, model, figures."""
+    from .runs import print_runs
+
+    print_runs(folder, console)
+
+
+@app.command()
+@_friendly
+def compare(
+    runs: list[Path] = typer.Argument(..., help="Two or more run directories."),
+    out: Path = typer.Option(Path("compare.png"), "--out", help="Where to write the PNG of the loss curves."),
+):
+    """Runs side by side: the recipe keys that differ, their figures, and one PNG overlaying the loss curves and held-out points."""
+    from .runs import print_comparison
+
+    print_comparison(runs, out, console)
+
+
 @recipes_app.callback()
 def recipes_list(ctx: typer.Context):
     """List shipped recipes with their descriptions."""

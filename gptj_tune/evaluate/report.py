@@ -91,7 +91,19 @@ def run_eval(request: EvalRequest, console) -> Path:
         report["plots"] = write_plots(report, target.run_dir, tmp)
         (tmp / "report.json").write_text(json.dumps(_jsonable(report), indent=2))
         (tmp / "report.md").write_text(report_markdown(report))
+    if recipe is not None and recipe.logging.trackers:
+        _to_trackers(recipe, target.run_dir, out)
     return out
+
+
+def _to_trackers(recipe, run_dir: Path, out: Path) -> None:
+    """The report (report.md, report.json, its PNGs) to the run's trackers, into the same tracker runs."""
+    from ..train.track import Trackers, check_trackers_installed
+
+    check_trackers_installed(recipe)
+    trackers = Trackers(recipe, RunDir(run_dir), skip_through=10**12)
+    trackers.artifacts([out / "report.md", out / "report.json", *sorted(out.glob("*.png"))])
+    trackers.finish()
 
 
 def _run_benchmarks(target: Target, files, limit, batch_size: int, device: str) -> dict:

@@ -98,8 +98,17 @@ def load_model_and_tokenizer(section: ModelSection, base: str, quantized=None, d
     if len(tokenizer) > rows:  # grow only: GPT-J's 50400 rows already cover 50257 tokens
         model.resize_token_embeddings(len(tokenizer))
     if section.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     return model, tokenizer
+
+
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing of every block, non-reentrant: transformers >= 5.2x names it
+    `activation_checkpointing_enable` (the old name warns on every run), older ones only the old name."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _from_pretrained(base: str, section: ModelSection, extra: dict | None = None):

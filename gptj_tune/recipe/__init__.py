@@ -24,6 +24,7 @@ from .runtime import (
     EvalSection,
     ExportSection,
     FsdpSection,
+    LoggingSection,
     OutputSection,
     TrainSection,
     check_shard_size,
@@ -33,6 +34,6 @@ from .schema import Recipe
 __all__ = [
     "BENCHMARK_TASKS", "METHOD_TYPES", "TINY_MODEL_NAME", "CustomTemplate", "DataSection", "DeepSpeedSection",
     "DistributedSection", "EvalSection", "ExportSection", "FsdpSection", "FullMethod", "LoraMethod", "Method",
-    "ModelSection", "OutputSection", "PromptTuningMethod", "QLoraMethod", "Recipe", "Section", "SourceSection", "TinyModelSection",
+    "LoggingSection", "ModelSection", "OutputSection", "PromptTuningMethod", "QLoraMethod", "Recipe", "Section", "SourceSection", "TinyModelSection",
     "TrainSection", "check_shard_size", "load_recipe", "parse_override", "reference_markdown", "validate_recipe",
 ]

@@ -235,3 +235,23 @@ class OutputSection(Section):
         description="Run directory. Default: runs/<recipe file name without .yaml>.",
         json_schema_extra={"shown_default": "`runs/<recipe stem>`"},
     )
+
+
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+
+
+class LoggingSection(Section):
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list,
+        description="Experiment trackers that get every metrics line, the recipe as hyperparameters and the run's "
+        "plots, from rank 0. Offline first: TensorBoard and MLflow write under the run directory (MLflow to "
+        "MLFLOW_TRACKING_URI when set), W&B runs offline unless WANDB_MODE or WANDB_API_KEY says otherwise. "
+        "Needs `pip install 'gptj-tune[trackers]'`.",
+    )
+    project: str = Field("gptj-tune", min_length=1, description="The MLflow experiment and W&B project the run goes in.")
+
+    @model_validator(mode="after")
+    def _check_unique(self):
+        if len(set(self.trackers)) != len(self.trackers):
+            raise ValueError("logging.trackers names a tracker twice; list each once")
+        return self

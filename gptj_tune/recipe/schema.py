@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from .base import TINY_MODEL_NAME, Section
 from .inputs import DataSection, LoraMethod, Method, ModelSection, PromptTuningMethod, QLoraMethod
-from .runtime import DistributedSection, EvalSection, ExportSection, OutputSection, TrainSection
+from .runtime import DistributedSection, EvalSection, ExportSection, LoggingSection, OutputSection, TrainSection
 
 
 class Recipe(Section):
@@ -20,6 +20,7 @@ class Recipe(Section):
     distributed: DistributedSection = Field(default_factory=DistributedSection, description="Processes and engine.")
     eval: EvalSection = Field(default_factory=EvalSection, description="Evaluation during and after training.")
     export: ExportSection = Field(default_factory=ExportSection, description="Export defaults.")
+    logging: LoggingSection = Field(default_factory=LoggingSection, description="Experiment trackers.")
     output: OutputSection = Field(description="Where the run directory goes.")
 
     @model_validator(mode="after")

@@ -24,6 +24,7 @@ from ..errors import Stopped, TrainingError
 from ..model.load import resolve_base
 from ..recipe import Recipe
 from ..rundir import RunDir, atomic_write_text, prepare_run_dir, rewind_metrics
+from .track import Trackers, check_trackers_installed, last_logged_step
 from .checkpoints import load_checkpoint, save_checkpoint
 from .engines import all_sum, is_deepspeed, prepare_model_and_optimizer
 from .memory import MemoryMeter, bf16_advice, keep_freed_memory
@@ -91,12 +92,15 @@ class Training:
     console: object
     benchmarks: object = None  # (model, step, log) -> None, or None
     fused_clip: torch.optim.Optimizer | None = None  # the optimizer that takes the clip in its step (optim.py)
+    trackers: Trackers | None = None  # logging.trackers, on the main process
 
     def log(self, record: dict) -> None:
-        """One line of metrics.jsonl (main process)."""
+        """One line of metrics.jsonl (main process), and the same to the trackers."""
         if self.accelerator.is_main_process:
             with open(self.run.metrics, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.trackers is not None:
+                self.trackers.log(record)
 
 
 def train(recipe: Recipe, resume: str | bool = False, force: bool = False, console=None,
@@ -110,6 +114,7 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     from .extension_builds import prepare_deepspeed_builds
     from .launch import in_worker
 
+    check_trackers_installed(recipe)
     if recipe.distributed.backend == "deepspeed" and not in_worker():  # one process, no launcher of ours
         prepare_deepspeed_builds(console or Console())
     accelerator = make_accelerator(recipe)
@@ -140,7 +145,7 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     # Built on the prepared optimizer (ZeRO-3 regroups the parameters), and not handed to
     # accelerate, whose scheduler wrapper steps once per process: stepped once per update here.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, recipe.train.schedule))
-    state = TrainState()
+    state, logged = TrainState(), last_logged_step(run) if checkpoint is not None and main else 0
     if checkpoint is not None:
         state = TrainState.from_saved(load_checkpoint(recipe, checkpoint, accelerator, model, optimizer, scheduler))
         if main and (damaged := rewind_metrics(run, state.step)):
@@ -153,8 +158,19 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
 
     benchmarks = benchmarks_during_training(recipe, run, accelerator, tokenizer, console)
     t = Training(recipe, run, accelerator, model, optimizer, scheduler, batches, held_out, loss_path, console, benchmarks,
-                 fused_clip=step_takes_the_clip(optimizer, accelerator))
-    last_loss = run_steps(t, state, total_steps, after_each_step)
+                 fused_clip=step_takes_the_clip(optimizer, accelerator),
+                 trackers=Trackers(recipe, run, logged) if main and recipe.logging.trackers else None)  # fmt: skip
+    if t.trackers is not None:
+        console.print(f"trackers: {t.trackers.where()}")
+    failed = run.path / "failed.json"  # what `gptj-tune runs` reports; a resume clears it
+    if main:
+        failed.unlink(missing_ok=True)
+    try:
+        last_loss = run_steps(t, state, total_steps, after_each_step)
+    except TrainingError as e:
+        if main:
+            atomic_write_text(failed, json.dumps({"step": state.step + 1, "message": str(e)}))
+        raise
 
     save_final(recipe, run, accelerator, model, tokenizer)
     eval_loss = evaluate_loss(model, held_out, accelerator, loss_path)
@@ -165,6 +181,9 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
         t.log({"step": state.step, "final_eval_loss": eval_loss, "exact_match": exact})
         result = TrainResult(run.path, state.step, last_loss, eval_loss, exact, state.tokens, state.slots, state.seconds, *peak)
         atomic_write_text(run.summary, json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items()}, indent=2))
+        if t.trackers is not None:
+            t.trackers.artifacts([run.recipe, run.summary])
+            t.trackers.finish()
     # Leave together: a process that exits while peers still hold the process group aborts.
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -220,13 +220,15 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 
 @pytest.mark.slow
 def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(tmp_path):
-    recipe = small_recipe(tmp_path, method="full", steps=50, save_every=1, lr=1e9)
-    result = cli("run", str(recipe), "--set", "train.max_grad_norm=null")
+    recipe = small_recipe(tmp_path, method="full", steps=50, save_every=1, lr=1)  # fp16 weights overflow at step 3
+    result = cli("run", str(recipe), "--set", "train.max_grad_norm=null", "--set", "model.dtype=float16")
     assert result.returncode == 1
     assert "training stopped before the update (last good checkpoint:" in result.stderr
     assert "Lower train.lr" in result.stderr and "Traceback" not in result.stderr
     saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert saved and not (tmp_path / "run" / "final").exists()
+    listed = cli("runs", str(tmp_path))
+    assert listed.returncode == 0 and "failed at step 3: loss is nan" in listed.stdout
 
 
 @pytest.mark.slow
