@@ -162,8 +162,9 @@ class RunDir:
         names = ", ".join(p.name for _, p in found) or "none"
         if which in (True, "latest"):
             if not found:
+                how = f"with --force (deletes {self.path})" if self.has_results() else "without --resume"
                 raise RunDirError(f"{self.path}: no checkpoint to resume from (checkpoints: {names}); it stopped before "
-                                  f"its first checkpoint: start it again without --resume")  # fmt: skip
+                                  f"its first checkpoint: start it again {how}")  # fmt: skip
             return found[-1][1]
         for _, p in found:
             if p.name == which:
@@ -200,6 +201,11 @@ def prepare_run_dir(recipe: Recipe, resume: str | bool, force: bool, create: boo
             raise RunDirError(
                 f"{run.path} holds a recipe.yaml that no run wrote there (a run writes its own recipe.yaml): move "
                 f"that file, or --set output.dir=runs/NEW for the run."
+            )
+        if not force and not run.list_checkpoints() and not run.final.exists():
+            raise RunDirError(
+                f"{run.path} holds a run that stopped before its first checkpoint, so there is nothing to resume: start "
+                f"it again with --force (deletes {run.path}), or --set output.dir=runs/NEW for a new run."
             )
         if not force:
             raise RunDirError(

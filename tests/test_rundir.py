@@ -62,3 +62,23 @@ def test_resume_compares_model_tiny_only_for_the_tiny_model():
     other = yaml.safe_load(tiny)
     other["model"]["tiny"]["width"] = 64
     assert _recipe_diff(yaml.safe_dump(other), tiny) == f"model.tiny.width (64 -> {yaml.safe_load(tiny)['model']['tiny']['width']})"
+
+
+def test_a_run_killed_before_its_first_checkpoint_gets_one_way_forward(tmp_path):
+    """Killed before its first checkpoint: `run` said "use --resume" and `--resume` said "start it
+    again without --resume", a circle. Both now say --force."""
+    from conftest import cli, small_recipe
+
+    recipe = small_recipe(tmp_path, steps=400, save_every=100)
+    run = tmp_path / "run"
+    run.mkdir()
+    from gptj_tune.recipe import load_recipe
+
+    (run / "recipe.yaml").write_text(load_recipe(recipe).to_yaml())  # what a killed run leaves: its recipe and steps
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 6.5}\n{"step": 2, "loss": 6.3}\n')
+    again = cli("run", str(recipe))
+    assert again.returncode == 2 and "stopped before its first checkpoint, so there is nothing to resume: start it " \
+        f"again with --force (deletes {run})" in again.stderr.replace("\n", " ")  # fmt: skip
+    resumed = cli("run", str(recipe), "--resume")
+    assert resumed.returncode == 2 and f"start it again with --force (deletes {run})" in resumed.stderr.replace("\n", " ")
+    assert "use --resume" not in again.stderr.lower() + resumed.stderr.lower()
