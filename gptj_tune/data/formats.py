@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import DataError
+from ..hub import hub_reachable, unreachable_note
 from ..recipe import SourceSection
 from . import synthetic
 
@@ -216,6 +217,7 @@ def _where_looked(path: str) -> str:
 
 
 def _hub_rows(source: SourceSection, key: str) -> Iterator[tuple[str, object]]:
+    hub_reachable()  # no route to the hub: offline at once, not a minute of retries
     try:
         import datasets
 
@@ -226,7 +228,7 @@ def _hub_rows(source: SourceSection, key: str) -> Iterator[tuple[str, object]]:
     except Exception as e:  # datasets raises many types for "not found" / "offline"
         raise DataError(
             f"{key}.path: {source.path!r} is not a local file or folder{_where_looked(source.path)}, and loading it as a hub dataset "
-            f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Check the path, or "
+            f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).{unreachable_note()} Check the path, or "
             f"download the dataset on a machine with network access and point `path` at the file."
         ) from None
     if first is None:

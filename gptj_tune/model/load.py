@@ -10,12 +10,12 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
 
 from ..errors import ModelError
+from ..hub import offline_by_choice, probe_unless_local, unreachable_note
 from ..recipe import TINY_MODEL_NAME, ModelSection
 from .attention import use_sdpa_attention
 from .kernels import use_one_kernel_gelu
@@ -125,6 +125,7 @@ def _load_with_attention(base: str, section: ModelSection, extra: dict):
     nor the restarting positions.)"""
     from transformers import AutoConfig
 
+    probe_unless_local(base)
     requested = section.attn_implementation
     if requested in ("auto", "sdpa", "flash_attention_2"):
         try:
@@ -176,6 +177,7 @@ def load_tokenizer(name: str | None, base: str, section: ModelSection):
     from transformers import AutoTokenizer
 
     source = name or base
+    probe_unless_local(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, revision=section.revision if source == base else None, trust_remote_code=section.trust_remote_code
@@ -205,7 +207,7 @@ def _load_hint(name: str, what: str, error: Exception, revision: str | None = No
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if Path(name).exists():
         return f"model.name_or_path: could not load the {what} from folder {name} ({first})"
-    offline = " HF_HUB_OFFLINE is set, so nothing is downloaded." if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+    offline = unreachable_note() or (" HF_HUB_OFFLINE is set, so nothing is downloaded." if offline_by_choice() else "")
     return (
         f"model.name_or_path: {name!r} is not a local folder, and loading the {what} from the hub failed "
         f"({first}).{offline} Download it on a machine with network access (e.g. `hf download {name}"
