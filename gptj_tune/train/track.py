@@ -123,7 +123,7 @@ class Trackers:
         step = record.get("step")
         if not isinstance(step, int) or (step <= self.skip_through and "final_eval_loss" not in record):
             return
-        values = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        values = _numbers({k: v for k, v in record.items() if k != "step"})
         for _, tracker in self.trackers:
             tracker.log(values, step=step)
 
@@ -149,6 +149,18 @@ class Trackers:
             self._open = False
             for _, tracker in self.trackers:
                 tracker.finish()
+
+
+def _numbers(record: dict, prefix: str = "") -> dict:
+    """The numbers of a metrics line, nested ones (benchmarks during training) as `benchmarks/piqa/acc`."""
+    out = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_numbers(value, f"{name}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = value
+    return out
 
 
 def _wandb_id() -> str:

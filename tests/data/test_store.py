@@ -144,3 +144,20 @@ def test_rows_read_from_the_mapping_are_what_batches_collate(tmp_path, shared_da
     assert batch["input_ids"][0, :n].tolist() == first.input_ids.tolist()
     assert batch["labels"][0, :n].tolist() == first.labels.tolist()
     assert Path(data.store.folder).parent == tmp_path
+
+
+def test_a_dataset_loaded_through_datasets_streams_row_by_row(tmp_path):
+    """A hub source goes through `datasets.load_dataset(..., streaming=True)`: rows come one at a
+    time (a dataset larger than memory or disk goes through). No hub here: the same call on a local
+    dataset folder, which `datasets` reads the way it reads a downloaded repository."""
+    import json as _json
+
+    from gptj_tune.data.formats import _hub_rows
+
+    folder = tmp_path / "my-dataset"
+    folder.mkdir()
+    rows = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(5)]
+    (folder / "train.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    got = list(_hub_rows(SourceSection(format="alpaca", path=str(folder)), "data.sources[0]"))
+    assert [dict(r) for _, r in got] == rows
+    assert got[0][0] == f"{folder}[train] row 1" and got[-1][0] == f"{folder}[train] row 5"

@@ -109,3 +109,22 @@ def test_a_run_with_gradient_checkpointing_and_trackers_prints_no_library_warnin
     result = cli("run", str(recipe), "--set", "model.gradient_checkpointing=true", own_process=True)
     assert result.returncode == 0, result.stderr
     assert "Warning" not in result.stderr and "warn" not in result.stdout.lower(), result.stderr
+
+
+def test_nested_figures_such_as_benchmarks_during_training_reach_the_tracker(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from gptj_tune.recipe import load_recipe
+    from gptj_tune.rundir import RunDir
+    from gptj_tune.train.track import Trackers
+
+    recipe = small_recipe(tmp_path)
+    recipe.write_text(recipe.read_text() + "logging:\n  trackers: [tensorboard]\n")
+    (tmp_path / "run").mkdir()
+    trackers = Trackers(load_recipe(recipe), RunDir(tmp_path / "run"))
+    trackers.log({"step": 10, "benchmarks": {"piqa": {"acc": 0.61, "acc_norm": 0.63}, "arc_easy": {"acc": 0.4}},
+                  "benchmark_limit": 50, "note": "text is left out"})  # fmt: skip
+    trackers.finish()
+    events = EventAccumulator(str(tmp_path / "run" / "trackers" / "tensorboard")).Reload()
+    assert {"benchmarks/piqa/acc", "benchmarks/piqa/acc_norm", "benchmarks/arc_easy/acc", "benchmark_limit"} <= set(events.Tags()["scalars"])
+    assert events.Scalars("benchmarks/piqa/acc")[0].step == 10 and events.Scalars("benchmarks/piqa/acc")[0].value == pytest.approx(0.61)
