@@ -5,7 +5,8 @@
       metrics.jsonl        one JSON line per step (and per eval)
       base-model/          the built tiny-gptj (only when the recipe uses it)
       checkpoints/step-N/  model or adapter (or ZeRO/FSDP shards), optimizer, scheduler, RNG per process
-      cache/               tokenized data shared by the processes of a multi-process run
+      trackers/            TensorBoard, MLflow and W&B files (logging.trackers, train/track.py)
+      failed.json          written when an error stopped training; removed by a resume
       final/               the trained model or adapter, with the tokenizer
       summary.json         steps, tokens, losses, wall time, exact match
 

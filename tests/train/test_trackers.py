@@ -84,7 +84,7 @@ def test_every_tracker_holds_each_step_once_across_a_resume(tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr
     assert {a.path for a in client.list_artifacts(ids["mlflow"])} >= {"report.md", "report.json", "loss.png"}
     assert "loss" in EventAccumulator(str(run / "trackers" / "tensorboard")).Reload().Tags()["images"]
-    assert len({p.name.rsplit("-", 1)[-1] for p in (run / "trackers" / "wandb").glob("offline-run-*")}) == 1  # one run id
+    assert len({p.stem for p in (run / "trackers" / "wandb").glob("offline-run-*/run-*.wandb")}) == 1  # one run id
     assert any(p.name == "report.md" for p in (run / "trackers" / "wandb").glob("offline-run-*/files/report.md"))
 
 
