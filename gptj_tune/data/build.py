@@ -246,22 +246,24 @@ def _instruction_chunk(records, encode, eos, template, section, slots, writer, c
     prompts = encode([template.render_prompt(r["instruction"], r.get("input", "")) for r in records])
     responses = encode([template.render_response(r["output"]) for r in records])
     example_of, ids, targets, lengths, truncated = [], [], [], [], []
+    prefix, no_targets = [eos] * slots, [0] * slots
     for p, r in zip(prompts, responses):
         full = len(p) + len(r) + 1
         keep = min(full, limit)
-        target = np.zeros(keep, np.uint8)
-        target[0 if section.train_on_prompt else len(p) :] = 1
-        target[0] = 0
-        if (full > limit and section.overlong == "drop") or not target.any():  # too long, or the prompt filled it
+        first = max(1, 0 if section.train_on_prompt else len(p))  # nothing predicts the first token
+        if (full > limit and section.overlong == "drop") or first >= keep:  # too long, or the prompt filled it
             example_of.append(-1)
             continue
         example_of.append(writer.n_examples + len(lengths))
-        ids.append(np.asarray(([eos] * slots + p + r + [eos])[: slots + keep], np.int64))
-        targets.append(np.concatenate([np.zeros(slots, np.uint8), target]))
+        ids += prefix
+        ids += (p + r + [eos])[:keep] if full > limit else p + r + [eos]
+        targets += no_targets
+        targets += [0] * first
+        targets += [1] * (keep - first)
         lengths.append(slots + keep)
         truncated.append(full > limit)
     if lengths:
-        writer.append(np.concatenate(ids), np.concatenate(targets), np.asarray(lengths), np.asarray(truncated))
+        writer.append(np.asarray(ids, np.int64), np.asarray(targets, np.uint8), np.asarray(lengths), np.asarray(truncated))
     counter.wrote(int(sum(lengths)))
     return example_of
 
