@@ -210,7 +210,7 @@ def generate(
     prompt: Optional[str] = typer.Option(None, "--prompt", help="One instruction (or raw text with --raw)."),
     input_: str = typer.Option("", "--input", help="The instruction's input/context, where the template has one."),
     file: Optional[str] = typer.Option(None, "--file", help="A file of prompts, one per line."),
-    chat: bool = typer.Option(False, "--chat", help="Interactive: type instructions, empty line or Ctrl-D to quit."),
+    chat: bool = typer.Option(False, "--chat", help="Interactive, empty line or Ctrl-D to quit: a model trained on conversations keeps one conversation (its chat template); others answer each line alone."),
     raw: bool = typer.Option(False, "--raw", help="Do not apply the prompt template."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy."),
@@ -243,7 +243,12 @@ def generate(
                 break
             if not line.strip():
                 break
-            generator.stream(line, console)
+            if generator.chat_template:  # trained on conversations: one conversation, turn by turn
+                from transformers import TextStreamer
+
+                generator.chat_turn(line, TextStreamer(generator.tokenizer, skip_prompt=True, skip_special_tokens=True))
+            else:
+                generator.stream(line, console)
 
 
 @app.command()

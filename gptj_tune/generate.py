@@ -24,6 +24,9 @@ class Generator:
         except OSError as e:
             raise ModelError(f"cannot load {target} ({str(e).splitlines()[0]})") from None
         self.template = None if raw else _template_of(resolved.run_dir or Path(target))
+        # A model trained on conversations: its tokenizer carries the chat template (saved with final/ and the export).
+        self.chat_template = None if raw else getattr(self.tokenizer, "chat_template", None)
+        self.history: list[dict] = []
         self.options = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
         if temperature > 0:
             self.options.update(temperature=temperature, top_p=top_p, top_k=top_k)
@@ -47,6 +50,22 @@ class Generator:
         )  # fmt: skip
         text = self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         return self.template.answer_in(text) if self.template else text.strip()
+
+    @torch.no_grad()
+    def chat_turn(self, message: str, streamer=None) -> str:
+        """One turn of a conversation kept across calls: the history and this message rendered with
+        the chat template and its generation prompt; the reply (up to EOS) joins the history."""
+        from .data.chat import render
+
+        torch.manual_seed(self.seed)
+        self.history.append({"role": "user", "content": message})
+        text = render(self.tokenizer, self.chat_template, self.history, add_generation_prompt=True)
+        ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(self.model.device)
+        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), eos_token_id=self.tokenizer.eos_token_id,
+                                  pad_token_id=self.tokenizer.pad_token_id, streamer=streamer, **self.options)  # fmt: skip
+        reply = self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        self.history.append({"role": "assistant", "content": reply})
+        return reply
 
     def stream(self, prompt: str, console, input: str = "") -> str:
         from transformers import TextStreamer

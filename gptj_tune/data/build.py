@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..recipe import DataSection
+from .chat import chat_ids, held_out_record, template_text
 from .encode import encoder
 from .formats import SkipLog, iter_records
 from .pack import pack_lengths
@@ -53,6 +54,7 @@ def build_store(section: DataSection, tokenizer, prompt_slots: int, folder: Path
     template = get_template(section.template)
     writer = StoreWriter(folder, len(tokenizer))
     (encode, encoder_name), exact_cuts = encoder(tokenizer), cuts_are_exact(tokenizer)
+    chat = template_text(section.chat_template)
     train_parts, eval_parts, eval_records, sources = [], [], [], []
     stats = {"train": _Stats(), "eval": _Stats()}
     skipped = SkipLog(keep=20)
@@ -71,14 +73,18 @@ def build_store(section: DataSection, tokenizer, prompt_slots: int, folder: Path
                 n_records = counter.records_of_source
             else:
                 spill = folder / f"records-{index}.jsonl"
-                example_of, offsets = _write_instructions(records, encode, tokenizer.eos_token_id, template, section,
-                                                          prompt_slots, writer, spill, counter)  # fmt: skip
+                if source.is_chat:
+                    example_of, offsets = _write_chats(records, tokenizer, chat, section, prompt_slots, writer, spill, counter)
+                else:
+                    example_of, offsets = _write_instructions(records, encode, tokenizer.eos_token_id, template, section,
+                                                              prompt_slots, writer, spill, counter)  # fmt: skip
                 n_records = len(example_of)
                 train_idx, eval_idx = split_indices(n_records, section.eval_fraction, section.eval_max, section.split_seed)
                 train_of, held_of = example_of[train_idx], example_of[eval_idx]
                 train, held = train_of[train_of >= 0], held_of[held_of >= 0]
                 dropped = {"train": int((train_of < 0).sum()), "eval": int((held_of < 0).sum())}
-                eval_records += _read_lines(spill, offsets, eval_idx)
+                held_records = _read_lines(spill, offsets, eval_idx)
+                eval_records += [held_out_record(tokenizer, chat, r) for r in held_records] if source.is_chat else held_records
                 spill.unlink()
             stats["train"].add(writer, train, dropped["train"])
             stats["eval"].add(writer, held, dropped["eval"])
@@ -266,6 +272,31 @@ def _instruction_chunk(records, encode, eos, template, section, slots, writer, c
         writer.append(np.asarray(ids, np.int64), np.asarray(targets, np.uint8), np.asarray(lengths), np.asarray(truncated))
     counter.wrote(int(sum(lengths)))
     return example_of
+
+
+def _write_chats(records, tokenizer, chat: str, section: DataSection, slots: int, writer: StoreWriter, spill: Path,
+                 counter: _Counter) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Each conversation one example: rendered with the chat template, tokenized whole, the loss on
+    the assistant turns (data/chat.py). Returns, per record, its example index (-1: dropped) and its
+    byte offset in the spill file."""
+    example_of: list[int] = []
+    offsets: list[int] = []
+    limit = section.max_length - slots
+    with open(spill, "wb") as out:
+        for record in records:
+            offsets.append(out.tell())
+            out.write(json.dumps(record).encode() + b"\n")
+            ids, targets = chat_ids(tokenizer, chat, record["messages"], section.train_on_prompt)
+            truncated = len(ids) > limit
+            ids, targets = ids[:limit], targets[:limit]
+            if (truncated and section.overlong == "drop") or not any(targets):
+                example_of.append(-1)
+                continue
+            example_of.append(writer.n_examples)
+            writer.append(np.asarray([tokenizer.eos_token_id] * slots + ids, np.int64),
+                          np.asarray([0] * slots + targets, np.uint8), np.asarray([slots + len(ids)]), np.asarray([truncated]))  # fmt: skip
+            counter.wrote(slots + len(ids))
+    return np.asarray(example_of, np.int64), np.asarray(offsets, np.int64)
 
 
 def _read_lines(spill: Path, offsets: np.ndarray, picks: list[int]) -> list[dict]:

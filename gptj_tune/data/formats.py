@@ -16,6 +16,7 @@ from ..errors import DataError
 from ..hub import hub_reachable, unreachable_note
 from ..recipe import SourceSection
 from . import synthetic
+from .chat import messages_of
 
 # (record field, fields it may come from in the file), per instruction format.
 FIELD_MAPS = {
@@ -57,6 +58,8 @@ def iter_records(source: SourceSection, index: int, on_bad_record: str, skipped:
     key = f"data.sources[{index}]"
     if source.format == "synthetic":
         records = synthetic.generate_records(source.count or 4000, tuple(source.tasks or synthetic.TASKS), source.seed)
+        if source.as_chat:
+            records = synthetic.as_conversations(records)
         for i, r in enumerate(records):
             r["origin"] = f"synthetic:{i + 1}"
         yield from records
@@ -85,6 +88,8 @@ def _to_record(source: SourceSection, raw, origin: str) -> dict:
         raise DataError(f"{origin}: expected a JSON object, got {type(raw).__name__}")
     if source.format == "text":
         return {"text": _field(raw, source.text_field, origin, allow_empty=False), "origin": origin}
+    if source.format == "chat":
+        return {"messages": messages_of(raw, origin), "origin": origin}
     if source.format == "jsonl":
         mapping = {"instruction": source.prompt_field, "input": source.input_field, "output": source.response_field}
     else:

@@ -73,3 +73,16 @@ def generate_records(count: int, tasks: list[str] | tuple[str, ...] = TASKS, see
         seen.add((task, text_in))
         records.append({"instruction": INSTRUCTIONS[task], "input": text_in, "output": text_out, "task": task})
     return records
+
+
+def as_conversations(records: list[dict]) -> list[dict]:
+    """The tasks as short dialogues (the chat demo): two records a conversation, each a user turn
+    (instruction and input) and the assistant's answer; every fourth one opens with a system turn."""
+    out = []
+    for n in range(0, len(records) - 1, 2):
+        messages = [{"role": "system", "content": "You answer in as few words as the task needs."}] if n % 8 == 0 else []
+        for r in records[n : n + 2]:
+            messages += [{"role": "user", "content": f"{r['instruction']}\n{r['input']}"},
+                         {"role": "assistant", "content": r["output"]}]  # fmt: skip
+        out.append({"messages": messages})
+    return out

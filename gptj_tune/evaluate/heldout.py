@@ -38,8 +38,9 @@ def greedy_answers(model, tokenizer, template: Template, records: list[dict], ma
     `token_budget`: rows of equal length need no padding, so each answer is the one the prompt gets
     alone (no pad positions, no shifted position ids), at a fraction of the calls.
     """
-    encoded = [tokenizer(template.render_prompt(r["instruction"], r.get("input", "")), add_special_tokens=False)["input_ids"]
-               for r in records]  # fmt: skip
+    # A held-out conversation carries its prompt rendered with the chat template (data/chat.py).
+    encoded = [tokenizer(r.get("prompt_text") or template.render_prompt(r["instruction"], r.get("input", "")),
+                         add_special_tokens=False)["input_ids"] for r in records]  # fmt: skip
     by_length: dict[int, list[int]] = defaultdict(list)
     for i, ids in enumerate(encoded):
         by_length[len(ids)].append(i)

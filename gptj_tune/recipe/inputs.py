@@ -5,7 +5,7 @@ from __future__ import annotations
 import string
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .base import TINY_MODEL_NAME, Section
 
@@ -155,10 +155,12 @@ METHOD_TYPES = {"full": FullMethod, "lora": LoraMethod, "qlora": QLoraMethod, "p
 
 
 class SourceSection(Section):
-    format: Literal["alpaca", "dolly", "text", "jsonl", "synthetic"] = Field(
+    format: Literal["alpaca", "dolly", "text", "jsonl", "chat", "synthetic"] = Field(
         description="alpaca: instruction/input/output (JSON array or JSONL). dolly: instruction/context/"
         "response/category. text: .txt files or JSONL `text_field`, documents joined with EOS and cut into "
-        "blocks. jsonl: any JSONL with `prompt_field`/`response_field`. synthetic: our generated demo tasks."
+        "blocks. jsonl: any JSONL with `prompt_field`/`response_field`. chat: conversations, `messages` "
+        "[{role, content}] or ShareGPT `conversations` [{from, value}], rendered with data.chat_template. "
+        "synthetic: our generated demo tasks."
     )
     path: str | None = Field(
         None,
@@ -177,6 +179,11 @@ class SourceSection(Section):
         None, description="synthetic: tasks to generate (reverse, sort, upper, count, last); default all."
     )
     seed: int = Field(0, description="synthetic: generation seed.")
+    as_chat: bool = Field(False, description="synthetic: the tasks as two-turn conversations (the chat demo).")
+
+    @property
+    def is_chat(self) -> bool:
+        return self.format == "chat" or self.as_chat
 
     @model_validator(mode="after")
     def _check_format_fields(self):
@@ -188,6 +195,8 @@ class SourceSection(Section):
             problems.append(f"`path` is required for format {self.format}: a local file/folder or a hub dataset id")
         if self.format != "synthetic":
             problems += [f"`{k}` only applies to format synthetic" for k in ("count", "tasks") if getattr(self, k) is not None]
+            if self.as_chat:
+                problems.append("`as_chat` only applies to format synthetic (format chat is already conversations)")
         if self.format == "jsonl":
             problems += [f"format jsonl needs `{k}`" for k in ("prompt_field", "response_field") if getattr(self, k) is None]
         else:
@@ -246,7 +255,13 @@ class DataSection(Section):
     overlong: Literal["truncate", "drop"] = Field(
         "truncate", description="What to do with examples longer than max_length (the count is printed)."
     )
-    train_on_prompt: bool = Field(False, description="Also compute the loss on prompt tokens.")
+    train_on_prompt: bool = Field(False, description="Also compute the loss on prompt tokens (chat: on every turn).")
+    chat_template: str = Field(
+        "gptj-chat",
+        min_length=1,
+        description="Chat sources: `gptj-chat` (`### User:` / `### Assistant:` turns, each reply ended by EOS; no new "
+        "tokens) or your own Jinja template, as transformers' `chat_template`. The export's tokenizer carries it.",
+    )
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="Fraction of records held out for evaluation.")
     eval_max: int = Field(1000, ge=0, description="At most this many held-out records.")
     split_seed: int = Field(0, description="Seed of the deterministic train/eval split.")
@@ -259,3 +274,19 @@ class DataSection(Section):
         "null: $GPTJ_TUNE_DATA_CACHE, else ~/.cache/gptj-tune/data. Put it on a filesystem every machine "
         "sees and the data is prepared once for all of them.",
     )
+
+
+    @field_validator("chat_template")
+    @classmethod
+    def _check_chat_template(cls, value: str) -> str:
+        if value in ("gptj-chat",):
+            return value
+        if "{{" not in value and "{%" not in value:
+            raise ValueError(f"{value!r} is not a built-in chat template (gptj-chat) nor a Jinja template ({{% ... %}}, {{{{ ... }}}})")
+        import jinja2
+
+        try:
+            jinja2.Environment().parse(value)
+        except jinja2.TemplateSyntaxError as e:
+            raise ValueError(f"the Jinja template does not parse: {e.message} (line {e.lineno} of the template)") from None
+        return value

@@ -10,6 +10,7 @@ import torch
 from rich.markup import escape
 
 from ..data import PreparedData, prepare_data
+from ..data.chat import template_text
 from ..data.progress import data_progress
 from ..data.batches import Batches
 from ..errors import DataError, RecipeError
@@ -74,6 +75,8 @@ def data_for_run(recipe: Recipe, tokenizer, console) -> PreparedData:
     """The recipe's token store from the shared cache, or built now with a progress line. Every
     process asks; one builds (data/cache.py), the others wait for the file, not in a collective, so
     a long preprocessing step cannot hit a collective timeout."""
+    if any(source.is_chat for source in recipe.data.sources):  # saved with final/ and the export: apply_chat_template works
+        tokenizer.chat_template = template_text(recipe.data.chat_template)
     with data_progress(console) as progress:
         data = prepare_data(recipe.data, tokenizer, recipe.prompt_slots(), progress, console.print)
     if not data.built:

@@ -1,0 +1,119 @@
+"""Conversations: messages checked and normalised, chat templates (Jinja, as transformers' are),
+and a conversation turned into token ids with the loss on the assistant turns only.
+
+The ids are exactly what `tokenizer.apply_chat_template(messages)` gives in plain transformers:
+the conversation is rendered with the template (transformers' own renderer), the whole text is
+tokenized once, and a token is a target when it starts inside an assistant turn's span. A span is
+found by rendering: the conversation up to the turn with the generation prompt, then with the turn;
+the difference is the reply and its end marker.
+
+The built-in template `gptj-chat` uses text GPT-J's tokenizer already has (`### User:`,
+`### Assistant:`) and ends each reply with EOS (`<|endoftext|>`, id 50256), the token GPT-J was
+trained to end documents with: no new special tokens, so no embedding rows to train or export.
+"""
+
+from __future__ import annotations
+
+from ..errors import DataError
+
+GPTJ_CHAT = (
+    "{%- for message in messages -%}"
+    "{%- if not loop.first %}{{ '\\n\\n' }}{% endif -%}"
+    "{%- if message['role'] == 'system' -%}{{ message['content'] }}"
+    "{%- elif message['role'] == 'user' -%}{{ '### User:\\n' + message['content'] }}"
+    "{%- else -%}{{ '### Assistant:\\n' + message['content'] + eos_token }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '\\n\\n### Assistant:\\n' }}{%- endif -%}"
+)
+CHAT_TEMPLATES = {"gptj-chat": GPTJ_CHAT}
+
+ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+         "bot": "assistant", "model": "assistant"}  # fmt: skip
+
+
+def template_text(spec: str) -> str:
+    """A built-in template's Jinja text, or the recipe's own Jinja as it is."""
+    return CHAT_TEMPLATES.get(spec, spec)
+
+
+def messages_of(raw: dict, origin: str) -> list[dict]:
+    """`messages: [{role, content}]` (OpenAI) or ShareGPT `conversations: [{from, value}]`, checked,
+    as [{role, content}] with roles system, user, assistant."""
+    if "messages" in raw:
+        turns, role_key, text_key, field = raw["messages"], "role", "content", "messages"
+    elif "conversations" in raw:
+        turns, role_key, text_key, field = raw["conversations"], "from", "value", "conversations"
+    else:
+        raise DataError(f"{origin}: a chat record needs `messages` (role/content) or `conversations` (from/value); "
+                        f"fields present: {', '.join(raw) or 'none'}")  # fmt: skip
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{origin}: `{field}` must be a non-empty list of turns")
+    out = []
+    for n, turn in enumerate(turns):
+        where = f"{origin}: `{field}[{n}]`"
+        if not isinstance(turn, dict):
+            raise DataError(f"{where} must be an object with `{role_key}` and `{text_key}`, got {type(turn).__name__}")
+        for key in (role_key, text_key):
+            if key not in turn:
+                raise DataError(f"{where} has no `{key}`")
+        role, text = turn[role_key], turn[text_key]
+        if not isinstance(role, str) or role.lower() not in ROLES:
+            raise DataError(f"{where}: unknown role {role!r}; expected system, user or assistant "
+                            f"(ShareGPT: system, human, gpt)")  # fmt: skip
+        if not isinstance(text, str):
+            raise DataError(f"{where}: `{text_key}` must be a string, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"{where}: `{text_key}` holds half of a UTF-16 surrogate pair, not text") from None
+        out.append({"role": ROLES[role.lower()], "content": text})
+    if not any(m["role"] == "assistant" for m in out):
+        raise DataError(f"{origin}: the conversation has no assistant turn, so nothing to learn from")
+    return out
+
+
+def render(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)  # fmt: skip
+
+
+def assistant_spans(tokenizer, template: str, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns."""
+    text = render(tokenizer, template, messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render(tokenizer, template, messages[:i], add_generation_prompt=True) if i else ""
+        upto = render(tokenizer, template, messages[: i + 1])
+        if not upto.startswith(before) or not text.startswith(upto):
+            raise DataError("data.chat_template: rendering a conversation turn by turn does not give its beginning "
+                            "(the template changes earlier turns when later ones follow); assistant turns cannot be "
+                            "found, so the loss cannot be limited to them")  # fmt: skip
+        spans.append((len(before), len(upto)))
+    return text, spans
+
+
+def chat_ids(tokenizer, template: str, messages: list[dict], train_on_prompt: bool) -> tuple[list[int], list[int]]:
+    """Token ids of the rendered conversation, and 1 where a token is a target (in an assistant
+    turn, or any token but the first with train_on_prompt)."""
+    text, spans = assistant_spans(tokenizer, template, messages)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    if train_on_prompt:
+        return ids, [0] + [1] * (len(ids) - 1)
+    targets = [int(any(a <= start < b for a, b in spans)) for start, _ in encoded["offset_mapping"]]
+    if targets:
+        targets[0] = 0
+    return ids, targets
+
+
+def held_out_record(tokenizer, template: str, record: dict) -> dict:
+    """A held-out conversation as an instruction record: everything before the last assistant turn
+    rendered with the generation prompt is the prompt, that turn the reference answer."""
+    messages = record["messages"]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    prompt = render(tokenizer, template, messages[:last], add_generation_prompt=True)
+    return {"instruction": prompt, "input": "", "output": messages[last]["content"], "prompt_text": prompt,
+            "origin": record["origin"], "messages": messages}  # fmt: skip

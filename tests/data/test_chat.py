@@ -1,0 +1,139 @@
+"""Conversations (`format: chat`): the ids are what apply_chat_template gives, the targets are the
+assistant replies and their EOS, bad records are file:line errors, and a tiny model learns the chat
+demo with a tokenizer that carries its template through the export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import RECIPES, cli
+
+from gptj_tune.data import prepare_data
+from gptj_tune.data.chat import GPTJ_CHAT
+from gptj_tune.data.formats import read_source
+from gptj_tune.errors import DataError
+from gptj_tune.recipe import DataSection, SourceSection
+
+CONVERSATIONS = [
+    {"messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."},
+                  {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another one?"},
+                  {"role": "assistant", "content": "Green, or red."}]},
+    {"messages": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]},
+    {"conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi!"},
+                       {"from": "human", "value": "Now in French."}, {"from": "gpt", "value": "Salut !"}]},
+]  # fmt: skip
+
+
+def messages(record: dict) -> list[dict]:
+    if "messages" in record:
+        return record["messages"]
+    role = {"human": "user", "gpt": "assistant"}
+    return [{"role": role[t["from"]], "content": t["value"]} for t in record["conversations"]]
+
+
+def chat_section(tmp_path, records, **extra) -> DataSection:
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return DataSection(sources=[SourceSection(format="chat", path=str(path))], packing=False, eval_fraction=0,
+                       max_length=256, cache_dir=str(tmp_path / "cache"), **extra)  # fmt: skip
+
+
+def test_examples_are_apply_chat_template_ids_and_the_targets_are_the_replies(tmp_path, gpt2_tokenizer):
+    from transformers import AutoTokenizer
+
+    data = prepare_data(chat_section(tmp_path, CONVERSATIONS), gpt2_tokenizer)
+    gpt2_tokenizer.chat_template = GPTJ_CHAT
+    gpt2_tokenizer.save_pretrained(tmp_path / "tok")  # what final/ and the export hold
+    plain = AutoTokenizer.from_pretrained(tmp_path / "tok")  # plain transformers, nothing of ours
+    assert len(data.train_rows) == len(CONVERSATIONS)  # a conversation is one example, kept whole
+    for row, record in zip(data.train_rows, CONVERSATIONS):
+        turns = messages(record)
+        assert row.input_ids.tolist() == plain.apply_chat_template(turns, tokenize=True, return_dict=True)["input_ids"]
+        replies = "".join(m["content"] + "<|endoftext|>" for m in turns if m["role"] == "assistant")
+        assert gpt2_tokenizer.decode(row.input_ids[row.labels != -100]) == replies
+        # the prompt of the last reply, with the generation prompt, is the row up to that reply
+        last = max(i for i, m in enumerate(turns) if m["role"] == "assistant")
+        prompt = plain.apply_chat_template(turns[:last], tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+        assert row.input_ids.tolist()[: len(prompt)] == prompt and row.labels[len(prompt)] != -100
+        assert row.labels[len(prompt) - 1] == -100
+
+
+def test_train_on_prompt_and_a_recipes_own_template(tmp_path, gpt2_tokenizer):
+    own = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}"
+           "{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")  # fmt: skip
+    data = prepare_data(chat_section(tmp_path, CONVERSATIONS[:2], chat_template=own), gpt2_tokenizer)
+    row = data.train_rows[1]
+    assert gpt2_tokenizer.decode(row.input_ids) == "<user>What is 2 + 2?\n<assistant>4<|endoftext|>\n"
+    assert gpt2_tokenizer.decode(row.input_ids[row.labels != -100]) == "4<|endoftext|>\n"  # the template's turn, as it renders it
+    everything = prepare_data(chat_section(tmp_path, CONVERSATIONS[:2], train_on_prompt=True), gpt2_tokenizer)
+    row = everything.train_rows[1]
+    assert (row.labels[1:] != -100).all() and row.labels[0] == -100
+
+
+@pytest.mark.parametrize("line, message", [
+    ({"text": "hi"}, "a chat record needs `messages` (role/content) or `conversations` (from/value)"),
+    ({"messages": []}, "`messages` must be a non-empty list of turns"),
+    ({"messages": [{"content": "hi"}]}, "`messages[0]` has no `role`"),
+    ({"messages": [{"role": "user"}]}, "`messages[0]` has no `content`"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "`messages[0]`: unknown role 'robot'; expected system, user or assistant"),
+    ({"messages": [{"role": "user", "content": 3}]}, "`messages[0]`: `content` must be a string, got int"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "the conversation has no assistant turn"),
+    ({"conversations": [{"from": "human", "value": "hi"}, "oops"]}, "`conversations[1]` must be an object with `from` and `value`"),
+])  # fmt: skip
+def test_a_bad_conversation_is_a_file_line_error_or_skipped_and_counted(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(line) + "\n")
+    source = SourceSection(format="chat", path=str(path))
+    with pytest.raises(DataError) as raised:
+        read_source(source, 0, "fail")
+    assert str(raised.value).startswith(f"{path}:2: ") and message in str(raised.value)
+    read = read_source(source, 0, "skip")
+    assert len(read.records) == 1 and len(read.skipped) == 1 and message in read.skipped[0]
+
+
+@pytest.mark.slow
+def test_the_chat_demo_learns_and_its_export_carries_the_template(tmp_path):
+    from transformers import AutoTokenizer
+
+    run = tmp_path / "run"
+    result = cli("run", str(RECIPES / "chat-quickstart.yaml"), "--set", "data.sources.0.count=2000", "--set", "train.max_steps=120",
+                 "--set", "eval.every_steps=60", "--set", "eval.generate_samples=20", "--set", f"output.dir={run}")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in lines if "loss" in m]
+    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:10])
+    assert any("exact_match" in m for m in lines)
+    out = tmp_path / "export"
+    exported = cli("export", str(run), "--out", str(out))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    conversation = [{"role": "system", "content": "You answer in as few words as the task needs."},
+                    {"role": "user", "content": "What is the last word?\ncake tent iron"},
+                    {"role": "assistant", "content": "iron"}, {"role": "user", "content": "Reverse the order of the words.\nfish oak"}]  # fmt: skip
+    for folder in (run / "final", out):
+        plain = AutoTokenizer.from_pretrained(folder)
+        text = plain.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        assert text.endswith("### User:\nReverse the order of the words.\nfish oak\n\n### Assistant:\n") and "iron<|endoftext|>" in text
+    chat = cli("generate", str(run), "--chat", input="What is the last word?\ncake tent iron\n\n")
+    assert chat.returncode == 0, chat.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_the_gptj_chat_recipe_runs_on_conversations_with_a_tiny_model(tmp_path, shared_data):
+    """The shipped GPT-J-6B chat recipe, a tiny model in its place, on the Dolly sample as conversations."""
+    rows = [json.loads(line) for line in (shared_data / "dolly" / "dolly_sample_train20.jsonl").read_text().splitlines()]
+    folder = tmp_path / "conversations"
+    folder.mkdir()
+    (folder / "dolly.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": r["instruction"] + ("\n" + r["context"] if r["context"] else "")},
+        {"role": "assistant", "content": r["response"]}]}) + "\n" for r in rows))  # fmt: skip
+    result = cli("run", str(RECIPES / "gptj-chat-lora.yaml"), "--set", "model.name_or_path=tiny-gptj", "--set", "model.revision=null",
+                 "--set", "model.dtype=float32", "--set", "model.gradient_checkpointing=false", "--set", "model.tiny.layers=2",
+                 "--set", f"data.sources.0.path={folder}", "--set", "data.max_length=256", "--set", "train.epochs=null",
+                 "--set", "train.max_steps=3", "--set", "train.batch_size=2", "--set", "train.grad_accum=1", "--set", "train.warmup_steps=1",
+                 "--set", "train.save_every=3", "--set", "eval.generate_samples=2", "--set", f"output.dir={tmp_path / 'run'}")  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "### Assistant:" in (tmp_path / "run" / "final" / "chat_template.jinja").read_text() or \
+        "### Assistant:" in (tmp_path / "run" / "final" / "tokenizer_config.json").read_text()  # fmt: skip
