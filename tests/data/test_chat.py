@@ -58,6 +58,14 @@ def test_examples_are_apply_chat_template_ids_and_the_targets_are_the_replies(tm
         prompt = plain.apply_chat_template(turns[:last], tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
         assert row.input_ids.tolist()[: len(prompt)] == prompt and row.labels[len(prompt)] != -100
         assert row.labels[len(prompt) - 1] == -100
+    packed = prepare_data(chat_section(tmp_path, CONVERSATIONS * 4).model_copy(update={"packing": True}), gpt2_tokenizer)
+    assert len(packed.train_rows) < len(CONVERSATIONS) * 4  # several conversations a row, each whole
+    found = []
+    for row in packed.train_rows:
+        starts = [i for i, p in enumerate(row.position_ids.tolist()) if p == 0] + [len(row.input_ids)]
+        found += [row.input_ids[a:b].tolist() for a, b in zip(starts, starts[1:])]
+    expected = [plain.apply_chat_template(messages(r), tokenize=True, return_dict=True)["input_ids"] for r in CONVERSATIONS * 4]
+    assert sorted(found) == sorted(expected)
 
 
 def test_train_on_prompt_and_a_recipes_own_template(tmp_path, gpt2_tokenizer):
@@ -116,8 +124,15 @@ def test_the_chat_demo_learns_and_its_export_carries_the_template(tmp_path):
         plain = AutoTokenizer.from_pretrained(folder)
         text = plain.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
         assert text.endswith("### User:\nReverse the order of the words.\nfish oak\n\n### Assistant:\n") and "iron<|endoftext|>" in text
-    chat = cli("generate", str(run), "--chat", input="What is the last word?\ncake tent iron\n\n")
+    chat = cli("generate", str(run), "--chat", input="What is the last word? cake tent iron\nAnd the first?\n\n")
     assert chat.returncode == 0, chat.stderr[-2000:]
+    from gptj_tune.generate import Generator
+
+    generator = Generator(str(out), max_new_tokens=8)  # the export: its tokenizer's template drives the conversation
+    first = generator.chat_turn("Write the words in capital letters.\ncake tent")
+    generator.chat_turn("Reverse the order of the words.\nfish oak")
+    assert [m["role"] for m in generator.history] == ["user", "assistant", "user", "assistant"]
+    assert generator.history[1]["content"] == first and first.strip()
 
 
 @pytest.mark.slow
