@@ -212,6 +212,20 @@ def cli(*args: str, timeout: int = 600, own_process: bool | None = None, **kwarg
     return _cli_in_process(list(args), kwargs.get("input"))
 
 
+def start_run_until(recipe: Path, checkpoint: Path, timeout: float = 300):
+    """`gptj-tune run RECIPE` started in a process of its own, returned once `checkpoint` exists (or
+    after `timeout` s): a live run to test against; the caller kills it."""
+    import subprocess
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "gptj_tune", "run", str(recipe)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + timeout
+    while time.time() < deadline and not checkpoint.exists():
+        time.sleep(0.05)
+    return proc
+
+
 def _needs_own_process(arg: str) -> bool:
     """Whether the argument, or the recipe file it names, asks for any of _NEEDS_OWN_PROCESS."""
     path = Path(arg)

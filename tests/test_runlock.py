@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import cli, small_recipe
+from conftest import cli, small_recipe, start_run_until
 
 from gptj_tune.errors import RunDirError
 from gptj_tune.runlock import STALE_AFTER, RunLock
@@ -55,12 +55,8 @@ def test_the_lock_names_its_holder_and_is_taken_over_only_when_the_holder_is_gon
 @pytest.mark.slow
 def test_a_second_run_on_a_training_run_directory_is_refused_and_a_killed_ones_lock_taken_over(tmp_path):
     recipe = small_recipe(tmp_path, steps=400, save_every=5)
-    proc = subprocess.Popen([sys.executable, "-m", "gptj_tune", "run", str(recipe)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = start_run_until(recipe, tmp_path / "run" / "checkpoints" / "step-5")
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not (tmp_path / "run" / "checkpoints" / "step-5").exists():
-            time.sleep(0.05)
         for args in (["--resume", "latest"], ["--force"]):
             second = cli("run", str(recipe), *args)
             assert second.returncode == 2, second.stderr[-2000:]

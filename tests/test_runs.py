@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
-from conftest import cli, small_recipe
+from conftest import cli, small_recipe, start_run_until
 
 
 @pytest.mark.slow
@@ -17,12 +14,8 @@ def test_runs_reports_finished_running_and_killed_runs_and_compare_names_the_dif
     done = small_recipe(tmp_path, steps=6, save_every=3, out=runs / "done", name="done.yaml")
     assert cli("run", str(done)).returncode == 0
     killed = small_recipe(tmp_path, steps=400, save_every=5, lr=1e-3, out=runs / "killed", name="killed.yaml")
-    proc = subprocess.Popen([sys.executable, "-m", "gptj_tune", "run", str(killed)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = start_run_until(killed, runs / "killed" / "checkpoints" / "step-5")
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not (runs / "killed" / "checkpoints" / "step-5").exists():
-            time.sleep(0.05)
         listed = cli("runs", str(runs))
         assert listed.returncode == 0, listed.stderr
         assert "running (step" in listed.stdout

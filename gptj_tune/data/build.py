@@ -61,7 +61,7 @@ def build_store(section: DataSection, tokenizer, prompt_slots: int, folder: Path
     counter = _Counter(progress)
     try:
         for index, source in enumerate(section.sources):
-            first, skipped_before = writer.n_examples, skipped.count
+            first, skipped_before, records_before = writer.n_examples, skipped.count, counter.records
             records = counter.wrap(iter_records(source, index, section.on_bad_record, skipped))
             if source.format == "text":
                 _write_text(records, encode, exact_cuts, tokenizer.eos_token_id, section.max_length, prompt_slots, writer, counter)
@@ -70,7 +70,7 @@ def build_store(section: DataSection, tokenizer, prompt_slots: int, folder: Path
                 train = first + np.asarray(train_idx, np.int64)
                 held = first + np.asarray(eval_idx, np.int64)
                 dropped = {"train": 0, "eval": 0}
-                n_records = counter.records_of_source
+                n_records = counter.records - records_before
             else:
                 spill = folder / f"records-{index}.jsonl"
                 if source.is_chat:
@@ -93,7 +93,6 @@ def build_store(section: DataSection, tokenizer, prompt_slots: int, folder: Path
             sources.append({"format": source.format, "path": source.path, "records": n_records,
                             "skipped": skipped.count - skipped_before, "examples": writer.n_examples - first,
                             "train_examples": len(train), "held_out_examples": len(held)})  # fmt: skip
-            counter.next_source()
         lengths = writer.lengths()
         rows = {split: _rows(np.concatenate(parts), lengths, section.max_length, section.packing)
                 for split, parts in (("train", train_parts), ("eval", eval_parts))}  # fmt: skip
@@ -131,21 +130,17 @@ class _Stats:
 
 class _Counter:
     def __init__(self, progress: Progress | None):
-        self.progress, self.records, self.tokens, self.records_of_source = progress, 0, 0, 0
+        self.progress, self.records, self.tokens = progress, 0, 0
 
     def wrap(self, records: Iterator[dict]) -> Iterator[dict]:
         for r in records:
             self.records += 1
-            self.records_of_source += 1
             yield r
 
     def wrote(self, tokens: int) -> None:
         self.tokens += tokens
         if self.progress:
             self.progress(self.records, self.tokens)
-
-    def next_source(self) -> None:
-        self.records_of_source = 0
 
 
 def cuts_are_exact(tokenizer) -> bool:

@@ -129,9 +129,6 @@ class Rows:
     def __iter__(self):
         return (self[r] for r in range(len(self)))
 
-    def example_indices(self, r: int) -> np.ndarray:
-        return np.asarray(self.members[self.row_starts[r] : self.row_starts[r + 1]])
-
     def lengths(self) -> np.ndarray:
         """Tokens in each row."""
         example_lengths = self.store.example_lengths()
