@@ -18,7 +18,7 @@ from .model.load import DTYPES
 from .model.prompt_tuning import SoftPromptModel
 from .model.trained import holds_trained_model, load_trained_model
 from .recipe import Recipe, check_shard_size, load_recipe
-from .rundir import RunDir, atomic_dir, guard_output, run_inputs
+from .rundir import RunDir, atomic_dir, guard_output, run_inputs, refuse_damaged, warn
 
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 # Max |logit difference| allowed against the model as trained, per export dtype, as a fraction of
@@ -79,9 +79,11 @@ def export_run(request: ExportRequest) -> ExportResult:
     dtype = request.dtype or (recipe.export.dtype if recipe.export.dtype != "auto" else _training_dtype(recipe))
     adapter_only, verify = request.adapter_only, request.verify
     base = str(run.path / "base-model") if (run.path / "base-model").is_dir() else recipe.model.name_or_path
-    source = run.final if request.checkpoint == "final" else run.checkpoint(request.checkpoint)
+    source = run.final if request.checkpoint == "final" else run.checkpoint(request.checkpoint, warn=warn)
     if not source.is_dir():
         raise RunDirError(f"{source} does not exist: the run has no final model yet; export a checkpoint (--checkpoint latest)")
+    if source == run.final:
+        refuse_damaged(source)
     with atomic_dir(target) as tmp:
         model, tokenizer = _trained_model(recipe, run, source, base)
         adapter = hasattr(model, "peft_config")  # what the folder holds, whatever the recipe says

@@ -98,6 +98,22 @@ def guard_output(target: str | Path, option: str, guarded: list[tuple[str | Path
             raise RunDirError(f"{option} {target}: that is inside {what} ({path}); choose a folder outside it")
 
 
+def warn(text: str) -> None:
+    """A warning on stderr, for commands that print their results on stdout."""
+    import sys
+
+    print(f"warning: {text}", file=sys.stderr)
+
+
+def refuse_damaged(folder: Path) -> None:
+    """A final/ (or any folder with a manifest) that does not match its manifest is an error."""
+    from .manifest import verify
+
+    if (problem := verify(folder)) is not None:
+        raise RunDirError(f"{folder} is damaged ({problem}); it cannot be used: finish the run again from a checkpoint "
+                          f"(gptj-tune run RECIPE --resume) or export a checkpoint (--checkpoint latest)")  # fmt: skip
+
+
 def is_frozen_recipe(path: Path) -> bool:
     """Whether the file is exactly what a run writes as its recipe.yaml (canonical, fully resolved), as
     opposed to a recipe someone wrote, with comments and defaults left out."""
@@ -157,8 +173,12 @@ class RunDir:
                 found.append((int(m.group(1)), p))
         return sorted(found)
 
-    def checkpoint(self, which: str | bool) -> Path:
-        """`True`/`latest` -> the newest checkpoint; `step-N` -> that one. Raises RunDirError if absent."""
+    def checkpoint(self, which: str | bool, warn: Callable[[str], None] | None = None) -> Path:
+        """`True`/`latest` -> the newest intact checkpoint; `step-N` -> that one. Each is verified
+        against its manifest: `latest` passes over a damaged one (`warn` says which and why) to the
+        one before; a damaged `step-N` is an error. Raises RunDirError if none is usable."""
+        from .manifest import verify
+
         found = self.list_checkpoints()
         names = ", ".join(p.name for _, p in found) or "none"
         if which in (True, "latest"):
@@ -166,9 +186,21 @@ class RunDir:
                 how = f"with --force (deletes {self.path})" if self.has_results() else "without --resume"
                 raise RunDirError(f"{self.path}: no checkpoint to resume from (checkpoints: {names}); it stopped before "
                                   f"its first checkpoint: start it again {how}")  # fmt: skip
-            return found[-1][1]
+            damaged = []
+            for _, p in reversed(found):
+                problem = verify(p)
+                if problem is None:
+                    if damaged and warn is not None:
+                        warn(f"{'; '.join(damaged)}: using {p.name}, the newest intact checkpoint")
+                    return p
+                damaged.append(f"{p} is damaged ({problem})")
+            raise RunDirError(f"{self.path}: every checkpoint is damaged ({'; '.join(damaged)}); start the run again with --force")
         for _, p in found:
             if p.name == which:
+                if (problem := verify(p)) is not None:
+                    intact = [q.name for _, q in found if q != p and verify(q) is None]
+                    other = f"intact: {', '.join(intact)}" if intact else "no other checkpoint is intact"
+                    raise RunDirError(f"{p} is damaged ({problem}); pick another checkpoint ({other})")
                 return p
         raise RunDirError(f"{self.path}: no checkpoint {which!r}; available: {names}")
 
@@ -177,17 +209,19 @@ class RunDir:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def prepare_run_dir(recipe: Recipe, resume: str | bool, force: bool, create: bool = True) -> tuple[RunDir, Path | None]:
+def prepare_run_dir(recipe: Recipe, resume: str | bool, force: bool, create: bool = True,
+                    warn: Callable[[str], None] | None = None) -> tuple[RunDir, Path | None]:  # fmt: skip
     """Check the run dir against the request; write the frozen recipe. Returns (run, checkpoint to load).
 
-    Only the main process creates (`create`); the others, which run after it, only look."""
+    Only the main process creates (`create`) and picks the checkpoint to resume (verifying it, see
+    RunDir.checkpoint); the others, which run after it, only look, and are told its pick."""
     import shutil
 
     run = RunDir(recipe.output.dir)
     if resume:
         if not run.recipe.exists():
             raise RunDirError(f"--resume: {run.path} holds no run (no recipe.yaml); start it without --resume")
-        checkpoint = run.checkpoint(resume)
+        checkpoint = run.checkpoint(resume, warn) if create else None
         diff = _recipe_diff(run.recipe.read_text(), recipe.to_yaml())
         if diff:
             raise RunDirError(

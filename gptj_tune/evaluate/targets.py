@@ -21,7 +21,7 @@ class Target:
 
 def resolve_target(target: str, checkpoint: str | None = None) -> Target:
     from ..recipe import load_recipe
-    from ..rundir import RunDir
+    from ..rundir import RunDir, refuse_damaged, warn
 
     path = Path(target)
     if path.name == "final" and (path.parent / "recipe.yaml").is_file() and checkpoint is None:
@@ -29,10 +29,12 @@ def resolve_target(target: str, checkpoint: str | None = None) -> Target:
     if (path / "recipe.yaml").is_file():
         run = RunDir(path)
         recipe = load_recipe(run.recipe)
-        folder = run.final if checkpoint in (None, "final") else run.checkpoint(checkpoint) / "model"
+        folder = run.final if checkpoint in (None, "final") else run.checkpoint(checkpoint, warn=warn) / "model"
         if not folder.is_dir():
             raise RunDirError(f"{folder} does not exist: the run has no {'final model' if checkpoint in (None, 'final') else checkpoint} "
                               f"(finish it with `gptj-tune run {run.recipe} --resume`, or pick --checkpoint step-N)")  # fmt: skip
+        if folder == run.final:
+            refuse_damaged(folder)
         base = str(path / "base-model") if (path / "base-model").is_dir() else recipe.model.name_or_path
         if (folder / "adapter_config.json").is_file():
             args = {"pretrained": base, "peft": str(folder), "tokenizer": str(run.final if run.final.is_dir() else base)}

@@ -48,6 +48,11 @@ class TrainSection(Section):
         "~48 GB); a stop signal still saves one.",
     )
     keep_last: int = Field(2, ge=1, le=100_000, description="Checkpoints to keep; older ones are deleted.")
+    check_disk: bool = Field(
+        True,
+        description="Before training, refuse a run whose checkpoints (keep_last + 1 at once) and final/ do not fit the "
+        "free space of output.dir, and check again before each save. false: only a save that fails is reported.",
+    )
     loss: Literal["fused", "plain"] = Field(
         "fused",
         description="`fused`: cross-entropy over target tokens only, computed with its gradient a chunk at a time "

@@ -12,30 +12,48 @@ import numpy as np
 import torch
 
 from ..errors import RunDirError
+from ..manifest import write_manifest
 from ..model.prompt_tuning import SoftPromptModel
 from ..recipe import Recipe
 from ..rundir import RunDir
+from .disk import DiskFullError, DiskNeeds, disk_message, is_disk_full
 from .engines import load_engine_state, save_engine_state
 
 
-def save_checkpoint(recipe: Recipe, run: RunDir, step: int, accelerator, model, optimizer, scheduler, state: dict) -> Path:
+def save_checkpoint(recipe: Recipe, run: RunDir, step: int, accelerator, model, optimizer, scheduler, state: dict,
+                    disk: DiskNeeds) -> Path:  # fmt: skip
     """Write checkpoints/step-N atomically. Every process writes its part (its RNG state; its ZeRO
-    shards under DeepSpeed) into one temp folder, which the main process renames when all are done."""
+    shards under DeepSpeed) into one temp folder; the main process adds the manifest (written last)
+    and renames the folder when all are done. The free space is checked first (main process, unless
+    train.check_disk is off), and the size of what was saved replaces `disk`'s estimate. A save that fails leaves no
+    temp folder; one that fails for space is a DiskFullError."""
     import shutil
 
     main, rank = accelerator.is_main_process, accelerator.process_index
     target = run.checkpoints / f"step-{step}"
     tmp = run.checkpoints / f".partial-step-{step}"
+    kept = run.list_checkpoints()
+    then = f"continue from {kept[-1][1].name} with: gptj-tune run RECIPE --resume" if kept else "start the run again (--force)"
     if main:
+        disk.check_save(run.path, f"checkpoint step-{step}", disk.checkpoint, then)
+    try:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        save_engine_state(tmp, accelerator, model, optimizer, recipe)
+        torch.save(rng_states(), tmp / f"rng-{rank}.pt")
+        if main:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps({**state, "world_size": accelerator.num_processes}, indent=2))
+        accelerator.wait_for_everyone()
+        if main:
+            disk.checkpoint, disk.measured = write_manifest(tmp), True
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    save_engine_state(tmp, accelerator, model, optimizer, recipe)
-    torch.save(rng_states(), tmp / f"rng-{rank}.pt")
-    if main:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({**state, "world_size": accelerator.num_processes}, indent=2))
-    accelerator.wait_for_everyone()
+        if isinstance(e, Exception) and is_disk_full(e):
+            raise DiskFullError(disk_message(run.path, f"checkpoint step-{step}", disk.checkpoint, then)) from None
+        raise
     if main:
         if target.exists():
             shutil.rmtree(target)

@@ -21,11 +21,13 @@ import torch
 
 from ..data.batches import Batches
 from ..errors import Stopped, TrainingError
+from ..manifest import folder_bytes
 from ..model.load import resolve_base
 from ..recipe import Recipe
 from ..rundir import RunDir, atomic_write_text, prepare_run_dir, rewind_metrics
 from .track import Trackers, check_trackers_installed, last_logged_step
 from .checkpoints import load_checkpoint, save_checkpoint
+from .disk import DiskFullError, DiskNeeds, is_disk_full, planned_saves
 from .engines import all_sum, is_deepspeed, prepare_model_and_optimizer
 from .memory import MemoryMeter, bf16_advice, keep_freed_memory
 from .optim import build_optimizer, clip_in_fused_step, lr_factor, step_takes_the_clip, updates_round_away, warmup_steps
@@ -93,12 +95,19 @@ class Training:
     benchmarks: object = None  # (model, step, log) -> None, or None
     fused_clip: torch.optim.Optimizer | None = None  # the optimizer that takes the clip in its step (optim.py)
     trackers: Trackers | None = None  # logging.trackers, on the main process
+    disk: DiskNeeds | None = None  # what a checkpoint and final/ take (train/disk.py)
 
     def log(self, record: dict) -> None:
         """One line of metrics.jsonl (main process), and the same to the trackers."""
         if self.accelerator.is_main_process:
-            with open(self.run.metrics, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.run.metrics, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                if not is_disk_full(e):
+                    raise
+                raise DiskFullError(f"the disk of {self.run.path} is full (writing {self.run.metrics.name}); free space, then "
+                                    f"continue from the last checkpoint with: gptj-tune run RECIPE --resume") from None  # fmt: skip
             if self.trackers is not None:
                 self.trackers.log(record)
 
@@ -109,6 +118,7 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     `after_each_step(step)` is called after every optimizer step (a profiler's `step`, for one)."""
     from accelerate.utils import set_seed
     from rich.console import Console
+    from rich.markup import escape
 
     from .engines import make_accelerator
     from .extension_builds import prepare_deepspeed_builds
@@ -124,11 +134,16 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     main = accelerator.is_main_process
     console = (console or Console()) if main else Console(quiet=True)  # only the main process prints
     with accelerator.main_process_first():  # the main process checks and creates the run dir first
-        run, checkpoint = prepare_run_dir(recipe, resume, force, create=main)
+        run, checkpoint = prepare_run_dir(recipe, resume, force, create=main,
+                                          warn=lambda text: console.print(f"[yellow]warning:[/] {escape(text)}", soft_wrap=True))
         base = resolve_base(recipe.model, run.path)
+    if resume and accelerator.num_processes > 1:  # the main process verified and picked it: every process loads that one
+        step = all_sum([float(checkpoint.name.removeprefix("step-")) if main else 0.0], accelerator)[0]
+        checkpoint = run.checkpoints / f"step-{int(step)}"
 
     set_seed(recipe.train.seed)
     model, tokenizer = model_to_train(recipe, base, accelerator.device)
+    disk = DiskNeeds.estimate(model, recipe)
     loss_path = LossPath.of(recipe, model)  # (refuses packing under attention that ignores its boundaries)
     data = data_for_run(recipe, tokenizer, console)
     print_setup(console, recipe, model, data, accelerator.num_processes)
@@ -138,6 +153,11 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
 
     total_steps = recipe.train.max_steps or (recipe.train.epochs or 1) * -(-len(batches) // recipe.train.grad_accum)
     warmup = warmup_steps(recipe.train, total_steps)
+    if main:
+        if checkpoint is not None:  # what one checkpoint takes is known now
+            disk.checkpoint, disk.measured = folder_bytes(checkpoint), True
+        done = json.loads((checkpoint / "trainer_state.json").read_text())["step"] if checkpoint is not None else 0
+        disk.check_run(run, recipe, planned_saves(recipe, done, total_steps), len(run.list_checkpoints()))
     ds = is_deepspeed(accelerator)  # DeepSpeed steps the optimizer on fp32 master weights of its own
     model, optimizer = prepare_model_and_optimizer(accelerator, recipe, model, lambda m: build_optimizer(m, recipe.train, ds))
     if not ds and updates_round_away(optimizer):
@@ -159,7 +179,7 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     benchmarks = benchmarks_during_training(recipe, run, accelerator, tokenizer, console)
     t = Training(recipe, run, accelerator, model, optimizer, scheduler, batches, held_out, loss_path, console, benchmarks,
                  fused_clip=step_takes_the_clip(optimizer, accelerator),
-                 trackers=Trackers(recipe, run, logged) if main and recipe.logging.trackers else None)  # fmt: skip
+                 trackers=Trackers(recipe, run, logged) if main and recipe.logging.trackers else None, disk=disk)  # fmt: skip
     if t.trackers is not None:
         console.print(f"trackers: {t.trackers.where()}")
     failed = run.path / "failed.json"  # what `gptj-tune runs` reports; a resume clears it
@@ -172,7 +192,7 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
             atomic_write_text(failed, json.dumps({"step": state.step + 1, "message": str(e)}))
         raise
 
-    save_final(recipe, run, accelerator, model, tokenizer)
+    save_final(recipe, run, accelerator, model, tokenizer, disk, state.step)
     eval_loss = evaluate_loss(model, held_out, accelerator, loss_path)
     peak = memory.peak()
     result = None
@@ -314,7 +334,7 @@ def after_step(t: Training, state: TrainState, total_steps: int, stopping: bool)
         t.benchmarks(t.model, step, t.log)
     periodic = recipe.train.save_every and step % recipe.train.save_every == 0
     if periodic or (step == total_steps and recipe.train.checkpoint_at_end) or stopping:
-        path = save_checkpoint(recipe, t.run, step, t.accelerator, t.model, t.optimizer, t.scheduler, asdict(state))
+        path = save_checkpoint(recipe, t.run, step, t.accelerator, t.model, t.optimizer, t.scheduler, asdict(state), t.disk)
         if stopping:
             raise Interrupted(
                 f"stopped at step {step}/{total_steps}; checkpoint saved to {path}. "

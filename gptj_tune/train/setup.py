@@ -20,7 +20,9 @@ from ..model.load import check_fits_context, load_model_and_tokenizer
 from ..model.loss_head import use_loss_head
 from ..model.methods import apply_method, count_parameters
 from ..recipe import QLoraMethod, Recipe
+from ..manifest import write_manifest
 from ..rundir import RunDir, atomic_dir
+from .disk import DiskFullError, DiskNeeds, disk_message, is_disk_full
 from .engines import full_state_dict
 from .memory import CPU_16BIT_WIDTH_MULTIPLE, own_trainable_weights
 
@@ -155,15 +157,31 @@ def benchmarks_during_training(recipe: Recipe, run: RunDir, accelerator, tokeniz
     return run_them
 
 
-def save_final(recipe: Recipe, run: RunDir, accelerator, model, tokenizer) -> None:
-    """final/: the whole trained model or adapter, loadable with plain from_pretrained. Under
-    sharding every process takes part in gathering the weights; the main process writes."""
+def save_final(recipe: Recipe, run: RunDir, accelerator, model, tokenizer, disk: DiskNeeds, step: int) -> None:
+    """final/: the whole trained model or adapter, loadable with plain from_pretrained, and its
+    manifest. Under sharding every process takes part in gathering the weights; the main process
+    writes. A save that does not fit the disk is a DiskFullError saying how the run continues:
+    from its checkpoint of this step (train.checkpoint_at_end), `--resume` saves final/ again
+    without training."""
     state_dict = full_state_dict(accelerator, model, recipe)
     if accelerator.is_main_process:
-        with atomic_dir(run.final) as tmp:
-            # save_pretrained empties the state dict it is given: hand it a copy
-            accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=dict(state_dict) if state_dict else None)
-            tokenizer.save_pretrained(tmp)
+        saved = run.list_checkpoints()
+        if saved and saved[-1][0] == step:
+            then = f"finish with `gptj-tune run RECIPE --resume` (it saves final/ from {saved[-1][1].name}, no training again)"
+        else:
+            last = f"from {saved[-1][1].name}" if saved else "from the start"
+            then = f"`gptj-tune run RECIPE --resume` trains again {last} (train.checkpoint_at_end is off)"
+        disk.check_save(run.path, "final/", disk.final, then)
+        try:
+            with atomic_dir(run.final) as tmp:
+                # save_pretrained empties the state dict it is given: hand it a copy
+                accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=dict(state_dict) if state_dict else None)
+                tokenizer.save_pretrained(tmp)
+                write_manifest(tmp)
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            raise DiskFullError(disk_message(run.path, "final/", disk.final, then)) from None
     accelerator.wait_for_everyone()
 
 

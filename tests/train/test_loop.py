@@ -351,11 +351,14 @@ def test_a_payload_planted_in_a_checkpoints_rng_state_does_not_run_on_resume(tmp
     pickled, and `torch.load(weights_only=False)` ran whatever a planted rng-0.pt held)."""
     import torch
 
+    from gptj_tune.manifest import write_manifest
+
     recipe = small_recipe(tmp_path, steps=4, save_every=2)
     assert cli("run", str(recipe)).returncode == 0
     step = tmp_path / "run" / "checkpoints" / "step-2"
     marker = tmp_path / "payload-ran"
     torch.save({"python": _Payload(marker)}, step / "rng-0.pt")
+    write_manifest(step)  # as whoever planted it would: the manifest alone does not stop it
     result = cli("run", str(recipe), "--resume", "step-2")
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "rng-0.pt holds pickled Python objects, which gptj-tune does not load" in result.stderr
