@@ -40,7 +40,7 @@ def _friendly(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .train.launch import report_worker_error
+        from .train.workers import describe_failure, report_worker_error
 
         try:
             return fn(*args, **kwargs)
@@ -51,6 +51,10 @@ def _friendly(fn):
             report_worker_error(str(e), e.exit_code)
             raise typer.Exit(e.exit_code)
         except Exception as e:  # a bug or a library failure: keep the traceback, tell the launcher why
+            if (known := describe_failure(e)) is not None:  # a collective failed because of another rank
+                err_console.print(f"[bold red]error:[/] {escape(known[0])}", highlight=False, soft_wrap=True)
+                report_worker_error(known[0], 1, peer_lost=known[1])
+                raise typer.Exit(1) from None
             report_worker_error(f"{type(e).__name__}: {e} (traceback in the launcher log)", 1)
             raise
 
@@ -84,7 +88,8 @@ def run(
     """Train a recipe into its run directory (output.dir)."""
     from .recipe import load_recipe
     from .runlock import lock_for_this_process
-    from .train.launch import launch, needs_launch, register_worker
+    from .train.launch import launch, needs_launch
+    from .train.workers import register_worker
 
     from .train.signals import signals_stop_the_command
 
@@ -415,7 +420,7 @@ def quiet_libraries() -> None:
 
 def main():
     quiet_libraries()
-    from .train.launch import in_worker
+    from .train.workers import in_worker
 
     if not in_worker():
         app(args=normalize_argv(sys.argv[1:]), prog_name="gptj-tune")

@@ -221,6 +221,9 @@ def prepare_run_dir(recipe: Recipe, resume: str | bool, force: bool, create: boo
     if resume:
         if not run.recipe.exists():
             raise RunDirError(f"--resume: {run.path} holds no run (no recipe.yaml); start it without --resume")
+        if create:  # what a killed save left (the run lock makes this the only writer)
+            for leftover in [*run.checkpoints.glob(".partial-step-*"), *run.path.glob(".tmp-*"), *run.path.glob(".old-*")]:
+                shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
         checkpoint = run.checkpoint(resume, warn) if create else None
         diff = _recipe_diff(run.recipe.read_text(), recipe.to_yaml())
         if diff:

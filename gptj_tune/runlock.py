@@ -114,7 +114,7 @@ def lock_for_this_process(recipe) -> RunLock | None:
     """The run directory's lock for this `gptj-tune run` to hold: the command a user started (it
     holds it for its workers too; on several machines, the first machine's), or rank 0 under a
     launcher that is not ours; None in our workers."""
-    from .train.launch import ERROR_DIR_ENV, in_worker
+    from .train.workers import ERROR_DIR_ENV, in_worker
 
     if in_worker() and (os.environ.get(ERROR_DIR_ENV) or os.environ.get("RANK", "0") != "0"):
         return None

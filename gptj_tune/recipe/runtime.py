@@ -142,8 +142,9 @@ class DistributedSection(Section):
         "later) `bf16` multiplies in bf16 on fp32 weights: 1.3-1.7x faster for models 256+ wide (the setup prints "
         "a tip where it pays); on CPUs without AMX bf16 is emulated and much slower: keep `no`.",
     )
-    timeout_minutes: int = Field(
-        60, ge=1, description="How long a collective may wait before the job fails (a hung peer ends the job)."
+    timeout_minutes: float = Field(
+        60, gt=0, le=10_080, description="How long a collective may wait before the job fails: a hung or stopped rank "
+        "ends the job after this long, and the error names it (fractions allowed: 0.5 is 30 s).",
     )
     deepspeed: DeepSpeedSection | None = Field(
         None, description="DeepSpeed settings (backend deepspeed; defaults below when left out)."

@@ -14,8 +14,8 @@ import os
 import signal
 import subprocess
 import sys
+import re
 import tempfile
-import time
 from pathlib import Path
 
 from rich.markup import escape
@@ -25,14 +25,10 @@ from rich.markup import escape
 from ..errors import RecipeError
 from ..recipe import Recipe
 from .extension_builds import prepare_deepspeed_builds
+from .workers import COMMAND_PID_ENV, ERROR_DIR_ENV, TIMEOUT_ENV, command_id, in_worker
 
-ERROR_DIR_ENV = "GPTJ_TUNE_ERROR_DIR"
-
-
-def in_worker() -> bool:
-    """True inside a process started by a distributed launcher."""
-    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
-
+# Ctrl-C, SIGTERM, and SIGHUP (the terminal closed): each stops the workers, after a checkpoint.
+FORWARDED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 def needs_launch(recipe: Recipe) -> bool:
     return recipe.distributed.world_size > 1 and not in_worker()
@@ -62,6 +58,7 @@ def launch(recipe: Recipe, argv: list[str], console) -> int:
     errors = ""
 
     def forward(signum, frame):
+        signum = signal.SIGTERM if signum == getattr(signal, "SIGHUP", None) else signum  # the workers stop on SIGTERM
         signalled.append(signum)
         if launcher is None or launcher.returncode is not None:  # not started (it will not be), or ended
             return
@@ -73,7 +70,7 @@ def launch(recipe: Recipe, argv: list[str], console) -> int:
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid_file.read_text()), signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, forward) for s in FORWARDED}
     try:
         with tempfile.TemporaryDirectory(prefix="gptj-tune-errors-") as errors, tempfile.NamedTemporaryFile(
             "w+", prefix="gptj-tune-launcher-", suffix=".log", delete=False
@@ -82,7 +79,8 @@ def launch(recipe: Recipe, argv: list[str], console) -> int:
             if d.backend == "deepspeed":
                 prepare_deepspeed_builds(console)
             if not signalled:
-                env = {**os.environ, ERROR_DIR_ENV: errors, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+                env = {**os.environ, ERROR_DIR_ENV: errors, COMMAND_PID_ENV: command_id(os.getpid()),
+                       TIMEOUT_ENV: str(d.timeout_minutes), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # fmt: skip
                 launcher = subprocess.Popen(command, env=env, stderr=log, start_new_session=True)
                 if signalled:  # it came while the launcher was being started
                     with contextlib.suppress(ProcessLookupError):
@@ -95,7 +93,9 @@ def launch(recipe: Recipe, argv: list[str], console) -> int:
 
 
 def _outcome(code: int | None, errors: Path, log, signalled: bool, console) -> int:
-    """What a launch ended with (code None: stopped before it started), said once; the exit code."""
+    """What a launch ended with (code None: stopped before it started), said once; the exit code.
+    A rank that ended first without a message (killed, out of memory) is named before the errors
+    it caused in the others."""
     reports = sorted(errors.glob("rank-*.json"), key=lambda p: p.stat().st_mtime) if code else []
     first = json.loads(reports[0].read_text()) if reports else None
     stopped = first["exit_code"] == 130 if first else signalled
@@ -105,6 +105,13 @@ def _outcome(code: int | None, errors: Path, log, signalled: bool, console) -> i
         os.unlink(log.name)
     if code == 0:
         return 0
+    died = _died_first(errors, log.name if kept else None) if code else None
+    if first and first.get("peer_lost") and died:
+        console.print(f"[red]error:[/] rank {died[0]} ended first, without a message ({died[1]}); rank {first['rank']} "
+                      f"then {escape(first['message'])}", soft_wrap=True)  # fmt: skip
+        if kept:
+            console.print(f"[dim]launcher log: {log.name}[/]")
+        return int(first["exit_code"])
     if first:
         what = "[yellow]stopped[/]" if stopped else "[red]error[/]"
         console.print(f"{what} (rank {first['rank']}): {escape(first['message'])}", soft_wrap=True)  # verbatim, not markup
@@ -114,15 +121,42 @@ def _outcome(code: int | None, errors: Path, log, signalled: bool, console) -> i
     if stopped:
         console.print("[yellow]stopped:[/] the workers ended on the signal before saving a checkpoint")
         return 130
+    who = f"rank {died[0]} died without a message ({died[1]})" if died else "a worker died without a message (killed, or out of memory?)"
     if not kept:
-        console.print("[red]error:[/] a worker died without a message (killed, or out of memory?); the launcher printed nothing")
+        console.print(f"[red]error:[/] {who}; the launcher printed nothing")
         return code if code > 0 else 1
     log.seek(0)
     tail = log.read().splitlines()[-15:]
-    console.print("[red]error:[/] a worker died without a message (killed, or out of memory?). Last lines of the launcher log:")
+    console.print(f"[red]error:[/] {who}. Last lines of the launcher log:")
     console.print("\n".join(tail), markup=False, highlight=False)
     console.print(f"[dim]full log: {log.name}[/]")
     return code if code > 0 else 1
+
+
+_ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)
+
+
+def _died_first(errors: Path, log_path: str | None) -> tuple[int, str] | None:
+    """(rank, how) of the rank that ended first without leaving a message, from the pid files the
+    workers left and torch's launcher's "Root Cause" report; None if every rank left a message."""
+    silent = sorted({int(p.name[4:]) for p in errors.glob("pid-*")} - {int(p.stem[5:]) for p in errors.glob("rank-*.json")})
+    if not silent:
+        return None
+    text = ""
+    if log_path:
+        with open(log_path, errors="replace") as f:
+            f.seek(max(0, os.path.getsize(log_path) - 200_000))
+            text = f.read()
+    found = _ROOT_CAUSE.search(text)
+    if found and int(found.group(1)) in silent:
+        exit_code = int(found.group(2))
+        if exit_code < 0:
+            name = signal.Signals(-exit_code).name if -exit_code in signal.valid_signals() else f"signal {-exit_code}"
+            how = f"killed by {name}" + (": out of memory, or killed by hand?" if exit_code == -9 else "")
+        else:
+            how = f"exit code {exit_code}"
+        return int(found.group(1)), how
+    return silent[0], "killed, or out of memory?"
 
 
 def _launcher_command(recipe: Recipe, argv: list[str]) -> list[str]:
@@ -168,23 +202,3 @@ def read_hostfile(path: Path) -> dict[str, int]:
     return hosts
 
 
-def register_worker() -> None:
-    """Called by each worker at start: leave its pid where the launching process forwards signals."""
-    folder = os.environ.get(ERROR_DIR_ENV)
-    if folder and in_worker():
-        rank = int(os.environ.get("RANK", "0"))
-        tmp = Path(folder) / f".pid-{rank}.tmp"
-        tmp.write_text(str(os.getpid()))
-        tmp.replace(Path(folder) / f"pid-{rank}")
-
-
-def report_worker_error(message: str, exit_code: int) -> None:
-    """Called by a failing worker: leave its message where the launcher looks for it."""
-    folder = os.environ.get(ERROR_DIR_ENV)
-    if not folder:
-        return
-    rank = int(os.environ.get("RANK", "0"))
-    record = {"rank": rank, "message": message, "exit_code": exit_code, "time": time.time()}
-    tmp = Path(folder) / f".rank-{rank}.tmp"
-    tmp.write_text(json.dumps(record))
-    tmp.replace(Path(folder) / f"rank-{rank}.json")

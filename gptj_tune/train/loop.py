@@ -122,7 +122,7 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
 
     from .engines import make_accelerator
     from .extension_builds import prepare_deepspeed_builds
-    from .launch import in_worker
+    from .workers import in_worker
 
     check_trackers_installed(recipe)
     if recipe.distributed.backend == "deepspeed" and not in_worker():  # one process, no launcher of ours

@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM. Outside the training loop they stop the command at once (exit 130); inside
+"""Ctrl-C, SIGTERM and SIGHUP. Outside the training loop they stop the command at once (exit 130); inside
 it the first asks for a checkpoint and a stop after the current step, and a second one, seconds
 later, aborts at once."""
 
@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 from ..errors import Stopped
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Ctrl-C, SIGTERM, and SIGHUP (the terminal was closed).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class StopRequest:

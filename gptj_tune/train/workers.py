@@ -1,0 +1,156 @@
+"""The worker's side of a multi-process job started by `gptj-tune run` (train/launch.py): it leaves
+its pid where the launching process forwards signals, a heartbeat, and its one-line error; it stops
+when the command that started it is gone; and it names the rank a collective waited for in vain.
+
+Everything goes through one folder of this machine, named by GPTJ_TUNE_ERROR_DIR.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+ERROR_DIR_ENV = "GPTJ_TUNE_ERROR_DIR"
+COMMAND_PID_ENV = "GPTJ_TUNE_COMMAND_PID"  # the `gptj-tune run` process that started the launcher
+TIMEOUT_ENV = "GPTJ_TUNE_TIMEOUT_MINUTES"  # distributed.timeout_minutes, for the message
+HEARTBEAT_S = 2.0
+STALE_S = 10.0  # a rank whose heartbeat is this old has stopped running (SIGSTOP, a frozen machine)
+# What gloo and NCCL say when a peer process is gone.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
+             "NCCL communicator was aborted", "remote process exited", "ProcessGroupNCCL is aborted")  # fmt: skip
+TIMED_OUT = ("Timed out", "timed out", "Timeout", "timeout")
+
+
+def in_worker() -> bool:
+    """True inside a process started by a distributed launcher."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _folder() -> Path | None:
+    folder = os.environ.get(ERROR_DIR_ENV)
+    return Path(folder) if folder and in_worker() else None
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def register_worker() -> None:
+    """Called by each worker at start: its pid (for the signals the launching process forwards), a
+    heartbeat thread, and a watchdog that stops this worker (a checkpoint, then exit, as on Ctrl-C)
+    when the `gptj-tune run` that started it has ended without stopping it: killed with SIGKILL, or
+    its terminal closed."""
+    folder = _folder()
+    if folder is None:
+        return
+    rank = _rank()
+    _write(folder / f"pid-{rank}", str(os.getpid()))
+    threading.Thread(target=_heartbeat, args=(folder / f"alive-{rank}",), daemon=True, name="gptj-tune-heartbeat").start()
+    command = os.environ.get(COMMAND_PID_ENV)
+    if command:
+        threading.Thread(target=_watch, args=(command,), daemon=True, name="gptj-tune-watchdog").start()
+
+
+def command_id(pid: int) -> str:
+    """`pid:start time`: names one process, not a later one given the same pid."""
+    return f"{pid}:{_start_time(pid)}"
+
+
+def _start_time(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _alive(command: str) -> bool:
+    pid_text, _, started = command.partition(":")
+    if Path("/proc/self/stat").exists():  # Linux: a zombie, or a new process with the same pid, is gone too
+        try:
+            fields = Path(f"/proc/{pid_text}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return False
+        return fields[0] != "Z" and (not started or fields[19] == started)
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _watch(command: str) -> None:
+    while _alive(command):
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)  # stop as on Ctrl-C: a checkpoint after this step, then exit
+
+
+def _heartbeat(path: Path) -> None:
+    while True:
+        with contextlib.suppress(OSError):
+            path.touch()
+        time.sleep(HEARTBEAT_S)
+
+
+def stalled_ranks() -> list[int]:
+    """Ranks of this machine whose heartbeat stopped (the process is stopped or frozen), other than this one."""
+    folder, rank, now = _folder(), _rank(), time.time()
+    if folder is None:
+        return []
+    found = []
+    for beat in folder.glob("alive-*"):
+        other = int(beat.name.removeprefix("alive-"))
+        with contextlib.suppress(OSError):
+            if other != rank and now - beat.stat().st_mtime > STALE_S:
+                found.append(other)
+    return sorted(found)
+
+
+def _kill(ranks: list[int]) -> None:
+    folder = _folder()
+    for rank in ranks:
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int((folder / f"pid-{rank}").read_text()), signal.SIGKILL)
+
+
+def describe_failure(e: BaseException) -> tuple[str, bool] | None:
+    """A one-line message for a collective that failed because of another rank, and whether a peer
+    was lost (the launching process then names the rank that died first); None for other errors.
+    After a timeout, ranks of this machine that stopped running are killed, so the job ends now."""
+    if not in_worker():
+        return None
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if lost := next((word for word in PEER_LOST if word in text), None):
+        return f"lost the connection to another rank, which ended first ({type(e).__name__}: {lost})", True
+    if any(word in text for word in TIMED_OUT) and ("gloo" in text.lower() or "nccl" in text.lower()
+                                                    or type(e).__name__ == "DistBackendError" or "collective" in text.lower()):  # fmt: skip
+        stalled = stalled_ranks()
+        _kill(stalled)  # stopped processes ignore the launcher's SIGTERM: it would wait 30 s more for them
+        minutes = os.environ.get(TIMEOUT_ENV)
+        waited = f"{float(minutes):g} min (distributed.timeout_minutes)" if minutes else "distributed.timeout_minutes"
+        who = (f"rank {', '.join(map(str, stalled))} stopped running (no heartbeat for over {STALE_S:.0f} s: stopped or "
+               f"frozen)" if stalled else "another rank did not join it (stuck, or on another machine)")  # fmt: skip
+        return f"a collective waited {waited} in vain: {who}; the job was ended", False
+    return None
+
+
+def report_worker_error(message: str, exit_code: int, peer_lost: bool = False) -> None:
+    """Called by a failing worker: leave its message where the launcher looks for it."""
+    folder = os.environ.get(ERROR_DIR_ENV)
+    if not folder:
+        return
+    rank = _rank()
+    record = {"rank": rank, "message": message, "exit_code": exit_code, "time": time.time(), "peer_lost": peer_lost}
+    _write(Path(folder) / f"rank-{rank}.json", json.dumps(record))
