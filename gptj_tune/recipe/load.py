@@ -3,6 +3,7 @@ resolved, and every validation problem reported at once under its dotted key, wi
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 from pathlib import Path
@@ -208,10 +209,8 @@ def load_recipe(path: str | Path, overrides: list[str] = (), check_paths: bool =
     if isinstance(output, dict):
         output.setdefault("dir", f"runs/{path.stem}")
     _resolve_source_paths(raw, path.parent)
-    recipe = validate_recipe(raw, source=str(path), lines=lines, overrides={p for p, _ in parsed})
-    if check_paths and (missing := _missing_data_paths(recipe, lines, {p for p, _ in parsed})):
-        raise RecipeError(missing, source=str(path))
-    return recipe
+    missing = _missing_data_paths(raw, lines, {p for p, _ in parsed}) if check_paths else []
+    return validate_recipe(raw, source=str(path), lines=lines, overrides={p for p, _ in parsed}, more_problems=missing)
 
 
 _DATA_SUFFIXES = (".json", ".jsonl", ".txt", ".csv", ".parquet", ".arrow")
@@ -225,14 +224,24 @@ def looks_local(path: str) -> bool:
             or path.count("/") > 1 or "\\" in path)  # fmt: skip
 
 
-def _missing_data_paths(recipe: Recipe, lines: dict, overrides: set) -> list[str]:
+def _missing_data_paths(raw: dict, lines: dict, overrides: set) -> list[str]:
+    """Local data paths (as `looks_local` tells them) that do not exist, read from the raw recipe so
+    that they are reported with its other problems."""
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    sources = data.get("sources") if isinstance(data.get("sources"), list) else []
     problems = []
-    for i, source in enumerate(recipe.data.sources):
-        if source.path is None or not looks_local(source.path) or Path(source.path).expanduser().exists():
+    for i, source in enumerate(sources):
+        path = source.get("path") if isinstance(source, dict) else None
+        if not isinstance(path, str) or not path or not looks_local(path):
             continue
+        try:
+            if Path(path).expanduser().exists():
+                continue
+        except (OSError, ValueError):  # too long a name, a NUL byte: no such file either
+            pass
         loc = ("data", "sources", i, "path")
         where = " (from --set)" if loc in overrides else f" (line {lines[loc]})" if loc in lines else ""
-        problems.append(f"`data.sources.{i}.path`{where}: {source.path} does not exist (a relative path is looked for "
+        problems.append(f"`data.sources.{i}.path`{where}: {path[:300]} does not exist (a relative path is looked for "
                         f"beside the recipe file, then in the current directory); fix the path, or copy the data there")  # fmt: skip
     return problems
 
@@ -265,9 +274,38 @@ def _resolve_source_paths(raw: dict, base: Path) -> None:
         ev["data_dir"] = str((base / ev["data_dir"]).resolve())
 
 
-def validate_recipe(raw: dict, source: str | None = None, lines=None, overrides=frozenset()) -> Recipe:
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as e:
-        problems = [_describe(err, lines or {}, set(overrides)) for err in e.errors()]
-        raise RecipeError(problems, source=source) from None
+def validate_recipe(raw: dict, source: str | None = None, lines=None, overrides=frozenset(),
+                    more_problems: list[str] = ()) -> Recipe:  # fmt: skip
+    """The Recipe, or a RecipeError listing every problem in one pass: wrong keys and values, and the
+    checks across sections, which pydantic runs only once every field is valid (so the keys found
+    wrong are set aside and the rest validated again to find them), and `more_problems`."""
+    problems, current = list(more_problems), copy.deepcopy(raw)
+    for _ in range(4):
+        try:
+            recipe = Recipe.model_validate(current)
+            break
+        except ValidationError as e:
+            # a check across sections reports each of its problems on a line of its own
+            each = [{**err, "msg": line} for err in e.errors() for line in str(err["msg"]).split("\n")]
+            found = [_describe(err, lines or {}, set(overrides)) for err in each]
+            problems += [p for p in found if p not in problems]
+            if not any(_set_aside(current, _clean_loc(tuple(err["loc"]))) for err in e.errors()):
+                break
+    if problems:
+        line = lambda p: int(m.group(1)) if (m := re.search(r"\(line (\d+)\)", p)) else 1 << 30  # noqa: E731
+        raise RecipeError(sorted(problems, key=line), source=source)  # in the file's order
+    return recipe
+
+
+def _set_aside(raw: Any, loc: tuple) -> bool:
+    """Remove the key at `loc` (its default then applies); whether there was one to remove."""
+    node = raw
+    for part in loc[:-1]:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return False
+    if isinstance(node, dict) and loc and loc[-1] in node and loc[-1] != "kind":
+        del node[loc[-1]]
+        return True
+    return False

@@ -24,6 +24,21 @@ class Recipe(Section):
     output: OutputSection = Field(description="Where the run directory goes.")
 
     @model_validator(mode="after")
+    def _cross_checks(self):
+        """Checks across sections, each run (not only up to the first that fails): every problem is
+        reported at once, one per line."""
+        problems = []
+        checks = (Recipe._check_benchmarks_during_training, Recipe._check_tiny_context, Recipe._check_optimizer,
+                  Recipe._check_qlora, Recipe._check_prompt_tuning, Recipe._check_compile, Recipe._check_precision)  # fmt: skip
+        for check in checks:
+            try:
+                check(self)
+            except ValueError as e:
+                problems.append(str(e))
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
     def _check_benchmarks_during_training(self):
         d = self.distributed
         sharded = d.backend == "fsdp" or (d.backend == "deepspeed" and d.zero.config is None and d.zero.zero_stage == 3)
@@ -34,7 +49,6 @@ class Recipe(Section):
             )
         return self
 
-    @model_validator(mode="after")
     def _check_tiny_context(self):
         if self.model.name_or_path == TINY_MODEL_NAME and self.data.max_length > self.model.tiny.context:
             raise ValueError(
@@ -43,7 +57,6 @@ class Recipe(Section):
             )
         return self
 
-    @model_validator(mode="after")
     def _check_optimizer(self):
         if self.train.optimizer == "adamw_8bit" and self.distributed.backend in ("deepspeed", "fsdp"):
             raise ValueError(
@@ -52,7 +65,6 @@ class Recipe(Section):
             )
         return self
 
-    @model_validator(mode="after")
     def _check_qlora(self):
         if not isinstance(self.method, QLoraMethod):
             return self
@@ -65,7 +77,6 @@ class Recipe(Section):
             raise ValueError("train.compile: true does not take a 4-bit base (bitsandbytes' layers); set it to auto or false")
         return self
 
-    @model_validator(mode="after")
     def _check_prompt_tuning(self):
         if not isinstance(self.method, PromptTuningMethod):
             return self
@@ -86,7 +97,6 @@ class Recipe(Section):
         """Positions the soft prompt takes at the start of every example (0 unless prompt tuning)."""
         return self.method.num_virtual_tokens if isinstance(self.method, PromptTuningMethod) else 0
 
-    @model_validator(mode="after")
     def _check_compile(self):
         if self.train.compile is True and self.distributed.backend in ("deepspeed", "fsdp"):
             raise ValueError(
@@ -95,7 +105,6 @@ class Recipe(Section):
             )
         return self
 
-    @model_validator(mode="after")
     def _check_precision(self):
         weights, autocast = self.model.dtype, self.distributed.mixed_precision
         if (autocast == "fp16" and weights in ("bfloat16", "bf16")) or (autocast == "bf16" and weights in ("float16", "fp16")):

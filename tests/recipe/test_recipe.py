@@ -58,6 +58,28 @@ def test_all_problems_reported_at_once(tmp_path):
     assert "`method.rr` (line 7): unknown key; did you mean `r`?" in message
 
 
+def test_wrong_values_checks_across_sections_and_missing_paths_are_reported_in_one_pass(tmp_path):
+    """Checks across sections ran only once every field was valid, and the data paths only after them:
+    a user fixed one problem to be shown the next. Now one pass, in the file's order."""
+    recipe = write_recipe(tmp_path / "r.yaml", """\
+model:
+  tiny: {context: 64}
+train:
+  lr: abc
+  optimizer: adamw_8bit
+data:
+  max_length: 256
+  sources: [{format: alpaca, path: ./nope.json}]
+distributed: {backend: fsdp, num_processes: 2}
+""")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(recipe, check_paths=True)
+    assert [p.split(":")[0] for p in e.value.problems] == [
+        "`train.lr` (line 4)", "`train.optimizer` (line 5)", "`data.max_length` (line 7)", "`data.sources.0.path` (line 8)"]
+    assert "adamw_8bit runs on single and ddp; fsdp shards" in e.value.problems[1]
+    assert "longer than the tiny model's context (model.tiny.context 64)" in e.value.problems[2]
+
+
 def test_a_source_switched_from_synthetic_on_the_command_line_is_told_how_to_drop_count():
     with pytest.raises(RecipeError) as caught:
         load_recipe(RECIPES / "quickstart.yaml", ["data.sources.0.format=alpaca", "data.sources.0.path=/data/alpaca.json"])
