@@ -138,7 +138,13 @@ def _raw_rows(source: SourceSection, key: str) -> Iterator[tuple[str, object]]:
         return
     for file in files:
         if file.suffix == ".txt":
-            yield f"{file}:1", {source.text_field: read_text_file(file)}
+            try:
+                yield f"{file}:1", {source.text_field: read_text_file(file)}
+            except UnicodeDecodeError as e:  # the whole document is one record
+                data = file.read_bytes()
+                line = data.count(b"\n", 0, e.start) + 1
+                yield f"{file}:{line}", _Malformed(f"{file}:{line}: not UTF-8 text (byte {e.start + 1} of the file is "
+                                                   f"{data[e.start]:#04x}); the document is one record")  # fmt: skip
         elif file.suffix == ".jsonl" or _starts_with(file) != "[":
             yield from _jsonl_rows(file)
         else:
@@ -146,8 +152,8 @@ def _raw_rows(source: SourceSection, key: str) -> Iterator[tuple[str, object]]:
 
 
 def read_text_file(file: Path) -> str:
-    """A .txt document with the BOM stripped and line ends normalised."""
-    text = file.read_text(encoding="utf-8-sig", errors="replace")
+    """A .txt document with the BOM stripped and line ends normalised; UnicodeDecodeError if it is not UTF-8."""
+    text = file.read_text(encoding="utf-8-sig")  # strict: a byte that is not UTF-8 is the caller's malformed record
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
@@ -173,6 +179,8 @@ def _jsonl_rows(file: Path) -> Iterator[tuple[str, object]]:
                 yield origin, json.loads(line)
             except json.JSONDecodeError as e:
                 yield origin, _Malformed(f"{origin}: not valid JSON ({e.msg} at column {e.colno})")
+            except ValueError as e:  # an integer of more than 4300 digits
+                yield origin, _Malformed(f"{origin}: a JSON value Python will not read ({str(e).split(':')[0]})")
             except RecursionError:
                 yield origin, _Malformed(f"{origin}: JSON nested too deeply to read (thousands of levels)")
 
@@ -202,6 +210,8 @@ def _json_array_rows(file: Path) -> Iterator[tuple[str, object]]:
             item, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise DataError(f"{file}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except ValueError as e:  # an integer of more than 4300 digits
+            raise DataError(f"{file}:{line}: a JSON value Python will not read ({str(e).split(':')[0]})") from None
         except RecursionError:
             raise DataError(f"{file}:{line}: JSON nested too deeply to read (thousands of levels)") from None
         yield f"{file}:{line}", item

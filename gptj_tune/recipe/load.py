@@ -190,6 +190,10 @@ def load_recipe(path: str | Path, overrides: list[str] = (), check_paths: bool =
         raise RecipeError([f"not UTF-8 text (byte {e.start}): a recipe is a YAML file"], source=str(path)) from None
     try:
         raw = yaml.safe_load(text)
+        lines, twice = _key_lines(text)
+    except RecursionError:
+        raise RecipeError(["nested too deeply to be a recipe (thousands of levels of [ or {); a recipe is a few "
+                           "levels of sections and keys"], source=str(path)) from None  # fmt: skip
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f"line {mark.line + 1}: " if mark else ""
@@ -197,7 +201,6 @@ def load_recipe(path: str | Path, overrides: list[str] = (), check_paths: bool =
     if raw is None:
         raise RecipeError(["the file is empty: write the sections to change (`{}` for every default), or start from "
                            "a shipped recipe: gptj-tune recipes copy quickstart my.yaml"], source=str(path))  # fmt: skip
-    lines, twice = _key_lines(text)
     if twice:
         raise RecipeError(twice, source=str(path))
     if not isinstance(raw, dict):
@@ -234,16 +237,28 @@ def _missing_data_paths(raw: dict, lines: dict, overrides: set) -> list[str]:
         path = source.get("path") if isinstance(source, dict) else None
         if not isinstance(path, str) or not path or not looks_local(path):
             continue
-        try:
-            if Path(path).expanduser().exists():
-                continue
-        except (OSError, ValueError):  # too long a name, a NUL byte: no such file either
-            pass
+        if _exists(Path(path).expanduser()):
+            continue
         loc = ("data", "sources", i, "path")
         where = " (from --set)" if loc in overrides else f" (line {lines[loc]})" if loc in lines else ""
         problems.append(f"`data.sources.{i}.path`{where}: {path[:300]} does not exist (a relative path is looked for "
                         f"beside the recipe file, then in the current directory); fix the path, or copy the data there")  # fmt: skip
     return problems
+
+
+def _exists(path: Path) -> bool:
+    """Path.exists that says False for a name the system cannot even look up (too long, a NUL byte)."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False
 
 
 def _resolve_source_paths(raw: dict, base: Path) -> None:
@@ -252,16 +267,16 @@ def _resolve_source_paths(raw: dict, base: Path) -> None:
     for source in sources if isinstance(sources, list) else []:
         if isinstance(source, dict) and isinstance(source.get("path"), str):
             candidate = base / source["path"]
-            if not Path(source["path"]).is_absolute() and candidate.exists():
+            if not Path(source["path"]).is_absolute() and _exists(candidate):
                 source["path"] = str(candidate.resolve())
-            elif Path(source["path"]).exists():  # relative to where the command runs (a --set value)
+            elif _exists(Path(source["path"])):  # relative to where the command runs (a --set value)
                 source["path"] = str(Path(source["path"]).resolve())
     # A local model or tokenizer folder is relative to where the command runs, as from_pretrained reads
     # it; frozen as an absolute path, so the run's export, eval and generate work from anywhere.
     model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
     for key in ("name_or_path", "tokenizer"):
         value = model.get(key)
-        if isinstance(value, str) and value and not Path(value).is_absolute() and Path(value).is_dir():
+        if isinstance(value, str) and value and not Path(value).is_absolute() and _is_dir(Path(value)):
             model[key] = str(Path(value).resolve())
     dist = raw.get("distributed") if isinstance(raw.get("distributed"), dict) else {}
     ds = dist.get("deepspeed")

@@ -157,6 +157,9 @@ class DistributedSection(Section):
         problems = []
         if self.backend == "single" and self.num_processes * self.num_machines > 1:
             problems.append("backend single runs one process: set backend to ddp or deepspeed for more")
+        if self.backend == "ddp" and self.num_processes * self.num_machines == 1:
+            problems.append("backend ddp needs 2 or more processes (num_processes x num_machines); for one process "
+                            "set backend to single")  # fmt: skip
         if self.machine_rank >= self.num_machines:
             problems.append(f"machine_rank {self.machine_rank} must be below num_machines {self.num_machines}")
         if self.deepspeed is not None and self.backend != "deepspeed":
