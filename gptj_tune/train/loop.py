@@ -313,7 +313,11 @@ def _check_finite(run: RunDir, state: TrainState, value: float) -> None:
 
 def _stop_on_nan(run: RunDir, state: TrainState, value: float) -> None:
     saved = run.list_checkpoints()
-    last = f"last good checkpoint: {saved[-1][1]}" if saved else "no checkpoint was saved before it"
+    if saved and saved[-1][0] == state.step:  # the newest checkpoint holds the weights that gave this loss
+        before = f"; the one before it: {saved[-2][1]} (--resume {saved[-2][1].name})" if len(saved) > 1 else ""
+        last = f"the weights of {saved[-1][1]} gave it{before}"
+    else:
+        last = f"last checkpoint before it: {saved[-1][1]}" if saved else "no checkpoint was saved before it"
     raise TrainingError(
         f"loss is {value} at step {state.step + 1}; training stopped before the update ({last}). "
         f"Lower train.lr, set train.max_grad_norm, or check the data of this step."

@@ -223,7 +223,9 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(tmp_path):
     recipe = small_recipe(tmp_path, method="full", steps=50, save_every=1, lr=1)  # fp16 weights overflow at step 3
     result = cli("run", str(recipe), "--set", "train.max_grad_norm=null", "--set", "model.dtype=float16")
     assert result.returncode == 1
-    assert "training stopped before the update (last good checkpoint:" in result.stderr
+    # the newest checkpoint (step 2) holds the weights that gave the NaN: it is not called good
+    assert "training stopped before the update (the weights of " in result.stderr
+    assert "step-2 gave it; the one before it: " in result.stderr and "(--resume step-1)" in result.stderr
     assert "Lower train.lr" in result.stderr and "Traceback" not in result.stderr
     saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert saved and not (tmp_path / "run" / "final").exists()
