@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DataError
 from .pack import Row
 from .tokens import IGNORE
 
@@ -92,13 +93,27 @@ class TokenStore:
         self.meta = json.loads((self.folder / "meta.json").read_text())
         self.tokens = np.memmap(self.folder / "tokens.bin", dtype=self.meta["dtype"], mode="r") if self._has_tokens() else np.zeros(0, np.uint16)
         self.targets = np.memmap(self.folder / "targets.bin", dtype=np.uint8, mode="r") if self._has_tokens() else np.zeros(0, np.uint8)
-        self.starts = np.load(self.folder / "starts.npy", mmap_mode="r")
+        self.starts = self._array("starts.npy", mmap_mode="r")
 
     def _has_tokens(self) -> bool:
         return (self.folder / "tokens.bin").stat().st_size > 0  # numpy cannot map an empty file
 
     def rows(self, split: str) -> Rows:
-        return Rows(self, np.load(self.folder / f"{split}-starts.npy"), np.load(self.folder / f"{split}.npy", mmap_mode="r"))
+        return Rows(self, self._array(f"{split}-starts.npy"), self._array(f"{split}.npy", mmap_mode="r"))
+
+    def _array(self, name: str, mmap_mode: str | None = None) -> np.ndarray:
+        """An index array, read without pickle (numpy's allow_pickle=False): a file holding objects, or
+        damaged, is an error naming it, never code that runs."""
+        path = self.folder / name
+        try:
+            array = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            what = "holds pickled Python objects, which gptj-tune does not load" if "allow_pickle" in str(e) else f"is damaged ({e})"
+            raise DataError(f"{path} {what}: delete {self.folder} (the data cache) and it is prepared again") from None
+        if array.dtype.kind not in "iu":
+            raise DataError(f"{path} holds {array.dtype} values, not indices: delete {self.folder} (the data cache) and it is "
+                            f"prepared again")  # fmt: skip
+        return array
 
     def example_lengths(self) -> np.ndarray:
         return np.diff(np.asarray(self.starts))

@@ -73,7 +73,7 @@ def load_checkpoint(recipe: Recipe, folder: Path, accelerator, model, optimizer,
                 f"{accelerator.num_processes}. Resume with the same distributed layout."
             )
         load_engine_state(folder, accelerator, model, optimizer, recipe, _load_weights)
-        scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        scheduler.load_state_dict(load_tensors(folder / "scheduler.pt"))
         rng = read_rng_states(folder / f"rng-{accelerator.process_index}.pt")
     except (OSError, RuntimeError, KeyError, ValueError) as e:
         raise RunDirError(f"{folder}: checkpoint cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]})") from None
@@ -98,10 +98,15 @@ def rng_states() -> dict:
 
 
 def read_rng_states(path: Path) -> dict:
-    """What `rng_states` saved. A file holding anything else (an older checkpoint's pickled state,
-    or a payload) is refused unread."""
+    """What `rng_states` saved (see `load_tensors`)."""
+    return load_tensors(path)
+
+
+def load_tensors(path: Path, **options):
+    """torch.load with weights_only=True: tensors, numbers, strings and containers of them. A file
+    holding anything else (an older checkpoint's pickled RNG state, or a payload) is refused unread."""
     try:
-        return torch.load(path, weights_only=True)
+        return torch.load(path, weights_only=True, **options)
     except pickle.UnpicklingError:
         raise RunDirError(f"{path} holds pickled Python objects, which gptj-tune does not load (unpickling a file can run "
                           f"code); a checkpoint written before this version cannot be resumed: start the run again") from None  # fmt: skip

@@ -259,7 +259,7 @@ def save_engine_state(folder: Path, accelerator, model, optimizer, recipe: Recip
 
 def load_engine_state(folder: Path, accelerator, model, optimizer, recipe: Recipe, load_weights) -> None:
     """Inverse of save_engine_state. `load_weights(folder, model)` reads the one-process format."""
-    import torch
+    from .checkpoints import load_tensors
 
     backend, raw_optimizer = recipe.distributed.backend, getattr(optimizer, "optimizer", optimizer)
     if backend == "deepspeed":
@@ -275,10 +275,10 @@ def load_engine_state(folder: Path, accelerator, model, optimizer, recipe: Recip
             dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder / "fsdp"))
             options = None
         else:  # full: every process reads the whole file and keeps its own shard
-            payload = torch.load(folder / "fsdp-full.pt", weights_only=True, mmap=True)
+            payload = load_tensors(folder / "fsdp-full.pt", mmap=True)
             model_state, optimizer_state = payload["model"], payload["optimizer"]
             options = StateDictOptions(full_state_dict=True)
         set_state_dict(model, raw_optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state, options=options)
     else:
         load_weights(folder, accelerator.unwrap_model(model))
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        optimizer.load_state_dict(load_tensors(folder / "optimizer.pt"))

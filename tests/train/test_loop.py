@@ -348,20 +348,32 @@ def _touch(path):
 
 
 @pytest.mark.slow
-def test_a_payload_planted_in_a_checkpoints_rng_state_does_not_run_on_resume(tmp_path):
+@pytest.mark.parametrize("planted", ["rng-0.pt", "optimizer.pt", "scheduler.pt", "token store"])
+def test_a_payload_planted_in_a_run_directory_does_not_run_on_resume(tmp_path, planted):
     """RNG states are saved as tensors and numbers and read with weights_only=True (they were
-    pickled, and `torch.load(weights_only=False)` ran whatever a planted rng-0.pt held)."""
+    pickled, and `torch.load(weights_only=False)` ran whatever a planted rng-0.pt held); the
+    optimizer and scheduler states too, and the token store's .npy arrays without pickle."""
+    import numpy as np
     import torch
 
     from gptj_tune.manifest import write_manifest
 
+    cache = tmp_path / "data-cache"
     recipe = small_recipe(tmp_path, steps=4, save_every=2)
+    recipe.write_text(recipe.read_text().replace("  max_length: 128\n", f"  max_length: 128\n  cache_dir: {cache}\n"))
     assert cli("run", str(recipe)).returncode == 0
     step = tmp_path / "run" / "checkpoints" / "step-2"
     marker = tmp_path / "payload-ran"
-    torch.save({"python": _Payload(marker)}, step / "rng-0.pt")
-    write_manifest(step)  # as whoever planted it would: the manifest alone does not stop it
+    if planted == "token store":
+        [starts] = cache.rglob("train-starts.npy")
+        np.save(starts, np.array([_Payload(marker)], dtype=object), allow_pickle=True)
+    else:
+        torch.save({"state": _Payload(marker)}, step / planted)
+        write_manifest(step)  # as whoever planted it would: the manifest alone does not stop it
     result = cli("run", str(recipe), "--resume", "step-2")
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "rng-0.pt holds pickled Python objects, which gptj-tune does not load" in result.stderr
     assert not marker.exists() and "Traceback" not in result.stderr
+    if planted == "token store":
+        assert "train-starts.npy" in result.stderr and "pickled" in result.stderr
+    else:
+        assert f"{planted} holds pickled Python objects, which gptj-tune does not load" in result.stderr
