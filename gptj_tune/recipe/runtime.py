@@ -45,7 +45,8 @@ class TrainSection(Section):
         True,
         description="Save a checkpoint after the last step, besides final/. false: final/ only, for benchmarks and "
         "throwaway runs where a checkpoint's optimizer state would not fit the disk (GPT-J-6B full fine-tuning: "
-        "~48 GB); a stop signal still saves one.",
+        "~48 GB); a stop signal still saves one. Off, a final save that fails (a full disk) loses the steps "
+        "since the last checkpoint; on, `--resume` saves final/ from this checkpoint without training again.",
     )
     keep_last: int = Field(2, ge=1, le=100_000, description="Checkpoints to keep; older ones are deleted.")
     check_disk: bool = Field(
