@@ -224,30 +224,20 @@ class _Bins:
             candidates += sorted(b for b in self.free.bins[space] if b != t)
             if len(candidates) >= tries:
                 break
+        where = _Where(self)
         for r_bin in candidates[:tries]:
             trades = []
             while (need := n - (self.capacity - self.fill[r_bin])) > 0 and budget > 0:
-                best = None  # (delta, r, s_bin, s)
-                with_room = sorted(b for space in self.free.spaces if space > 0 for b in self.free.bins[space])
-                for s_bin in with_room:
-                    if s_bin in (r_bin, t):
-                        continue
-                    gap = self.capacity - self.fill[s_bin]
-                    budget -= len(self.members(s_bin)) * len(self.members(r_bin))
-                    for r in self.members(r_bin):
-                        for s in self.members(s_bin):
-                            delta = int(self.lengths[r] - self.lengths[s])
-                            if 0 < delta <= gap and (best is None or _better_trade(delta, best[0], need)):
-                                best = (delta, r, s_bin, s)
+                best, budget = where.best_trade(r_bin, t, need, budget)
                 if best is None:
                     break
                 trades.append(best)
-                self._trade(r_bin, *best[1:])
+                where.trade(r_bin, *best[1:])
             if n <= self.capacity - self.fill[r_bin]:
                 journal += [("trade", r_bin, r, s_bin, s) for _, r, s_bin, s in trades]
                 return r_bin, budget
             for _, r, s_bin, s in reversed(trades):  # undo: trade back
-                self._trade(r_bin, s, s_bin, r)
+                where.trade(r_bin, s, s_bin, r)
             if budget <= 0:
                 break
         return None, budget
@@ -273,10 +263,59 @@ class _Bins:
         return np.concatenate(([0], np.cumsum(sizes))).astype(np.int64), members.astype(np.int64)
 
 
-def _better_trade(delta: int, best: int, need: int) -> bool:
-    if (delta >= need) != (best >= need):
-        return delta >= need
-    return delta < best if delta >= need else delta > best
+class _Where:
+    """Every example's bin and position in its bin's member list, as arrays, for `_Bins._make_room`
+    to find the best trade over all bins at once (numpy) instead of pair by pair. Kept in step
+    with the trades it makes."""
+
+    CHUNK = 1 << 18  # examples per block of the search (|R| x CHUNK deltas at a time)
+
+    def __init__(self, bins: _Bins):
+        self.bins = bins
+        self.bin = bins.bin_of.copy()
+        self.pos = np.empty(len(self.bin), np.int64)
+        self.pos[bins._order] = np.arange(len(self.bin)) - bins._starts[self.bin[bins._order]]
+        for b, items in bins._members.items():
+            self._place(b, items)
+
+    def _place(self, b: int, items: list[int]) -> None:
+        self.bin[items] = b
+        self.pos[items] = np.arange(len(items))
+
+    def trade(self, r_bin: int, r: int, s_bin: int, s: int) -> None:
+        self.bins._trade(r_bin, r, s_bin, s)
+        self._place(r_bin, self.bins.members(r_bin))
+        self._place(s_bin, self.bins.members(s_bin))
+
+    def best_trade(self, r_bin: int, t: int, need: int, budget: int) -> tuple[tuple | None, int]:
+        """The trade `_make_room` takes, as the pair-by-pair search over bins S with room (in bin
+        order; R's members, then S's, in list order) finds it: 0 < delta <= S's room; the smallest
+        delta that is enough, else the largest; the first found among equals. Returns
+        ((delta, r, s_bin, s) or None, the budget left: |R| x |S| for every bin S searched)."""
+        bins = self.bins
+        members = bins.members(r_bin)
+        r_len = bins.lengths[members][:, None]
+        gap = bins.capacity - np.asarray(bins.fill, dtype=np.int64)
+        room = gap[self.bin]
+        searched = (room > 0) & (self.bin != r_bin) & (self.bin != t)
+        items = np.flatnonzero(searched)
+        budget -= len(members) * len(items)
+        best = None  # (enough, |delta| order, s_bin, r position, s position, delta, r, s)
+        for a in range(0, len(items), self.CHUNK):
+            s_items = items[a : a + self.CHUNK]
+            delta = r_len - bins.lengths[s_items][None, :]
+            ri, si = np.nonzero((delta > 0) & (delta <= room[s_items][None, :]))
+            if not len(ri):
+                continue
+            d = delta[ri, si]
+            enough = d < need  # False (0) sorts first: a trade that is enough
+            size = np.where(enough, -d, d)  # the smallest that is enough, else the largest
+            s_of = s_items[si]
+            j = np.lexsort((self.pos[s_of], ri, self.bin[s_of], size, enough))[0]
+            found = (bool(enough[j]), int(size[j]), int(self.bin[s_of[j]]), int(ri[j]), int(self.pos[s_of[j]]),
+                     int(d[j]), members[ri[j]], int(s_of[j]))  # fmt: skip
+            best = found if best is None or found[:5] < best[:5] else best
+        return (None if best is None else (best[5], best[6], best[2], best[7])), budget
 
 
 @dataclass

@@ -6,6 +6,7 @@ import json
 import random
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from gptj_tune.data import prepare_data, split_indices
@@ -119,6 +120,45 @@ def test_packing_keeps_every_example_once_within_capacity_and_never_adds_bins(se
     assert all(sum(lengths[i] for i in b) <= 256 for b in bins)
     assert -(-sum(lengths) // 256) <= len(bins) <= len(_best_fit_decreasing(lengths, 256))
     assert pack_examples(lengths, 256) == bins  # deterministic
+
+
+def _pairwise_best_trade(bins, r_bin, t, need):
+    """The trade `_make_room` wants, found pair by pair: bins S with room in id order, R's members then
+    S's in list order; 0 < delta <= S's room; the smallest delta that is enough, else the largest;
+    the first found among equals."""
+    best = None
+    for s_bin in sorted(b for b in range(len(bins.fill)) if bins.capacity - bins.fill[b] > 0 and b not in (r_bin, t)):
+        gap = bins.capacity - bins.fill[s_bin]
+        for r in bins.members(r_bin):
+            for s in bins.members(s_bin):
+                delta = int(bins.lengths[r] - bins.lengths[s])
+                if not 0 < delta <= gap:
+                    continue
+                if best is None or ((delta >= need) != (best[0] >= need) and delta >= need) or (
+                    (delta >= need) == (best[0] >= need) and (delta < best[0] if delta >= need else delta > best[0])
+                ):
+                    best = (delta, r, s_bin, s)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_trade_search_over_all_bins_at_once_finds_the_pairwise_searchs_trade(seed, monkeypatch):
+    """`_make_room` searches every bin at once with numpy (13x faster on Alpaca); the trade it finds,
+    also across blocks of the search, is the one a pair-by-pair search finds, so packing is unchanged."""
+    from gptj_tune.data.pack import _Bins, _Where
+
+    monkeypatch.setattr(_Where, "CHUNK", 7)  # several blocks even for a few examples
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 120, int(rng.integers(20, 400)))
+    bins = _Bins.best_fit_decreasing(lengths, 256)
+    where = _Where(bins)
+    for _ in range(40):
+        r_bin, t = (int(b) for b in rng.choice(len(bins.fill), 2, replace=False))
+        need = int(rng.integers(1, 80))
+        found, budget = where.best_trade(r_bin, t, need, 10**9)
+        assert found == _pairwise_best_trade(bins, r_bin, t, need)
+        if found is not None:  # and keep going from the state the trade leaves
+            where.trade(r_bin, *found[1:])
 
 
 def test_overlong_examples_truncated_or_dropped_with_counts(shared_data, gpt2_tokenizer):
