@@ -226,18 +226,31 @@ def _write_instructions(records, encode, eos: int, template: Template, section: 
     unless train_on_prompt, EOS appended as a target. Returns, per record, its example index (-1:
     dropped) and its byte offset in the spill file."""
     example_of: list[int] = []
-    offsets: list[int] = []
+    offsets: list[np.ndarray] = []
+    written = 0
     with open(spill, "wb") as out:
+
+        def flush(chunk: list[dict]) -> None:
+            nonlocal written, example_of
+            lines = [_spill_line(r) for r in chunk]  # ASCII (escaped JSON): a character is a byte
+            sizes = np.fromiter(map(len, lines), np.int64, len(lines)) + 1
+            offsets.append(written + np.cumsum(sizes) - sizes)
+            out.write(("\n".join(lines) + "\n").encode("ascii"))
+            written += int(sizes.sum())
+            example_of += _instruction_chunk(chunk, encode, eos, template, section, slots, writer, counter)
+
         chunk: list[dict] = []
         for record in records:
-            offsets.append(out.tell())
-            out.write(json.dumps(record).encode() + b"\n")
             chunk.append(record)
             if len(chunk) == RECORDS_PER_CHUNK:
-                example_of += _instruction_chunk(chunk, encode, eos, template, section, slots, writer, counter)
+                flush(chunk)
                 chunk = []
-        example_of += _instruction_chunk(chunk, encode, eos, template, section, slots, writer, counter)
-    return np.asarray(example_of, np.int64), np.asarray(offsets, np.int64)
+        if chunk:
+            flush(chunk)
+    return np.asarray(example_of, np.int64), np.concatenate(offsets) if offsets else np.zeros(0, np.int64)
+
+
+_spill_line = json.JSONEncoder(check_circular=False).encode  # a record is strings in a dict: no cycle to look for
 
 
 def _instruction_chunk(records, encode, eos, template, section, slots, writer, counter) -> list[int]:
@@ -246,8 +259,8 @@ def _instruction_chunk(records, encode, eos, template, section, slots, writer, c
     limit = section.max_length - slots
     prompts = encode([template.render_prompt(r["instruction"], r.get("input", "")) for r in records])
     responses = encode([template.render_response(r["output"]) for r in records])
-    example_of, ids, targets, lengths, truncated = [], [], [], [], []
-    prefix, no_targets = [eos] * slots, [0] * slots
+    example_of, ids, masked, lengths, truncated = [], [], [], [], []
+    prefix = [eos] * slots
     for p, r in zip(prompts, responses):
         full = len(p) + len(r) + 1
         keep = min(full, limit)
@@ -258,13 +271,14 @@ def _instruction_chunk(records, encode, eos, template, section, slots, writer, c
         example_of.append(writer.n_examples + len(lengths))
         ids += prefix
         ids += (p + r + [eos])[:keep] if full > limit else p + r + [eos]
-        targets += no_targets
-        targets += [0] * first
-        targets += [1] * (keep - first)
+        masked.append(slots + first)
         lengths.append(slots + keep)
         truncated.append(full > limit)
     if lengths:
-        writer.append(np.asarray(ids, np.int64), np.asarray(targets, np.uint8), np.asarray(lengths), np.asarray(truncated))
+        # each example: its slots and prompt not targets, the rest targets
+        counts = np.column_stack([masked, np.subtract(lengths, masked)]).ravel()
+        targets = np.repeat(np.tile(np.array([0, 1], np.uint8), len(lengths)), counts)
+        writer.append(np.fromiter(ids, writer.dtype, len(ids)), targets, np.asarray(lengths), np.asarray(truncated))
     counter.wrote(int(sum(lengths)))
     return example_of
 

@@ -8,6 +8,7 @@ Malformed records raise DataError naming file, line and field, or are skipped an
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -185,6 +186,9 @@ def _jsonl_rows(file: Path) -> Iterator[tuple[str, object]]:
                 yield origin, _Malformed(f"{origin}: JSON nested too deeply to read (thousands of levels)")
 
 
+_BETWEEN_ITEMS = re.compile(r"[ \t\r\n,]*")
+
+
 def _json_array_rows(file: Path) -> Iterator[tuple[str, object]]:
     """Items of a JSON array, each with the line it starts on."""
     data = file.read_bytes()
@@ -198,8 +202,7 @@ def _json_array_rows(file: Path) -> Iterator[tuple[str, object]]:
     pos = text.index("[") + 1
     line, counted_to = 1, 0  # newlines are counted incrementally: the file can be tens of MB
     while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
+        pos = _BETWEEN_ITEMS.match(text, pos).end()
         if pos >= len(text):
             raise DataError(f"{file}: the JSON array is not closed with `]`")
         if text[pos] == "]":
