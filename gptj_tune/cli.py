@@ -5,16 +5,10 @@ Library errors (GptjTuneError) become one clear message and an exit code, never 
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import functools
 import json
-import logging
-import os
-import shutil
 import sys
 import traceback
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -24,7 +18,9 @@ from rich.markup import escape
 from rich.syntax import Syntax
 from rich.table import Table
 
-from .errors import GptjTuneError, RecipeError, Stopped
+from .errors import GptjTuneError, Stopped
+from .quiet import quiet_libraries
+from .recipe_commands import copy_recipe, list_recipes, resolve_recipe_path as _resolve_recipe_path
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="Fine-tune GPT-J (and GPT-Neo) from a YAML recipe.")
 recipes_app = typer.Typer(help="List shipped recipes, or copy one out to edit.", invoke_without_command=True)
@@ -59,20 +55,6 @@ def _friendly(fn):
             raise
 
     return wrapper
-
-
-def recipes_dir() -> Path:
-    """Shipped recipes: inside the wheel (`gptj_tune/_recipes`) or the source checkout (`recipes/`)."""
-    packaged = Path(__file__).parent / "_recipes"
-    return packaged if packaged.is_dir() else Path(__file__).parent.parent / "recipes"
-
-
-def _resolve_recipe_path(recipe: str) -> Path:
-    path = Path(recipe)
-    if path.exists() or path.suffix in (".yaml", ".yml"):
-        return path
-    shipped = recipes_dir() / f"{recipe}.yaml"  # a bare name: `gptj-tune run quickstart`
-    return shipped if shipped.exists() else path
 
 
 @app.command()
@@ -354,16 +336,8 @@ def compare(
 @recipes_app.callback()
 def recipes_list(ctx: typer.Context):
     """List shipped recipes with their descriptions."""
-    if ctx.invoked_subcommand is not None:
-        return
-    import yaml
-
-    table = Table("name", "description")
-    for path in sorted(recipes_dir().glob("*.yaml")):
-        data = yaml.safe_load(path.read_text()) or {}
-        table.add_row(path.stem, str(data.get("description", "")))
-    console.print(table)
-    console.print("Copy one out with: gptj-tune recipes copy NAME my.yaml")
+    if ctx.invoked_subcommand is None:
+        list_recipes(console)
 
 
 @recipes_app.command("copy")
@@ -374,19 +348,7 @@ def recipes_copy(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
 ):
     """Copy a shipped recipe to edit it (like torchtune's `tune cp`)."""
-    source = recipes_dir() / f"{name.removesuffix('.yaml')}.yaml"
-    if not source.exists():
-        names = ", ".join(p.stem for p in sorted(recipes_dir().glob("*.yaml")))
-        raise RecipeError([f"no shipped recipe {name!r}; available: {names}"])
-    from .errors import GptjTuneError
-    from .rundir import atomic_write
-
-    if dest.is_dir():  # like cp: into the folder, under the recipe's own name
-        dest = dest / source.name
-    if dest.exists() and not force:
-        raise GptjTuneError(f"{dest} already exists; pass --force to overwrite it")
-    atomic_write(dest, lambda tmp: shutil.copyfile(source, tmp))
-    console.print(f"Copied {name} to {dest}. Run it with: gptj-tune run {dest}", markup=False)
+    copy_recipe(name, dest, force, console)
 
 
 @recipes_app.command("reference", hidden=True)
@@ -407,22 +369,9 @@ def normalize_argv(args: list[str]) -> list[str]:
     return out
 
 
-def quiet_libraries() -> None:
-    """Environment defaults and filters for library chatter; `main` runs it before the app."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our progress is the one to read
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    # Library chatter a user cannot act on: peft calling a renamed transformers helper,
-    # DeepSpeed (imported by accelerate) announcing at WARNING level that this machine has no GPU.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
-    # bitsandbytes 0.50 (imported by peft) on a CPU: its optional kernels package is not installed.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels-community" not in record.getMessage())
-
-
 def main():
     quiet_libraries()
-    from .train.workers import in_worker
+    from .train.workers import in_worker, leave_worker
 
     if not in_worker():
         app(args=normalize_argv(sys.argv[1:]), prog_name="gptj-tune")
@@ -438,21 +387,7 @@ def main():
         code = 1
     else:
         code = 0
-    _leave_worker(code)
-
-
-def _leave_worker(code: int) -> None:
-    """End a worker process without the interpreter's teardown. DeepSpeed keeps a process group in a
-    module global after the group is destroyed (deepspeed.utils.groups._WORLD_GROUP); it is then
-    freed while the interpreter is being torn down, and gloo's C++ side sometimes aborts there
-    ("terminate called without an active exception", SIGABRT: seen in CI after a finished ZeRO-2 run,
-    whose launcher then reported a failure). atexit handlers still run and output is flushed; only
-    the finalization of leftover objects is skipped."""
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(code)
+    leave_worker(code)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,12 @@ Everything goes through one folder of this machine, named by GPTJ_TUNE_ERROR_DIR
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -154,3 +156,17 @@ def report_worker_error(message: str, exit_code: int, peer_lost: bool = False) -
     rank = _rank()
     record = {"rank": rank, "message": message, "exit_code": exit_code, "time": time.time(), "peer_lost": peer_lost}
     _write(Path(folder) / f"rank-{rank}.json", json.dumps(record))
+
+
+def leave_worker(code: int) -> None:
+    """End a worker process without the interpreter's teardown. DeepSpeed keeps a process group in a
+    module global after the group is destroyed (deepspeed.utils.groups._WORLD_GROUP); it is then
+    freed while the interpreter is being torn down, and gloo's C++ side sometimes aborts there
+    ("terminate called without an active exception", SIGABRT: seen in CI after a finished ZeRO-2 run,
+    whose launcher then reported a failure). atexit handlers still run and output is flushed; only
+    the finalization of leftover objects is skipped."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
