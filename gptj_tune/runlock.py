@@ -15,11 +15,11 @@ import json
 import os
 import secrets
 import socket
-import threading
 import time
 from pathlib import Path
 
 from .errors import RunDirError
+from .heartbeat import Heartbeat, quiet_for
 
 HEARTBEAT = 30.0
 STALE_AFTER = 300.0
@@ -31,8 +31,7 @@ class RunLock:
         self.path = run_dir.parent / f".{run_dir.name}.lock"
         self.run_dir = run_dir
         self.token = secrets.token_hex(8)
-        self._stop = threading.Event()
-        self._beat: threading.Thread | None = None
+        self._beat: Heartbeat | None = None
 
     def acquire(self) -> str | None:
         """Take the lock, or raise RunDirError naming who holds it. Returns a note when a lock left
@@ -57,12 +56,12 @@ class RunLock:
         else:
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps(me))
-        self._beat = threading.Thread(target=self._heartbeat, name="gptj-tune run lock", daemon=True)
-        self._beat.start()
+        self._beat = Heartbeat(self.path, HEARTBEAT, "gptj-tune run lock").start()
         return note
 
     def release(self) -> None:
-        self._stop.set()
+        if self._beat is not None:
+            self._beat.stop()
         if self._holder().get("token") == self.token:
             self.path.unlink(missing_ok=True)
 
@@ -71,13 +70,6 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
-
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(HEARTBEAT):
-            try:
-                os.utime(self.path)
-            except OSError:
-                pass
 
     def _holder(self) -> dict:
         try:
@@ -88,9 +80,8 @@ class RunLock:
 
     def _gone(self, holder: dict) -> str | None:
         """Why the holder is taken to be gone, or None while it may still run."""
-        try:
-            quiet = time.time() - self.path.stat().st_mtime
-        except OSError:
+        quiet = quiet_for(self.path)
+        if quiet is None:
             return "its file gone"
         if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
             try:

@@ -20,12 +20,12 @@ import os
 import secrets
 import shutil
 import socket
-import threading
 import time
 from pathlib import Path
 from typing import Callable
 
 from ..errors import DataError
+from ..heartbeat import Heartbeat, quiet_for
 from ..recipe import DataSection
 from .store import FORMAT_VERSION
 
@@ -123,32 +123,22 @@ def _build_into(root: Path, entry: Path, build: Callable[[Path], None]) -> None:
 class _BuildLock:
     def __init__(self, path: Path):
         self.path = path
-        self._stop = threading.Event()
-        self._beat: threading.Thread | None = None
+        self._beat: Heartbeat | None = None
 
     def acquire(self) -> bool:
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                age = time.time() - self.path.stat().st_mtime
-            except FileNotFoundError:
+            age = quiet_for(self.path)
+            if age is None:
                 return False  # released just now: the entry is there, or we try again
             if age > STALE_AFTER:
                 self.path.unlink(missing_ok=True)  # its builder died; the next look takes it
             return False
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
-        self._beat = threading.Thread(target=self._heartbeat, name="gptj-tune data lock", daemon=True)
-        self._beat.start()
+        self._beat = Heartbeat(self.path, HEARTBEAT, "gptj-tune data lock").start()
         return True
-
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(HEARTBEAT):
-            try:
-                os.utime(self.path)
-            except OSError:
-                return
 
     def holder(self) -> str:
         try:
@@ -158,7 +148,6 @@ class _BuildLock:
             return "unknown"
 
     def release(self) -> None:
-        self._stop.set()
         if self._beat:
-            self._beat.join()
+            self._beat.stop(wait=True)
         self.path.unlink(missing_ok=True)

@@ -17,6 +17,8 @@ import threading
 import time
 from pathlib import Path
 
+from ..heartbeat import Heartbeat, quiet_for
+
 ERROR_DIR_ENV = "GPTJ_TUNE_ERROR_DIR"
 COMMAND_PID_ENV = "GPTJ_TUNE_COMMAND_PID"  # the `gptj-tune run` process that started the launcher
 TIMEOUT_ENV = "GPTJ_TUNE_TIMEOUT_MINUTES"  # distributed.timeout_minutes, for the message
@@ -58,7 +60,7 @@ def register_worker() -> None:
         return
     rank = _rank()
     _write(folder / f"pid-{rank}", str(os.getpid()))
-    threading.Thread(target=_heartbeat, args=(folder / f"alive-{rank}",), daemon=True, name="gptj-tune-heartbeat").start()
+    Heartbeat(folder / f"alive-{rank}", HEARTBEAT_S, "gptj-tune worker heartbeat", create=True).start()
     command = os.environ.get(COMMAND_PID_ENV)
     if command:
         threading.Thread(target=_watch, args=(command,), daemon=True, name="gptj-tune-watchdog").start()
@@ -99,24 +101,16 @@ def _watch(command: str) -> None:
     os.kill(os.getpid(), signal.SIGTERM)  # stop as on Ctrl-C: a checkpoint after this step, then exit
 
 
-def _heartbeat(path: Path) -> None:
-    while True:
-        with contextlib.suppress(OSError):
-            path.touch()
-        time.sleep(HEARTBEAT_S)
-
-
 def stalled_ranks() -> list[int]:
     """Ranks of this machine whose heartbeat stopped (the process is stopped or frozen), other than this one."""
-    folder, rank, now = _folder(), _rank(), time.time()
+    folder, rank = _folder(), _rank()
     if folder is None:
         return []
     found = []
     for beat in folder.glob("alive-*"):
-        other = int(beat.name.removeprefix("alive-"))
-        with contextlib.suppress(OSError):
-            if other != rank and now - beat.stat().st_mtime > STALE_S:
-                found.append(other)
+        other, quiet = int(beat.name.removeprefix("alive-")), quiet_for(beat)
+        if other != rank and quiet is not None and quiet > STALE_S:
+            found.append(other)
     return sorted(found)
 
 
