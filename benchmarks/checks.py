@@ -14,9 +14,10 @@ def require_at_least_one(args, *names: str) -> None:
 
 
 def require_device(shape: str, device: str) -> None:
-    """GPT-J-6B's shape runs on a GPU only, and `--device cuda` needs a CUDA device torch can see."""
-    if shape == "gptj-6b" and device != "cuda":
-        raise SystemExit("the gptj-6b shape runs on a GPU only (--device cuda)")
+    """The full-size shapes (GPT-J-6B, GPT-Neo-2.7B) run on a GPU only, and `--device cuda` needs a
+    CUDA device torch can see."""
+    if shape in ("gptj-6b", "gpt-neo-2.7b") and device != "cuda":
+        raise SystemExit(f"the {shape} shape runs on a GPU only (--device cuda)")
     if device == "cuda":
         import torch
 

@@ -7,7 +7,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from workload import LORA, LORA_TARGETS, held_out_loss, peak_memory, tokenize
+from workload import LORA, LORA_TARGETS, family, held_out_loss, peak_memory, tokenize
 
 
 def run_ours(spec: dict, out: Path, after_each_step=None) -> dict:
@@ -122,10 +122,11 @@ def _base_model(spec: dict, full_precision: bool):
     return AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype)
 
 
-def _lora_config():
+def _lora_config(shape: str = "tiny"):
+    """The adapters every engine trains: gptj-tune's defaults for the shape's family."""
     from peft import LoraConfig
 
-    return LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=LORA_TARGETS,
+    return LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=LORA_TARGETS[family(shape)],
                       task_type="CAUSAL_LM")  # fmt: skip
 
 
@@ -145,7 +146,7 @@ def run_trl(spec: dict, out: Path, best: bool) -> dict:
     config = SFTConfig(**_training_args(spec, out, **batch), **settings)
     model = _base_model(spec, full_precision=True)
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tok,
-                         peft_config=_lora_config() if spec["method"] in ("lora", "qlora") else None)  # fmt: skip
+                         peft_config=_lora_config(spec["shape"]) if spec["method"] in ("lora", "qlora") else None)  # fmt: skip
     trainer.data_collator = counting = CountingCollator(trainer.data_collator)
     marks = _step_marks(trainer, counting)
     metrics = trainer.train().metrics
@@ -164,7 +165,7 @@ def run_hf_trainer(spec: dict, out: Path) -> dict:
     if spec["method"] in ("lora", "qlora"):
         from peft import get_peft_model
 
-        model = get_peft_model(model, _lora_config())
+        model = get_peft_model(model, _lora_config(spec["shape"]))
     counting = CountingCollator(DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
     args = TrainingArguments(**_training_args(spec, out, bf16=spec["device"] == "cuda"))
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=counting)

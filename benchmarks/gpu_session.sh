@@ -21,6 +21,10 @@
 # device's 64 GiB disk holds it all. torch.compile's caches stay in /tmp for the whole call: the
 # blocks are compiled once, later steps reuse the kernels.
 #
+# The GPT-Neo-2.7B shape (random init, 5.4 GB in bf16), LoRA against TRL best, is not among the
+# default PHASES (the 8 files above are all that come back): give it a call of its own,
+#   PHASES="build-neo neo" COMMIT=<hash> bash benchmarks/gpu_session.sh      (session.log, neo.json, neo.png)
+#
 # A CPU dry run of the same steps on the tiny shape (what the suite's smoke test runs):
 #   OUT=/tmp/gpu-dry DEVICE=cpu SHAPE=tiny LORA_STEPS=2 FULL_STEPS=2 PROFILE_STEPS=2 MAX_LENGTH=256 DATA=../shared/data \
 #     bash benchmarks/gpu_session.sh
@@ -33,6 +37,8 @@ MAX_LENGTH=${MAX_LENGTH:-2048}
 LORA_STEPS=${LORA_STEPS:-80}    # the padded engines' optimizer steps: 640 records, ~35 packed 2048-token steps
 FULL_STEPS=${FULL_STEPS:-40}
 MODEL=${MODEL:-/tmp/gptj-tune-bench-$SHAPE}
+NEO_SHAPE=${NEO_SHAPE:-gpt-neo-2.7b}
+NEO_MODEL=${NEO_MODEL:-/tmp/gptj-tune-bench-$NEO_SHAPE}
 PHASES=${PHASES:-gpu-tests build-model lora full qlora profile-full profile-lora}
 # bitsandbytes for the qlora step (benchmarks/gpu_add_bitsandbytes.sh puts a slim copy in .gpu/site)
 [ -d .gpu/site ] && export PYTHONPATH="$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
@@ -83,6 +89,11 @@ step profile-full 90 python benchmarks/profile_step.py "${shape[@]}" --method fu
   --steps "${PROFILE_STEPS:-5}" --out "$OUT/profile-full.json"  # its table goes to the log, and to a .txt left out below
 step profile-lora 90 python benchmarks/profile_step.py "${shape[@]}" --method lora --rows 1 --warmup 3 \
   --steps "${PROFILE_STEPS:-5}" --out "$OUT/profile-lora.json"
-rm -rf "$MODEL" "$OUT"/profile-*.txt "$OUT"/qlora.png
+step build-neo 60 python -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; from rich.console import Console
+from workload import model_for; model_for('$NEO_SHAPE', Path('$NEO_MODEL'), Console())"
+step neo 170 python benchmarks/train_throughput.py --device "$DEVICE" --shape "$NEO_SHAPE" --max-length "$MAX_LENGTH" \
+  --model-dir "$NEO_MODEL" --data-dir "$DATA" --batch-size 8 --method lora --steps "$LORA_STEPS" --engines gptj-tune,trl-best \
+  --out "$OUT/neo.json"
+rm -rf "$MODEL" "$NEO_MODEL" "$OUT"/profile-*.txt "$OUT"/qlora.png
 echo "== done: $failed step(s) failed or skipped" | tee -a "$LOG"
 exit "$failed"

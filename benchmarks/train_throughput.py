@@ -3,7 +3,7 @@ on the same work: the same model weights, Alpaca records, GPT-2 tokenizer, token
 batch size, learning-rate schedule and seed; one epoch, so every engine trains on the same real
 (non-pad) tokens.
 
-    python benchmarks/train_throughput.py [--device cpu|cuda] [--shape tiny|small|gptj-6b]
+    python benchmarks/train_throughput.py [--device cpu|cuda] [--shape tiny|small|gptj-6b|neo-tiny|gpt-neo-2.7b]
         [--method lora|qlora|full] [--records 120 | --steps N] [--repeats 1] [--seed 0] [--out train_throughput.json]
         [--mixed-precision no|bf16]
 
@@ -52,6 +52,7 @@ from pathlib import Path
 from checks import require_alpaca, require_at_least_one, require_device, require_max_length
 from engines import worker
 from workload import HELD_OUT, REPO, SHAPES, _matching_rows, flops_per_token, model_for, token_stats, tokenize
+from workload import label as shape_label
 
 ENGINES = ["gptj-tune", "trl-default", "trl-best", "hf-trainer"]
 # Dense bf16 peaks, by the first of these names found in torch.cuda.get_device_name() (SXM parts
@@ -216,7 +217,7 @@ def main() -> None:
         # tokens per step: never fewer, larger updates than theirs.
         _, examples = tokenize(spec, 0, spec["records"])
         spec["packed_batch_size"] = args.packed_batch_size or _matching_rows(spec, examples)
-        per_token, formula = flops_per_token(spec, token_stats(examples))
+        per_token, formula = flops_per_token(spec, token_stats(examples, SHAPES[args.shape].get("window")))
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
         env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
@@ -258,7 +259,7 @@ def main() -> None:
         if args.device == "cuda":
             r["mfu"] = r["model_tflops"] * 1e12 / peak if peak else None
 
-    title = (f"train throughput: {args.shape} GPT-J, {args.method}, {args.records} Alpaca records, max_length "
+    title = (f"train throughput: {shape_label(args.shape)}, {args.method}, {args.records} Alpaca records, max_length "
              f"{args.max_length}, batch {args.batch_size} (packed: {spec['packed_batch_size']} row"
              f"{'s' if spec['packed_batch_size'] != 1 else ''}), {args.device}"
              f"{', gptj-tune in bf16 autocast' if args.mixed_precision == 'bf16' else ''}")  # fmt: skip

@@ -9,15 +9,47 @@ import math
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SHAPES = {  # GPT-J configs; every shape keeps GPT-J's 50400-row embedding and head
+SHAPES = {  # GPT-J shapes keep GPT-J's 50400-row embedding and head; GPT-Neo's have its 50257 rows
     "tiny": dict(n_layer=2, n_embd=64, n_head=4, rotary_dim=8),  # the 50400-wide head dominates
     "small": dict(n_layer=6, n_embd=512, n_head=8, rotary_dim=32),  # the blocks dominate
     "gptj-6b": dict(n_layer=28, n_embd=4096, n_head=16, rotary_dim=64),
+    # GPT-Neo: global and local (a 256-token window) attention layers in turn, tied head
+    "neo-tiny": dict(family="gpt_neo", n_layer=2, n_embd=64, n_head=4, window=256),
+    "gpt-neo-2.7b": dict(family="gpt_neo", n_layer=32, n_embd=2560, n_head=20, window=256),
 }
+GPU_ONLY = ("gptj-6b", "gpt-neo-2.7b")
 LORA = dict(r=16, alpha=32, dropout=0.05)
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"]
+LORA_TARGETS = {"gptj": ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"],
+                "gpt_neo": ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"]}  # gptj-tune's defaults
 HELD_OUT = 64  # records after the training records, scored the same way for every engine
-VOCAB = 50400  # GPT-J's embedding and head rows, in every shape
+VOCAB = 50400  # GPT-J's embedding and head rows, in every GPT-J shape
+
+
+def family(shape: str) -> str:
+    return SHAPES[shape].get("family", "gptj")
+
+
+def vocab(shape: str) -> int:
+    return VOCAB if family(shape) == "gptj" else 50257
+
+
+def label(shape: str) -> str:
+    """`tiny GPT-J`, `gpt-neo-2.7b GPT-Neo`: the shape and its family, for titles."""
+    return f"{shape} {'GPT-J' if family(shape) == 'gptj' else 'GPT-Neo'}"
+
+
+def config_of(shape: str):
+    """The transformers config of a shape (random init, dropout off)."""
+    from transformers import GPTJConfig, GPTNeoConfig
+
+    s = SHAPES[shape]
+    if family(shape) == "gptj":
+        return GPTJConfig(vocab_size=VOCAB, n_positions=2048, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0,
+                          **{k: v for k, v in s.items() if k != "family"})  # fmt: skip
+    return GPTNeoConfig(vocab_size=vocab(shape), max_position_embeddings=2048, hidden_size=s["n_embd"], num_layers=s["n_layer"],
+                        num_heads=s["n_head"], attention_types=[[["global", "local"], s["n_layer"] // 2]],
+                        window_size=s["window"], attention_dropout=0.0, embed_dropout=0.0, resid_dropout=0.0,
+                        bos_token_id=50256, eos_token_id=50256)  # fmt: skip
 
 
 def model_for(shape: str, folder: Path, console) -> Path:
@@ -41,15 +73,14 @@ def model_for(shape: str, folder: Path, console) -> Path:
 
 def build_model(shape: str, folder: Path) -> None:
     import torch
-    from transformers import GPTJConfig, GPTJForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = GPTJConfig(vocab_size=VOCAB, n_positions=2048, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0, **SHAPES[shape])
     torch.manual_seed(0)
-    if shape == "gptj-6b":
+    if shape in GPU_ONLY:
         with torch.device("cuda"):
-            model = GPTJForCausalLM(config).to(torch.bfloat16)
+            model = AutoModelForCausalLM.from_config(config_of(shape)).to(torch.bfloat16)
     else:
-        model = GPTJForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config_of(shape))
     model.save_pretrained(folder)
 
 
@@ -116,28 +147,40 @@ def matmul_params(shape: str, method: str) -> dict[str, int]:
     head's (vocab x d) and, for LoRA, the adapters' (rank r x (in + out) on each target)."""
     d, layers = SHAPES[shape]["n_embd"], SHAPES[shape]["n_layer"]
     adapters = LORA["r"] * layers * (4 * (d + d) + 2 * (d + 4 * d)) if method in ("lora", "qlora") else 0
-    return {"blocks": 12 * d * d * layers, "head": VOCAB * d, "adapters": adapters}
+    return {"blocks": 12 * d * d * layers, "head": vocab(shape) * d, "adapters": adapters}
 
 
-def token_stats(examples) -> dict[str, float]:
+def token_stats(examples, window: int | None = None) -> dict[str, float]:
     """Over the workload's real tokens: the share whose next token the loss scores, and the mean
-    causal span (keys a token attends to: its position in its example, plus one)."""
+    causal span (keys a token attends to: its position in its example, plus one); with `window`
+    (GPT-Neo's local layers), also the mean span within that window."""
     real = sum(len(e.input_ids) for e in examples)
     scored = sum(sum(1 for label in e.labels[1:] if label != -100) for e in examples)
     spans = sum(len(e.input_ids) * (len(e.input_ids) + 1) // 2 for e in examples)
-    return {"scored_share": scored / real, "mean_span": spans / real}
+    stats = {"scored_share": scored / real, "mean_span": spans / real}
+    if window:
+        local = sum(sum(min(i + 1, window) for i in range(len(e.input_ids))) for e in examples)
+        stats["mean_local_span"] = local / real
+    return stats
 
 
 def flops_per_token(spec: dict, stats: dict[str, float]) -> tuple[float, str]:
     """Model FLOPs per real training token, and the formula with its numbers (module docstring)."""
     shape, n = SHAPES[spec["shape"]], matmul_params(spec["shape"], spec["method"])
     k = 6 if spec["method"] == "full" else 4
-    attention = 12 * shape["n_layer"] * shape["n_embd"] * stats["mean_span"]
+    if "window" in shape:  # GPT-Neo: half the layers attend within the window
+        local = shape["n_layer"] // 2
+        attention = 12 * shape["n_embd"] * ((shape["n_layer"] - local) * stats["mean_span"] + local * stats["mean_local_span"])
+        spans = (f" + 12*d_model*({shape['n_layer'] - local}*{stats['mean_span']:.1f} (global layers' mean causal span) + "
+                 f"{local}*{stats['mean_local_span']:.1f} (local layers'))")  # fmt: skip
+    else:
+        attention = 12 * shape["n_layer"] * shape["n_embd"] * stats["mean_span"]
+        spans = f" + 12*layers*d_model*{stats['mean_span']:.1f} (mean causal span)"
     total = k * n["blocks"] + k * n["head"] * stats["scored_share"] + 6 * n["adapters"] + attention
     formula = (
         f"{k}*N_blocks + {k}*N_head*{stats['scored_share']:.3f} (scored share)"
         + (" + 6*N_lora" if n["adapters"] else "")
-        + f" + 12*layers*d_model*{stats['mean_span']:.1f} (mean causal span) = {total / 1e9:.3g} GFLOP per token; "
+        + f"{spans} = {total / 1e9:.3g} GFLOP per token; "
         f"N_blocks {n['blocks']:,}, N_head {n['head']:,}" + (f", N_lora {n['adapters']:,}" if n["adapters"] else "")
     )
     return total, formula

@@ -67,6 +67,19 @@ def test_train_throughput_harness_runs_every_engine_on_the_same_tokens(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tt.json", "tt.png"]
 
 
+def test_the_harness_runs_a_gpt_neo_shape_with_the_same_adapters_in_every_engine(tmp_path, shared_data):
+    out = tmp_path / "neo.json"
+    result = run_benchmark("train_throughput", shared_data, out, "--shape", "neo-tiny", "--records", "8", "--max-length", "128",
+                           "--engines", "gptj-tune,trl-best")  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "train throughput: neo-tiny GPT-Neo, lora" in result.stdout
+    engines = json.loads(out.read_text())["engines"]
+    assert len({e["real_tokens"] for e in engines.values()}) == 1
+    assert len({e["trainable_params"] for e in engines.values()}) == 1 and engines["gptj-tune"]["trainable_params"] > 0
+    assert "local layers'" in engines["gptj-tune"]["flops_formula"]
+    assert all(5 < e["held_out_loss"] < 12 for e in engines.values())  # near ln(50257)
+
+
 def test_a_failing_engine_keeps_the_others_rows_and_no_rows_is_a_clear_message(tmp_path, shared_data):
     """TRL not importable (as on the GPU image before its wheels are installed): the trl-best worker
     fails, gptj-tune's row is kept in the JSON and the plot, the failure is named, and the exit code
@@ -117,6 +130,7 @@ def test_the_model_dir_is_built_once_and_reused(tmp_path, shared_data):
         ("train_throughput", ["--records", "60000"], "--records 60000: use 1 to 50,000"),
         ("train_throughput", ["--engines", "gptj-tune,axolotl"], "--engines: unknown ['axolotl']"),
         ("train_throughput", ["--shape", "gptj-6b"], "the gptj-6b shape runs on a GPU only"),
+        ("train_throughput", ["--shape", "gpt-neo-2.7b"], "the gpt-neo-2.7b shape runs on a GPU only"),
         ("eval_speed", ["--limit", "0"], "--limit 0: use 1 or more"),
         ("eval_speed", ["--tasks", "piqa,mmlu"], "--tasks: unknown ['mmlu']; choose from lambada_openai"),
         ("eval_speed", ["--shape", "gptj-6b"], "the gptj-6b shape runs on a GPU only"),
@@ -190,20 +204,22 @@ def test_the_steady_rate_leaves_the_first_steps_out():
     assert engines.steady_rate(marks, 3) is None
 
 
-@pytest.mark.parametrize("shape", ["tiny", "small", "gptj-6b"])
+@pytest.mark.parametrize("shape", ["tiny", "small", "gptj-6b", "neo-tiny", "gpt-neo-2.7b"])
 def test_the_flop_count_counts_the_weights_a_real_model_multiplies_by(shape):
-    """The benchmark's weight counts are those of the GPT-J it builds, and of the adapters peft adds."""
+    """The benchmark's weight counts are those of the GPT-J (or GPT-Neo) it builds, and of the
+    adapters peft adds (gptj-tune's default targets for the family)."""
     import torch
     from peft import get_peft_model
-    from transformers import GPTJConfig, GPTJForCausalLM
+    from transformers import AutoModelForCausalLM
 
     tt = _benchmark_module("workload")
     with torch.device("meta"):
-        model = GPTJForCausalLM(GPTJConfig(vocab_size=tt.VOCAB, **tt.SHAPES[shape]))
+        model = AutoModelForCausalLM.from_config(tt.config_of(shape))
+    assert model.config.model_type == tt.family(shape)
     counts = tt.matmul_params(shape, "lora")
     assert counts["blocks"] == sum(p.numel() for p in model.transformer.h.parameters() if p.dim() == 2)
     assert counts["head"] == model.lm_head.weight.numel() == model.transformer.wte.weight.numel()
-    lora = get_peft_model(model, _benchmark_module("engines")._lora_config())
+    lora = get_peft_model(model, _benchmark_module("engines")._lora_config(shape))
     assert counts["adapters"] == sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n) > 0
     assert tt.matmul_params(shape, "full") == counts | {"adapters": 0}
 
@@ -226,6 +242,15 @@ def test_the_flop_count_takes_the_scored_tokens_and_the_spans_of_the_examples():
     adapters = tt.matmul_params("tiny", "lora")["adapters"]
     assert lora == pytest.approx(4 * n["blocks"] + 4 * n["head"] * 0.4 + 6 * adapters + 12 * layers * d * 1.8)
     assert "N_lora" in formula
+    # GPT-Neo: one global and one local layer; the local one attends within its window (2 here):
+    # spans 1+2+2 and 1+2
+    windowed = tt.token_stats(examples, window=2)
+    assert windowed == {"scored_share": 2 / 5, "mean_span": 9 / 5, "mean_local_span": 8 / 5}
+    neo, formula = tt.flops_per_token({"shape": "neo-tiny", "method": "full"}, windowed)
+    n = tt.matmul_params("neo-tiny", "full")
+    assert n["head"] == 50257 * d
+    assert neo == pytest.approx(6 * n["blocks"] + 6 * n["head"] * 0.4 + 12 * d * (1 * 1.8 + 1 * 1.6))
+    assert "(1*1.8 (global layers' mean causal span) + 1*1.6 (local layers'))" in formula
 
 
 @pytest.mark.parametrize("gpu", [False, True])
@@ -269,6 +294,16 @@ def test_the_gpu_session_script_runs_its_steps_on_the_cpu(tmp_path, shared_data)
     for name in ("lora", "qlora"):
         assert set(json.loads((out / f"{name}.json").read_text())["engines"]) == {"gptj-tune", "trl-best"}
     assert not model.exists()
+    # the GPT-Neo call: its own phases, three files
+    neo_out, neo_model = tmp_path / "neo-out", tmp_path / "neo-model"
+    env |= {"OUT": str(neo_out), "PHASES": "build-neo neo", "NEO_SHAPE": "neo-tiny", "NEO_MODEL": str(neo_model)}
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_session.sh")], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=900)  # fmt: skip
+    log = (neo_out / "session.log").read_text()
+    assert result.returncode == 0 and "== neo: exit 0" in log, result.stdout + log[-3000:]
+    assert sorted(p.name for p in neo_out.iterdir()) == ["neo.json", "neo.png", "session.log"]
+    assert set(json.loads((neo_out / "neo.json").read_text())["engines"]) == {"gptj-tune", "trl-best"}
+    assert not neo_model.exists()
 
 
 def test_the_profile_says_where_a_steps_time_goes(tmp_path, shared_data):
