@@ -61,13 +61,13 @@ class StoreWriter:
         self.n_examples += len(lengths)
 
     def lengths(self) -> np.ndarray:
-        return np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
+        return _joined(self._lengths, np.int64)
 
     def target_counts(self) -> np.ndarray:
-        return np.concatenate(self._target_counts) if self._target_counts else np.zeros(0, np.int64)
+        return _joined(self._target_counts, np.int64)
 
     def truncated(self) -> np.ndarray:
-        return np.concatenate(self._truncated) if self._truncated else np.zeros(0, bool)
+        return _joined(self._truncated, bool)
 
     def finish(self, rows: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict) -> None:
         """Close the token files and write the example offsets, the rows of each split and meta."""
@@ -83,6 +83,14 @@ class StoreWriter:
     def abandon(self) -> None:
         self._tokens.close()
         self._targets.close()
+
+
+def _joined(parts: list[np.ndarray], dtype) -> np.ndarray:
+    """The parts as one array, kept as the list's only part: asked again after more appends (once
+    per source), only the new parts are joined to it."""
+    if len(parts) > 1:
+        parts[:] = [np.concatenate(parts)]
+    return parts[0] if parts else np.zeros(0, dtype)
 
 
 class TokenStore:
