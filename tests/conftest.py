@@ -14,6 +14,10 @@ REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# What `gptj-tune` sets before it imports transformers (quiet.py), set before any test module
+# imports it: transformers reads it once, at import, and would draw its save/load progress bars
+# into the stderr of the commands the tests run in this process.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -239,6 +243,10 @@ def _quiet_libraries_once() -> None:
     from gptj_tune.cli import quiet_libraries
 
     quiet_libraries()
+    if "transformers" in sys.modules:  # imported before the variable was read: as a fresh process has it
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
 
 def _cli_in_process(args: list[str], input: str | None):
