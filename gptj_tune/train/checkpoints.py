@@ -16,7 +16,7 @@ from ..manifest import write_manifest
 from ..model.prompt_tuning import SoftPromptModel
 from ..recipe import Recipe
 from ..rundir import RunDir
-from .disk import DiskFullError, DiskNeeds, disk_message, is_disk_full
+from .disk import DiskNeeds
 from .engines import load_engine_state, save_engine_state
 
 
@@ -34,26 +34,23 @@ def save_checkpoint(recipe: Recipe, run: RunDir, step: int, accelerator, model, 
     tmp = run.checkpoints / f".partial-step-{step}"
     kept = run.list_checkpoints()
     then = f"continue from {kept[-1][1].name} with: gptj-tune run RECIPE --resume" if kept else "start the run again (--force)"
-    if main:
-        disk.check_save(run.path, f"checkpoint step-{step}", disk.checkpoint, then)
-    try:
-        if main:
+    with disk.saving(run.path, f"checkpoint step-{step}", disk.checkpoint, then, check=main):
+        try:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            accelerator.wait_for_everyone()
+            save_engine_state(tmp, accelerator, model, optimizer, recipe)
+            torch.save(rng_states(), tmp / f"rng-{rank}.pt")
+            if main:
+                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+                (tmp / "trainer_state.json").write_text(json.dumps({**state, "world_size": accelerator.num_processes}, indent=2))
+            accelerator.wait_for_everyone()
+            if main:
+                disk.checkpoint = write_manifest(tmp)  # what one checkpoint takes, from now on
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        save_engine_state(tmp, accelerator, model, optimizer, recipe)
-        torch.save(rng_states(), tmp / f"rng-{rank}.pt")
-        if main:
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            (tmp / "trainer_state.json").write_text(json.dumps({**state, "world_size": accelerator.num_processes}, indent=2))
-        accelerator.wait_for_everyone()
-        if main:
-            disk.checkpoint, disk.measured = write_manifest(tmp), True
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, Exception) and is_disk_full(e):
-            raise DiskFullError(disk_message(run.path, f"checkpoint step-{step}", disk.checkpoint, then)) from None
-        raise
+            raise
     if main:
         if target.exists():
             shutil.rmtree(target)

@@ -8,6 +8,7 @@ size of the last one saved is used.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import shutil
 from dataclasses import dataclass
@@ -53,7 +54,6 @@ class DiskNeeds:
 
     checkpoint: int
     final: int
-    measured: bool = False  # checkpoint: the size of one saved, not an estimate
     enabled: bool = True  # train.check_disk: check before saving (a save that fails is reported either way)
 
     @classmethod
@@ -104,6 +104,20 @@ class DiskNeeds:
         free = free_bytes(folder)
         if free < need:
             raise DiskFullError(disk_message(folder, what, need, then, free))
+
+    @contextlib.contextmanager
+    def saving(self, folder: Path, what: str, need: int, then: str, check: bool = True):
+        """A save of `what` (`need` bytes) under `folder`: the free space checked first (with
+        `check`: the main process), and a write that fails for space turned into a DiskFullError
+        saying what to do (`then`)."""
+        if check:
+            self.check_save(folder, what, need, then)
+        try:
+            yield
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            raise DiskFullError(disk_message(folder, what, need, then)) from None
 
 
 def disk_message(folder: Path, what: str, need: int, then: str, free: int | None = None) -> str:

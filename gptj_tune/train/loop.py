@@ -155,7 +155,7 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     warmup = warmup_steps(recipe.train, total_steps)
     if main:
         if checkpoint is not None:  # what one checkpoint takes is known now
-            disk.checkpoint, disk.measured = folder_bytes(checkpoint), True
+            disk.checkpoint = folder_bytes(checkpoint)
         done = json.loads((checkpoint / "trainer_state.json").read_text())["step"] if checkpoint is not None else 0
         disk.check_run(run, recipe, planned_saves(recipe, done, total_steps), len(run.list_checkpoints()))
     ds = is_deepspeed(accelerator)  # DeepSpeed steps the optimizer on fp32 master weights of its own

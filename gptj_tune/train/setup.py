@@ -22,7 +22,7 @@ from ..model.methods import apply_method, count_parameters
 from ..recipe import QLoraMethod, Recipe
 from ..manifest import write_manifest
 from ..rundir import RunDir, atomic_dir
-from .disk import DiskFullError, DiskNeeds, disk_message, is_disk_full
+from .disk import DiskNeeds
 from .engines import full_state_dict
 from .memory import CPU_16BIT_WIDTH_MULTIPLE, own_trainable_weights
 
@@ -171,17 +171,11 @@ def save_final(recipe: Recipe, run: RunDir, accelerator, model, tokenizer, disk:
         else:
             last = f"from {saved[-1][1].name}" if saved else "from the start"
             then = f"`gptj-tune run RECIPE --resume` trains again {last} (train.checkpoint_at_end is off)"
-        disk.check_save(run.path, "final/", disk.final, then)
-        try:
-            with atomic_dir(run.final) as tmp:
-                # save_pretrained empties the state dict it is given: hand it a copy
-                accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=dict(state_dict) if state_dict else None)
-                tokenizer.save_pretrained(tmp)
-                write_manifest(tmp)
-        except Exception as e:
-            if not is_disk_full(e):
-                raise
-            raise DiskFullError(disk_message(run.path, "final/", disk.final, then)) from None
+        with disk.saving(run.path, "final/", disk.final, then), atomic_dir(run.final) as tmp:
+            # save_pretrained empties the state dict it is given: hand it a copy
+            accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=dict(state_dict) if state_dict else None)
+            tokenizer.save_pretrained(tmp)
+            write_manifest(tmp)
     accelerator.wait_for_everyone()
 
 
