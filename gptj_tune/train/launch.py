@@ -106,15 +106,14 @@ def _outcome(code: int | None, errors: Path, log, signalled: bool, console) -> i
     if code == 0:
         return 0
     died = _died_first(errors, log.name if kept else None) if code else None
-    if first and first.get("peer_lost") and died:
-        console.print(f"[red]error:[/] rank {died[0]} ended first, without a message ({died[1]}); rank {first['rank']} "
-                      f"then {escape(first['message'])}", soft_wrap=True)  # fmt: skip
-        if kept:
-            console.print(f"[dim]launcher log: {log.name}[/]")
-        return int(first["exit_code"])
     if first:
-        what = "[yellow]stopped[/]" if stopped else "[red]error[/]"
-        console.print(f"{what} (rank {first['rank']}): {escape(first['message'])}", soft_wrap=True)  # verbatim, not markup
+        message = escape(first["message"])  # verbatim, not markup
+        if first.get("peer_lost") and died:  # the rank that died first, then the error it caused
+            console.print(f"[red]error:[/] rank {died[0]} ended first, without a message ({died[1]}); rank {first['rank']} "
+                          f"then {message}", soft_wrap=True)  # fmt: skip
+        else:
+            what = "[yellow]stopped[/]" if stopped else "[red]error[/]"
+            console.print(f"{what} (rank {first['rank']}): {message}", soft_wrap=True)
         if kept:
             console.print(f"[dim]launcher log: {log.name}[/]")
         return int(first["exit_code"])

@@ -72,20 +72,24 @@ def command_id(pid: int) -> str:
 
 
 def _start_time(pid: int) -> str:
+    fields = _proc_stat(pid)
+    return fields[19] if fields else ""
+
+
+def _proc_stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first, start time at 19); None
+    where there is no such process, or no /proc."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return ""
+        return None
 
 
 def _alive(command: str) -> bool:
     pid_text, _, started = command.partition(":")
     if Path("/proc/self/stat").exists():  # Linux: a zombie, or a new process with the same pid, is gone too
-        try:
-            fields = Path(f"/proc/{pid_text}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return False
-        return fields[0] != "Z" and (not started or fields[19] == started)
+        fields = _proc_stat(pid_text)
+        return fields is not None and fields[0] != "Z" and (not started or fields[19] == started)
     try:
         os.kill(int(pid_text), 0)
     except ProcessLookupError:
