@@ -132,12 +132,15 @@ def _outcome(code: int | None, errors: Path, log, signalled: bool, console) -> i
     return code if code > 0 else 1
 
 
-_ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)
+# One failure in torch's launcher's report ("Failures:" then "Root Cause"): its rank and exit code.
+_FAILURE = re.compile(r"^\s*rank\s*:\s*(\d+)\s*\(local_rank.*\n\s*exitcode\s*:\s*(-?\d+)", re.M)
 
 
 def _died_first(errors: Path, log_path: str | None) -> tuple[int, str] | None:
     """(rank, how) of the rank that ended first without leaving a message, from the pid files the
-    workers left and torch's launcher's "Root Cause" report; None if every rank left a message."""
+    workers left and the failures torch's launcher reports; None if every rank left a message.
+    The launcher's "Root Cause" is not used: it is the failure it *observed* first, which can be a
+    rank that failed on losing the silent one."""
     silent = sorted({int(p.name[4:]) for p in errors.glob("pid-*")} - {int(p.stem[5:]) for p in errors.glob("rank-*.json")})
     if not silent:
         return None
@@ -146,16 +149,19 @@ def _died_first(errors: Path, log_path: str | None) -> tuple[int, str] | None:
         with open(log_path, errors="replace") as f:
             f.seek(max(0, os.path.getsize(log_path) - 200_000))
             text = f.read()
-    found = _ROOT_CAUSE.search(text)
-    if found and int(found.group(1)) in silent:
-        exit_code = int(found.group(2))
-        if exit_code < 0:
-            name = signal.Signals(-exit_code).name if -exit_code in signal.valid_signals() else f"signal {-exit_code}"
-            how = f"killed by {name}" + (": out of memory, or killed by hand?" if exit_code == -9 else "")
-        else:
-            how = f"exit code {exit_code}"
-        return int(found.group(1)), how
-    return silent[0], "killed, or out of memory?"
+    report = text[text.rfind("Failures:") :] if "Failures:" in text else ""
+    codes = {int(rank): int(code) for rank, code in _FAILURE.findall(report)}
+    reported = [rank for rank in silent if rank in codes]
+    if not reported:
+        return silent[0], "killed, or out of memory?"
+    rank = min(reported, key=lambda r: (codes[r] >= 0, r))  # one killed by a signal first
+    exit_code = codes[rank]
+    if exit_code < 0:
+        name = signal.Signals(-exit_code).name if -exit_code in signal.valid_signals() else f"signal {-exit_code}"
+        how = f"killed by {name}" + (": out of memory, or killed by hand?" if exit_code == -9 else "")
+    else:
+        how = f"exit code {exit_code}"
+    return rank, how
 
 
 def _launcher_command(recipe: Recipe, argv: list[str]) -> list[str]:

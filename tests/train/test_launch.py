@@ -1,6 +1,7 @@
 """The launching side of a multi-process run (train/launch.py, train/extension_builds.py): workers
-end without the interpreter's teardown, and DeepSpeed's stale extension-build locks are found
-and removed without touching a live build's."""
+end without the interpreter's teardown; a rank killed without a message is named from the
+launcher's report; DeepSpeed's stale extension-build locks are found and removed without touching
+a live build's."""
 
 from __future__ import annotations
 
@@ -84,3 +85,28 @@ def test_deepspeed_launch_clears_stale_locks_and_announces_the_first_build(tmp_p
     console = Console(record=True, width=300)
     prepare_deepspeed_builds(console)
     assert console.export_text() == ""  # built, no lock: nothing to say
+
+
+@pytest.mark.parametrize("root", [0, 1])
+def test_the_silent_rank_is_named_from_the_launchers_report_whichever_failure_it_saw_first(tmp_path, root):
+    """torch's launcher names as "Root Cause" the failure it observed first, which on a loaded
+    machine can be rank 0's lost connection rather than rank 1's SIGKILL (seen in CI)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from gptj_tune.train.launch import _died_first
+
+    failures = {0: ProcessFailure(0, 100, 1, str(tmp_path / "none")), 1: ProcessFailure(1, 101, -9, str(tmp_path / "none"))}
+    failures[0].timestamp, failures[1].timestamp = (1, 2) if root == 0 else (2, 1)
+    report = ChildFailedError("gptj_tune.train.worker", failures).format_msg()
+    assert f"rank      : {root} " in report.split("Root Cause (first observed failure):")[1]
+    log = tmp_path / "launcher.log"
+    log.write_text("W1205 launcher warnings\n" + report + "\n")
+    errors = tmp_path / "errors"
+    errors.mkdir()
+    for rank in (0, 1):
+        (errors / f"pid-{rank}").write_text("1")
+    (errors / "rank-0.json").write_text("{}")  # rank 0 left its message; rank 1 did not
+    assert _died_first(errors, str(log)) == (1, "killed by SIGKILL: out of memory, or killed by hand?")
+    assert _died_first(errors, None) == (1, "killed, or out of memory?")  # no log kept: the rank, not how
+    (errors / "rank-1.json").write_text("{}")
+    assert _died_first(errors, str(log)) is None
