@@ -195,7 +195,9 @@ def test_kahan_adamw_is_torchs_adamw_on_fp32_weights_takes_the_clip_and_resumes_
 def test_fused_kahan_update_equals_the_chunked_one(monkeypatch, device):
     """The one-kernel update (torch.compile of `_kahan_update`: C++ on a CPU, Triton on a GPU) moves
     16-bit weights, moments and compensation as the chunked fp32 passes do, with weight decay, a
-    clip and a changing lr: the same values within one rounding of the 16-bit result."""
+    clip and a changing lr: the same values within one rounding of the 16-bit result. Weights of
+    one size go through one compiled call in batches (here 5 square weights: a batch of 4 and 1;
+    biases and norms of 32: 8 + 2 + 1)."""
     import torch
 
     from gptj_tune.model.compile import CompileUnavailable, check_can_compile
@@ -208,11 +210,14 @@ def test_fused_kahan_update_equals_the_chunked_one(monkeypatch, device):
     except CompileUnavailable as e:
         pytest.skip(str(e))
     torch.manual_seed(0)
-    models = [small_net().to(device, torch.bfloat16) for _ in range(2)]
+    models = [torch.nn.Sequential(small_net(), torch.nn.Linear(4, 32), *[torch.nn.Linear(32, 32) for _ in range(5)],
+                                  torch.nn.LayerNorm(32), torch.nn.Linear(32, 4)).to(device, torch.bfloat16) for _ in range(2)]  # fmt: skip
     models[1].load_state_dict(models[0].state_dict())
     before = [p.detach().clone() for p in models[0].parameters()]
     monkeypatch.setattr(KahanAdamW, "CPU_CHUNK", 300)  # the chunked path in several chunks
     monkeypatch.setattr(KahanAdamW, "DEVICE_CHUNK", 300)
+    # Past dynamo's recompile limit the update would run uncompiled, correct but slow: fail instead.
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     chunked = KahanAdamW(decay_groups(models[0]), lr=1e-2, fused=False)
     fused = KahanAdamW(decay_groups(models[1]), lr=1e-2, fused=True)
     for step in range(5):  # the same gradients for both (from the chunked model): only the updates differ
@@ -238,6 +243,31 @@ def test_fused_kahan_update_equals_the_chunked_one(monkeypatch, device):
         exact_b = b.detach().float() + sb["compensation"].float()
         assert (exact_a - exact_b).abs().max() <= exact_a.abs().max() * 2**-12, "weight + compensation"
     assert all((p.detach() != q).float().mean() > 0.5 for p, q in zip(models[1].parameters(), before, strict=True))
+
+
+def test_gptj_6b_weights_take_few_compiled_calls_of_few_sizes():
+    """Horizontal fusion of the one-kernel update: GPT-J-6B's 285 trainable tensors (meta device,
+    full fine-tuning's two weight-decay groups) are updated in 23 compiled calls of at most 5 batch
+    sizes (one graph each), every weight exactly once."""
+    import torch
+
+    from gptj_tune.train.optim import _BATCH_SIZES, _batches
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    with torch.device("meta"):
+        model = GPTJForCausalLM(GPTJConfig(n_embd=4096, n_layer=28, n_head=16, rotary_dim=64, vocab_size=50400))
+    calls, updated = [], []
+    for group in decay_groups(model):
+        by_size: dict[int, list] = {}
+        for p in group["params"]:
+            by_size.setdefault(p.numel(), []).append(p)
+        for entries in by_size.values():
+            for batch in _batches(entries):
+                calls.append(len(batch))
+                updated += batch
+    assert len(updated) == len(list(model.parameters())) == 285
+    assert {id(p) for p in updated} == {id(p) for p in model.parameters()}
+    assert len(calls) == 23 and set(calls) <= set(_BATCH_SIZES) and max(calls) == 16
 
 
 @pytest.mark.slow  # ~40 s: bitsandbytes' CPU blockwise kernels are slow
