@@ -7,6 +7,7 @@ import functools
 import math
 
 import torch
+from torch.fx.experimental import _config as fx_config
 
 from ..recipe import TrainSection
 from .engines import is_deepspeed
@@ -57,7 +58,7 @@ class KahanAdamW(torch.optim.Optimizer):
 
     `fused` (default: on a GPU with Triton): each 16-bit weight is updated by one kernel that
     torch.compile generates from `_kahan_update` (read weight, gradient, moments and compensation
-    once, write them once), instead of ~20 passes of fp32 chunks; weights of one size are updated
+    once, write them once), instead of ~20 passes of fp32 chunks; weights of one shape are updated
     in batches, one compiled call each (`_batches`). On an H200 at the GPT-J-6B shape
     the chunked update took ~250 ms of a full fine-tuning step (benchmarks/results/history.md).
     Same arithmetic in fp32; results equal within one rounding (tests/train/test_optim.py).
@@ -112,7 +113,7 @@ class KahanAdamW(torch.optim.Optimizer):
                 t = float(state["step"])
                 hyper = (lr, b1, b2, eps, wd, 1 - b1**t, 1 - b2**t, scale)
                 if "compensation" in state and p.is_contiguous() and self._fuses(p.device):
-                    key = (p.device, p.dtype, p.grad.dtype, p.numel(), hyper[:-1])
+                    key = (p.device, p.dtype, p.grad.dtype, tuple(p.shape), hyper[:-1])
                     fused.setdefault(key, []).append((p, state))
                     continue
                 weight = p.view(-1) if p.is_contiguous() else p.detach().contiguous().view(-1)  # (then copied back)
@@ -128,13 +129,14 @@ class KahanAdamW(torch.optim.Optimizer):
                     _adamw_update(weight[part], grad[part], m, v, None if c is None else c[part], buffers, *hyper)
                 if not p.is_contiguous():
                     p.copy_(weight.view_as(p))
-        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+        # Whole tensors, not flattened views (dynamo would guard on each view's base shape), and no
+        # duck sizing (it would make a square weight's graph guard that its two sizes are equal).
+        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT), fx_config.patch(use_duck_shape=False):
             for (device, *_, hyper), entries in fused.items():
                 numbers = self._numbers(device, (*hyper, scale))
                 for batch in _batches(entries):
-                    _fused_kahan_updates()(*zip(*((p.view(-1), p.grad.reshape(-1), state["exp_avg"].view(-1),
-                                                   state["exp_avg_sq"].view(-1), state["compensation"].view(-1))
-                                                  for p, state in batch)), *numbers)  # fmt: skip
+                    _fused_kahan_updates()(*zip(*((p.detach(), p.grad.contiguous(), state["exp_avg"], state["exp_avg_sq"],
+                                                   state["compensation"]) for p, state in batch)), *numbers)  # fmt: skip
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -297,16 +299,16 @@ def _kahan_update(w, g, m, v, c, numbers, grad_scale) -> None:
 
 
 def _kahan_updates(ws, gs, ms, vs, cs, numbers, grad_scale) -> None:
-    """`_kahan_update` of several weights of one size in one compiled call (horizontal fusion): one
+    """`_kahan_update` of several weights of one shape in one compiled call (horizontal fusion): one
     call from Python launches the kernels of all of them."""
     for w, g, m, v, c in zip(ws, gs, ms, vs, cs, strict=True):
         _kahan_update(w, g, m, v, c, numbers, grad_scale)
 
 
-# How many weights one compiled call updates: a weight group is cut into batches of these sizes, so
-# few graphs are ever compiled (one per size used, within dynamo's recompile limit) and GPT-J-6B's
-# 285 weights take 23 calls instead of 285. Measured on an H200 at the 28df474 full profile: one
-# call a weight left the GPU idle ~95 ms of a 204 ms step (~0.3 ms of host time per call).
+# How many weights one compiled call updates: the weights of one shape are cut into batches of these
+# sizes, so few graphs are ever compiled (one per batch size and number of dimensions, within
+# dynamo's recompile limit) and GPT-J-6B's 285 weights take 25 calls instead of 285. On an H200 at
+# the 28df474 full profile, with one call a weight, the GPU idled ~95 ms of a 204 ms step.
 _BATCH_SIZES = (16, 8, 4, 2, 1)
 # Graphs of the batched update dynamo may keep (its default, 8, is for all of a function's graphs):
 # one per batch size, and on a CPU again for weights small enough that the generated code
@@ -316,7 +318,7 @@ _RECOMPILE_LIMIT = 32
 
 
 def _batches(entries: list) -> list[list]:
-    """`entries` (weights of one size, dtype and step) cut into batches of `_BATCH_SIZES`."""
+    """`entries` (weights of one shape, dtype and step) cut into batches of `_BATCH_SIZES`."""
     out, start = [], 0
     for size in _BATCH_SIZES:
         while len(entries) - start >= size:
@@ -327,8 +329,7 @@ def _batches(entries: list) -> list[list]:
 
 @functools.cache
 def _fused_kahan_updates():
-    # dynamic: one graph per batch size, whatever the weights' size (all of a batch have one size,
-    # so they share one symbolic size). emulate_precision_casts: inductor otherwise keeps
+    # dynamic: one graph per batch size and number of dimensions, whatever the weights' sizes. emulate_precision_casts: inductor otherwise keeps
     # `exact.to(bf16).float()` in fp32, which makes the compensation zero and the update plain
     # AdamW's rounded one.
     return torch.compile(_kahan_updates, dynamic=True, options={"emulate_precision_casts": True})
