@@ -28,12 +28,16 @@ def run_ours(spec: dict, out: Path, after_each_step=None) -> dict:
         "eval": {"generate_samples": 0},
         "output": {"dir": str(out / "run")},
     })  # fmt: skip
+    from gptj_tune.plan import GIB, plan
+
+    planned = plan(recipe)  # `gptj-tune plan`'s figure for this run, beside the measured peak
+    planned_gib = next(e for e in planned.estimates if e.setup == planned.own).total / GIB
     result = train(recipe, console=Console(stderr=True), after_each_step=after_each_step)
     model = _load_final(out / "run" / "final", spec)
     lines = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     marks = [[r["elapsed_s"], r["tokens"]] for r in lines if "tokens" in r and "elapsed_s" in r]
     return {"seconds": result.seconds, "real_tokens": result.tokens, "slots": result.slots, "model": model, "steps": result.steps,
-            "marks": marks,
+            "marks": marks, "plan_gib": planned_gib,
             "attention": "gptj-tune SDPA (per packed example on a CPU, variable-length on a GPU)"}  # fmt: skip
 
 

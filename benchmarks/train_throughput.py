@@ -269,6 +269,10 @@ def main() -> None:
                   + ", ".join(f"{e} {r['end_to_end_tokens_per_s']:,.0f}" for e, r in rows.items()))  # fmt: skip
     console.print(f"model FLOPs: {formula}" + (" (MFU: over the GPU's dense bf16 peak)" if args.device == "cuda" else ""))
     console.print("attention: " + "; ".join(f"{e} {r['attention']}" for e, r in rows.items()))
+    if args.device == "cuda" and "plan_gib" in rows.get("gptj-tune", {}):  # (a CPU's peak RSS holds the libraries too)
+        ours = rows["gptj-tune"]
+        console.print(f"gptj-tune plan: {ours['plan_gib']:.2f} GiB, measured peak {ours['peak_memory_gib']:.2f} GiB "
+                      f"({ours['plan_gib'] / ours['peak_memory_gib'] - 1:+.1%})")  # fmt: skip
     versions = _versions()
     console.print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     for e, f in failed.items():

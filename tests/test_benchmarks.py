@@ -35,6 +35,7 @@ def test_train_throughput_harness_runs_every_engine_on_the_same_tokens(tmp_path,
     # The same work: every engine saw exactly the same real tokens, and trained the same adapter size.
     assert len({e["real_tokens"] for e in engines.values()}) == 1
     assert len({e["trainable_params"] for e in engines.values()}) == 1 and engines["gptj-tune"]["trainable_params"] > 0
+    assert 0 < engines["gptj-tune"]["plan_gib"] < 1  # `gptj-tune plan` for this run, compared with the peak on a GPU
     for name, e in engines.items():
         assert e["tokens_per_s"] > 0 and 0 < e["padding_efficiency"] <= 1 and e["peak_memory_gib"] > 0, name
         assert e["tokens_per_s"] == e["end_to_end_tokens_per_s"] == e["real_tokens"] / e["seconds"], name  # 2 steps: no steady part
@@ -76,6 +77,7 @@ def test_the_harness_runs_a_gpt_neo_shape_with_the_same_adapters_in_every_engine
     engines = json.loads(out.read_text())["engines"]
     assert len({e["real_tokens"] for e in engines.values()}) == 1
     assert len({e["trainable_params"] for e in engines.values()}) == 1 and engines["gptj-tune"]["trainable_params"] > 0
+    assert 0 < engines["gptj-tune"]["plan_gib"] < 1  # `gptj-tune plan` for this run, compared with the peak on a GPU
     assert "local layers'" in engines["gptj-tune"]["flops_formula"]
     assert all(5 < e["held_out_loss"] < 12 for e in engines.values())  # near ln(50257)
 
@@ -294,15 +296,18 @@ def test_the_gpu_session_script_runs_its_steps_on_the_cpu(tmp_path, shared_data)
     for name in ("lora", "qlora"):
         assert set(json.loads((out / f"{name}.json").read_text())["engines"]) == {"gptj-tune", "trl-best"}
     assert not model.exists()
-    # the GPT-Neo call: its own phases, three files
+    # the second call: GPT-Neo and the optimizer's step, four files
     neo_out, neo_model = tmp_path / "neo-out", tmp_path / "neo-model"
-    env |= {"OUT": str(neo_out), "PHASES": "build-neo neo", "NEO_SHAPE": "neo-tiny", "NEO_MODEL": str(neo_model)}
+    env |= {"OUT": str(neo_out), "PHASES": "build-neo neo optimizer", "NEO_SHAPE": "neo-tiny", "NEO_MODEL": str(neo_model)}
     result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_session.sh")], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=900)  # fmt: skip
     log = (neo_out / "session.log").read_text()
-    assert result.returncode == 0 and "== neo: exit 0" in log, result.stdout + log[-3000:]
-    assert sorted(p.name for p in neo_out.iterdir()) == ["neo.json", "neo.png", "session.log"]
+    assert result.returncode == 0 and "== neo: exit 0" in log and "== optimizer: exit 0" in log, result.stdout + log[-3000:]
+    assert sorted(p.name for p in neo_out.iterdir()) == ["neo.json", "neo.png", "optimizer.json", "session.log"]
     assert set(json.loads((neo_out / "neo.json").read_text())["engines"]) == {"gptj-tune", "trl-best"}
+    optimizer = json.loads((neo_out / "optimizer.json").read_text())
+    assert optimizer["tensors"] == 25 and set(optimizer["rows"]) == {"per weight", "batched", "chunked"}  # tiny GPT-J
+    assert all(row["ms_per_step"] > 0 for row in optimizer["rows"].values()) and "KahanAdamW step" in log
     assert not neo_model.exists()
 
 
