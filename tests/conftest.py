@@ -144,7 +144,7 @@ def save_tiny_gpt_neo(out: Path, tokenizer) -> Path:
     return out
 
 
-# The tiny GPT-J the speed-path tests (model/test_kernels.py, model/test_attention.py) compare against stock code.
+# The tiny GPT-J the speed-path tests (model/test_kernels.py, test_attention.py, test_compile.py) compare against stock code.
 SPEED_SHAPE_ARGS = dict(layers=2, width=64, heads=4, rotary_dim=8)
 
 

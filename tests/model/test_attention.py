@@ -146,7 +146,7 @@ def test_loss_path_of_a_recipe_and_its_model(tiny_gptj):
     assert LossPath.of(Recipe.model_validate({"output": output})).segmented
     checkpointed = {"gradient_checkpointing": True}
     assert LossPath.of(Recipe.model_validate({"model": checkpointed, "output": output})).segmented  # see above
-    compiled = {"compile": True}  # compiled blocks attend outside their graph (test_kernels.py)
+    compiled = {"compile": True}  # compiled blocks attend outside their graph (test_compile.py)
     assert LossPath.of(Recipe.model_validate({"train": compiled, "output": output})).segmented
     flash = Recipe.model_validate({"model": {"attn_implementation": "flash_attention_2"}, "output": output})
     gptj, _ = load_tiny(tiny_gptj, "auto")
