@@ -21,16 +21,21 @@
 # device's 64 GiB disk holds it all. torch.compile's caches stay in /tmp for the whole call: the
 # blocks are compiled once, later steps reuse the kernels.
 #
-# The GPT-Neo-2.7B shape (random init, 5.4 GB in bf16), LoRA against TRL best, and the optimizer's
-# step at the 6B shape (KahanAdamW's update called per weight, in batches, and chunked;
-# benchmarks/optimizer_step.py, ~60 GB of GPU memory) are not among the default PHASES (the 8
-# files above are all that come back): give them a call of their own,
-#   PHASES="build-neo neo optimizer" COMMIT=<hash> bash benchmarks/gpu_session.sh
-#   (session.log, neo.json, neo.png, optimizer.json)
+# Not among the default PHASES (the 8 files above are all that come back), each group a call of
+# its own, in this order of priority:
+# - the shipped recipes as users run them (alpaca-lora at 8 x 512 with its accumulation,
+#   novel-domain at 2 x 2048 with gradient checkpointing, LoRA r64; benchmarks/recipe_throughput.py)
+#   on the 6B shape, and the optimizer's step at the 6B shape (KahanAdamW's update per weight,
+#   batched and chunked; benchmarks/optimizer_step.py, ~60 GB of GPU memory):
+#   PHASES="build-model recipes optimizer" COMMIT=<hash> bash benchmarks/gpu_session.sh
+#   (session.log, recipes.json, optimizer.json)
+# - the GPT-Neo-2.7B shape (random init, 5.4 GB in bf16), LoRA against TRL best:
+#   PHASES="build-neo neo" COMMIT=<hash> bash benchmarks/gpu_session.sh      (session.log, neo.json, neo.png)
 #
 # A CPU dry run of the same steps on the tiny shape (what the suite's smoke test runs):
 #   OUT=/tmp/gpu-dry DEVICE=cpu SHAPE=tiny LORA_STEPS=2 FULL_STEPS=2 PROFILE_STEPS=2 MAX_LENGTH=256 DATA=../shared/data \
 #     bash benchmarks/gpu_session.sh
+# (RECIPE_STEPS and RECIPE_SET, e.g. "--set train.grad_accum=1", shorten the recipes step.)
 set -uo pipefail
 OUT=${OUT:?OUT must name the folder to write into (the device tool sets it)}
 DEVICE=${DEVICE:-cuda}
@@ -97,6 +102,9 @@ from workload import model_for; model_for('$NEO_SHAPE', Path('$NEO_MODEL'), Cons
 step neo 170 python benchmarks/train_throughput.py --device "$DEVICE" --shape "$NEO_SHAPE" --max-length "$MAX_LENGTH" \
   --model-dir "$NEO_MODEL" --data-dir "$DATA" --batch-size 8 --method lora --steps "$LORA_STEPS" --engines gptj-tune,trl-best \
   --out "$OUT/neo.json"
+step recipes 240 python benchmarks/recipe_throughput.py --device "$DEVICE" --shape "$SHAPE" --model-dir "$MODEL" \
+  --data-dir "$DATA" --recipe alpaca-lora --recipe novel-domain \
+  --steps "${RECIPE_STEPS:-8}" --warmup-steps 3 ${RECIPE_SET:-} --out "$OUT/recipes.json"
 step optimizer 120 python benchmarks/optimizer_step.py --device "$DEVICE" --shape "$SHAPE" --out "$OUT/optimizer.json"
 rm -rf "$MODEL" "$NEO_MODEL" "$OUT"/profile-*.txt "$OUT"/qlora.png
 echo "== done: $failed step(s) failed or skipped" | tee -a "$LOG"

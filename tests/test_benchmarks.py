@@ -133,6 +133,10 @@ def test_the_model_dir_is_built_once_and_reused(tmp_path, shared_data):
         ("train_throughput", ["--engines", "gptj-tune,axolotl"], "--engines: unknown ['axolotl']"),
         ("train_throughput", ["--shape", "gptj-6b"], "the gptj-6b shape runs on a GPU only"),
         ("train_throughput", ["--shape", "gpt-neo-2.7b"], "the gpt-neo-2.7b shape runs on a GPU only"),
+        ("recipe_throughput", ["--recipe", "alpaca-lora", "--steps", "4"], "--steps 4: use at least --warmup-steps + 2 (5)"),
+        ("recipe_throughput", ["--recipe", "no-such-recipe"], "--recipe no-such-recipe: Recipe is not valid"),
+        ("recipe_throughput", ["--recipe", "chat-quickstart"], "no shared data for its 'synthetic' source"),
+        ("recipe_throughput", ["--recipe", "alpaca-lora", "--shape", "gptj-6b"], "the gptj-6b shape runs on a GPU only"),
         ("eval_speed", ["--limit", "0"], "--limit 0: use 1 or more"),
         ("eval_speed", ["--tasks", "piqa,mmlu"], "--tasks: unknown ['mmlu']; choose from lambada_openai"),
         ("eval_speed", ["--shape", "gptj-6b"], "the gptj-6b shape runs on a GPU only"),
@@ -296,18 +300,32 @@ def test_the_gpu_session_script_runs_its_steps_on_the_cpu(tmp_path, shared_data)
     for name in ("lora", "qlora"):
         assert set(json.loads((out / f"{name}.json").read_text())["engines"]) == {"gptj-tune", "trl-best"}
     assert not model.exists()
-    # the second call: GPT-Neo and the optimizer's step, four files
+    # the second call: the shipped recipes and the optimizer's step, three files
+    second = tmp_path / "second"
+    env |= {"OUT": str(second), "PHASES": "build-model recipes optimizer", "RECIPE_STEPS": "5",
+            "RECIPE_SET": "--set train.grad_accum=1 --set model.dtype=float32"}  # fmt: skip
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_session.sh")], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=900)  # fmt: skip
+    log = (second / "session.log").read_text()
+    assert result.returncode == 0 and "== recipes: exit 0" in log and "== optimizer: exit 0" in log, result.stdout + log[-3000:]
+    assert sorted(p.name for p in second.iterdir()) == ["optimizer.json", "recipes.json", "session.log"]
+    recipes = json.loads((second / "recipes.json").read_text())["recipes"]
+    assert [(r["recipe"], r["rows_per_step"], r["max_length"], r["steps"]) for r in recipes] == [
+        ("alpaca-lora", 8, 512, 5), ("novel-domain", 2, 2048, 5)]  # their own batches and lengths (accumulation set to 1)
+    assert all(r["tokens_per_s"] > 0 and r["model_tflops"] > 0 and r["plan_gib"] > 0 for r in recipes)
+    optimizer = json.loads((second / "optimizer.json").read_text())
+    assert optimizer["tensors"] == 25 and set(optimizer["rows"]) == {"per weight", "batched", "chunked"}  # tiny GPT-J
+    assert all(row["ms_per_step"] > 0 for row in optimizer["rows"].values()) and "KahanAdamW step" in log
+    assert not model.exists()
+    # the third: GPT-Neo, three files
     neo_out, neo_model = tmp_path / "neo-out", tmp_path / "neo-model"
-    env |= {"OUT": str(neo_out), "PHASES": "build-neo neo optimizer", "NEO_SHAPE": "neo-tiny", "NEO_MODEL": str(neo_model)}
+    env |= {"OUT": str(neo_out), "PHASES": "build-neo neo", "NEO_SHAPE": "neo-tiny", "NEO_MODEL": str(neo_model)}
     result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_session.sh")], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=900)  # fmt: skip
     log = (neo_out / "session.log").read_text()
-    assert result.returncode == 0 and "== neo: exit 0" in log and "== optimizer: exit 0" in log, result.stdout + log[-3000:]
-    assert sorted(p.name for p in neo_out.iterdir()) == ["neo.json", "neo.png", "optimizer.json", "session.log"]
+    assert result.returncode == 0 and "== neo: exit 0" in log, result.stdout + log[-3000:]
+    assert sorted(p.name for p in neo_out.iterdir()) == ["neo.json", "neo.png", "session.log"]
     assert set(json.loads((neo_out / "neo.json").read_text())["engines"]) == {"gptj-tune", "trl-best"}
-    optimizer = json.loads((neo_out / "optimizer.json").read_text())
-    assert optimizer["tensors"] == 25 and set(optimizer["rows"]) == {"per weight", "batched", "chunked"}  # tiny GPT-J
-    assert all(row["ms_per_step"] > 0 for row in optimizer["rows"].values()) and "KahanAdamW step" in log
     assert not neo_model.exists()
 
 
