@@ -6,6 +6,7 @@
 #
 #   bash ../shared/tools/gpu-prepare.sh                      # here, once: fills the git-ignored .gpu/
 #   bash benchmarks/gpu_add_bitsandbytes.sh                  # and bitsandbytes, for the qlora step
+#   bash benchmarks/gpu_add_novels.sh                        # and the shared novels, for the recipes step
 #   run(command=". .gpu/env.sh && COMMIT=<git rev-parse --short HEAD here> bash benchmarks/gpu_session.sh",
 #       carry=[".gpu"], timeout_s=480)
 #
