@@ -311,9 +311,8 @@ def _kahan_updates(ws, gs, ms, vs, cs, numbers, grad_scale) -> None:
 # the 28df474 full profile, with one call a weight, the GPU idled ~95 ms of a 204 ms step.
 _BATCH_SIZES = (16, 8, 4, 2, 1)
 # Graphs of the batched update dynamo may keep (its default, 8, is for all of a function's graphs):
-# one per batch size, and on a CPU again for weights small enough that the generated code
-# specialises on their size (seen: biases of 4 and 32). Past it, the update would silently run
-# uncompiled.
+# one per batch size and number of dimensions, and more for sizes dynamo specialises on (a
+# dimension of 1; on a CPU, small sizes). Past it, the update would silently run uncompiled.
 _RECOMPILE_LIMIT = 32
 
 
