@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -53,14 +54,15 @@ def recipe_for(name: str, shape: str, model_dir: Path, data: Path, steps: int, o
     return load_recipe(path, overrides)
 
 
-def check_recipe(name: str) -> None:
-    """Before any work: the recipe exists, is valid, and every source has shared data to stand in."""
+def check_recipe(name: str, overrides: list[str]) -> None:
+    """Before any work: the recipe exists, is valid with `--set`'s overrides, and every source has
+    shared data to stand in."""
     from gptj_tune.errors import RecipeError
     from gptj_tune.recipe import load_recipe
     from gptj_tune.recipe_commands import resolve_recipe_path
 
     try:
-        recipe = load_recipe(resolve_recipe_path(name))
+        recipe = load_recipe(resolve_recipe_path(name), overrides)
     except RecipeError as e:
         raise SystemExit(f"--recipe {name}: {e}") from None
     for source in recipe.data.sources:
@@ -95,6 +97,21 @@ def flops_per_token(recipe, shape: str, rows) -> tuple[float, dict]:
         attention = 12 * layers * d * mean_span
     total = k * 12 * d * d * layers + k * vocab(shape) * d * scored / real + 6 * adapters + attention
     return total, {"real_tokens_sampled": real, "scored_share": scored / real, "mean_span": mean_span}
+
+
+def worker(args) -> None:
+    """One recipe in this process (`--result`): its row as JSON; a recipe error is one line, exit 2."""
+    from gptj_tune.cli import quiet_libraries
+    from gptj_tune.errors import RecipeError
+
+    quiet_libraries()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            row = run_one(args.recipe[0], args, Path(args.model_dir), Path(args.data_dir), Path(tmp))
+        except RecipeError as e:
+            print(f"--recipe {args.recipe[0]}: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+    Path(args.result).write_text(json.dumps(row))
 
 
 def run_one(name: str, args, model_dir: Path, data: Path, scratch: Path) -> dict:
@@ -135,8 +152,6 @@ def run_one(name: str, args, model_dir: Path, data: Path, scratch: Path) -> dict
 
 def _commit() -> str:
     """This checkout's commit (the device's copy of .git can be older: gpu_session.sh passes COMMIT)."""
-    import subprocess
-
     found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     return found.stdout.strip() or "unknown"
 
@@ -152,9 +167,12 @@ def main() -> None:
     parser.add_argument("--model-dir", default=None, help="Build the random-init model here once and reuse it.")
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--out", default="recipe_throughput.json")
+    parser.add_argument("--result", help=argparse.SUPPRESS)  # a worker: one recipe, its row written here
     args = parser.parse_args()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.result:
+        return worker(args)
     if args.steps < args.warmup_steps + 2:
         raise SystemExit(f"--steps {args.steps}: use at least --warmup-steps + 2 ({args.warmup_steps + 2}) for a steady rate")
     require_device(args.shape, args.device)
@@ -162,24 +180,31 @@ def main() -> None:
     if not (data / "gpt2-tokenizer").is_dir():
         raise SystemExit(f"--data-dir {data}: no gpt2-tokenizer/ there (the shared data folder; see its README.md)")
     for name in args.recipe:
-        check_recipe(name)
+        check_recipe(name, args.set)
     from rich.console import Console
     from rich.table import Table
 
     from gptj_tune.cli import quiet_libraries
-    from gptj_tune.errors import RecipeError
 
     quiet_libraries()
     console = Console()
-    rows = []
+    rows, failed = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = model_for(args.shape, Path(args.model_dir) if args.model_dir else Path(tmp) / "model", console)
-        for name in args.recipe:
+        for name in args.recipe:  # each in a process of its own: its own peak memory, nothing left from the last
             console.print(f"[bold]{name}[/] on {args.shape} ...")
-            try:
-                rows.append(run_one(name, args, model_dir, data, Path(tmp)))
-            except RecipeError as e:
-                raise SystemExit(f"--recipe {name}: {e}") from None
+            result = Path(tmp) / f"{len(rows) + len(failed)}.json"
+            command = [sys.executable, __file__, "--recipe", name, "--device", args.device, "--shape", args.shape,
+                       "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps), "--model-dir", str(model_dir),
+                       "--data-dir", str(data), "--result", str(result), *(f"--set={o}" for o in args.set)]  # fmt: skip
+            proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            if proc.returncode == 0 and result.exists():
+                rows.append(json.loads(result.read_text()))
+                continue
+            lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+            failed[name] = lines[-1] if lines else f"exit code {proc.returncode}"
+            console.print(f"[red]{name} failed:[/]")
+            console.print(proc.stderr[-3000:], markup=False, highlight=False)
     gpu = args.device == "cuda"
     table = Table(title=f"shipped recipes on {args.shape}, {_device_name(args.device)}")
     for column in ("recipe", "rows x length", "real tok/s", "TFLOP/s", *(("MFU",) if gpu else ()), "peak GiB", "plan GiB"):
@@ -189,14 +214,18 @@ def main() -> None:
                       *((f"{r['mfu']:.1%}" if r["mfu"] is not None else "-",) if gpu else ()),
                       f"{r['peak_memory_gib']:.2f}", f"{r['plan_gib']:.2f}")  # fmt: skip
     console.print(table)
+    for name, error in failed.items():
+        console.print(f"[red]{name} failed[/] (not in the table): {error}", soft_wrap=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"device": _device_name(args.device), "shape": args.shape, "steps": args.steps, "warmup_steps": args.warmup_steps,
-              "versions": _versions(), "commit": os.environ.get("COMMIT") or _commit(), "recipes": rows}  # fmt: skip
+              "versions": _versions(), "commit": os.environ.get("COMMIT") or _commit(), "recipes": rows, "failed": failed}  # fmt: skip
     temp = out.with_name(out.name + ".tmp")
     temp.write_text(json.dumps(report, indent=2) + "\n")
     temp.replace(out)
     console.print(f"wrote {out}")
+    if failed:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

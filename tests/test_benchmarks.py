@@ -136,6 +136,7 @@ def test_the_model_dir_is_built_once_and_reused(tmp_path, shared_data):
         ("recipe_throughput", ["--recipe", "alpaca-lora", "--steps", "4"], "--steps 4: use at least --warmup-steps + 2 (5)"),
         ("recipe_throughput", ["--recipe", "no-such-recipe"], "--recipe no-such-recipe: Recipe is not valid"),
         ("recipe_throughput", ["--recipe", "chat-quickstart"], "no shared data for its 'synthetic' source"),
+        ("recipe_throughput", ["--recipe", "alpaca-lora", "--set", "train.lr=-1"], "`train.lr` (from --set): Input should be greater than 0"),
         ("recipe_throughput", ["--recipe", "alpaca-lora", "--shape", "gptj-6b"], "the gptj-6b shape runs on a GPU only"),
         ("eval_speed", ["--limit", "0"], "--limit 0: use 1 or more"),
         ("eval_speed", ["--tasks", "piqa,mmlu"], "--tasks: unknown ['mmlu']; choose from lambada_openai"),
