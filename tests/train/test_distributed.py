@@ -244,7 +244,10 @@ def test_a_failing_worker_ends_the_job_with_its_message(tmp_path):
     temp, env = own_tmpdir(tmp_path)
     result = cli("run", str(recipe), *run_args(tmp_path / "run", "ddp"), timeout=180, env=env)
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "(rank 0)" in result.stdout and "bad.jsonl:2" in result.stdout and "output" in result.stdout
+    # Both ranks meet the bad record (rank 1 through the data build it waited for): the first
+    # report written is shown, from either rank (seen both ways in CI).
+    assert "error (rank 0)" in result.stdout or "error (rank 1)" in result.stdout, result.stdout
+    assert "bad.jsonl:2" in result.stdout and "output" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
     assert time.time() - started < 120  # rank 1 was waiting for the data: it was stopped, not left hanging
     # The launcher's log is kept only when it holds something, and then the message names it.
