@@ -226,6 +226,9 @@ if adapter_only:
             bnb_4bit_use_double_quant=quantized["double_quant"], bnb_4bit_compute_dtype=getattr(torch, quantized["dtype"]))
         options["device_map"] = {"": "cpu"}
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **options), folder)
+    for layer in model.modules():  # the 4-bit layout it trained in, not bitsandbytes' CPU inference one (bf16 scales)
+        if hasattr(layer, "support_avx512bf16_for_cpu"):
+            layer.support_avx512bf16_for_cpu = False
 else:
     model = AutoModelForCausalLM.from_pretrained(folder)
 model.eval()

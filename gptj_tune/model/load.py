@@ -88,10 +88,12 @@ def load_model_and_tokenizer(section: ModelSection, base: str, quantized=None, d
     tokenizer = load_tokenizer(section.tokenizer if section.name_or_path != TINY_MODEL_NAME else None, base, section)
     extra = {}
     if quantized is not None:
-        from .quantize import quantized_loading
+        from .quantize import one_layout_for_training_and_inference, quantized_loading
 
         extra = quantized_loading(quantized, DTYPES[section.dtype], device or torch.device("cpu"))
     model = _from_pretrained(base, section, extra)
+    if quantized is not None:
+        one_layout_for_training_and_inference(model)
     _fix_special_tokens(tokenizer, model.config)
     weight = model.get_input_embeddings().weight
     rows = getattr(weight, "ds_shape", weight.shape)[0]  # under ZeRO-3 the local shard is empty

@@ -71,6 +71,21 @@ def quantized_loading_from_args(args: dict, device: torch.device) -> dict:
     return {"dtype": compute, **quantized_loading(method, compute, device)}
 
 
+def one_layout_for_training_and_inference(model) -> int:
+    """Keep every 4-bit layer of `model` in the layout it trains in; returns how many layers.
+
+    On a CPU with AVX-512 bf16, bitsandbytes re-packs a 4-bit weight for its inference kernel the
+    first time the layer runs in eval mode without gradients, and keeps it so: the next training
+    step then fails inside bitsandbytes (its packed path has no backward), and saving converts the
+    weight back through bf16 scales, so the base the adapters train on would no longer be the one
+    loaded. A run evaluates between training steps, and eval and export must score the model as it
+    trained, so gptj-tune keeps one layout everywhere (bitsandbytes' own switch for that path)."""
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
 def is_quantized(model) -> bool:
     """Whether some of `model`'s weights are bitsandbytes 4-bit ones."""
     return bool(getattr(model, "is_loaded_in_4bit", False)) or any(

@@ -22,16 +22,22 @@ def load_trained_model(base: str, weights: str | Path | None = None, dtype: torc
     or a whole model folder (config.json); None: `base` alone. `dtype` None loads as transformers
     does by default. `quantized` (`quantize.quantized_args` of a qlora run): the base in 4 bits as
     it trained, loaded onto `device` (a quantized model is not moved after loading)."""
-    from transformers import AutoModelForCausalLM
-
     options = {} if dtype is None else {"dtype": dtype}
     if quantized is not None:
-        from .quantize import quantized_loading_from_args
+        from .quantize import one_layout_for_training_and_inference, quantized_loading_from_args
 
         options = quantized_loading_from_args(quantized, torch.device(device))
+    model = _load(base, None if weights is None else Path(weights), options)
+    if quantized is not None:
+        one_layout_for_training_and_inference(model)
+    return model
+
+
+def _load(base: str, weights: Path | None, options: dict):
+    from transformers import AutoModelForCausalLM
+
     if weights is None:
         return AutoModelForCausalLM.from_pretrained(base, **options)
-    weights = Path(weights)
     if is_prompt_tuning_folder(weights):
         return SoftPromptModel.from_saved(AutoModelForCausalLM.from_pretrained(base, **options), weights)
     if (weights / "adapter_config.json").is_file():

@@ -52,6 +52,41 @@ def test_plan_puts_6b_qlora_at_2048_tokens_on_a_16_gb_card(tmp_path):
     assert next(e for e in lora.estimates if e.setup == "single").states > 2.5 * single.states
 
 
+def test_an_evaluation_between_steps_leaves_the_4bit_base_as_it_trains(tmp_path):
+    """A run evaluates between training steps. On a CPU with AVX-512 bf16 bitsandbytes re-packs a
+    4-bit weight for its inference kernel at the first forward in eval mode and keeps it so: the next
+    training step then failed inside bitsandbytes, and saving would have rounded the weight's scales
+    through bf16. The trained model holds every 4-bit layer in one layout (on any CPU), and an
+    evaluation in between changes neither the weights nor the next step's loss and gradients."""
+    from bitsandbytes.nn import Linear4bit
+
+    from gptj_tune.model.load import resolve_base
+    from gptj_tune.train.setup import model_to_train
+
+    recipe = load_recipe(small_recipe(tmp_path, method="qlora"), [])
+    model, tokenizer = model_to_train(recipe, resolve_base(recipe.model, tmp_path), torch.device("cpu"))
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert len(layers) == 12 and not any(m.support_avx512bf16_for_cpu for m in layers)
+    weights = [(m.weight.data.clone(), m.weight.quant_state.absmax.clone()) for m in layers]
+    ids = torch.randint(0, len(tokenizer), (2, 32), generator=torch.Generator().manual_seed(0))
+
+    def train_step():
+        model.train()
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    loss, grads = train_step()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids, labels=ids)
+    again, grads_again = train_step()
+    assert again == loss and all(torch.equal(a, b) for a, b in zip(grads, grads_again))
+    assert all(torch.equal(m.weight.data, w) and torch.equal(m.weight.quant_state.absmax, a) for m, (w, a) in zip(layers, weights))
+
+
 @pytest.mark.parametrize(
     "override,message",
     [
@@ -84,7 +119,7 @@ def test_qlora_learns_like_lora_resumes_the_same_curve_evaluates_and_exports(tmp
     for kind in ("lora", "qlora"):
         recipe = small_recipe(tmp_path, method=kind, steps=20, save_every=10, out=tmp_path / kind, name=f"{kind}.yaml",
                               method_extra="dropout: 0.1")  # fmt: skip
-        result = cli("run", str(recipe))
+        result = cli("run", str(recipe), "--set", "eval.every_steps=10")  # an evaluation between steps
         assert result.returncode == 0, result.stderr[-3000:]
         runs[kind] = (recipe, losses(tmp_path / kind), result.stdout)
     (_, lora, _), (recipe, qlora, out) = runs["lora"], runs["qlora"]
@@ -97,7 +132,7 @@ def test_qlora_learns_like_lora_resumes_the_same_curve_evaluates_and_exports(tmp
     shutil.copytree(run, copy)
     shutil.rmtree(copy / "checkpoints" / "step-20")
     shutil.rmtree(copy / "final")
-    resumed = cli("run", str(recipe), "--resume", "step-10", "--set", f"output.dir={copy}")
+    resumed = cli("run", str(recipe), "--resume", "step-10", "--set", f"output.dir={copy}", "--set", "eval.every_steps=10")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     again = losses(copy)
     assert max(abs(qlora[s] - again[s]) for s in range(11, 21)) < 1e-5
