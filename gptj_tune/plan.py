@@ -228,12 +228,17 @@ class Plan:
     devices: int
     device_gib: float
 
+    @property
+    def own_estimate(self) -> Estimate:
+        """The estimate for the recipe's own setup."""
+        return next(e for e in self.estimates if e.setup == self.own)
+
     def fits(self, estimate: Estimate) -> bool:
         return estimate.total <= self.device_gib * GIB
 
     def refusal(self) -> str | None:
         """Why the recipe's own setup will not fit, with the setups that do (None: it fits)."""
-        ours = next(e for e in self.estimates if e.setup == self.own)
+        ours = self.own_estimate
         if self.fits(ours):
             return None
         fitting = [e.setup for e in self.estimates if self.fits(e)]
