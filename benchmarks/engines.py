@@ -31,7 +31,7 @@ def run_ours(spec: dict, out: Path, after_each_step=None) -> dict:
     from gptj_tune.plan import GIB, plan
 
     planned = plan(recipe)  # `gptj-tune plan`'s figure for this run, beside the measured peak
-    planned_gib = next(e for e in planned.estimates if e.setup == planned.own).total / GIB
+    planned_gib = planned.own_estimate.total / GIB
     result = train(recipe, console=Console(stderr=True), after_each_step=after_each_step)
     model = _load_final(out / "run" / "final", spec)
     lines = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from train_throughput import _device_name
-from workload import REPO, SHAPES, config_of
+from workload import REPO, SHAPES, commit, config_of
 
 sys.path.insert(0, str(REPO))
 
@@ -107,10 +106,9 @@ def main() -> None:
         table.add_row(mode, f"{row['ms_per_step']:.2f}", f"{row['warmup_s']:.1f}",
                       f"{rows['per weight']['ms_per_step'] / row['ms_per_step']:.2f}x")  # fmt: skip
     Console().print(table)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"title": title, "device": _device_name(args.device), "torch": torch.__version__,
-                                    "commit": commit or "unknown", "shape": args.shape, "rows_divisor": divisor,
+                                    "commit": commit(), "shape": args.shape, "rows_divisor": divisor,
                                     "tensors": count, "weights": numel, "steps": args.steps, "rows": rows}, indent=2) + "\n")  # fmt: skip
     print(f"wrote {args.out}")
 

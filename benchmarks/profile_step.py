@@ -28,7 +28,7 @@ from pathlib import Path
 
 from checks import require_alpaca, require_at_least_one, require_device, require_max_length
 from engines import run_ours
-from workload import REPO, SHAPES, model_for, tokenize
+from workload import REPO, SHAPES, commit, model_for, tokenize
 
 # Kinds by substrings of kernel or operator names, first match wins (lower case).
 KINDS = [
@@ -190,7 +190,7 @@ def main() -> None:
         if sum(1 for e in events if e.name.startswith("ProfilerStep")) < args.steps:
             raise SystemExit("the run ended before the profiled steps: raise --rows or lower --steps/--warmup")
         summary = summarise(events, args.steps, gpu)
-    summary["settings"] = {k: v for k, v in vars(args).items()} | {"torch": torch.__version__,
+    summary["settings"] = {k: v for k, v in vars(args).items()} | {"torch": torch.__version__, "commit": commit(),
                                                                    "device_name": torch.cuda.get_device_name() if gpu else "cpu"}  # fmt: skip
     title = f"where a step goes: {args.shape} {args.method}{'' if args.compile == 'auto' else ', compile ' + args.compile}, {args.rows} x {args.max_length} tokens, {args.device}"
     console.print(table(title, summary))

@@ -29,13 +29,12 @@ from pathlib import Path
 from checks import require_device
 from engines import steady_rate
 from train_throughput import PEAK_FLOPS, _device_name, _versions
-from workload import REPO, SHAPES, model_for, peak_memory, vocab
+from workload import REPO, SHAPES, commit, model_for, peak_memory
+from workload import flops_per_token as workload_flops_per_token
 
 sys.path.insert(0, str(REPO))
 
 DATA_BY_FORMAT = {"alpaca": "alpaca/alpaca_data.json", "text": "domain", "dolly": "dolly/dolly_sample_train20.jsonl"}
-ADAPTER_INPUTS = {"q_proj": (1, 1), "k_proj": (1, 1), "v_proj": (1, 1), "out_proj": (1, 1), "fc_in": (1, 4), "fc_out": (4, 1),
-                  "c_fc": (1, 4), "c_proj": (4, 1)}  # (in, out) widths in units of d_model  # fmt: skip
 
 
 def recipe_for(name: str, shape: str, model_dir: Path, data: Path, steps: int, out: Path, extra: list[str]):
@@ -71,32 +70,31 @@ def check_recipe(name: str, overrides: list[str]) -> None:
                              f"formats with shared data: {sorted(DATA_BY_FORMAT)}")  # fmt: skip
 
 
-def flops_per_token(recipe, shape: str, rows) -> tuple[float, dict]:
-    """Model FLOPs per real token of this recipe on `shape`, and the token statistics behind them."""
-    s = SHAPES[shape]
-    d, layers = s["n_embd"], s["n_layer"]
+def row_stats(rows, window: int | None) -> dict[str, float]:
+    """`workload.token_stats` over packed rows: the scored share and mean causal span of their real
+    tokens (each packed example restarts its positions), and within `window` for GPT-Neo."""
     real = scored = spans = local = 0
-    window = s.get("window")
     for row in rows:
         for position, label in zip(row.position_ids, row.labels, strict=True):
             real += 1
             scored += label != -100
             spans += position + 1
             local += min(position + 1, window or 1)
-    method = recipe.method
-    k = 6 if method.kind == "full" else 4
-    adapters = 0
-    if method.kind in ("lora", "qlora"):
-        targets = method.target_modules if isinstance(method.target_modules, list) else list(ADAPTER_INPUTS)
-        adapters = method.r * layers * sum(sum(ADAPTER_INPUTS.get(t, (1, 1))) * d for t in targets if t in ADAPTER_INPUTS)
-    mean_span = spans / real
+    stats = {"scored_share": scored / real, "mean_span": spans / real}
     if window:
-        half = layers // 2
-        attention = 12 * d * ((layers - half) * mean_span + half * local / real)
-    else:
-        attention = 12 * layers * d * mean_span
-    total = k * 12 * d * d * layers + k * vocab(shape) * d * scored / real + 6 * adapters + attention
-    return total, {"real_tokens_sampled": real, "scored_share": scored / real, "mean_span": mean_span}
+        stats["mean_local_span"] = local / real
+    return stats
+
+
+def flops_per_token(recipe, shape: str, rows) -> tuple[float, dict]:
+    """Model FLOPs per real token of this recipe on `shape` (train_throughput.py's count with the
+    recipe's own rank and targets), and the token statistics behind them."""
+    method, stats = recipe.method, row_stats(rows, SHAPES[shape].get("window"))
+    spec = {"shape": shape, "method": method.kind}
+    if method.kind in ("lora", "qlora"):  # `all-linear` and the default both mean the six linears
+        spec |= {"lora_r": method.r, "lora_targets": method.target_modules if isinstance(method.target_modules, list) else None}
+    total, _ = workload_flops_per_token(spec, stats)
+    return total, {"real_tokens_sampled": sum(len(r.labels) for r in rows), **stats}
 
 
 def worker(args) -> None:
@@ -125,7 +123,7 @@ def run_one(name: str, args, model_dir: Path, data: Path, scratch: Path) -> dict
     out = scratch / name
     recipe = recipe_for(name, args.shape, model_dir, data, args.steps, out, args.set)
     planned = plan(recipe)
-    plan_gib = next(e for e in planned.estimates if e.setup == planned.own).total / GIB
+    plan_gib = planned.own_estimate.total / GIB
     console = Console(stderr=True)
     prepared, _, _ = recipe_data(recipe, console)  # `gptj-tune data prepare`: the run reads this store from the cache
     rows = [prepared.train_rows[i] for i in range(min(len(prepared.train_rows), 2000))]
@@ -148,12 +146,6 @@ def run_one(name: str, args, model_dir: Path, data: Path, scratch: Path) -> dict
     peak = next((v for k, v in PEAK_FLOPS.items() if k in _device_name(args.device)), None) if args.device == "cuda" else None
     row["mfu"] = row["model_tflops"] * 1e12 / peak if peak else None
     return row
-
-
-def _commit() -> str:
-    """This checkout's commit (the device's copy of .git can be older: gpu_session.sh passes COMMIT)."""
-    found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    return found.stdout.strip() or "unknown"
 
 
 def main() -> None:
@@ -219,10 +211,10 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"device": _device_name(args.device), "shape": args.shape, "steps": args.steps, "warmup_steps": args.warmup_steps,
-              "versions": _versions(), "commit": os.environ.get("COMMIT") or _commit(), "recipes": rows, "failed": failed}  # fmt: skip
-    temp = out.with_name(out.name + ".tmp")
-    temp.write_text(json.dumps(report, indent=2) + "\n")
-    temp.replace(out)
+              "versions": _versions(), "commit": commit(), "recipes": rows, "failed": failed}  # fmt: skip
+    from gptj_tune.rundir import atomic_write_text
+
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n")  # an earlier result is replaced whole or not at all
     console.print(f"wrote {out}")
     if failed:
         raise SystemExit(1)

@@ -51,7 +51,7 @@ from pathlib import Path
 
 from checks import require_alpaca, require_at_least_one, require_device, require_max_length
 from engines import worker
-from workload import HELD_OUT, REPO, SHAPES, _matching_rows, flops_per_token, model_for, token_stats, tokenize
+from workload import HELD_OUT, REPO, SHAPES, _matching_rows, commit, flops_per_token, model_for, token_stats, tokenize
 from workload import label as shape_label
 
 ENGINES = ["gptj-tune", "trl-default", "trl-best", "hf-trainer"]
@@ -279,7 +279,8 @@ def main() -> None:
         console.print(f"[red]{e} failed[/] (not in the table): {f['error']}", soft_wrap=True)
     report = {
         "settings": {k: v for k, v in spec.items() if k not in ("model",)}
-        | {"repeats": args.repeats, "torch_threads": args.threads, "versions": versions, "device_name": _device_name(args.device)},
+        | {"repeats": args.repeats, "torch_threads": args.threads, "versions": versions, "device_name": _device_name(args.device),
+           "commit": commit()},
         "engines": rows,
         "failed": failed,
     }

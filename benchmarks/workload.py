@@ -25,6 +25,18 @@ HELD_OUT = 64  # records after the training records, scored the same way for eve
 VOCAB = 50400  # GPT-J's embedding and head rows, in every GPT-J shape
 
 
+def commit() -> str:
+    """The commit measured: COMMIT if set (the device's copy of .git can be older than the tree, so
+    gpu_session.sh passes it), else this checkout's short commit, else "unknown"."""
+    import os
+    import subprocess
+
+    if os.environ.get("COMMIT"):
+        return os.environ["COMMIT"]
+    found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return found.stdout.strip() or "unknown"
+
+
 def family(shape: str) -> str:
     return SHAPES[shape].get("family", "gptj")
 
@@ -142,11 +154,20 @@ def _matching_rows(spec: dict, examples) -> int:
     return max(1, math.floor(spec["batch_size"] * mean / spec["max_length"]))
 
 
-def matmul_params(shape: str, method: str) -> dict[str, int]:
+# Each LoRA target's input and output widths, in units of d_model.
+ADAPTER_WIDTHS = {"q_proj": (1, 1), "k_proj": (1, 1), "v_proj": (1, 1), "out_proj": (1, 1),
+                  "fc_in": (1, 4), "fc_out": (4, 1), "c_fc": (1, 4), "c_proj": (4, 1)}  # fmt: skip
+
+
+def matmul_params(shape: str, method: str, r: int | None = None, targets: list[str] | None = None) -> dict[str, int]:
     """Weights that multiply tokens: the blocks' (q, k, v, out: d x d; fc_in, fc_out: d x 4d), the
-    head's (vocab x d) and, for LoRA, the adapters' (rank r x (in + out) on each target)."""
+    head's (vocab x d) and, for LoRA, the adapters' (rank r x (in + out) on each target; by default
+    the benchmark's rank on gptj-tune's default targets)."""
     d, layers = SHAPES[shape]["n_embd"], SHAPES[shape]["n_layer"]
-    adapters = LORA["r"] * layers * (4 * (d + d) + 2 * (d + 4 * d)) if method in ("lora", "qlora") else 0
+    adapters = 0
+    if method in ("lora", "qlora"):
+        r, targets = r or LORA["r"], targets or LORA_TARGETS[family(shape)]
+        adapters = r * layers * sum(sum(ADAPTER_WIDTHS[t]) * d for t in targets)
     return {"blocks": 12 * d * d * layers, "head": vocab(shape) * d, "adapters": adapters}
 
 
@@ -165,8 +186,10 @@ def token_stats(examples, window: int | None = None) -> dict[str, float]:
 
 
 def flops_per_token(spec: dict, stats: dict[str, float]) -> tuple[float, str]:
-    """Model FLOPs per real training token, and the formula with its numbers (module docstring)."""
-    shape, n = SHAPES[spec["shape"]], matmul_params(spec["shape"], spec["method"])
+    """Model FLOPs per real training token, and the formula with its numbers (module docstring);
+    `spec` may name the adapters' rank and targets (`lora_r`, `lora_targets`)."""
+    shape = SHAPES[spec["shape"]]
+    n = matmul_params(spec["shape"], spec["method"], spec.get("lora_r"), spec.get("lora_targets"))
     k = 6 if spec["method"] == "full" else 4
     if "window" in shape:  # GPT-Neo: half the layers attend within the window
         local = shape["n_layer"] // 2

@@ -279,6 +279,32 @@ def test_the_results_table_fits_an_80_column_terminal_whole(gpu):
     assert ("trl-default 123,456 27.21x 0.552 71.23 10.7049 1234 457" + (" 45.7%" if gpu else "")) in lines
 
 
+def test_a_recipes_flop_count_takes_its_own_rank_and_targets():
+    """recipe_throughput counts with the benchmark's formula over the packed rows a recipe trains on
+    (positions restart at each example), with the recipe's own LoRA rank and targets: its default
+    and `all-linear` are the six linears."""
+    from types import SimpleNamespace as Row
+
+    rt, tt = _benchmark_module("recipe_throughput"), _benchmark_module("workload")
+    rows = [Row(position_ids=[0, 1, 2, 0, 1], labels=[-100, -100, 7, -100, 9])]  # the two examples above, packed
+    stats = rt.row_stats(rows, None)
+    assert stats == {"scored_share": 2 / 5, "mean_span": 9 / 5}
+    assert rt.row_stats(rows, 2) == stats | {"mean_local_span": 8 / 5}
+
+    def recipe(r, targets):
+        return Row(method=Row(kind="lora", r=r, target_modules=targets))
+
+    default, about = rt.flops_per_token(recipe(16, None), "tiny", rows)
+    assert default == pytest.approx(tt.flops_per_token({"shape": "tiny", "method": "lora"}, stats)[0])
+    assert about["real_tokens_sampled"] == 5
+    assert rt.flops_per_token(recipe(16, "all-linear"), "tiny", rows)[0] == default
+    d, layers = 64, 2
+    r64, _ = rt.flops_per_token(recipe(64, ["q_proj", "v_proj"]), "tiny", rows)  # 6 x (64 x 2 x (d + d) - 16 x 18 d) a layer
+    assert r64 - default == pytest.approx(6 * layers * d * (64 * 2 * 2 - 16 * 18))
+    full, _ = rt.flops_per_token(Row(method=Row(kind="full")), "tiny", rows)
+    assert full == pytest.approx(tt.flops_per_token({"shape": "tiny", "method": "full"}, stats)[0])
+
+
 def test_the_gpu_session_script_runs_its_steps_on_the_cpu(tmp_path, shared_data):
     """benchmarks/gpu_session.sh, the one device call of the GPU issues, dry-run on the tiny shape:
     each step logged with its exit code, the results under $OUT, the built model deleted."""
