@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,59 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import cli, write_recipe
+from two_processes import FULL, LORA, free_port, losses, own_tmpdir, recipe_file, run_args
 
 from gptj_tune.errors import RecipeError
 from gptj_tune.recipe import load_recipe
 
 pytestmark = pytest.mark.slow
 
-RECIPE = """\
-model:
-  name_or_path: tiny-gptj
-  tiny: {{layers: 2, width: 64, heads: 4, rotary_dim: 8}}
-method: {method}
-data:
-  sources: [{{format: synthetic, count: 600}}]
-  template: plain
-  max_length: 128
-train: {{lr: 3.0e-3, max_steps: {steps}, batch_size: 2, warmup_steps: 2, log_every: 4, save_every: 6, keep_last: 10, seed: 7}}
-"""
-FULL = "{kind: full}"
-LORA = "{kind: lora, dropout: 0.1}"
 TOLERANCE = 1e-5  # measured: DDP, ZeRO-2, ZeRO-3 and FSDP within 7e-7 of one process per step
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def recipe_file(tmp_path, method=FULL, steps=12, name="r.yaml"):
-    return write_recipe(tmp_path / name, RECIPE.format(method=method, steps=steps))
-
-
-def run_args(out, backend=None, stage=None, processes=2):
-    args = ["--set", f"output.dir={out}"]
-    if backend:
-        args += ["--set", f"distributed.backend={backend}", "--set", f"distributed.num_processes={processes}",
-                 "--set", f"distributed.main_process_port={free_port()}"]  # fmt: skip
-    if stage:
-        args += ["--set", f"distributed.deepspeed.zero_stage={stage}"]
-    return args
-
-
-def own_tmpdir(tmp_path):
-    """A TMPDIR of the test's own, and the environment that points a process at it: what the launch
-    leaves in its temp dir can then be checked."""
-    temp = tmp_path / "tmp"
-    temp.mkdir()
-    return temp, {**os.environ, "TMPDIR": str(temp)}
-
-
-def losses(run_dir):
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {m["step"]: m["loss"] for m in lines if "loss" in m}
 
 
 @pytest.fixture(scope="module")
@@ -234,65 +188,6 @@ def test_two_machines_on_loopback_complete_a_run(tmp_path, single_run):
     assert max(abs(ours[s] - reference[s]) for s in ours) < TOLERANCE
 
 
-@pytest.mark.slow
-def test_a_failing_worker_ends_the_job_with_its_message(tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": "c", "input": ""}\n')
-    recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(method=FULL, steps=4).replace(
-        "[{format: synthetic, count: 600}]", f"[{{format: alpaca, path: {bad}}}]"))  # fmt: skip
-    started = time.time()
-    temp, env = own_tmpdir(tmp_path)
-    result = cli("run", str(recipe), *run_args(tmp_path / "run", "ddp"), timeout=180, env=env)
-    assert result.returncode == 2, result.stdout + result.stderr
-    # Both ranks meet the bad record (rank 1 through the data build it waited for): the first
-    # report written is shown, from either rank (seen both ways in CI).
-    assert "error (rank 0)" in result.stdout or "error (rank 1)" in result.stdout, result.stdout
-    assert "bad.jsonl:2" in result.stdout and "output" in result.stdout
-    assert "Traceback" not in result.stdout + result.stderr
-    assert time.time() - started < 120  # rank 1 was waiting for the data: it was stopped, not left hanging
-    # The launcher's log is kept only when it holds something, and then the message names it.
-    logs = list(temp.glob("gptj-tune-launcher-*.log"))
-    assert all(log.stat().st_size > 0 and str(log) in result.stdout.replace("\n", "") for log in logs), logs
-
-
-def test_the_launching_process_does_not_import_torch(tmp_path):
-    """`gptj-tune run` on a multi-process recipe only reads the recipe and starts the launcher: the
-    workers import torch, transformers and peft; the process that waits for them does not."""
-    recipe = recipe_file(tmp_path)
-    code = (
-        "import sys\n"
-        "from gptj_tune import cli, recipe\n"
-        "from gptj_tune.train import launch\n"
-        f"r = recipe.load_recipe({str(recipe)!r}, ['distributed.backend=ddp', 'distributed.num_processes=2'])\n"
-        "assert launch.needs_launch(r)\n"
-        "launch._launcher_command(r, ['run'])\n"
-        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'deepspeed') if m in sys.modules))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "[]"
-
-
-@pytest.mark.slow
-def test_a_lock_left_by_a_killed_deepspeed_build_does_not_hang_the_next_run(tmp_path):
-    """A DeepSpeed build killed with its lock taken (a timeout, SIGKILL) left every later DeepSpeed
-    run on the machine waiting at start, silently and forever (torch's builder waits on the file;
-    CI lost an hour to it). The launch removes such a lock first, and says so."""
-    from torch.utils.cpp_extension import _get_build_directory
-
-    lock = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
-    lock.touch()  # as a killed build leaves it: nobody holds it
-    try:
-        recipe = recipe_file(tmp_path, steps=2)
-        result = cli("run", str(recipe), *run_args(tmp_path / "run", "deepspeed", 2), timeout=300)
-    finally:
-        lock.unlink(missing_ok=True)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "removed a lock left by an interrupted extension build" in result.stdout
-    assert str(lock) in result.stdout.replace("\n", "")
-    assert (tmp_path / "run" / "final").is_dir()
-
-
 # ------------------------------------------------------------------------------- recipe checks
 
 
@@ -385,37 +280,3 @@ def test_deepspeed_hostfile_launch(tmp_path, single_run):
     bad = cli("run", str(recipe), *args, "--force", env=env)
     assert bad.returncode == 2 and "line 1: expected `HOST slots=N`" in bad.stderr + bad.stdout
     assert not list(temp.iterdir()), "a hostfile error leaves no launcher files behind"
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("when", ["launcher-starting", "workers-importing"])
-def test_ctrl_c_while_workers_start_stops_the_whole_launch(tmp_path, when):
-    """Nothing to save yet: every process of the launch ends promptly, exit 130, reported as a stop
-    (not as whatever error an import cut short turns into), none left behind. `launcher-starting`:
-    the signal lands before any worker runs our code; `workers-importing`: once every worker has
-    registered, while it imports torch and transformers."""
-    recipe = recipe_file(tmp_path, steps=500)
-    temp, env = own_tmpdir(tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "gptj_tune", "run", str(recipe), *run_args(tmp_path / "run", "ddp")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)  # fmt: skip
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:
-        folders = list(temp.glob("gptj-tune-errors-*"))
-        if folders and (when == "launcher-starting" or len(list(folders[0].glob("pid-*"))) == 2):
-            break
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, out[-2000:] + err[-2000:]
-    assert "stopped" in out + err and "error" not in out + err, out[-2000:] + err[-2000:]
-    time.sleep(1)
-    left = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline_mentions(p, str(tmp_path))]
-    assert not left, left
-    assert not list(temp.glob("gptj-tune-launcher-*")), "a stopped launch leaves no launcher log"
-
-
-def _cmdline_mentions(proc_dir, text: str) -> bool:
-    try:
-        return text in (proc_dir / "cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return False
