@@ -63,7 +63,7 @@ class ModelSection(Section):
     dtype: Literal["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"] = Field(
         "float32",
         description="Weight dtype. On a CPU keep float32 weights (16-bit weights there lose precision in every "
-        "update); for bf16 speed on CPUs with AMX use distributed.mixed_precision: bf16.",
+        "update); for bf16 speed on CPUs with AMX or AVX-512 bf16 use distributed.mixed_precision: bf16.",
     )
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto",

@@ -140,8 +140,9 @@ class DistributedSection(Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no",
         description="Autocast precision; `no` trains in model.dtype. On a CPU with AMX (Intel Sapphire Rapids and "
-        "later) `bf16` multiplies in bf16 on fp32 weights: 1.3-1.7x faster for models 256+ wide (the setup prints "
-        "a tip where it pays); on CPUs without AMX bf16 is emulated and much slower: keep `no`.",
+        "later) or AVX-512 bf16 (AMD Zen 4) `bf16` multiplies in bf16 on fp32 weights: 1.3-1.7x faster for models "
+        "256+ wide (the setup prints a tip where it pays); on CPUs with neither bf16 is emulated and much slower: "
+        "keep `no`.",
     )
     timeout_minutes: float = Field(
         60, gt=0, le=10_080, description="How long a collective may wait before the job fails: a hung or stopped rank "

@@ -11,7 +11,7 @@ only), and how much memory training took (`MemoryMeter`, CPU or GPU):
   optimizer step) then copies it on a page fault: 0.7 s for a 70M-parameter model, where one
   copy at setup takes 0.08 s. It also means a file replaced while the run trains no longer
   changes (or, truncated, crashes) the weights in memory.
-- bf16 products: a CPU with AMX multiplies bf16 matrices several times faster than fp32; setup
+- bf16 products: a CPU with AMX or AVX-512 bf16 multiplies bf16 matrices faster than fp32; setup
   prints a tip when bf16 autocast would pay and is not on.
 """
 
@@ -103,28 +103,38 @@ BF16_CPU_MIN_WIDTH = 256
 CPU_16BIT_WIDTH_MULTIPLE = 64
 
 
+# What bf16 autocast gained for a 512-wide GPT-J, full fine-tuning and LoRA (docs/speed.md), by the
+# hardware that multiplies bf16: AMX tiles (Intel Sapphire Rapids and later; a 1024-square product
+# on one core 756 against 157 GFLOP/s in fp32) or AVX-512 bf16 dot products (AMD Zen 4, Intel Cooper
+# Lake; 131-143 against 65 GFLOP/s). CPUs with neither emulate bf16, far slower than fp32.
+BF16_GAINS = {"AMX": "1.3-1.7x", "AVX-512 bf16": "1.3-1.4x"}
+
+
 @functools.cache
-def cpu_multiplies_bf16() -> bool:
-    """Whether this CPU has AMX (Intel Sapphire Rapids and later), whose tiles multiply bf16 matrices
-    several times faster than fp32 (a 1024-square product here: 756 vs 157 GFLOP/s on one core)."""
-    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        return bool(check and check())
-    except RuntimeError:
-        return False
+def cpu_bf16_hardware() -> str | None:
+    """The hardware this CPU multiplies bf16 matrices with (a key of BF16_GAINS), or None."""
+    for name, check in (("AMX", "_is_amx_tile_supported"), ("AVX-512 bf16", "_is_avx512_bf16_supported")):
+        try:
+            if getattr(torch.cpu, check, lambda: False)():
+                return name
+        except RuntimeError:
+            continue
+    return None
 
 
-def bf16_advice(model: nn.Module, device: torch.device, mixed_precision: str, has_amx: bool | None = None) -> str | None:
+def bf16_advice(model: nn.Module, device: torch.device, mixed_precision: str, hardware: str | None = "detect") -> str | None:
     """A one-line tip when bf16 autocast would train this model faster than the fp32 it is about to
-    use: a CPU with AMX, fp32 weights, no autocast asked for, and a model at least 256 wide."""
+    use: a CPU that multiplies bf16 in hardware (`hardware`, found on this CPU by default), fp32
+    weights, no autocast asked for, and a model at least 256 wide."""
     width = getattr(model.config, "hidden_size", 0) or 0
     weights_fp32 = next(model.parameters()).dtype == torch.float32
     if device.type != "cpu" or mixed_precision != "no" or not weights_fp32 or width < BF16_CPU_MIN_WIDTH:
         return None
-    if not (cpu_multiplies_bf16() if has_amx is None else has_amx):
+    hardware = cpu_bf16_hardware() if hardware == "detect" else hardware
+    if hardware is None:
         return None
-    return ("this CPU multiplies bf16 in hardware (AMX): `--set distributed.mixed_precision=bf16` (fp32 weights, "
-            "bf16 products) trained a 512-wide GPT-J 1.3-1.7x faster here")  # fmt: skip
+    return (f"this CPU multiplies bf16 in hardware ({hardware}): `--set distributed.mixed_precision=bf16` (fp32 "
+            f"weights, bf16 products) trained a 512-wide GPT-J {BF16_GAINS[hardware]} faster on such a CPU")
 
 
 # -------------------------------------------------------------------------------------- measure

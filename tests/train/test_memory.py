@@ -131,7 +131,8 @@ def test_keep_freed_memory_serves_large_tensors_from_the_heap_and_keeps_them_whe
 
 
 def test_bf16_advice_only_where_bf16_pays():
-    """The setup's tip names bf16 autocast only for fp32 training of a 256+ wide model on an AMX CPU."""
+    """The setup's tip names bf16 autocast only for fp32 training of a 256+ wide model on a CPU with
+    AMX or AVX-512 bf16, with the gain measured on such hardware."""
     from transformers import GPTJConfig, GPTJForCausalLM
 
     def model(width, dtype=torch.float32):
@@ -139,9 +140,10 @@ def test_bf16_advice_only_where_bf16_pays():
         return GPTJForCausalLM(config).to(dtype)
 
     cpu, wide = torch.device("cpu"), model(256)
-    assert "distributed.mixed_precision=bf16" in bf16_advice(wide, cpu, "no", has_amx=True)
-    assert bf16_advice(wide, cpu, "no", has_amx=False) is None  # no AMX: bf16 is emulated, slower
-    assert bf16_advice(wide, cpu, "bf16", has_amx=True) is None  # already asked for
-    assert bf16_advice(wide, torch.device("cuda"), "no", has_amx=True) is None
-    assert bf16_advice(model(64), cpu, "no", has_amx=True) is None  # too narrow to gain
-    assert bf16_advice(model(256, torch.bfloat16), cpu, "no", has_amx=True) is None  # 16-bit weights
+    assert "distributed.mixed_precision=bf16" in bf16_advice(wide, cpu, "no", hardware="AMX")
+    assert "(AVX-512 bf16)" in bf16_advice(wide, cpu, "no", hardware="AVX-512 bf16") and "1.3-1.4x" in bf16_advice(wide, cpu, "no", hardware="AVX-512 bf16")
+    assert bf16_advice(wide, cpu, "no", hardware=None) is None  # AVX2 only: bf16 is emulated, slower
+    assert bf16_advice(wide, cpu, "bf16", hardware="AMX") is None  # already asked for
+    assert bf16_advice(wide, torch.device("cuda"), "no", hardware="AMX") is None
+    assert bf16_advice(model(64), cpu, "no", hardware="AMX") is None  # too narrow to gain
+    assert bf16_advice(model(256, torch.bfloat16), cpu, "no", hardware="AMX") is None  # 16-bit weights
