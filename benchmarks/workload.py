@@ -115,11 +115,16 @@ def tokenize(spec: dict, first: int, count: int):
 
 
 def held_out_loss(model, spec: dict, device) -> float:
-    """Mean target-token cross-entropy on the held-out records; plain padded batches, eager math."""
+    """Mean target-token cross-entropy on the held-out records; plain padded batches, eager math. A
+    4-bit base is scored in the layout it trained in, for every engine (bitsandbytes would re-pack
+    it for its CPU inference kernel, with bf16 scales, on CPUs with AVX-512 bf16: model/quantize.py)."""
     import torch
     import torch.nn.functional as F
 
+    from gptj_tune.model.quantize import one_layout_for_training_and_inference
+
     tok, examples = tokenize(spec, spec["records"], HELD_OUT)
+    one_layout_for_training_and_inference(model)
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
