@@ -34,8 +34,7 @@ def run_ours(spec: dict, out: Path, after_each_step=None) -> dict:
     planned_gib = planned.own_estimate.total / GIB
     result = train(recipe, console=Console(stderr=True), after_each_step=after_each_step)
     model = _load_final(out / "run" / "final", spec)
-    lines = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    marks = [[r["elapsed_s"], r["tokens"]] for r in lines if "tokens" in r and "elapsed_s" in r]
+    marks = step_marks(out / "run")
     return {"seconds": result.seconds, "real_tokens": result.tokens, "slots": result.slots, "model": model, "steps": result.steps,
             "marks": marks, "plan_gib": planned_gib,
             "attention": "gptj-tune SDPA (per packed example on a CPU, variable-length on a GPU)"}  # fmt: skip
@@ -177,6 +176,12 @@ def run_hf_trainer(spec: dict, out: Path) -> dict:
     metrics = trainer.train().metrics
     return {"seconds": metrics["train_runtime"], "real_tokens": counting.real, "slots": counting.slots, "marks": marks,
             "model": trainer.model, "steps": trainer.state.global_step, "attention": model.config._attn_implementation}  # fmt: skip
+
+
+def step_marks(run_dir: Path) -> list:
+    """[elapsed seconds, real tokens so far] at each logged step of a gptj-tune run (its metrics.jsonl)."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [[r["elapsed_s"], r["tokens"]] for r in lines if "tokens" in r and "elapsed_s" in r]
 
 
 def steady_rate(marks: list, warmup: int) -> float | None:

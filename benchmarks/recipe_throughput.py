@@ -27,8 +27,8 @@ import tempfile
 from pathlib import Path
 
 from checks import require_device
-from engines import steady_rate
-from train_throughput import PEAK_FLOPS, _device_name, _versions
+from engines import steady_rate, step_marks
+from train_throughput import _device_name, _versions, peak_flops
 from workload import REPO, SHAPES, commit, model_for, peak_memory
 from workload import flops_per_token as workload_flops_per_token
 
@@ -131,10 +131,8 @@ def run_one(name: str, args, model_dir: Path, data: Path, scratch: Path) -> dict
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     result = train(recipe, console=console)
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    marks = [[r["elapsed_s"], r["tokens"]] for r in lines if "tokens" in r and "elapsed_s" in r]
     end_to_end = result.tokens / result.seconds
-    rate = steady_rate(marks, args.warmup_steps) or end_to_end
+    rate = steady_rate(step_marks(out), args.warmup_steps) or end_to_end
     row = {
         "recipe": name, "steps": result.steps, "real_tokens": result.tokens, "seconds": result.seconds,
         "tokens_per_s": rate, "end_to_end_tokens_per_s": end_to_end, "padding_efficiency": result.tokens / result.slots,
@@ -143,7 +141,7 @@ def run_one(name: str, args, model_dir: Path, data: Path, scratch: Path) -> dict
         "model_tflops": rate * per_token / 1e12, "gflop_per_token": per_token / 1e9, **stats,
         "peak_memory_gib": peak_memory(args.device), "plan_gib": plan_gib,
     }  # fmt: skip
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in _device_name(args.device)), None) if args.device == "cuda" else None
+    peak = peak_flops(args.device)
     row["mfu"] = row["model_tflops"] * 1e12 / peak if peak else None
     return row
 

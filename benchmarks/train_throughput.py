@@ -240,12 +240,7 @@ def main() -> None:
     def best(engine: str) -> dict:  # the fastest of the repeats
         return max(runs[engine], key=lambda r: r["tokens_per_s"])
 
-    peak = None
-    if args.device == "cuda":
-        import torch
-
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    peak = peak_flops(args.device)
     rows = {e: best(e) for e in engines if runs[e]}
     if not rows:
         raise SystemExit("no engine finished, so there is no table: " + "; ".join(f"{e}: {f['error']}" for e, f in failed.items()))
@@ -302,6 +297,14 @@ def engine_failure(proc: subprocess.CompletedProcess, seconds: float) -> dict:
     """What the JSON keeps of a failed engine: its last error line (the exception), exit code and time."""
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     return {"error": lines[-1] if lines else f"exit code {proc.returncode}", "exit_code": proc.returncode, "seconds": seconds}
+
+
+def peak_flops(device: str) -> float | None:
+    """The GPU's dense bf16 peak (FLOP/s) by its name, for the MFU; None on a CPU or an unlisted GPU."""
+    if device != "cuda":
+        return None
+    name = _device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 def _device_name(device: str) -> str:
