@@ -98,6 +98,9 @@ def _describe(err: dict, lines: dict[tuple, int], overrides: set[tuple]) -> str:
             where = f" (line {lines[loc[:n]]})"
             break
     if kind == "extra_forbidden":
+        other_method = _other_method_hint(tuple(err["loc"]), overrides)
+        if other_method:
+            return f"`{key}`{where}: {other_method}"
         allowed = _allowed_keys(tuple(err["loc"]))
         guess = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
         hint = f"did you mean `{guess[0]}`?" if guess else f"allowed keys: {', '.join(allowed)}"
@@ -112,6 +115,23 @@ def _describe(err: dict, lines: dict[tuple, int], overrides: set[tuple]) -> str:
     if kind.startswith(("value_error", "assertion_error")):
         return f"`{key}`{where}: {msg}{_synthetic_keys_hint(msg, loc)}"
     return f"`{key}`{where}: {msg}; got {err['input']!r}"
+
+
+def _other_method_hint(raw_loc: tuple, overrides: set[tuple]) -> str:
+    """For a method key that belongs to other kinds (`r` under `kind: full`, as after `--set
+    method.kind=full` on a LoRA recipe): whose setting it is and how to drop it; else ''."""
+    if len(raw_loc) != 3 or raw_loc[0] != "method" or raw_loc[1] not in METHOD_TYPES:
+        return ""
+    kind, name = raw_loc[1], raw_loc[2]
+    owners = [k for k, model in METHOD_TYPES.items() if name in model.model_fields]
+    if not owners:
+        return ""
+    whose = " and ".join(owners)
+    if ("method", "kind") in overrides:  # switched on the command line: give the section whole there
+        fix = f"give the whole section instead, e.g. --set 'method={{kind: {kind}}}'"
+    else:
+        fix = "remove it"
+    return f"a setting of method.kind {whose}, not of {kind}; {fix}"
 
 
 def _synthetic_keys_hint(msg: str, loc: tuple) -> str:

@@ -103,8 +103,22 @@ def test_a_check_across_sections_is_filed_under_the_key_it_names(tmp_path):
 def test_method_kind_is_a_tagged_union(tmp_path):
     with pytest.raises(RecipeError, match=r"`method\.kind` \(line 2\): got 'qlorah'; expected one of 'full', 'lora', 'qlora'"):
         load_recipe(write_recipe(tmp_path / "r.yaml", "method:\n  kind: qlorah\n"))
-    with pytest.raises(RecipeError, match=r"`method\.r`.*unknown key"):
+    with pytest.raises(RecipeError, match=r"`method\.r` \(line 3\): a setting of method\.kind lora and qlora, not of full; remove it$"):
         load_recipe(write_recipe(tmp_path / "r.yaml", "method:\n  kind: full\n  r: 8\n"))
+    with pytest.raises(RecipeError, match=r"`method\.rr` \(line 3\): unknown key; did you mean `r`"):
+        load_recipe(write_recipe(tmp_path / "r.yaml", "method:\n  kind: lora\n  rr: 8\n"))
+
+
+def test_a_method_switched_on_the_command_line_is_told_how_to_drop_the_old_kinds_settings():
+    """`--set method.kind=full` on a LoRA recipe: each LoRA key says whose setting it is, and the
+    one-line fix the message gives runs."""
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(RECIPES / "quickstart.yaml", ["method.kind=full"])
+    problems = caught.value.problems
+    assert problems[0] == ("`method.r` (line 8): a setting of method.kind lora and qlora, not of full; "
+                           "give the whole section instead, e.g. --set 'method={kind: full}'")  # fmt: skip
+    assert {p.split("`")[1] for p in problems} == {"method.r", "method.alpha", "method.dropout", "method.modules_to_save"}
+    assert load_recipe(RECIPES / "quickstart.yaml", ["method={kind: full}"]).method.kind == "full"
 
 
 @pytest.mark.parametrize(
