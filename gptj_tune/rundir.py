@@ -111,7 +111,7 @@ def refuse_damaged(folder: Path) -> None:
 
     if (problem := verify(folder)) is not None:
         raise RunDirError(f"{folder} is damaged ({problem}); it cannot be used: finish the run again from a checkpoint "
-                          f"(gptj-tune run RECIPE --resume) or export a checkpoint (--checkpoint latest)")  # fmt: skip
+                          f"({RunDir(folder.parent).resume_command()}) or export a checkpoint (--checkpoint latest)")  # fmt: skip
 
 
 def is_frozen_recipe(path: Path) -> bool:
@@ -148,6 +148,13 @@ class RunDir:
     checkpoints = property(lambda self: self.path / "checkpoints")
     final = property(lambda self: self.path / "final")
     summary = property(lambda self: self.path / "summary.json")
+
+    def resume_command(self) -> str:
+        """The command that continues this run, from where it was started: its frozen recipe holds
+        every `--set` value it ran with."""
+        import shlex
+
+        return f"gptj-tune run {shlex.quote(str(self.recipe))} --resume"
 
     def guarded(self) -> list[tuple[Path, str, bool]]:
         """The run directory and what in it a report or export must never replace, for `guard_output`."""
@@ -229,7 +236,7 @@ def prepare_run_dir(recipe: Recipe, resume: str | bool, force: bool, create: boo
         if diff:
             raise RunDirError(
                 f"--resume: the recipe differs from the one {run.path} was started with at: {diff}. Resume "
-                f"with the same recipe and --set values, or start a new run (output.dir)."
+                f"with the same recipe and --set values (its own: {run.resume_command()}), or start a new run (output.dir)."
             )
         return run, checkpoint
     if not create:

@@ -32,7 +32,7 @@ def resolve_target(target: str, checkpoint: str | None = None) -> Target:
         folder = run.final if checkpoint in (None, "final") else run.checkpoint(checkpoint, warn=warn) / "model"
         if not folder.is_dir():
             raise RunDirError(f"{folder} does not exist: the run has no {'final model' if checkpoint in (None, 'final') else checkpoint} "
-                              f"(finish it with `gptj-tune run {run.recipe} --resume`, or pick --checkpoint step-N)")  # fmt: skip
+                              f"(finish it with `{run.resume_command()}`, or pick --checkpoint step-N)")  # fmt: skip
         if folder == run.final:
             refuse_damaged(folder)
         base = str(path / "base-model") if (path / "base-model").is_dir() else recipe.model.name_or_path

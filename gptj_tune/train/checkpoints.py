@@ -33,7 +33,7 @@ def save_checkpoint(recipe: Recipe, run: RunDir, step: int, accelerator, model, 
     target = run.checkpoints / f"step-{step}"
     tmp = run.checkpoints / f".partial-step-{step}"
     kept = run.list_checkpoints()
-    then = f"continue from {kept[-1][1].name} with: gptj-tune run RECIPE --resume" if kept else "start the run again (--force)"
+    then = f"continue from {kept[-1][1].name} with: {run.resume_command()}" if kept else "start the run again (--force)"
     with disk.saving(run.path, f"checkpoint step-{step}", disk.checkpoint, then, check=main):
         try:
             if main:

@@ -107,7 +107,7 @@ class Training:
                 if not is_disk_full(e):
                     raise
                 raise DiskFullError(f"the disk of {self.run.path} is full (writing {self.run.metrics.name}); free space, then "
-                                    f"continue from the last checkpoint with: gptj-tune run RECIPE --resume") from None  # fmt: skip
+                                    f"continue from the last checkpoint with: {self.run.resume_command()}") from None  # fmt: skip
             if self.trackers is not None:
                 self.trackers.log(record)
 
@@ -342,5 +342,5 @@ def after_step(t: Training, state: TrainState, total_steps: int, stopping: bool)
         if stopping:
             raise Interrupted(
                 f"stopped at step {step}/{total_steps}; checkpoint saved to {path}. "
-                f"Continue with: gptj-tune run RECIPE --resume"
+                f"Continue with: {t.run.resume_command()}"
             )

@@ -167,10 +167,10 @@ def save_final(recipe: Recipe, run: RunDir, accelerator, model, tokenizer, disk:
     if accelerator.is_main_process:
         saved = run.list_checkpoints()
         if saved and saved[-1][0] == step:
-            then = f"finish with `gptj-tune run RECIPE --resume` (it saves final/ from {saved[-1][1].name}, no training again)"
+            then = f"finish with `{run.resume_command()}` (it saves final/ from {saved[-1][1].name}, no training again)"
         else:
             last = f"from {saved[-1][1].name}" if saved else "from the start"
-            then = f"`gptj-tune run RECIPE --resume` trains again {last} (train.checkpoint_at_end is off)"
+            then = f"`{run.resume_command()}` trains again {last} (train.checkpoint_at_end is off)"
         with disk.saving(run.path, "final/", disk.final, then), atomic_dir(run.final) as tmp:
             # save_pretrained empties the state dict it is given: hand it a copy
             accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=dict(state_dict) if state_dict else None)

@@ -116,10 +116,11 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_the_same_curve(tmp_path)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
-    assert "checkpoint saved to" in err and "--resume" in err
+    command = f"gptj-tune run {tmp_path / 'b' / 'recipe.yaml'} --resume"  # the run's frozen recipe: any --set kept
+    assert "checkpoint saved to" in err and f"Continue with: {command}" in err, err[-3000:]
     [stopped_at] = [int(p.name.split("-")[1]) for p in (tmp_path / "b" / "checkpoints").iterdir()]
     assert 4 <= stopped_at < 40
-    resumed = cli("run", str(interrupted), "--resume")
+    resumed = cli(*command.split()[1:])  # the command it printed
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resumed from" in resumed.stdout
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
