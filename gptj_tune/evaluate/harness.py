@@ -118,7 +118,8 @@ def find_data_dir(explicit: str | None, recipe_dir: str | None) -> Path:
     if not chosen:
         raise GptjTuneError(
             f"benchmarks need their data files: pass --data-dir DIR, set eval.data_dir in the recipe, or "
-            f"set {DATA_DIR_ENV}. DIR holds " + ", ".join(f for files in SOURCES.values() for f in files)
+            f"set {DATA_DIR_ENV}; or --tasks none for the held-out reports alone. DIR holds "
+            + ", ".join(f for files in SOURCES.values() for f in files)
         )
     path = Path(chosen)
     if not path.is_dir():

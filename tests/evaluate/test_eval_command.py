@@ -160,7 +160,7 @@ def test_a_runs_final_folder_is_the_run_and_nothing_to_evaluate_is_said(tmp_path
         (["--tasks", "piqa", "--data-dir", "/nonexistent/benchmarks"], "benchmark data dir /nonexistent/benchmarks does not exist"),
         (["--tasks", "mmlu", "--data-dir", "."], "unknown task(s) mmlu; available: lambada_openai"),
         (["--tasks", "piqa,mmlu"], "unknown task(s) mmlu; available: lambada_openai"),  # before the missing data dir
-        (["--tasks", "piqa"], "pass --data-dir DIR"),
+        (["--tasks", "piqa"], "pass --data-dir DIR, set eval.data_dir in the recipe, or set GPTJ_TUNE_BENCHMARK_DATA; or --tasks none"),
     ],
 )
 def test_bad_requests_are_one_line_errors(tmp_path, lora_run, args, message, monkeypatch):
