@@ -27,6 +27,13 @@ def format_number(value: float, digits: int = 2) -> str:
     return f"{value:.3e}" if abs(value) >= 1e6 else f"{value:,.{digits}f}"
 
 
+def _table_cell(text: str, width: int = 120) -> str:
+    """Text as one cell of a Markdown table: one line, cut to `width` characters, then its
+    backslashes and pipes escaped (once: a pipe left bare, or after an escaped backslash, would
+    end the cell)."""
+    return text.replace("\n", " ")[:width].replace("\\", "\\\\").replace("|", "\\|")
+
+
 def report_markdown(report: dict) -> str:
     target = report["target"]["label"]
     comparison = report.get("comparison")
@@ -66,9 +73,9 @@ def report_markdown(report: dict) -> str:
         if held.get("samples"):
             lines += ["Sample of greedy answers on held-out prompts:", "", "| prompt | reference | output | ok |", "| --- | --- | --- | --- |"]
             for s in held["samples"]:
-                prompt = (s["instruction"] + (" / " + s["input"] if s["input"] else "")).replace("|", "\\|").replace("\n", " ")
-                cells = [prompt, s["reference"], s["output"]]
-                lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ")[:120] for c in cells) + f" | {'yes' if s['correct'] else 'no'} |")
+                prompt = s["instruction"] + (" / " + s["input"] if s["input"] else "")
+                cells = [_table_cell(c) for c in (prompt, s["reference"], s["output"])]
+                lines.append("| " + " | ".join(cells) + f" | {'yes' if s['correct'] else 'no'} |")
             lines.append("")
     during = report.get("during_training") or []
     if during:
