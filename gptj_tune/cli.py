@@ -244,21 +244,25 @@ def plan(
     recipe: str = typer.Argument(..., help="Recipe YAML file, or the name of a shipped recipe."),
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.batch_size=4 (repeatable)."),
     gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="Devices to plan for (default: the recipe's world size)."),
-    gpu_mem: float = typer.Option(80.0, "--gpu-mem", min=0.1, help="Memory per device in GiB (80: A100/H100 80GB)."),
+    gpu_mem: Optional[float] = typer.Option(None, "--gpu-mem", min=0.1, help="Memory per device in GiB (default: this "
+                                            "machine's GPU, else 80: A100/H100 80GB).", show_default=False),  # fmt: skip
 ):
     """Estimate per-device memory (model states + activations) for each backend; exit 2 if the recipe will not fit."""
     from rich.table import Column
 
-    from .plan import GIB, plan as make_plan
+    from .plan import GIB, local_gpu, plan as make_plan
     from .recipe import load_recipe
 
     recipe_obj = load_recipe(_resolve_recipe_path(recipe), set_)
+    here = local_gpu() if gpu_mem is None else None
+    gpu_mem = gpu_mem or (here[1] if here else 80.0)
     planned = make_plan(recipe_obj, gpus, gpu_mem)
     shape, r = planned.shape, recipe_obj
     console.print(
         f"{r.model.name_or_path}: {shape.params / 1e9:.3f} B parameters, {shape.trainable / 1e6:,.1f} M trainable "
         f"({r.method.kind}); micro-batch {r.train.batch_size} x {r.data.max_length} tokens, gradient checkpointing "
-        f"{'on' if r.model.gradient_checkpointing else 'off'}; {planned.devices} device(s) of {gpu_mem:g} GiB"
+        f"{'on' if r.model.gradient_checkpointing else 'off'}; {planned.devices} device(s) of {round(gpu_mem, 1):g} GiB"
+        + (f" (this machine's {here[0]}; --gpu-mem to plan for another)" if here else "")
     )
     table = Table(
         *(Column(name, no_wrap=True, justify=j) for name, j in

@@ -245,7 +245,7 @@ class Plan:
         advice = f"setups that fit: {', '.join(fitting)}" if fitting else (
             "nothing fits: lower train.batch_size or data.max_length, turn on model.gradient_checkpointing, use LoRA, "
             "or add devices")  # fmt: skip
-        return (f"{self.own} needs {ours.total / GIB:.1f} GiB per device, {self.device_gib:g} GiB available; {advice}")
+        return (f"{self.own} needs {ours.total / GIB:.1f} GiB per device, {round(self.device_gib, 1):g} GiB available; {advice}")
 
 
 def plan(recipe: Recipe, devices: int | None = None, device_gib: float = 80.0) -> Plan:
@@ -263,3 +263,34 @@ def plan(recipe: Recipe, devices: int | None = None, device_gib: float = 80.0) -
     own = recipe_setup(recipe)
     own = {"single": "ddp", "ddp": "single"}[own] if own == skip else own
     return Plan(shape, estimates, own, devices, device_gib)
+
+
+def local_gpu() -> tuple[str, float] | None:
+    """(name, GiB) of this machine's first CUDA GPU, or None without one: `plan`'s default device."""
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return props.name, props.total_memory / GIB
+
+
+def preflight_warning(recipe: Recipe, device: torch.device) -> str | None:
+    """Before a run loads its model onto a GPU: what `plan` says when the recipe will not fit that
+    GPU's memory (an estimate, so a warning, not a refusal), else None. Nothing on CPUs, and nothing
+    where the model's config cannot be read yet (loading it says why)."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    try:
+        planned = plan(recipe, device_gib=props.total_memory / GIB)
+    except ModelError:
+        return None
+    return fit_warning(planned, props.name)
+
+
+def fit_warning(planned: Plan, device_name: str) -> str | None:
+    """The preflight warning for a plan made at a GPU's memory (None: it fits)."""
+    refusal = planned.refusal()
+    if refusal is None:
+        return None
+    return (f"this run will likely run out of memory on the {device_name}: `gptj-tune plan` estimates that {refusal}. "
+            f"Stop now (Ctrl-C) and change the recipe, or let it run if you know it fits")  # fmt: skip

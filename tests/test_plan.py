@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import can_compile, cli, write_recipe
 
-from gptj_tune.plan import GIB, model_shape, plan
+from gptj_tune.plan import GIB, fit_warning, local_gpu, model_shape, plan, preflight_warning
 from gptj_tune.recipe import load_recipe
 from conftest import RECIPES
 
@@ -49,6 +50,33 @@ def test_plan_exits_2_with_advice_when_the_recipe_does_not_fit(tmp_path):
     assert "will not fit" in result.stderr and "setups that fit" in result.stderr and "zero3-offload" in result.stderr
     ok = cli("plan", str(RECIPES / "alpaca-full-zero3.yaml"), "--gpu-mem", "40")
     assert ok.returncode == 0 and "<- recipe" in ok.stdout
+
+
+def test_a_run_that_will_not_fit_its_gpu_is_warned_before_the_model_loads():
+    """The preflight warning a run prints on a GPU (train/loop.py), from the plan at that GPU's
+    memory: alpaca-full (~58 GiB on one device) on a 24 GB card names the setups that fit; QLoRA on
+    a 16 GB card fits, and CPUs get nothing."""
+    full = plan(load_recipe(RECIPES / "alpaca-full.yaml"), device_gib=24.0)
+    warning = fit_warning(full, "NVIDIA A10")
+    assert warning.startswith("this run will likely run out of memory on the NVIDIA A10: `gptj-tune plan` estimates "
+                              "that single needs 5")  # fmt: skip
+    assert "24 GiB available; setups that fit: zero3-offload-optimizer" in warning and warning.endswith("Stop now (Ctrl-C) and change the recipe, or let it run if you know it fits")
+    assert fit_warning(plan(load_recipe(RECIPES / "alpaca-qlora.yaml"), device_gib=16.0), "NVIDIA T4") is None
+    assert preflight_warning(load_recipe(RECIPES / "alpaca-full.yaml"), torch.device("cpu")) is None
+    if not torch.cuda.is_available():
+        assert "this machine's" not in cli("plan", str(RECIPES / "alpaca-lora.yaml")).stdout  # 80 GiB by default
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run it on the GPU machine)")
+def test_gpu_plan_defaults_to_this_gpu_and_warns_a_run_that_will_not_fit():
+    name, gib = local_gpu()
+    result = cli("plan", str(RECIPES / "alpaca-lora.yaml"))
+    assert result.returncode == 0 and f"(this machine's {name};" in result.stdout, result.stdout
+    # GPT-J-6B full fine-tuning at 16 rows of 2048 tokens without checkpointing fits no single GPU
+    too_big = load_recipe(RECIPES / "alpaca-full.yaml", ["train.batch_size=16", "data.max_length=2048",
+                                                         "model.gradient_checkpointing=false"])  # fmt: skip
+    warning = preflight_warning(too_big, torch.device("cuda", 0))
+    assert warning and f"on the {name}" in warning and f"{round(gib, 1):g} GiB available" in warning
 
 
 MEMORY_RECIPE = """\

@@ -23,6 +23,7 @@ from ..data.batches import Batches
 from ..errors import Stopped, TrainingError
 from ..manifest import folder_bytes
 from ..model.load import resolve_base
+from ..plan import preflight_warning
 from ..recipe import Recipe
 from ..rundir import RunDir, atomic_write_text, prepare_run_dir, rewind_metrics
 from .track import Trackers, check_trackers_installed, last_logged_step
@@ -141,6 +142,8 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
         step = all_sum([float(checkpoint.name.removeprefix("step-")) if main else 0.0], accelerator)[0]
         checkpoint = run.checkpoints / f"step-{int(step)}"
 
+    if main and (too_big := preflight_warning(recipe, accelerator.device)):
+        console.print(f"[yellow]warning:[/] {escape(too_big)}", soft_wrap=True)
     set_seed(recipe.train.seed)
     model, tokenizer = model_to_train(recipe, base, accelerator.device)
     disk = DiskNeeds.estimate(model, recipe)
