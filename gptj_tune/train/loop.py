@@ -30,7 +30,7 @@ from .track import Trackers, check_trackers_installed, last_logged_step
 from .checkpoints import load_checkpoint, save_checkpoint
 from .disk import DiskFullError, DiskNeeds, is_disk_full, planned_saves
 from .engines import all_sum, is_deepspeed, prepare_model_and_optimizer
-from .memory import MemoryMeter, bf16_advice, keep_freed_memory
+from .memory import MemoryMeter, bf16_advice, is_out_of_memory, keep_freed_memory, out_of_memory_message
 from .optim import build_optimizer, clip_in_fused_step, lr_factor, step_takes_the_clip, updates_round_away, warmup_steps
 from .setup import (
     batches_of,
@@ -189,7 +189,13 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     if main:
         failed.unlink(missing_ok=True)
     try:
-        last_loss = run_steps(t, state, total_steps, after_each_step)
+        try:
+            last_loss = run_steps(t, state, total_steps, after_each_step)
+        except RuntimeError as e:  # (torch.OutOfMemoryError is one)
+            if not is_out_of_memory(e):
+                raise
+            message = out_of_memory_message(e, recipe, accelerator.device, state.step + 1, run.list_checkpoints())
+            raise TrainingError(message) from None
     except TrainingError as e:
         if main:
             atomic_write_text(failed, json.dumps({"step": state.step + 1, "message": str(e)}))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import re
 import sys
 from pathlib import Path
 
@@ -172,3 +173,55 @@ class MemoryMeter:
         if torch.cuda.is_available():
             return torch.cuda.max_memory_allocated(), "cuda_max_allocated"
         return max(0, self._status_kib("VmHWM") * 1024 - self.start_rss), "cpu_rss_growth"
+
+
+# --------------------------------------------------------------------------------- out of memory
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is an allocation that failed: CUDA's OutOfMemoryError, or the CPU allocator's
+    (a memory limit such as `ulimit -v`; without one, Linux's OOM killer ends the process instead)."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error)
+    )
+
+
+def out_of_memory_message(error: BaseException, recipe, device: torch.device, step: int, checkpoints: list) -> str:
+    """One message for a step that ran out of memory: where, how much was asked for and held, what
+    the plan estimated, what to change, and the checkpoint the run can continue from."""
+    from ..errors import ModelError
+    from ..plan import GIB, plan
+
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    asked = re.search(r"(?:Tried to allocate|you tried to allocate) ([\d.]+) (\w+)", first)
+    if asked:
+        size = f"{float(asked.group(1)) / GIB:.2f} GiB" if asked.group(2) == "bytes" else f"{asked.group(1)} {asked.group(2)}"
+        asked_text = f"it asked for {size} more"
+    else:
+        asked_text = first[:300]
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        held = (f"; {torch.cuda.max_memory_allocated(device) / GIB:.1f} GiB were allocated at the peak, of the "
+                f"{props.name}'s {props.total_memory / GIB:.1f} GiB")  # fmt: skip
+        where = f"the GPU (cuda:{device.index if device.index is not None else torch.cuda.current_device()})"
+    else:
+        held, where = "", "the CPU (a memory limit of this process, such as `ulimit -v`)"
+    try:
+        planned = f"; `gptj-tune plan` estimated {plan(recipe).own_estimate.total / GIB:.1f} GiB a device for it"
+    except ModelError:  # the config cannot be read again (the hub went away): the error is said without it
+        planned = ""
+    train = recipe.train
+    fixes = [f"lower train.batch_size ({train.batch_size}; raise train.grad_accum to keep the update's size) or "
+             f"data.max_length ({recipe.data.max_length})"]  # fmt: skip
+    if not recipe.model.gradient_checkpointing:
+        fixes.append("turn on model.gradient_checkpointing")
+    if recipe.method.kind == "full":
+        fixes.append("train LoRA or QLoRA (method.kind), or shard the states (distributed.backend: deepspeed or fsdp)")
+    elif recipe.method.kind == "lora":
+        fixes.append("put the base in 4 bits (method.kind: qlora)")
+    if "expandable_segments" in str(error):
+        fixes.append("set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (memory was reserved but not allocated)")
+    kept = f"checkpoints are kept, the last {checkpoints[-1][1]}" if checkpoints else "no checkpoint was saved before it"
+    return (f"out of memory on {where} in step {step} ({train.batch_size} rows of up to {recipe.data.max_length} "
+            f"tokens a micro-batch): {asked_text}{held}{planned}. To fit: {'; '.join(fixes)}. {kept[0].upper()}{kept[1:]} "
+            f"(a resume must keep the recipe: with a changed one, start a new run)")  # fmt: skip

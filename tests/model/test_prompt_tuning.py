@@ -226,5 +226,5 @@ def test_prompt_tuning_recipe_errors_name_the_key_and_the_fix(tmp_path):
         load_recipe(write_recipe(tmp_path / "b.yaml", base + "data: {max_length: 24}\n"))
     with pytest.raises(RecipeError, match=r"method.num_virtual_tokens"):
         load_recipe(write_recipe(tmp_path / "c.yaml", "method: {kind: prompt_tuning, num_virtual_tokens: 0}\n"))
-    with pytest.raises(RecipeError, match=r"`method.r` \(line 1\): unknown key; allowed keys: kind, num_virtual_tokens, init_text"):
+    with pytest.raises(RecipeError, match=r"`method.r` \(line 1\): a setting of method.kind lora and qlora, not of prompt_tuning; remove it"):
         load_recipe(write_recipe(tmp_path / "d.yaml", "method: {kind: prompt_tuning, r: 8}\n"))

@@ -3,6 +3,8 @@ file mapping at setup (frozen ones stay, tied ones stay tied), bf16 advice only 
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -147,3 +149,65 @@ def test_bf16_advice_only_where_bf16_pays():
     assert bf16_advice(wide, torch.device("cuda"), "no", hardware="AMX") is None
     assert bf16_advice(model(64), cpu, "no", hardware="AMX") is None  # too narrow to gain
     assert bf16_advice(model(256, torch.bfloat16), cpu, "no", hardware="AMX") is None  # 16-bit weights
+
+
+_UNDER_A_MEMORY_LIMIT = """
+import resource, sys
+import torch, transformers, peft  # noqa: F401  (the large libraries mapped before the limit is measured)
+from gptj_tune.cli import main
+size = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize:")) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + 4 * 2**30, resource.getrlimit(resource.RLIMIT_AS)[1]))
+sys.argv = ["gptj-tune", *sys.argv[1:]]
+main()
+"""
+
+# Eager attention keeps fp32 scores of rows x 64 heads x 2048 x 2048 positions: 1 GiB a row, in one tensor.
+_TOO_BIG = """\
+model:
+  name_or_path: tiny-gptj
+  tiny: {{layers: 2, width: 512, heads: 64, rotary_dim: 8, context: 2048}}
+  attn_implementation: eager
+method: {{kind: full}}
+data:
+  sources: [{{format: synthetic, count: {count}}}]
+  template: plain
+  max_length: 2048
+train: {{max_steps: 2, batch_size: {rows}, warmup_steps: 0, compile: false}}
+output: {{dir: {out}}}
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the memory limit is read from /proc (Linux)")
+def test_a_step_that_runs_out_of_memory_is_one_message_with_what_to_change(tmp_path):
+    """A real out-of-memory: the run's process limited to 4 GiB more address space than its
+    libraries take, and a step whose attention scores need 8 GiB. One line saying where, how much,
+    the plan's estimate and what to change; exit 1, failed.json, no traceback."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(_TOO_BIG.format(out=tmp_path / "run", rows=8, count=2000))
+    result = subprocess.run([sys.executable, "-c", _UNDER_A_MEMORY_LIMIT, "run", str(recipe)], capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    message = result.stderr[result.stderr.index("error: "):].replace("\n", " ")
+    assert message.startswith("error: out of memory on the CPU (a memory limit of this process, such as `ulimit -v`) "
+                              "in step 1 (8 rows of up to 2048 tokens a micro-batch): it asked for 8.00 GiB more; "
+                              "`gptj-tune plan` estimated ")  # fmt: skip
+    assert "To fit: lower train.batch_size (8; raise train.grad_accum" in message
+    assert "turn on model.gradient_checkpointing" in message and "No checkpoint was saved before it" in message
+    failed = json.loads((tmp_path / "run" / "failed.json").read_text())
+    assert failed["step"] == 1 and failed["message"].startswith("out of memory on the CPU")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run it on the GPU machine)")
+def test_a_step_that_runs_out_of_cuda_memory_is_one_message_with_what_to_change(tmp_path):
+    """The same on a GPU: 200 rows a micro-batch need 200 GiB of attention scores in one tensor."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(_TOO_BIG.format(out=tmp_path / "run", rows=200, count=30000))
+    result = subprocess.run([sys.executable, "-m", "gptj_tune", "run", str(recipe)], capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    message = result.stderr[result.stderr.index("error: "):].replace("\n", " ")
+    name = torch.cuda.get_device_properties(0).name
+    assert message.startswith("error: out of memory on the GPU (cuda:0) in step 1 (200 rows of up to 2048 tokens"), message
+    assert f"GiB were allocated at the peak, of the {name}'s " in message and "To fit: lower train.batch_size (200;" in message
+    assert json.loads((tmp_path / "run" / "failed.json").read_text())["step"] == 1
