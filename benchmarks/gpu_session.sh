@@ -83,7 +83,7 @@ step() {  # step NAME SECONDS COMMAND...: run it under a time limit, its output 
 } >>"$LOG" 2>&1
 
 if [ "$DEVICE" = cuda ]; then
-  step gpu-tests 90 python -m pytest -q -p no:cacheprovider tests/model/test_attention.py tests/train/test_optim.py tests/test_plan.py tests/train/test_memory.py -k "gpu or cuda"
+  step gpu-tests 120 python -m pytest -q -p no:cacheprovider tests/model/test_attention.py tests/train/test_optim.py tests/test_plan.py tests/train/test_memory.py -k "gpu or cuda"
 fi
 step build-model 60 python -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; from rich.console import Console
 from workload import model_for; model_for('$SHAPE', Path('$MODEL'), Console())"  # built once here, outside the timed steps
