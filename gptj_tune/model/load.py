@@ -200,7 +200,15 @@ def tokenizer_as_trained(section: ModelSection, scratch: Path):
     try:
         config = AutoConfig.from_pretrained(base, revision=section.revision, trust_remote_code=section.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ModelError(_load_hint(base, "model", e, section.revision)) from None
+        from ..plan import KNOWN_SHAPES
+
+        if KNOWN_SHAPES.get(section.name_or_path) != "gptj":
+            raise ModelError(_load_hint(base, "model", e, section.revision)) from None
+        # GPT-J-6B's special tokens are GPTJConfig's defaults: its data can be prepared offline
+        # with a local tokenizer (model.tokenizer), on a machine that lacks the weights.
+        from transformers import GPTJConfig
+
+        config = GPTJConfig()
     _fix_special_tokens(tokenizer, config)
     return tokenizer
 

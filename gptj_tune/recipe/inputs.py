@@ -78,13 +78,20 @@ class ModelSection(Section):
     trust_remote_code: bool = Field(False, description="Allow model code from the hub repo to run. Off unless set.")
     tiny: TinyModelSection = Field(default_factory=TinyModelSection, description="Shape of the built-in tiny GPT-J.")
 
+    @field_validator("tiny", mode="before")
+    @classmethod
+    def _null_tiny_is_the_default(cls, value):
+        # `--set model.tiny=null` drops a recipe's tiny shape when the command line names another model
+        return {} if value is None else value
+
     @model_validator(mode="after")
     def _tiny_only_for_tiny(self):
         # (a tiny section equal to the defaults changes nothing: frozen recipes of earlier versions held one)
         if "tiny" in self.model_fields_set and self.name_or_path != TINY_MODEL_NAME and self.tiny != TinyModelSection():
             raise ValueError(
                 f"model.tiny only shapes the built-in `{TINY_MODEL_NAME}`, but model.name_or_path is "
-                f"{self.name_or_path!r}; remove model.tiny or set name_or_path: {TINY_MODEL_NAME}"
+                f"{self.name_or_path!r}; remove model.tiny (on the command line: --set model.tiny=null) or set "
+                f"name_or_path: {TINY_MODEL_NAME}"
             )
         return self
 

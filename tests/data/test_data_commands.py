@@ -61,6 +61,22 @@ def test_prepare_prints_the_statistics_and_a_run_then_reads_the_same_store(tmp_p
     assert "prepared earlier, read from" in out and str(store) in out.replace("\n", "")
 
 
+def test_gptj_6b_data_is_prepared_offline_with_a_local_tokenizer(tmp_path, shared_data):
+    """On a machine without the 6B weights or the hub (the suite runs offline): GPT-J-6B's special
+    tokens are known, so its data prepares with `model.tokenizer` alone, into the store a run with
+    the same tokenizer reads. Another hub model's config is still needed, and its error says so."""
+    recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(
+        tokenizer=shared_data / "gpt2-tokenizer", alpaca=shared_data / "alpaca" / "alpaca_2k.json",
+        cache=tmp_path / "cache", out=tmp_path / "run"))  # fmt: skip
+    big = ["--set", "model.name_or_path=EleutherAI/gpt-j-6b", "--set", "model.tiny=null", "--set", "model.revision=float16"]
+    r = cli("data", "prepare", str(recipe), *big)
+    assert r.returncode == 0 and "built now" in r.stdout, r.stderr
+    r = cli("data", "prepare", str(recipe))  # the tiny model with the same tokenizer: the same tokens
+    assert r.returncode == 0 and "already prepared (cache hit)" in r.stdout, r.stderr
+    r = cli("data", "prepare", str(recipe), "--set", "model.name_or_path=EleutherAI/gpt-neo-1.3B", "--set", "model.tiny=null")
+    assert r.returncode == 2 and "'EleutherAI/gpt-neo-1.3B' is not a local folder" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_show_decodes_rows_with_targets_and_boundaries(tmp_path, shared_data):
     recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(
         tokenizer=shared_data / "gpt2-tokenizer", alpaca=shared_data / "alpaca" / "alpaca_2k.json",

@@ -129,7 +129,7 @@ def test_a_method_switched_on_the_command_line_is_told_how_to_drop_the_old_kinds
         ("data:\n  sources:\n    - format: alpaca\n", r"`data\.sources\[0\]` \(line 3\): `path` is required for format alpaca"),
         ("data:\n  sources:\n    - {format: jsonl, path: x.jsonl}\n", "format jsonl needs `prompt_field`"),
         ("data:\n  sources:\n    - {format: synthetic, path: x}\n", "`path` is not used with format synthetic"),
-        ("model:\n  name_or_path: EleutherAI/gpt-j-6b\n  tiny: {layers: 2}\n", "model.tiny only shapes the built-in"),
+        ("model:\n  name_or_path: EleutherAI/gpt-j-6b\n  tiny: {layers: 2}\n", "model.tiny only shapes the built-in.*on the command line: --set model.tiny=null"),
         ("model:\n  tiny: {width: 30, heads: 4}\n", r"width \(30\) must be divisible by model.tiny.heads"),
         ("data:\n  template: {prompt: 'Q: {question}'}\n", "may use only"),
         ("train:\n  compile: true\ndistributed:\n  backend: fsdp\n  num_processes: 2\n", "train.compile works with distributed.backend single or ddp, not fsdp"),
