@@ -36,10 +36,12 @@ def _friendly(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .train.signals import signals_stop_the_command
         from .train.workers import describe_failure, report_worker_error
 
-        try:
-            return fn(*args, **kwargs)
+        try:  # Ctrl-C or SIGTERM: one line, and what was being written is removed (`run` says more, inside)
+            with signals_stop_the_command(passthrough=(typer.Exit,), where="", after="nothing is left half-written"):
+                return fn(*args, **kwargs)
         except GptjTuneError as e:
             message = escape(str(e))  # verbatim: paths, values and hints like ".[eval]" are not rich markup
             text = f"[yellow]{message}[/]" if isinstance(e, Stopped) else f"[bold red]error:[/] {message}"  # a stop says "stopped ..."

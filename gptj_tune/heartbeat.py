@@ -5,6 +5,7 @@ whoever finds the file untouched for long enough takes its holder to be gone (or
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -44,3 +45,23 @@ def quiet_for(path: Path) -> float | None:
         return time.time() - Path(path).stat().st_mtime
     except OSError:
         return None
+
+
+def holder_gone(path: Path, holder: dict, stale_after: float) -> str | None:
+    """Why the holder of the lock file `path` (its JSON: host, pid) is taken to be gone, or None
+    while it may still run: its file removed, its process ended (same host: known at once), or the
+    file untouched for `stale_after` seconds (a holder on another machine)."""
+    quiet = quiet_for(path)
+    if quiet is None:
+        return "its file gone"
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return "whose process has ended"
+        except PermissionError:
+            pass  # alive, another user's
+        return None
+    if quiet > stale_after:
+        return f"untouched for {quiet:.0f} s"
+    return None

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from .errors import RunDirError
-from .heartbeat import Heartbeat, quiet_for
+from .heartbeat import Heartbeat, holder_gone
 
 HEARTBEAT = 30.0
 STALE_AFTER = 300.0
@@ -43,7 +43,7 @@ class RunLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = self._holder()
-            why = self._gone(holder)
+            why = holder_gone(self.path, holder, STALE_AFTER)
             if why is None:
                 raise RunDirError(self._in_use(holder)) from None
             tmp = self.path.with_name(f"{self.path.name}.{self.token}.tmp")
@@ -77,23 +77,6 @@ class RunLock:
             return holder if isinstance(holder, dict) else {}
         except (OSError, ValueError):
             return {}
-
-    def _gone(self, holder: dict) -> str | None:
-        """Why the holder is taken to be gone, or None while it may still run."""
-        quiet = quiet_for(self.path)
-        if quiet is None:
-            return "its file gone"
-        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-            try:
-                os.kill(holder["pid"], 0)
-            except ProcessLookupError:
-                return "whose process has ended"
-            except PermissionError:
-                pass  # alive, another user's
-            return None
-        if quiet > STALE_AFTER:
-            return f"untouched for {quiet:.0f} s"
-        return None
 
     def _in_use(self, holder: dict) -> str:
         return (f"{self.run_dir} is in use by another gptj-tune run ({_who(holder)}): wait for it to end or stop it, or "

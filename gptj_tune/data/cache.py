@@ -9,7 +9,8 @@ not, so those runs start from the store at once.
 An entry is built in a temporary folder beside it and renamed into place, so a reader never sees a
 half-built store. One builder per entry at a time, on one machine or on several sharing the
 filesystem: the builder holds `KEY.building` (created with O_EXCL, touched every few seconds);
-the others wait for the entry, and take over a lock nobody has touched for STALE_AFTER seconds.
+the others wait for the entry, and take over a lock whose process has ended (same host) or that
+nobody has touched for STALE_AFTER seconds (removing the temporary folders its builder left).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import DataError
-from ..heartbeat import Heartbeat, quiet_for
+from ..heartbeat import Heartbeat, holder_gone
 from ..recipe import DataSection
 from .store import FORMAT_VERSION
 
@@ -94,6 +95,8 @@ def open_or_build(root: Path, key: str, build: Callable[[Path], None], waiting: 
             try:
                 if entry.exists():  # finished between our look and our lock
                     return entry, False
+                for orphan in root.glob(f".tmp-{key}-*"):  # what a builder that died left (we hold the lock)
+                    shutil.rmtree(orphan, ignore_errors=True)
                 _build_into(root, entry, build)
                 return entry, True
             finally:
@@ -125,27 +128,30 @@ class _BuildLock:
         self.path = path
         self._beat: Heartbeat | None = None
 
-    def acquire(self) -> bool:
+    def acquire(self, retry: bool = True) -> bool:
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            age = quiet_for(self.path)
-            if age is None:
-                return False  # released just now: the entry is there, or we try again
-            if age > STALE_AFTER:
-                self.path.unlink(missing_ok=True)  # its builder died; the next look takes it
-            return False
+            why = holder_gone(self.path, self._holder(), STALE_AFTER)
+            if why is None or why == "its file gone":  # building, or released just now (look for the entry)
+                return False
+            self.path.unlink(missing_ok=True)  # its builder died: take it now (once; another taker may win)
+            return retry and self.acquire(retry=False)
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
         self._beat = Heartbeat(self.path, HEARTBEAT, "gptj-tune data lock").start()
         return True
 
-    def holder(self) -> str:
+    def _holder(self) -> dict:
         try:
-            who = json.loads(self.path.read_text())
-            return f"pid {who['pid']} on {who['host']}"
-        except (OSError, ValueError, KeyError):
-            return "unknown"
+            holder = json.loads(self.path.read_text())
+            return holder if isinstance(holder, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def holder(self) -> str:
+        who = self._holder()
+        return f"pid {who['pid']} on {who['host']}" if "pid" in who and "host" in who else "unknown"
 
     def release(self) -> None:
         if self._beat:

@@ -58,7 +58,9 @@ class StopRequest:
 
 
 @contextlib.contextmanager
-def signals_stop_the_command(passthrough: tuple[type[BaseException], ...] = ()):
+def signals_stop_the_command(passthrough: tuple[type[BaseException], ...] = (), where: str = " outside the training loop",
+                             after: str = "files are written whole or not at all, and a run with a checkpoint "
+                                          "continues with --resume"):  # fmt: skip
     """Ctrl-C or SIGTERM outside the training loop (imports, loading, data preparation, the final
     save) stops the command at once, as `Stopped` (exit 130). A signal can land inside an import,
     which some libraries then report as another error (seen: a worker stopped while importing said
@@ -78,8 +80,7 @@ def signals_stop_the_command(passthrough: tuple[type[BaseException], ...] = ()):
         if not received or isinstance(e, (Stopped, *passthrough)):  # (our own errors too: ModelError wraps ImportError)
             raise
         raise Stopped(
-            f"stopped by {signal.Signals(received[0]).name} outside the training loop; files are written whole or "
-            f"not at all, and a run with a checkpoint continues with --resume"
+            f"stopped by {signal.Signals(received[0]).name}{where}; {after}"
         ) from None
     finally:
         for s, h in previous.items():

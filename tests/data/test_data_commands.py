@@ -4,6 +4,10 @@ they built."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 
@@ -75,6 +79,24 @@ def test_gptj_6b_data_is_prepared_offline_with_a_local_tokenizer(tmp_path, share
     assert r.returncode == 0 and "already prepared (cache hit)" in r.stdout, r.stderr
     r = cli("data", "prepare", str(recipe), "--set", "model.name_or_path=EleutherAI/gpt-neo-1.3B", "--set", "model.tiny=null")
     assert r.returncode == 2 and "'EleutherAI/gpt-neo-1.3B' is not a local folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_signal_during_prepare_stops_it_in_one_line_and_leaves_no_half_store(tmp_path, shared_data):
+    """SIGTERM (a cancelled batch job) while the 52k Alpaca records are being prepared: exit 130,
+    one line, and no temporary folder or build lock left in the cache, so the next prepare builds at once."""
+    recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(
+        tokenizer=shared_data / "gpt2-tokenizer", alpaca=shared_data / "alpaca" / "alpaca_data.json",
+        cache=tmp_path / "cache", out=tmp_path / "run").replace("      limit: 300\n", ""))  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "gptj_tune", "data", "prepare", str(recipe)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "cache").glob("*.building")):  # the build has begun
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    assert err.strip() == "stopped by SIGTERM; nothing is left half-written" and "store:" not in out
+    assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_show_decodes_rows_with_targets_and_boundaries(tmp_path, shared_data):

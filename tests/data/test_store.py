@@ -3,6 +3,7 @@ rebuilds, one builder at a time), and the fast encoder's ids against the tokeniz
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -110,6 +111,29 @@ def test_a_builder_in_progress_is_waited_for_and_a_dead_one_taken_over(tmp_path,
     old = time.time() - cache.STALE_AFTER - 5
     os.utime(stale, (old, old))
     assert prepare_data(other, gpt2_tokenizer).built and not stale.exists()
+
+
+def test_a_builder_that_died_on_this_machine_is_taken_over_at_once_and_its_temp_folder_removed(tmp_path, shared_data, gpt2_tokenizer):
+    """A lock left by a process of this host that has ended is taken over without waiting
+    STALE_AFTER, and the half-built folder that builder left is removed."""
+    import socket
+    import subprocess
+    import sys
+
+    from gptj_tune.data import cache
+
+    section = DataSection(sources=[SourceSection(format="dolly", path=str(shared_data / "dolly" / "dolly_sample_train20.jsonl"))],
+                          template="dolly", max_length=256, cache_dir=str(tmp_path))  # fmt: skip
+    key = cache.cache_key(section, gpt2_tokenizer, 0)
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    (tmp_path / f"{key}.building").write_text(json.dumps({"host": socket.gethostname(), "pid": int(ended.stdout)}))
+    orphan = tmp_path / f".tmp-{key}-deadbeef"
+    orphan.mkdir()
+    (orphan / "tokens.bin").write_bytes(b"\0" * 4096)
+    started = time.monotonic()
+    data = prepare_data(section, gpt2_tokenizer, waiting=lambda m: pytest.fail(f"waited: {m}"))
+    assert data.built and time.monotonic() - started < cache.STALE_AFTER / 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [key]  # no lock, no temp folder
 
 
 def test_the_fast_encoder_gives_the_tokenizers_ids(shared_data, gpt2_tokenizer):
