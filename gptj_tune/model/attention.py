@@ -233,10 +233,31 @@ class VarlenKernel:
         self._call, self.dropout = call, dropout
 
     def takes(self, query: torch.Tensor, dropout_p: float) -> bool:
-        return query.dtype in (torch.float16, torch.bfloat16) and (dropout_p == 0.0 or self.dropout)
+        if query.dtype not in (torch.float16, torch.bfloat16) or (dropout_p > 0.0 and not self.dropout):
+            return False
+        return flash_runs(_capability(query.device), query.shape[-1], dropout_p, query.requires_grad)
 
     def __call__(self, q, k, v, cu_seqlens, max_length: int, dropout_p: float) -> torch.Tensor:
         return self._call(q, k, v, cu_seqlens, max_length, dropout_p)
+
+
+def flash_runs(capability: tuple[int, int], head_dim: int, dropout_p: float, training: bool) -> bool:
+    """Whether FlashAttention (torch's variable-length kernel, and flash-attn's) runs these inputs
+    on a GPU of compute `capability`: Ampere (8.0) and newer, heads up to 256 wide, and for
+    training on consumer Ampere and Ada (8.6, 8.9) and Blackwell workstation cards (12.0, 12.1) not
+    heads in (192, 224], nor wider than 224 with dropout: PyTorch's own rules for its fused
+    attention. GPT-J-6B's 256-wide heads without dropout run on all of them; a Turing or Volta card
+    (T4, V100) takes the masked call instead, where the kernel would refuse the step."""
+    if capability < (8, 0) or head_dim > 256:
+        return False
+    if training and capability in ((8, 6), (8, 7), (8, 9), (12, 0), (12, 1)):
+        return not (192 < head_dim <= 224 or (head_dim > 224 and dropout_p > 0.0))
+    return True
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
 
 
 def varlen_kernel(device: torch.device, source: str = "torch") -> VarlenKernel | None:

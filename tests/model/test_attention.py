@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import SPEED_SHAPE_ARGS, load_tiny, packed_batch, tiny_gpt_neo_config
 
 from gptj_tune.model import attention
-from gptj_tune.model.attention import Segments, VarlenKernel, _segmented_attention, block_causal_mask, mark_segments, use_sdpa_attention, varlen_kernel
+from gptj_tune.model.attention import Segments, VarlenKernel, _segmented_attention, block_causal_mask, flash_runs, mark_segments, use_sdpa_attention, varlen_kernel
 from gptj_tune.errors import ModelError, RecipeError
 from gptj_tune.model.loss_head import model_loss, use_loss_head
 from gptj_tune.recipe import ModelSection, Recipe
@@ -230,6 +230,24 @@ def test_no_varlen_kernel_on_a_cpu_and_flash_attention_2_needs_its_package(tiny_
     else:  # GPT-J's FlashAttention-2 is ours too, with flash-attn's kernel for packed rows
         model, _ = load_tiny(tiny_gptj, "flash_attention_2")
         assert {(type(b.attn).__name__, b.attn.varlen) for b in model.transformer.h} == {("GPTJSdpaAttention", "flash_attn")}
+
+
+@pytest.mark.parametrize("capability,head_dim,dropout_p,training,runs", [
+    ((7, 5), 256, 0.0, True, False),   # T4 (Turing): no FlashAttention; the masked call runs instead
+    ((7, 0), 64, 0.0, False, False),   # V100 (Volta)
+    ((8, 0), 256, 0.0, True, True),    # A100: GPT-J-6B's 256-wide heads, training
+    ((9, 0), 256, 0.1, True, True),    # H100, with dropout (flash-attn's kernel takes it)
+    ((8, 6), 256, 0.0, True, True),    # A10, RTX 3090: 256-wide heads train without dropout
+    ((8, 9), 256, 0.1, True, False),   # RTX 4090: not with dropout
+    ((8, 6), 200, 0.0, True, False),   # nor heads in (192, 224]
+    ((8, 6), 200, 0.0, False, True),   # which run without gradients
+    ((12, 0), 208, 0.0, True, False),  # RTX 50xx: the same rule
+    ((9, 0), 288, 0.0, False, False),  # heads wider than 256: never
+])  # fmt: skip
+def test_the_variable_length_kernel_is_used_only_where_flash_attention_runs(capability, head_dim, dropout_p, training, runs):
+    """PyTorch's rules for its fused FlashAttention, applied before the kernel is called: a GPU or a
+    head width it refuses takes the masked attention instead of failing the step."""
+    assert flash_runs(capability, head_dim, dropout_p, training) is runs
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run it on the GPU machine)")
