@@ -30,7 +30,7 @@ from .track import Trackers, check_trackers_installed, last_logged_step
 from .checkpoints import load_checkpoint, save_checkpoint
 from .disk import DiskFullError, DiskNeeds, is_disk_full, planned_saves
 from .engines import all_sum, is_deepspeed, prepare_model_and_optimizer
-from .memory import MemoryMeter, bf16_advice, is_out_of_memory, keep_freed_memory, out_of_memory_message
+from .memory import MemoryMeter, bf16_advice, gpu_bf16_warning, is_out_of_memory, keep_freed_memory, out_of_memory_message
 from .optim import build_optimizer, clip_in_fused_step, lr_factor, step_takes_the_clip, updates_round_away, warmup_steps
 from .setup import (
     batches_of,
@@ -142,8 +142,10 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
         step = all_sum([float(checkpoint.name.removeprefix("step-")) if main else 0.0], accelerator)[0]
         checkpoint = run.checkpoints / f"step-{int(step)}"
 
-    if main and (too_big := preflight_warning(recipe, accelerator.device)):
-        console.print(f"[yellow]warning:[/] {escape(too_big)}", soft_wrap=True)
+    bf16 = "bf16" in (recipe.model.dtype, recipe.distributed.mixed_precision) or recipe.model.dtype == "bfloat16"
+    for warning in (preflight_warning(recipe, accelerator.device), gpu_bf16_warning(bf16, accelerator.device)):
+        if main and warning:
+            console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     set_seed(recipe.train.seed)
     model, tokenizer = model_to_train(recipe, base, accelerator.device)
     disk = DiskNeeds.estimate(model, recipe)

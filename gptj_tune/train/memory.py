@@ -138,6 +138,21 @@ def bf16_advice(model: nn.Module, device: torch.device, mixed_precision: str, ha
             f"weights, bf16 products) trained a 512-wide GPT-J {BF16_GAINS[hardware]} faster on such a CPU")
 
 
+def gpu_bf16_warning(computes_in_bf16: bool, device: torch.device, gpu: tuple[str, tuple[int, int]] | None = None) -> str | None:
+    """A warning when a recipe computes in bf16 on a GPU older than Ampere (compute capability
+    below 8.0: T4, V100), which has no bf16 arithmetic: it runs emulated, far slower. `gpu`: (name,
+    capability), read from `device` by default."""
+    if not computes_in_bf16 or device.type != "cuda":
+        return None
+    name, capability = gpu or (torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device))
+    if capability >= (8, 0):
+        return None
+    return (f"the {name} (compute capability {capability[0]}.{capability[1]}) has no bf16 arithmetic, and this recipe "
+            f"computes in bf16 (model.dtype or distributed.mixed_precision): it runs emulated, many times slower. "
+            f"Train on an Ampere or newer GPU, or in float16 (model.dtype: float32 with distributed.mixed_precision: "
+            f"fp16, which scales the loss)")  # fmt: skip
+
+
 # -------------------------------------------------------------------------------------- measure
 
 

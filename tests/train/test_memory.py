@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import tiny_gpt_neo_config
 
-from gptj_tune.train.memory import bf16_advice, file_mapped_ranges, in_file_mapping, own_trainable_weights
+from gptj_tune.train.memory import bf16_advice, file_mapped_ranges, gpu_bf16_warning, in_file_mapping, own_trainable_weights
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/maps and glibc: Linux only")
 
@@ -149,6 +149,19 @@ def test_bf16_advice_only_where_bf16_pays():
     assert bf16_advice(wide, torch.device("cuda"), "no", hardware="AMX") is None
     assert bf16_advice(model(64), cpu, "no", hardware="AMX") is None  # too narrow to gain
     assert bf16_advice(model(256, torch.bfloat16), cpu, "no", hardware="AMX") is None  # 16-bit weights
+
+
+def test_bf16_on_a_gpu_older_than_ampere_is_warned_with_the_float16_alternative():
+    """A T4 or V100 has no bf16 arithmetic: a recipe computing in bf16 there is told so at setup;
+    an Ampere or newer GPU, fp32 or fp16 compute, and CPUs are not."""
+    cuda = torch.device("cuda", 0)
+    warning = gpu_bf16_warning(True, cuda, ("Tesla T4", (7, 5)))
+    assert warning.startswith("the Tesla T4 (compute capability 7.5) has no bf16 arithmetic, and this recipe computes in bf16")
+    assert "model.dtype: float32 with distributed.mixed_precision: fp16" in warning
+    assert gpu_bf16_warning(True, cuda, ("Tesla V100-SXM2-16GB", (7, 0))) is not None
+    assert gpu_bf16_warning(True, cuda, ("NVIDIA A10G", (8, 6))) is None
+    assert gpu_bf16_warning(False, cuda, ("Tesla T4", (7, 5))) is None
+    assert gpu_bf16_warning(True, torch.device("cpu")) is None
 
 
 _UNDER_A_MEMORY_LIMIT = """
