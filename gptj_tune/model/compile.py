@@ -17,14 +17,29 @@ class CompileUnavailable(RuntimeError):
     """torch.compile cannot generate code on this device (no C++ compiler on CPU, no Triton on GPU)."""
 
 
-def check_can_compile(device: torch.device) -> None:
-    """Raise CompileUnavailable, saying what is missing, where inductor could not build kernels."""
+def check_can_compile(device: torch.device, bf16: bool = False) -> None:
+    """Raise CompileUnavailable, saying what is missing, where inductor could not build kernels
+    (`bf16`: the products run in bf16)."""
     if device.type == "cpu":
         compilers = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
         if not any(shutil.which(c) for c in compilers):
             raise CompileUnavailable("torch.compile on CPU needs a C++ compiler (g++ or clang++) on PATH, or CXX set")
-    elif device.type == "cuda" and importlib.util.find_spec("triton") is None:
-        raise CompileUnavailable("torch.compile on CUDA needs Triton (`pip install triton`, shipped with CUDA torch)")
+    elif device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            raise CompileUnavailable("torch.compile on CUDA needs Triton (`pip install triton`, shipped with CUDA torch)")
+        problem = triton_problem(torch.cuda.get_device_capability(device), bf16)
+        if problem:
+            raise CompileUnavailable(problem)
+
+
+def triton_problem(capability: tuple[int, int], bf16: bool) -> str | None:
+    """Why Triton cannot build this run's kernels for a GPU of compute `capability`, or None."""
+    version = f"{capability[0]}.{capability[1]}"
+    if capability < (7, 0):
+        return f"torch.compile's Triton needs a GPU of compute capability 7.0 or newer, and this one is {version}"
+    if bf16 and capability < (8, 0):
+        return f"torch.compile's Triton has no bf16 before compute capability 8.0 (Ampere), and this GPU is {version}"
+    return None
 
 
 def compile_blocks(model: nn.Module) -> int:

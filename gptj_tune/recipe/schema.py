@@ -118,6 +118,10 @@ class Recipe(Section):
         """Whether products run in 16 bits: 16-bit weights, or fp32 weights under autocast."""
         return self.model.weights_in_16_bits or self.distributed.mixed_precision != "no"
 
+    def computes_in_bf16(self) -> bool:
+        """Whether products run in bf16: bf16 weights, or bf16 autocast."""
+        return self.model.dtype in ("bfloat16", "bf16") or self.distributed.mixed_precision == "bf16"
+
     def to_yaml(self) -> str:
         """The fully resolved recipe, as a run freezes it; it validates again as is (tested for every
         shipped recipe). `model.tiny` is left out unless the model is the tiny one it shapes."""

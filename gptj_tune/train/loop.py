@@ -142,8 +142,7 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
         step = all_sum([float(checkpoint.name.removeprefix("step-")) if main else 0.0], accelerator)[0]
         checkpoint = run.checkpoints / f"step-{int(step)}"
 
-    bf16 = "bf16" in (recipe.model.dtype, recipe.distributed.mixed_precision) or recipe.model.dtype == "bfloat16"
-    for warning in (preflight_warning(recipe, accelerator.device), gpu_bf16_warning(bf16, accelerator.device)):
+    for warning in (preflight_warning(recipe, accelerator.device), gpu_bf16_warning(recipe.computes_in_bf16(), accelerator.device)):
         if main and warning:
             console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     set_seed(recipe.train.seed)

@@ -41,29 +41,29 @@ def model_to_train(recipe: Recipe, base: str, device: torch.device):
     use_cheap_dropout(model)
     use_fused_lora(model)
     if compiles(recipe, device):
-        compile_model(model, device)
+        compile_model(model, device, recipe.computes_in_bf16())
     return model, tokenizer
 
 
 def compiles(recipe: Recipe, device: torch.device) -> bool:
-    """Whether the blocks are compiled: `train.compile` true, or `auto` on a CUDA GPU that can (Triton)
-    in a single-process or ddp run."""
+    """Whether the blocks are compiled: `train.compile` true, or `auto` on a CUDA GPU that can (Triton,
+    and for bf16 an Ampere or newer GPU) in a single-process or ddp run."""
     if recipe.train.compile != "auto":
         return recipe.train.compile
     # (bitsandbytes' 4-bit layers are not compiled: qlora runs eager)
     if device.type != "cuda" or recipe.distributed.backend in ("deepspeed", "fsdp") or isinstance(recipe.method, QLoraMethod):
         return False
     try:
-        check_can_compile(device)
+        check_can_compile(device, recipe.computes_in_bf16())
     except CompileUnavailable:
         return False
     return True
 
 
-def compile_model(model, device) -> int:
+def compile_model(model, device, bf16: bool = False) -> int:
     """Compile the blocks' training forward (`train.compile`); a recipe error where that cannot be done."""
     try:
-        check_can_compile(device)
+        check_can_compile(device, bf16)
     except CompileUnavailable as e:
         raise RecipeError([f"train.compile: {e}; or set train.compile: false"]) from None
     compiled = compile_blocks(model)

@@ -9,7 +9,7 @@ import torch
 from conftest import SPEED_SHAPE_ARGS, can_compile, load_tiny, packed_batch
 
 from gptj_tune.errors import RecipeError
-from gptj_tune.model.compile import compile_blocks
+from gptj_tune.model.compile import compile_blocks, triton_problem
 from gptj_tune.model.kernels import use_fused_lora
 from gptj_tune.model.methods import apply_method
 from gptj_tune.recipe import LoraMethod
@@ -27,6 +27,19 @@ def test_compile_without_a_cpu_compiler_is_a_clear_recipe_error(tiny_gptj, monke
     with pytest.raises(RecipeError, match="train.compile: torch.compile on CPU needs a C\\+\\+ compiler.*set train.compile: false"):
         _compile(model, torch.device("cpu"))
     assert type(model.transformer.h[0]).__name__ == "GPTJBlock" and not hasattr(type(model.transformer.h[0]), "compiled_for_training")
+
+
+@pytest.mark.parametrize("capability,bf16,problem", [
+    ((9, 0), True, None),
+    ((8, 0), True, None),
+    ((7, 5), False, None),  # a T4 compiles fp16 work
+    ((7, 5), True, "torch.compile's Triton has no bf16 before compute capability 8.0 (Ampere), and this GPU is 7.5"),
+    ((6, 0), False, "torch.compile's Triton needs a GPU of compute capability 7.0 or newer, and this one is 6.0"),
+])  # fmt: skip
+def test_gpus_triton_cannot_build_for_are_named_and_auto_leaves_them_eager(capability, bf16, problem):
+    """On a GPU `check_can_compile` raises this reason (so `train.compile: auto` runs eager there and
+    `train.compile: true` is a recipe error saying why)."""
+    assert triton_problem(capability, bf16) == problem
 
 
 def losses_and_grads(model, batches, path: LossPath, after_each=None) -> list:
