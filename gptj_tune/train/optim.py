@@ -161,8 +161,9 @@ class KahanAdamW(torch.optim.Optimizer):
         if self.fused is None:
             from ..model.compile import CompileUnavailable, check_can_compile
 
+            bf16 = any(p.dtype == torch.bfloat16 for group in self.param_groups for p in group["params"])
             try:
-                check_can_compile(device)
+                check_can_compile(device, bf16)  # (a T4 or V100 cannot build bf16 kernels: the chunked passes)
                 self.fused = device.type == "cuda"
             except CompileUnavailable:
                 self.fused = False
