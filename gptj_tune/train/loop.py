@@ -142,9 +142,10 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
         step = all_sum([float(checkpoint.name.removeprefix("step-")) if main else 0.0], accelerator)[0]
         checkpoint = run.checkpoints / f"step-{int(step)}"
 
-    for warning in (preflight_warning(recipe, accelerator.device), gpu_bf16_warning(recipe.computes_in_bf16(), accelerator.device)):
-        if main and warning:
-            console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+    if main:  # before the model loads: what the GPU will not hold, or not compute fast
+        for warning in (preflight_warning(recipe, accelerator.device), gpu_bf16_warning(recipe.computes_in_bf16(), accelerator.device)):
+            if warning:
+                console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     set_seed(recipe.train.seed)
     model, tokenizer = model_to_train(recipe, base, accelerator.device)
     disk = DiskNeeds.estimate(model, recipe)
