@@ -71,6 +71,10 @@ class RunLock:
     def __exit__(self, *exc):
         self.release()
 
+    def held(self) -> bool:
+        """Whether a run that may still be alive holds the lock (what `gptj-tune runs` reports as running)."""
+        return self.path.exists() and holder_gone(self.path, self._holder(), STALE_AFTER) is None
+
     def _holder(self) -> dict:
         try:
             holder = json.loads(self.path.read_text())

@@ -71,11 +71,8 @@ def read_run(path: Path) -> RunInfo:
 
 
 def _status(run: RunDir, info: RunInfo, summary: dict | None, lines: list[dict]) -> str:
-    lock = RunLock(run.path)
-    if lock.path.exists():
-        holder = lock._holder()
-        if lock._gone(holder) is None:
-            return f"running (step {info.steps})"
+    if RunLock(run.path).held():
+        return f"running (step {info.steps})"
     failed = _json(run.path / "failed.json")
     if failed:
         return f"failed at step {failed.get('step', info.steps)}: {failed.get('message', '')}"
