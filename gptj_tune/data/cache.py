@@ -91,15 +91,16 @@ def open_or_build(root: Path, key: str, build: Callable[[Path], None], waiting: 
     told = False
     while not entry.exists():
         lock = _BuildLock(root / f"{key}.building")
-        if lock.acquire():
-            try:
+        try:  # (acquired inside: a stop signal at any moment after the lock is taken releases it)
+            if lock.acquire():
                 if entry.exists():  # finished between our look and our lock
                     return entry, False
                 for orphan in root.glob(f".tmp-{key}-*"):  # what a builder that died left (we hold the lock)
                     shutil.rmtree(orphan, ignore_errors=True)
                 _build_into(root, entry, build)
                 return entry, True
-            finally:
+        finally:
+            if lock.held:
                 lock.release()
         if waiting and not told:
             waiting(f"another process ({lock.holder()}) is preparing this data; waiting for {entry}")
@@ -110,8 +111,8 @@ def open_or_build(root: Path, key: str, build: Callable[[Path], None], waiting: 
 
 def _build_into(root: Path, entry: Path, build: Callable[[Path], None]) -> None:
     tmp = root / f".tmp-{entry.name}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
+    try:  # (made inside: a stop signal right after mkdir still removes it)
+        tmp.mkdir()
         build(tmp)
         try:
             os.rename(tmp, entry)
@@ -126,6 +127,7 @@ def _build_into(root: Path, entry: Path, build: Callable[[Path], None]) -> None:
 class _BuildLock:
     def __init__(self, path: Path):
         self.path = path
+        self.held = False
         self._beat: Heartbeat | None = None
 
     def acquire(self, retry: bool = True) -> bool:
@@ -137,9 +139,14 @@ class _BuildLock:
                 return False
             self.path.unlink(missing_ok=True)  # its builder died: take it now (once; another taker may win)
             return retry and self.acquire(retry=False)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
-        self._beat = Heartbeat(self.path, HEARTBEAT, "gptj-tune data lock").start()
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+            self._beat = Heartbeat(self.path, HEARTBEAT, "gptj-tune data lock").start()
+            self.held = True
+        except BaseException:  # a stop signal (or a full disk) between creating the lock and holding it
+            self.release()
+            raise
         return True
 
     def _holder(self) -> dict:
@@ -157,3 +164,4 @@ class _BuildLock:
         if self._beat:
             self._beat.stop(wait=True)
         self.path.unlink(missing_ok=True)
+        self.held = False

@@ -136,6 +136,22 @@ def test_a_builder_that_died_on_this_machine_is_taken_over_at_once_and_its_temp_
     assert sorted(p.name for p in tmp_path.iterdir()) == [key]  # no lock, no temp folder
 
 
+def test_a_stop_signal_while_the_build_lock_is_being_taken_leaves_no_lock(tmp_path, shared_data, gpt2_tokenizer, monkeypatch):
+    """Ctrl-C or SIGTERM lands between creating `KEY.building` and holding it (the heartbeat's
+    start, here): the lock file goes with the stop, so nothing waits on it afterwards."""
+    from gptj_tune.data import cache
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache.Heartbeat, "start", interrupted)
+    section = DataSection(sources=[SourceSection(format="dolly", path=str(shared_data / "dolly" / "dolly_sample_train20.jsonl"))],
+                          template="dolly", max_length=256, cache_dir=str(tmp_path))  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(section, gpt2_tokenizer)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_fast_encoder_gives_the_tokenizers_ids(shared_data, gpt2_tokenizer):
     encode, name = encoder(gpt2_tokenizer)
     assert name == "tiktoken"
