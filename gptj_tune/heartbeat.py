@@ -4,6 +4,7 @@ whoever finds the file untouched for long enough takes its holder to be gone (or
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -45,6 +46,15 @@ def quiet_for(path: Path) -> float | None:
         return time.time() - Path(path).stat().st_mtime
     except OSError:
         return None
+
+
+def read_holder(path: Path) -> dict:
+    """What a lock file says of its holder (JSON: host, pid, ...); {} when it is gone or unreadable."""
+    try:
+        holder = json.loads(Path(path).read_text())
+        return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def holder_gone(path: Path, holder: dict, stale_after: float) -> str | None:

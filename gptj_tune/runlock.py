@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from .errors import RunDirError
-from .heartbeat import Heartbeat, holder_gone
+from .heartbeat import Heartbeat, holder_gone, read_holder
 
 HEARTBEAT = 30.0
 STALE_AFTER = 300.0
@@ -76,11 +76,7 @@ class RunLock:
         return self.path.exists() and holder_gone(self.path, self._holder(), STALE_AFTER) is None
 
     def _holder(self) -> dict:
-        try:
-            holder = json.loads(self.path.read_text())
-            return holder if isinstance(holder, dict) else {}
-        except (OSError, ValueError):
-            return {}
+        return read_holder(self.path)
 
     def _in_use(self, holder: dict) -> str:
         return (f"{self.run_dir} is in use by another gptj-tune run ({_who(holder)}): wait for it to end or stop it, or "

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import DataError
-from ..heartbeat import Heartbeat, holder_gone
+from ..heartbeat import Heartbeat, holder_gone, read_holder
 from ..recipe import DataSection
 from .store import FORMAT_VERSION
 
@@ -150,11 +150,7 @@ class _BuildLock:
         return True
 
     def _holder(self) -> dict:
-        try:
-            holder = json.loads(self.path.read_text())
-            return holder if isinstance(holder, dict) else {}
-        except (OSError, ValueError):
-            return {}
+        return read_holder(self.path)
 
     def holder(self) -> str:
         who = self._holder()

@@ -70,8 +70,9 @@ class TrainSection(Section):
         description="Compile each transformer block's training forward with torch.compile (regional: the blocks "
         "share one compiled graph, built in the first steps, ~30 s for GPT-J-6B on an H200). Evaluation and "
         "generation stay eager. `auto`: on a CUDA GPU with Triton, single-process or ddp (there it cut a 6B LoRA "
-        "step by a quarter), not for bf16 on GPUs older than Ampere (T4, V100); off on CPUs, where compiling takes longer than short runs gain. `true` also on a CPU "
-        "(needs a C++ compiler); DeepSpeed and FSDP runs only take false or auto.",
+        "step by a quarter), not for bf16 on GPUs older than Ampere (T4, V100); off on CPUs, where compiling "
+        "takes longer than short runs gain. `true` also on a CPU (needs a C++ compiler); DeepSpeed and FSDP runs "
+        "only take false or auto.",
     )
 
     @model_validator(mode="after")
