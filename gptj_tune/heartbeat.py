@@ -57,13 +57,21 @@ def read_holder(path: Path) -> dict:
         return {}
 
 
+FILE_GONE = "its file gone"  # holder_gone's reason when the lock was released (not left behind)
+WRITE_GRACE = 10.0  # seconds a holder may take to write its JSON into the lock file it created
+
+
 def holder_gone(path: Path, holder: dict, stale_after: float) -> str | None:
     """Why the holder of the lock file `path` (its JSON: host, pid) is taken to be gone, or None
-    while it may still run: its file removed, its process ended (same host: known at once), or the
-    file untouched for `stale_after` seconds (a holder on another machine)."""
+    while it may still run: its file removed (FILE_GONE), its process ended (same host: known at
+    once), the file still empty WRITE_GRACE seconds after its creation (its holder was stopped
+    between creating and writing it), or the file untouched for `stale_after` seconds (a holder on
+    another machine)."""
     quiet = quiet_for(path)
     if quiet is None:
-        return "its file gone"
+        return FILE_GONE
+    if not holder and quiet > WRITE_GRACE:
+        return "left empty by a process stopped as it took the lock"
     if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
         try:
             os.kill(holder["pid"], 0)

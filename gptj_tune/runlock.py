@@ -54,8 +54,12 @@ class RunLock:
                 raise RunDirError(self._in_use(self._holder())) from None
             note = f"took over the lock {self.path} left by {_who(holder)}, {why}"
         else:
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(me))
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(json.dumps(me))
+            except BaseException:  # a stop signal (or a full disk) between creating the lock and writing it
+                self.path.unlink(missing_ok=True)
+                raise
         self._beat = Heartbeat(self.path, HEARTBEAT, "gptj-tune run lock").start()
         return note
 

@@ -52,6 +52,34 @@ def test_the_lock_names_its_holder_and_is_taken_over_only_when_the_holder_is_gon
     fourth.release()
 
 
+def test_a_lock_left_empty_by_a_stop_as_it_was_taken_is_removed_or_taken_over(tmp_path, monkeypatch):
+    """A stop signal between creating `.NAME.lock` and writing its holder removes the file; a file
+    left empty anyway (SIGKILL there) counts as alive for WRITE_GRACE seconds, then is taken over."""
+    import gptj_tune.runlock as runlock
+    from gptj_tune.heartbeat import WRITE_GRACE
+
+    run = tmp_path / "runs" / "a"
+    lock = RunLock(run)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runlock.os, "fdopen", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            lock.acquire()
+    assert not lock.path.exists()
+    lock.path.write_text("")  # what a SIGKILL at that moment leaves
+    with pytest.raises(RunDirError, match="in use by another gptj-tune run"):
+        RunLock(run).acquire()  # just created: its holder may be writing it now
+    old = time.time() - WRITE_GRACE - 1
+    os.utime(lock.path, (old, old))
+    taker = RunLock(run)
+    assert "left empty by a process stopped as it took the lock" in taker.acquire()
+    assert json.loads(taker.path.read_text())["token"] == taker.token
+    taker.release()
+
+
 @pytest.mark.slow
 def test_a_second_run_on_a_training_run_directory_is_refused_and_a_killed_ones_lock_taken_over(tmp_path):
     recipe = small_recipe(tmp_path, steps=400, save_every=5)

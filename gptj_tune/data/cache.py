@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import DataError
-from ..heartbeat import Heartbeat, holder_gone, read_holder
+from ..heartbeat import FILE_GONE, Heartbeat, holder_gone, read_holder
 from ..recipe import DataSection
 from .store import FORMAT_VERSION
 
@@ -135,7 +135,7 @@ class _BuildLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             why = holder_gone(self.path, self._holder(), STALE_AFTER)
-            if why is None or why == "its file gone":  # building, or released just now (look for the entry)
+            if why is None or why == FILE_GONE:  # building, or released just now (look for the entry)
                 return False
             self.path.unlink(missing_ok=True)  # its builder died: take it now (once; another taker may win)
             return retry and self.acquire(retry=False)
