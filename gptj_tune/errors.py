@@ -35,6 +35,10 @@ class RunDirError(GptjTuneError):
     """The run directory is missing, already used, or its checkpoints are unusable."""
 
 
+class TrackerError(GptjTuneError):
+    """An experiment tracker (logging.trackers) cannot reach its server or cannot start."""
+
+
 class Stopped(GptjTuneError):
     """Stopped by Ctrl-C or SIGTERM: exit code 130, as a shell reports a Ctrl-C."""
 

@@ -1,4 +1,5 @@
-"""Whether the Hugging Face hub can be reached, found out once with a short connection attempt.
+"""Whether the Hugging Face hub can be reached, found out once with a short connection attempt
+(`connects`, which the trackers' check uses for their servers too).
 
 Without it, a machine with no route to the hub (an offline cluster node, a firewall) spent about a
 minute in huggingface_hub's retries, printing a dozen `Retrying in 8s` lines, before our one-line
@@ -24,21 +25,34 @@ def offline_by_choice() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE
 
 
+def connects(address: str, timeout: float = PROBE_TIMEOUT) -> bool:
+    """Whether a TCP connection to the server of the URL `address` (or to the proxy that the
+    environment's *_PROXY variables name for it, NO_PROXY honoured) opens within `timeout`."""
+    from urllib.request import getproxies, proxy_bypass
+
+    url = urlparse(address)
+    proxies = getproxies()
+    proxy = proxies.get(url.scheme) or proxies.get("all")
+    if proxy and not proxy_bypass(url.hostname or ""):
+        url = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 @functools.cache
 def hub_reachable() -> bool:
-    """True when a connection to the hub's endpoint (or the HTTPS proxy) opens within PROBE_TIMEOUT;
+    """True when a connection to the hub's endpoint (or its proxy) opens within PROBE_TIMEOUT;
     otherwise this process is switched to offline mode and False is returned."""
     if offline_by_choice():
         return False
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or os.environ.get("ALL_PROXY") or os.environ.get("all_proxy")
-    url = urlparse(proxy or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname or "", port), timeout=PROBE_TIMEOUT).close()
+    if connects(os.environ.get("HF_ENDPOINT") or "https://huggingface.co"):
         return True
-    except OSError:
-        _go_offline()
-        return False
+    _go_offline()
+    return False
 
 
 def probe_unless_local(name: str) -> None:

@@ -260,7 +260,8 @@ def prepare_run_dir(recipe: Recipe, resume: str | bool, force: bool, create: boo
         guard_output(run.path, "output.dir (which --force deletes)", run_inputs(recipe))
         shutil.rmtree(run.path)
     elif run.recipe.exists():  # its frozen recipe, no results: a start that stopped in setup, begun again
-        for leftover in (run.path / "base-model", run.path / "cache"):  # the built tiny base, the data cache
+        # the built tiny base, the data cache, trackers that logged no step
+        for leftover in (run.path / "base-model", run.path / "cache", run.path / "trackers"):
             if leftover.exists():
                 shutil.rmtree(leftover)
     run.path.mkdir(parents=True, exist_ok=True)

@@ -16,3 +16,25 @@ def test_an_unreachable_hub_is_one_line_without_retries(tmp_path):
     assert "Retrying" not in result.stderr + result.stdout and "Traceback" not in result.stderr
     assert "could not be reached from this machine within 3 s, so only the local cache was looked in" in result.stderr.replace("\n", " ")
     assert "hf download EleutherAI/gpt-j-6b" in result.stderr.replace("\n", " ")
+
+
+def test_the_probe_connects_through_the_proxy_the_environment_names_unless_no_proxy_excludes_the_host(monkeypatch):
+    """A machine that reaches the hub (or a tracker's server) only through a proxy: the probe opens
+    a connection to the proxy, as the real client would; a NO_PROXY host is tried directly."""
+    import socket
+
+    from gptj_tune.hub import connects
+
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    with socket.socket() as proxy, socket.socket() as closed:
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen()
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        target = f"https://127.0.0.1:{closed.getsockname()[1]}"
+        assert not connects(target)
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.getsockname()[1]}")
+        assert connects(target)
+        assert not connects(target.replace("https", "http"))  # an http:// server is not behind the HTTPS proxy
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        assert not connects(target)

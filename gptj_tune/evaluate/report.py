@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from ..errors import GptjTuneError, RunDirError
+from ..errors import GptjTuneError, RunDirError, TrackerError
 from ..model.prompt_tuning import is_prompt_tuning_folder
 from ..rundir import RunDir, atomic_dir, guard_output, run_inputs
 from .harness import HEADLINE, PUBLISHED_GPTJ_6B, check_tasks, find_data_dir, prepare_tasks, run_benchmarks, run_benchmarks_in_memory
@@ -41,6 +41,10 @@ def run_eval(request: EvalRequest, console) -> Path:
 
     target = resolve_target(request.target, request.checkpoint)
     recipe = _recipe_of(target)
+    if recipe is not None and recipe.logging.trackers:  # the report goes to them at the end: fail now, not then
+        from ..train.track import check_trackers
+
+        check_trackers(recipe)
     out = Path(request.out) if request.out else (target.run_dir / "eval" if target.run_dir else Path("eval") / _slug(target.label))
     guard_output(out, "--out", _guarded_by(target, recipe))
     if out.exists() and not request.force:
@@ -92,16 +96,19 @@ def run_eval(request: EvalRequest, console) -> Path:
         (tmp / "report.json").write_text(json.dumps(_jsonable(report), indent=2))
         (tmp / "report.md").write_text(report_markdown(report))
     if recipe is not None and recipe.logging.trackers:
-        _to_trackers(recipe, target.run_dir, out)
+        _to_trackers(recipe, target.run_dir, out, console)
     return out
 
 
-def _to_trackers(recipe, run_dir: Path, out: Path) -> None:
+def _to_trackers(recipe, run_dir: Path, out: Path, console) -> None:
     """The report (report.md, report.json, its PNGs) to the run's trackers, into the same tracker runs."""
-    from ..train.track import Trackers, check_trackers_installed
+    from ..train.track import Trackers
 
-    check_trackers_installed(recipe)
-    trackers = Trackers(recipe, RunDir(run_dir), skip_through=10**12)
+    try:
+        trackers = Trackers(recipe, RunDir(run_dir), skip_through=10**12,
+                            warn=lambda text: console.print(f"[yellow]warning:[/] {escape(text)}", soft_wrap=True))  # fmt: skip
+    except TrackerError as e:
+        raise TrackerError(f"{e} (the report is written: {out})") from None
     trackers.artifacts([out / "report.md", out / "report.json", *sorted(out.glob("*.png"))])
     trackers.finish()
 

@@ -26,7 +26,7 @@ from ..model.load import resolve_base
 from ..plan import preflight_warning
 from ..recipe import Recipe
 from ..rundir import RunDir, atomic_write_text, prepare_run_dir, rewind_metrics
-from .track import Trackers, check_trackers_installed, last_logged_step
+from .track import Trackers, check_trackers, last_logged_step
 from .checkpoints import load_checkpoint, save_checkpoint
 from .disk import DiskFullError, DiskNeeds, is_disk_full, planned_saves
 from .engines import all_sum, is_deepspeed, prepare_model_and_optimizer
@@ -125,7 +125,7 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     from .extension_builds import prepare_deepspeed_builds
     from .workers import in_worker
 
-    check_trackers_installed(recipe)
+    check_trackers(recipe)  # (a missing package, a server that does not answer: before anything loads)
     if recipe.distributed.backend == "deepspeed" and not in_worker():  # one process, no launcher of ours
         prepare_deepspeed_builds(console or Console())
     accelerator = make_accelerator(recipe)
@@ -184,7 +184,7 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     benchmarks = benchmarks_during_training(recipe, run, accelerator, tokenizer, console)
     t = Training(recipe, run, accelerator, model, optimizer, scheduler, batches, held_out, loss_path, console, benchmarks,
                  fused_clip=step_takes_the_clip(optimizer, accelerator),
-                 trackers=Trackers(recipe, run, logged) if main and recipe.logging.trackers else None, disk=disk)  # fmt: skip
+                 trackers=start_trackers(recipe, run, logged, console) if main else None, disk=disk)  # fmt: skip
     if t.trackers is not None:
         console.print(f"trackers: {t.trackers.where()}")
     failed = run.path / "failed.json"  # what `gptj-tune runs` reports; a resume clears it
@@ -219,6 +219,14 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
+
+
+def start_trackers(recipe: Recipe, run, logged: int, console) -> Trackers | None:
+    if not recipe.logging.trackers:
+        return None
+    from rich.markup import escape
+
+    return Trackers(recipe, run, logged, warn=lambda text: console.print(f"[yellow]warning:[/] {escape(text)}", soft_wrap=True))
 
 
 def run_steps(t: Training, state: TrainState, total_steps: int, after_each_step: Callable[[int], None] | None = None) -> float:

@@ -91,14 +91,14 @@ def test_every_tracker_holds_each_step_once_across_a_resume(tmp_path):
 def test_a_tracker_whose_package_is_missing_is_one_line_naming_the_extra(tmp_path, monkeypatch):
     from gptj_tune.errors import RecipeError
     from gptj_tune.recipe import load_recipe
-    from gptj_tune.train.track import check_trackers_installed
+    from gptj_tune.train.track import check_trackers
 
     recipe = small_recipe(tmp_path)
     recipe.write_text(recipe.read_text() + "logging:\n  trackers: [wandb]\n")
     monkeypatch.setitem(sys.modules, "wandb", None)  # what an environment without the package looks like to find_spec
     with pytest.raises(RecipeError, match=r"logging.trackers: wandb needs the wandb package; install it with: "
                                           r"pip install 'gptj-tune\[trackers\]'"):
-        check_trackers_installed(load_recipe(recipe))
+        check_trackers(load_recipe(recipe))
 
 
 def test_a_run_with_gradient_checkpointing_and_trackers_prints_no_library_warnings(tmp_path):
@@ -128,3 +128,103 @@ def test_nested_figures_such_as_benchmarks_during_training_reach_the_tracker(tmp
     events = EventAccumulator(str(tmp_path / "run" / "trackers" / "tensorboard")).Reload()
     assert {"benchmarks/piqa/acc", "benchmarks/piqa/acc_norm", "benchmarks/arc_easy/acc", "benchmark_limit"} <= set(events.Tags()["scalars"])
     assert events.Scalars("benchmarks/piqa/acc")[0].step == 10 and events.Scalars("benchmarks/piqa/acc")[0].value == pytest.approx(0.61)
+
+
+def closed_port() -> int:
+    """A local port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("kind", ["mlflow", "wandb"])
+def test_a_tracker_server_that_does_not_answer_stops_the_run_in_seconds_before_anything_is_written(tmp_path, monkeypatch, kind):
+    """MLflow's client retried an unreachable MLFLOW_TRACKING_URI for ~250 s and W&B online for 90 s,
+    each after the model had loaded, and both ended in a traceback."""
+    import time
+
+    url = f"http://127.0.0.1:{closed_port()}"
+    if kind == "mlflow":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    else:
+        monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+        monkeypatch.setenv("WANDB_BASE_URL", url)
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+    recipe = small_recipe(tmp_path, steps=2, save_every=2)
+    recipe.write_text(recipe.read_text() + f"logging:\n  trackers: [tensorboard, {kind}]\n")
+    started = time.monotonic()
+    result = cli("run", str(recipe))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert time.monotonic() - started < 30
+    message = " ".join(result.stderr.split())
+    assert f"logging.trackers: {kind} cannot reach {url} (no connection within 3 s):" in message, message
+    fix = "unset it to log into" if kind == "mlflow" else "set WANDB_MODE=offline to log into"
+    assert fix in message and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_server_that_is_not_the_trackers_is_one_line_and_the_run_starts_again_without_force(tmp_path, monkeypatch):
+    """MLFLOW_TRACKING_URI at a web server that is not MLflow's (a wrong port): the real MLflow client
+    gets an HTTP error; the run stops in one line, and once the variable is fixed the same command
+    starts again (nothing was trained, so no --force)."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # answers 501
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{server.server_address[1]}")
+        recipe = small_recipe(tmp_path, steps=2, save_every=2)
+        recipe.write_text(recipe.read_text() + "logging:\n  trackers: [tensorboard, mlflow]\n")
+        result = cli("run", str(recipe))
+    finally:
+        server.shutdown()
+    assert result.returncode == 2, result.stdout + result.stderr
+    message = " ".join(result.stderr.split())
+    assert "logging.trackers: mlflow could not start: API request to endpoint" in message and "501" in message, message
+    assert "Fix: start the server or correct MLFLOW_TRACKING_URI" in message and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    again = cli("run", str(recipe))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "mlflow run" in again.stdout
+    # eval sends its report to the run's trackers at the end: it checks them before it starts
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port()}")
+    evaluated = cli("eval", str(tmp_path / "run"), "--tasks", "none")
+    assert evaluated.returncode == 2 and "logging.trackers: mlflow cannot reach" in evaluated.stderr, evaluated.stderr
+    assert not (tmp_path / "run" / "eval").exists()
+
+
+def test_a_tracker_that_fails_during_training_is_dropped_with_a_warning_and_the_run_finishes(tmp_path):
+    """The MLflow store removed after step 2 (a server gone, a deleted experiment): its next log raises
+    in the real client. Before, that exception ended the run; now the tracker is dropped with one
+    warning, the others and metrics.jsonl keep every step."""
+    import io
+    import shutil
+
+    from rich.console import Console
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from gptj_tune.recipe import load_recipe
+    from gptj_tune.train.loop import train
+
+    recipe = small_recipe(tmp_path, steps=6, save_every=6)
+    recipe.write_text(recipe.read_text() + "logging:\n  trackers: [mlflow, tensorboard]\n")
+    store = tmp_path / "run" / "trackers" / "mlruns"
+
+    def remove_the_store(step: int) -> None:
+        if step == 2:
+            shutil.rmtree(store)
+
+    out = io.StringIO()
+    result = train(load_recipe(recipe), console=Console(file=out, width=200), after_each_step=remove_the_store)
+    assert result is not None and result.steps == 6
+    text = out.getvalue()
+    assert text.count("warning: mlflow failed logging step 3 and logs no more in this run (") == 1, text
+    assert "metrics.jsonl holds every step" in text
+    steps = [json.loads(line).get("step") for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert set(range(1, 7)) <= set(steps)
+    events = EventAccumulator(str(tmp_path / "run" / "trackers" / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
