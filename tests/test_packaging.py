@@ -18,7 +18,8 @@ NOT_PINNED = {"torch", "trl"}  # torch: only its local CPU build installs here; 
 
 def _lower_bounds() -> dict[str, Version]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    lines = project["dependencies"] + project["optional-dependencies"]["eval"] + project["optional-dependencies"]["dev"]
+    extras = project["optional-dependencies"]
+    lines = project["dependencies"] + extras["eval"] + extras["dev"] + extras["trackers"]
     bounds = {}
     for line in lines:
         req = Requirement(line)

@@ -229,7 +229,9 @@ class Trackers:
 
 
 def _first_line(error: Exception) -> str:
-    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    """`Type: the message's first line` (at most 300 characters), without a closing full stop."""
+    text = (str(error).strip().splitlines() or [""])[0].rstrip(".")
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
     return text if len(text) <= 300 else text[:297] + "..."
 
 

@@ -183,7 +183,7 @@ def test_a_server_that_is_not_the_trackers_is_one_line_and_the_run_starts_again_
         server.shutdown()
     assert result.returncode == 2, result.stdout + result.stderr
     message = " ".join(result.stderr.split())
-    assert "logging.trackers: mlflow could not start: API request to endpoint" in message and "501" in message, message
+    assert "logging.trackers: mlflow could not start: MlflowException: API request to endpoint" in message and "501" in message, message
     assert "Fix: start the server or correct MLFLOW_TRACKING_URI" in message and "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
