@@ -182,7 +182,10 @@ def export(
     """Write a plain Hugging Face model folder (LoRA merged, shards consolidated) and verify it."""
     from .export import ExportRequest, export_run
 
-    result = export_run(ExportRequest(run_dir, out, checkpoint, dtype, adapter_only, max_shard_size, force, not no_verify))
+    from .stages import stage_display
+
+    request = ExportRequest(run_dir, out, checkpoint, dtype, adapter_only, max_shard_size, force, not no_verify)
+    result = export_run(request, stage_display(console))
     if result.adapter_only and not adapter_only:
         console.print("a soft prompt is not a change of weights, so nothing is merged: the export is the peft "
                       "prompt-tuning adapter (PeftModel.from_pretrained on the base model, or gptj-tune generate)")  # fmt: skip
@@ -213,7 +216,10 @@ def generate(
 
     if sum(x is not None and x is not False for x in (prompt, file, chat or None)) != 1:
         raise GptjTuneError("give exactly one of --prompt, --file or --chat")
-    generator = Generator(target, raw=raw, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    from .stages import stage_display
+
+    with stage_display(err_console)(f"loaded {target}"):  # (on stderr: stdout holds the answers alone)
+        generator = Generator(target, raw=raw, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     if prompt is not None:
         generator.stream(prompt, console, input_)
     elif file is not None:

@@ -19,6 +19,7 @@ from .model.prompt_tuning import SoftPromptModel
 from .model.trained import holds_trained_model, load_trained_model
 from .recipe import Recipe, check_shard_size, load_recipe
 from .rundir import RunDir, atomic_dir, guard_output, run_inputs, refuse_damaged, warn
+from .stages import Stage, no_display
 
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 # Max |logit difference| allowed against the model as trained, per export dtype, as a fraction of
@@ -63,8 +64,9 @@ class ExportResult:
     adapter_only: bool = False  # a peft adapter was written (--adapter-only, or a soft prompt); dtype: its base's
 
 
-def export_run(request: ExportRequest) -> ExportResult:
-    """Write the run's model (or adapter) to `request.out`, whole or not at all, and verify it."""
+def export_run(request: ExportRequest, stage: Stage = no_display) -> ExportResult:
+    """Write the run's model (or adapter) to `request.out`, whole or not at all, and verify it.
+    `stage(text)` wraps each long part (stages.py: a spinner and its time on the console)."""
     request.check()
     run = RunDir(request.run_dir)
     if not run.recipe.is_file():
@@ -85,27 +87,31 @@ def export_run(request: ExportRequest) -> ExportResult:
     if source == run.final:
         refuse_damaged(source)
     with atomic_dir(target) as tmp:
-        model, tokenizer = _trained_model(recipe, run, source, base)
+        with stage(f"loaded the model as trained ({source})"):
+            model, tokenizer = _trained_model(recipe, run, source, base)
+            reference = _logits(model, tokenizer) if verify else None
         adapter = hasattr(model, "peft_config")  # what the folder holds, whatever the recipe says
         # A soft prompt is no weight change to merge: it is exported as the peft adapter it is saved as.
         adapter_only = adapter_only or isinstance(model, SoftPromptModel)
-        reference = _logits(model, tokenizer) if verify else None
         # An adapter is checked on the base in the dtype it was trained on, as the reference ran.
         checked = _training_dtype(recipe) if adapter_only else dtype
         qlora_tolerance = None
         if qlora and not adapter_only:  # merged into the original base, as it was before quantization
-            model, qlora_tolerance = _unquantized(model, tokenizer, recipe, base, folder_of(source), verify)
+            with stage(f"loaded the unquantized base ({base}) for the merge"):
+                model, qlora_tolerance = _unquantized(model, tokenizer, recipe, base, folder_of(source), verify)
+        if adapter_only and not adapter and not isinstance(model, SoftPromptModel):
+            raise GptjTuneError(f"--adapter-only applies to LoRA runs; {source} holds every weight" if lora else
+                                "--adapter-only applies to LoRA runs; this run trained every weight")  # fmt: skip
         if isinstance(model, SoftPromptModel):
             model.save_pretrained(tmp)
         elif adapter_only:
-            if not adapter:
-                raise GptjTuneError(f"--adapter-only applies to LoRA runs; {source} holds every weight" if lora else
-                                    "--adapter-only applies to LoRA runs; this run trained every weight")  # fmt: skip
-            model.save_pretrained(tmp, safe_serialization=True)
+            with stage("wrote the adapter"):
+                model.save_pretrained(tmp, safe_serialization=True)
         else:
-            merged = model.merge_and_unload() if adapter else model
-            merged.to(DTYPES[dtype]).save_pretrained(tmp, max_shard_size=request.max_shard_size or recipe.export.max_shard_size, safe_serialization=True)
-            _write_generation_config(merged, tokenizer, tmp)
+            with stage(f"{'merged the adapter and ' if adapter else ''}wrote the {dtype} weights"):
+                merged = model.merge_and_unload() if adapter else model
+                merged.to(DTYPES[dtype]).save_pretrained(tmp, max_shard_size=request.max_shard_size or recipe.export.max_shard_size, safe_serialization=True)
+                _write_generation_config(merged, tokenizer, tmp)
         tokenizer.save_pretrained(tmp)
         about = {"template": recipe.model_dump(mode="json")["data"]["template"], "base_model": recipe.model.name_or_path,
                  "method": recipe.method.kind}  # fmt: skip
@@ -117,8 +123,8 @@ def export_run(request: ExportRequest) -> ExportResult:
         (tmp / "README.md").write_text(model_card(recipe, run, dtype, adapter_only))
         diff = tol = None
         if verify:
-            quantized = about.get("quantized")
-            diff, tol = _verify(tmp, reference, checked, adapter_only, base, quantized, qlora_tolerance)
+            with stage("reloaded the export in a fresh process and compared its logits"):
+                diff, tol = _verify(tmp, reference, checked, adapter_only, base, about.get("quantized"), qlora_tolerance)
     return ExportResult(target, checked, diff, tol, adapter_only)
 
 

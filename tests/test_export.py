@@ -51,6 +51,12 @@ def test_lora_export_is_merged_and_gives_the_peft_logits(tmp_path, lora_run):
     result = cli("export", str(lora_run), "--out", str(tmp_path / "m"), "--dtype", "float32")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "verified: reloaded in a fresh process" in result.stdout
+    import re  # each long part said with its time, in order (a 6B export takes minutes)
+
+    stages = re.findall(r"^(loaded the model as trained|merged the adapter and wrote the float32 weights|reloaded the export "
+                        r"in a fresh process and compared its logits)\b.*: \d+\.\d s$", result.stdout, flags=re.M)  # fmt: skip
+    assert stages == ["loaded the model as trained", "merged the adapter and wrote the float32 weights",
+                      "reloaded the export in a fresh process and compared its logits"], result.stdout  # fmt: skip
     files = {p.name for p in (tmp_path / "m").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md"} <= files
     assert "adapter_config.json" not in files  # merged: a plain model
@@ -172,6 +178,7 @@ def test_generate_file_chat_and_argument_errors(tmp_path, lora_run):
     from_file = cli("generate", str(lora_run), "--file", str(prompts), "--max-new-tokens", "4")
     assert from_file.returncode == 0, from_file.stderr[-2000:]
     assert "> Reverse the order of the words." in from_file.stdout and "> What is the last word?" in from_file.stdout
+    assert f"loaded {lora_run}: " in " ".join(from_file.stderr.split()) and "loaded" not in from_file.stdout  # answers alone on stdout
     chat = cli("generate", str(lora_run), "--chat", "--max-new-tokens", "4", input="Write the words in capital letters.\n\n")
     assert chat.returncode == 0, chat.stderr[-2000:]
     sampled = [cli("generate", str(lora_run), "--prompt", "x", "--raw", "--temperature", "1.0", "--seed", str(seed),
