@@ -17,15 +17,18 @@ def no_display(what: str) -> Iterator[None]:
     yield
 
 
-def stage_display(console) -> Stage:
-    """`with stage("loading ..."):` shows a spinner on `console`, then `loading ...: 12.3 s`; a
-    stage that raises prints nothing (its error says what happened)."""
+def stage_display(console, quiet_below: float = 0.0) -> Stage:
+    """`with stage("loaded ..."):` shows a spinner on `console`, then `loaded ...: 12.3 s` (unless
+    it took under `quiet_below` seconds: the tiny model's load is no news); a stage that raises
+    prints nothing (its error says what happened)."""
 
     @contextlib.contextmanager
     def stage(what: str) -> Iterator[None]:
         started = time.perf_counter()
         with console.status(f"{what} ..."):
             yield
-        console.print(f"{what}: {time.perf_counter() - started:.1f} s", markup=False, highlight=False, soft_wrap=True)
+        took = time.perf_counter() - started
+        if took >= quiet_below:
+            console.print(f"{what}: {took:.1f} s", markup=False, highlight=False, soft_wrap=True)
 
     return stage

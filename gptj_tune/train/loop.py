@@ -26,6 +26,7 @@ from ..model.load import resolve_base
 from ..plan import preflight_warning
 from ..recipe import Recipe
 from ..rundir import RunDir, atomic_write_text, prepare_run_dir, rewind_metrics
+from ..stages import stage_display
 from .track import Trackers, check_trackers, last_logged_step
 from .checkpoints import load_checkpoint, save_checkpoint
 from .disk import DiskFullError, DiskNeeds, is_disk_full, planned_saves
@@ -147,7 +148,8 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
             if warning:
                 console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     set_seed(recipe.train.seed)
-    model, tokenizer = model_to_train(recipe, base, accelerator.device)
+    with stage_display(console, quiet_below=5.0)(f"loaded {recipe.model.name_or_path} for {recipe.method.kind}"):
+        model, tokenizer = model_to_train(recipe, base, accelerator.device)  # (a 6B model: minutes)
     disk = DiskNeeds.estimate(model, recipe)
     loss_path = LossPath.of(recipe, model)  # (refuses packing under attention that ignores its boundaries)
     data = data_for_run(recipe, tokenizer, console)
