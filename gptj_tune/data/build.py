@@ -158,19 +158,20 @@ def cuts_are_exact(tokenizer) -> bool:
 _CUT = re.compile(r"(?<=\S\n)(?=\S)")
 
 
-def _pieces(text: str, exact_cuts: bool) -> list[str]:
-    """A document cut into pieces of about PIECE_CHARS at newlines between non-space characters."""
+def _pieces(text: str, exact_cuts: bool) -> Iterator[str]:
+    """A document cut into pieces of about PIECE_CHARS at newlines between non-space characters,
+    one at a time (a document of gigabytes is never copied whole into pieces)."""
     if not exact_cuts or len(text) <= 2 * PIECE_CHARS:
-        return [text]
-    pieces, start = [], 0
+        yield text
+        return
+    start = 0
     while len(text) - start > 2 * PIECE_CHARS:
         m = _CUT.search(text, start + PIECE_CHARS)
         if m is None:
             break
-        pieces.append(text[start : m.start()])
+        yield text[start : m.start()]
         start = m.start()
-    pieces.append(text[start:])
-    return pieces
+    yield text[start:]
 
 
 def _write_text(records, encode, exact: bool, eos: int, max_length: int, slots: int, writer: StoreWriter,
@@ -200,12 +201,13 @@ def _write_text(records, encode, exact: bool, eos: int, max_length: int, slots: 
         texts, ends, chars = [], [], 0
 
     for record in records:
-        pieces = _pieces(record["text"], exact)
-        texts += pieces
-        ends += [False] * (len(pieces) - 1) + [True]
-        chars += len(record["text"])
-        if chars >= CHARS_PER_CHUNK:
-            flush(final=False)
+        for piece in _pieces(record["text"], exact):
+            if chars >= CHARS_PER_CHUNK:  # also inside a long document: its tokens never all wait in lists
+                flush(final=False)
+            texts.append(piece)
+            ends.append(False)
+            chars += len(piece)
+        ends[-1] = True  # (the document's last piece is still waiting: a flush comes only before a piece)
     flush(final=True)
 
 
