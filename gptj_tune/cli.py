@@ -49,6 +49,12 @@ def _friendly(fn):
             report_worker_error(str(e), e.exit_code)
             raise typer.Exit(e.exit_code)
         except Exception as e:  # a bug or a library failure: keep the traceback, tell the launcher why
+            from .train.disk import disk_full_message
+
+            if (full := disk_full_message(e)) is not None:  # a write no command foresaw: one line all the same
+                err_console.print(f"[bold red]error:[/] {escape(full)}", highlight=False, soft_wrap=True)
+                report_worker_error(full, 2)
+                raise typer.Exit(2) from None
             if (known := describe_failure(e)) is not None:  # a collective failed because of another rank
                 err_console.print(f"[bold red]error:[/] {escape(known[0])}", highlight=False, soft_wrap=True)
                 report_worker_error(known[0], 1, peer_lost=known[1])
@@ -216,6 +222,8 @@ def generate(
 
     if sum(x is not None and x is not False for x in (prompt, file, chat or None)) != 1:
         raise GptjTuneError("give exactly one of --prompt, --file or --chat")
+    if file is not None and not Path(file).is_file():  # (before a model of minutes is loaded)
+        raise GptjTuneError(f"--file {file}: not found")
     from .stages import stage_display
 
     with stage_display(err_console)(f"loaded {target}"):  # (on stderr: stdout holds the answers alone)
@@ -223,27 +231,9 @@ def generate(
     if prompt is not None:
         generator.stream(prompt, console, input_)
     elif file is not None:
-        path = Path(file)
-        if not path.is_file():
-            raise GptjTuneError(f"--file {file}: not found")
-        for line in path.read_text().splitlines():
-            if line.strip():
-                console.print(f"[bold]> {escape(line)}[/]")
-                generator.stream(line, console)
+        generator.answer_file(Path(file), console)
     else:
-        while True:
-            try:
-                line = console.input("[bold]> [/]")
-            except EOFError:
-                break
-            if not line.strip():
-                break
-            if generator.chat_template:  # trained on conversations: one conversation, turn by turn
-                from transformers import TextStreamer
-
-                generator.chat_turn(line, TextStreamer(generator.tokenizer, skip_prompt=True, skip_special_tokens=True))
-            else:
-                generator.stream(line, console)
+        generator.chat_loop(console)
 
 
 @app.command()

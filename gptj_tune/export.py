@@ -76,16 +76,31 @@ def export_run(request: ExportRequest, stage: Stage = no_display) -> ExportResul
     guard_output(target, "--out", [*run.guarded(), *run_inputs(recipe)])
     if target.exists() and not request.force:
         raise RunDirError(f"{target} already exists; pass --force to replace it, or choose another --out")
-    lora = recipe.method.kind in ("lora", "qlora")
-    qlora = recipe.method.kind == "qlora"
     dtype = request.dtype or (recipe.export.dtype if recipe.export.dtype != "auto" else _training_dtype(recipe))
-    adapter_only, verify = request.adapter_only, request.verify
     base = str(run.path / "base-model") if (run.path / "base-model").is_dir() else recipe.model.name_or_path
     source = run.final if request.checkpoint == "final" else run.checkpoint(request.checkpoint, warn=warn)
     if not source.is_dir():
         raise RunDirError(f"{source} does not exist: the run has no final model yet; export a checkpoint (--checkpoint latest)")
     if source == run.final:
         refuse_damaged(source)
+    try:
+        return _export_into(request, run, recipe, target, source, base, dtype, stage)
+    except Exception as e:
+        from .train.disk import free_bytes, is_disk_full, size
+
+        if not is_disk_full(e):
+            raise
+        raise GptjTuneError(f"the disk of --out ({target.parent}) is full ({size(free_bytes(target.parent))} free); the "
+                            f"unfinished export was removed. Free space there or choose another --out (a merged model "
+                            f"takes 2 bytes a parameter in 16-bit, 4 in float32: GPT-J-6B ~12 or ~24 GB), then run "
+                            f"the command again") from None  # fmt: skip
+
+
+def _export_into(request: ExportRequest, run: RunDir, recipe: Recipe, target: Path, source: Path, base: str, dtype: str,
+                 stage: Stage) -> ExportResult:  # fmt: skip
+    lora = recipe.method.kind in ("lora", "qlora")
+    qlora = recipe.method.kind == "qlora"
+    adapter_only, verify = request.adapter_only, request.verify
     with atomic_dir(target) as tmp:
         with stage(f"loaded the model as trained ({source})"):
             model, tokenizer = _trained_model(recipe, run, source, base)

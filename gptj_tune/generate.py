@@ -74,6 +74,33 @@ class Generator:
         return self.answer(prompt, input, streamer)
 
 
+    def answer_file(self, path: Path, console) -> None:
+        """Each non-empty line of `path` as a prompt of its own, echoed before its answer."""
+        from rich.markup import escape
+
+        for line in path.read_text().splitlines():
+            if line.strip():
+                console.print(f"[bold]> {escape(line)}[/]")
+                self.stream(line, console)
+
+    def chat_loop(self, console) -> None:
+        """Lines typed until an empty one or Ctrl-D: one conversation when the model was trained on
+        conversations (its chat template), else each line answered alone."""
+        from transformers import TextStreamer
+
+        while True:
+            try:
+                line = console.input("[bold]> [/]")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            if self.chat_template:
+                self.chat_turn(line, TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True))
+            else:
+                self.stream(line, console)
+
+
 def _template_of(target: Path) -> Template | None:
     """The template a run was trained with (its recipe), or that an export recorded (gptj-tune.json)."""
     if (target / "recipe.yaml").is_file():

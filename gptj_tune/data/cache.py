@@ -110,10 +110,21 @@ def open_or_build(root: Path, key: str, build: Callable[[Path], None], waiting: 
 
 
 def _build_into(root: Path, entry: Path, build: Callable[[Path], None]) -> None:
+    from ..train.disk import free_bytes, is_disk_full, size
+
     tmp = root / f".tmp-{entry.name}-{secrets.token_hex(4)}"
     try:  # (made inside: a stop signal right after mkdir still removes it)
         tmp.mkdir()
-        build(tmp)
+        try:
+            build(tmp)
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+            raise DataError(f"the disk of data.cache_dir ({root}) is full: the token store had {size(written)} written and "
+                            f"{size(free_bytes(root))} is free; the unfinished store was removed. Free space there, or set "
+                            f"data.cache_dir to a disk with room (a store takes about 3 bytes a token), then run the "
+                            f"command again") from None  # fmt: skip
         try:
             os.rename(tmp, entry)
         except OSError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,20 @@ def is_disk_full(e: BaseException) -> bool:
     """Whether an exception from a write is the disk (or a quota, or a file size limit) running out."""
     if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
         return True
-    return any(word in str(e) for word in DISK_WORDS)
+    return any(word in str(e) for word in DISK_WORDS) or _SHORT_WRITE.search(str(e)) is not None
+
+
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # NumPy's tofile when the disk fills (no errno)
+
+
+def disk_full_message(e: BaseException) -> str | None:
+    """The one line for a full disk that no command foresaw (`run`, `data prepare` and `export` say
+    more); None for any other error. Every command writes to a temp name first and removes it on
+    an error, so nothing is left half-written."""
+    if not is_disk_full(e):
+        return None
+    said = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return f"the disk is full ({said}); nothing half-written was left. Free space, then run the command again"
 
 
 @dataclass

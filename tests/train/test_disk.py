@@ -14,7 +14,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import cli, small_recipe
+from tests.conftest import REPO, cli, small_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -34,10 +34,11 @@ def _bytes(folder) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def _in_tmpfs(tmp_path, size_kb: int, commands: list[list[str]]) -> list[tuple[int, str, list[str]]]:
+def _in_tmpfs(tmp_path, size_kb: int, commands: list[list[str]], listed: str = "run") -> list[tuple[int, str, list[str]]]:
     """Run `gptj-tune` commands in turn against a tmpfs of `size_kb` mounted at tmp_path/disk (the
     literal command "grow" resizes it to 64 MB: space freed); for each, its exit code, its last
-    stderr line and what the run directory then holds (hidden files included)."""
+    stderr line and what the folder `listed` on it (the run directory) then holds (hidden files
+    included)."""
     disk = tmp_path / "disk"
     disk.mkdir(exist_ok=True)
     script = [f"mount -t tmpfs -o size={size_kb}k tmpfs {disk}"]
@@ -47,7 +48,7 @@ def _in_tmpfs(tmp_path, size_kb: int, commands: list[list[str]]) -> list[tuple[i
             continue
         log = tmp_path / f"log-{i}"
         script += [f"{shlex.join([sys.executable, '-m', 'gptj_tune', *command])} > {log}.out 2> {log}.err; echo $? > {log}.rc",
-                   f"(cd {disk}/run && find . | sort) > {log}.files 2>/dev/null",
+                   f"(cd {disk}/{listed} && find . | sort) > {log}.files 2>/dev/null",
                    f"cp -r {disk}/run {tmp_path}/after-{i} 2>/dev/null || true"]  # fmt: skip
     subprocess.run(["unshare", "-rm", "bash", "-c", "\n".join(script)], check=True, timeout=900)
     out = []
@@ -108,6 +109,34 @@ def test_a_full_disk_is_refused_before_training_and_fails_a_checkpoint_or_final_
     after = tmp_path / "after-2"
     assert _losses(after) == _losses(reference)  # no step trained twice, no line twice
     _same_weights(after / "final", reference / "final")
+
+
+@needs_mount
+def test_a_full_disk_while_preparing_data_or_exporting_is_one_line_and_leaves_nothing(tmp_path, shared_data):
+    """The token store's cache and an export's --out on a disk that fills: before, NumPy's short
+    write (`497664 requested and 305152 written`, no errno) and safetensors' error were tracebacks."""
+    cache = tmp_path / "disk" / "cache"
+    prepare = ["data", "prepare", str(REPO / "recipes" / "novel-domain.yaml"), "--set", f"model.tokenizer={shared_data / 'gpt2-tokenizer'}",
+               "--set", f"data.sources.0.path={shared_data / 'domain'}", "--set", f"data.cache_dir={cache}"]  # fmt: skip
+    failed, grown = _in_tmpfs(tmp_path, 600, [prepare, ["grow"], prepare], listed="cache")  # the store takes ~3 MB
+    code, message, files = failed
+    assert code == 2 and message.startswith("error: the disk of data.cache_dir ("), message
+    assert "the unfinished store was removed" in message and "set data.cache_dir to a disk with room" in message
+    assert files == ["."]  # no temporary folder, no build lock
+    assert grown[0] == 0, grown
+
+    recipe = small_recipe(tmp_path, steps=2, save_every=2)
+    assert cli("run", str(recipe)).returncode == 0
+    [(code, message, files)] = _in_tmpfs(tmp_path, 256, [  # the small model in float32: ~650 KB
+        ["export", str(tmp_path / "run"), "--out", str(tmp_path / "disk" / "out" / "m"), "--dtype", "float32"]], listed=".")  # fmt: skip
+    assert code == 2 and message.startswith("error: the disk of --out ("), message
+    assert "the unfinished export was removed" in message and "choose another --out" in message
+    assert files == ["."]  # no temporary folder, nor the parent it made
+    # a command with no disk message of its own (compare's PNG): one line all the same
+    [(code, message, files)] = _in_tmpfs(tmp_path, 8, [["compare", str(tmp_path / "run"), str(tmp_path / "run"), "--out",
+                                                        str(tmp_path / "disk" / "c.png")]], listed=".")  # fmt: skip
+    assert code == 2 and message.startswith("error: the disk is full (") and "nothing half-written was left" in message, message
+    assert files == ["."]
 
 
 def test_damaged_checkpoints_resume_from_the_newest_intact_one_and_are_refused_by_name(tmp_path):
