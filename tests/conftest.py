@@ -33,8 +33,11 @@ def _offline(tmp_path_factory):
         "TOKENIZERS_PARALLELISM": "false",
         "TORCHINDUCTOR_CACHE_DIR": str(cache / "torchinductor"),  # train.compile's kernels
         "GPTJ_TUNE_DATA_CACHE": str(cache / "gptj-tune-data"),  # token stores (data/cache.py)
+        "NETRC": str(cache / "netrc"),  # none: a developer's `wandb login` does not send test runs online
     }.items():
         os.environ[key] = value
+    for key in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "MLFLOW_TRACKING_URI"):  # the trackers log to files
+        os.environ.pop(key, None)
     yield
 
 

@@ -3,8 +3,8 @@ classes, on the main process. Every metrics.jsonl line goes to each, the frozen 
 hyperparameters, the run directory's name as the run name, the run's plots as artifacts.
 
 Offline first: TensorBoard writes under `RUN/trackers/tensorboard`; MLflow to `RUN/trackers/mlruns`
-unless MLFLOW_TRACKING_URI is set; W&B runs offline in `RUN/trackers` unless WANDB_MODE or
-WANDB_API_KEY configures it. A resumed run continues the same tracker run (MLflow's run id and
+unless MLFLOW_TRACKING_URI is set; W&B runs offline in `RUN/trackers` unless WANDB_MODE says
+otherwise or W&B has a key (WANDB_API_KEY, or the netrc entry `wandb login` writes). A resumed run continues the same tracker run (MLflow's run id and
 W&B's id are kept in `RUN/trackers/ids.json`) and skips the steps it had already logged: resume is
 exact, so those values are the ones the trackers hold.
 
@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 from pathlib import Path
+from urllib.parse import urlparse
 
 from ..errors import RecipeError, TrackerError
 from ..hub import PROBE_TIMEOUT, connects
@@ -63,15 +64,39 @@ def _server(kind: str, folder: Path) -> tuple[str, str] | None:
             return uri, (f"start the server or correct MLFLOW_TRACKING_URI, or unset it to log into "
                          f"{folder / 'mlruns'} (`mlflow ui --backend-store-uri` that folder)")  # fmt: skip
     elif kind == "wandb" and _wandb_mode() == "online":
-        why = "WANDB_MODE=online" if os.environ.get("WANDB_MODE") else "WANDB_API_KEY is set"
-        return os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai", (
-            f"W&B logs online here ({why}); set WANDB_MODE=offline to log into {folder / 'wandb'} and "
-            f"`wandb sync` it later, or fix the network (or WANDB_BASE_URL)")  # fmt: skip
+        why = ("WANDB_MODE=online" if os.environ.get("WANDB_MODE") else "WANDB_API_KEY is set" if os.environ.get("WANDB_API_KEY")
+               else f"`wandb login` saved a key for {_wandb_host()} in {_netrc_path()}")  # fmt: skip
+        return _wandb_url(), (f"W&B logs online here ({why}); set WANDB_MODE=offline to log into {folder / 'wandb'} and "
+                              f"`wandb sync` it later, or fix the network (or WANDB_BASE_URL) and the login (`wandb login`)")  # fmt: skip
     return None
 
 
 def _wandb_mode() -> str:
-    return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    """WANDB_MODE, else online when W&B has a key (WANDB_API_KEY, or `wandb login`'s netrc entry), else offline."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return "online" if os.environ.get("WANDB_API_KEY") or _wandb_logged_in() else "offline"
+
+
+def _wandb_url() -> str:
+    return os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+
+
+def _wandb_host() -> str:
+    return urlparse(_wandb_url()).hostname or ""
+
+
+def _netrc_path() -> Path:
+    return Path(os.environ.get("NETRC") or Path.home() / ".netrc")  # where `wandb login` keeps the key
+
+
+def _wandb_logged_in() -> bool:
+    import netrc
+
+    try:
+        return netrc.netrc(str(_netrc_path())).authenticators(_wandb_host()) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def last_logged_step(run: RunDir) -> int:

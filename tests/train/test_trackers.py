@@ -139,19 +139,28 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("kind", ["mlflow", "wandb"])
+@pytest.mark.parametrize("kind", ["mlflow", "wandb", "wandb-login"])
 def test_a_tracker_server_that_does_not_answer_stops_the_run_in_seconds_before_anything_is_written(tmp_path, monkeypatch, kind):
     """MLflow's client retried an unreachable MLFLOW_TRACKING_URI for ~250 s and W&B online for 90 s,
-    each after the model had loaded, and both ended in a traceback."""
+    each after the model had loaded, and both ended in a traceback. `wandb-login`: the key is the
+    netrc entry `wandb login` writes, not WANDB_API_KEY; it logs online as well (it used to log
+    offline without a word)."""
     import time
 
-    url = f"http://127.0.0.1:{closed_port()}"
+    url, login = f"http://127.0.0.1:{closed_port()}", kind == "wandb-login"
     if kind == "mlflow":
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     else:
-        monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
         monkeypatch.setenv("WANDB_BASE_URL", url)
         monkeypatch.delenv("WANDB_MODE", raising=False)
+        monkeypatch.delenv("WANDB_API_KEY", raising=False)
+        netrc = tmp_path / "netrc"
+        netrc.write_text("machine 127.0.0.1\n  login user\n  password " + "0" * 40 + "\n")
+        netrc.chmod(0o600)
+        monkeypatch.setenv("NETRC", str(netrc if login else tmp_path / "none"))
+        if kind == "wandb":
+            monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+        kind = "wandb"
     recipe = small_recipe(tmp_path, steps=2, save_every=2)
     recipe.write_text(recipe.read_text() + f"logging:\n  trackers: [tensorboard, {kind}]\n")
     started = time.monotonic()
@@ -162,6 +171,8 @@ def test_a_tracker_server_that_does_not_answer_stops_the_run_in_seconds_before_a
     assert f"logging.trackers: {kind} cannot reach {url} (no connection within 3 s):" in message, message
     fix = "unset it to log into" if kind == "mlflow" else "set WANDB_MODE=offline to log into"
     assert fix in message and "Traceback" not in result.stderr
+    if login:
+        assert f"`wandb login` saved a key for 127.0.0.1 in {tmp_path / 'netrc'}" in message, message
     assert not (tmp_path / "run").exists()
 
 
