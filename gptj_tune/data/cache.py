@@ -34,6 +34,9 @@ HEARTBEAT = 5.0
 STALE_AFTER = 60.0
 
 
+CHAT_READING = 2  # 2: assistant turns' `weight` (0: not learned) and OpenAI's content parts
+
+
 def default_cache_dir() -> Path:
     """GPTJ_TUNE_DATA_CACHE, else $XDG_CACHE_HOME/gptj-tune/data, else ~/.cache/gptj-tune/data."""
     if os.environ.get("GPTJ_TUNE_DATA_CACHE"):
@@ -54,6 +57,8 @@ def cache_key(section: DataSection, tokenizer, prompt_slots: int) -> str:
         "prompt_slots": prompt_slots,
         "files": [_files_fingerprint(s.path) for s in section.sources],
     }
+    if any(s.format == "chat" for s in section.sources):  # how conversations are read changed: a store built
+        spec["chat_reading"] = CHAT_READING  # before reads them as then (a `weight` 0 reply learned) and is not reused
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 

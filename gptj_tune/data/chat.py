@@ -61,16 +61,46 @@ def messages_of(raw: dict, origin: str) -> list[dict]:
         if not isinstance(role, str) or role.lower() not in ROLES:
             raise DataError(f"{where}: unknown role {role!r}; expected system, user or assistant "
                             f"(ShareGPT: system, human, gpt)")  # fmt: skip
-        if not isinstance(text, str):
-            raise DataError(f"{where}: `{text_key}` must be a string, got {type(text).__name__}")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise DataError(f"{where}: `{text_key}` holds half of a UTF-16 surrogate pair, not text") from None
-        out.append({"role": ROLES[role.lower()], "content": text})
+        text = _text_of(text, f"{where}: `{text_key}`")
+        message = {"role": ROLES[role.lower()], "content": text}
+        if "weight" in turn and message["role"] == "assistant":  # OpenAI's fine-tuning format: 0 = not learned
+            if turn["weight"] not in (0, 1) or isinstance(turn["weight"], bool):
+                raise DataError(f"{where}: `weight` must be 0 (not learned from) or 1, got {turn['weight']!r}")
+            message["weight"] = int(turn["weight"])
+        out.append(message)
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{origin}: the conversation has no assistant turn, so nothing to learn from")
+    if not any(learned(m) for m in out):
+        raise DataError(f"{origin}: every assistant turn has `weight` 0, so nothing to learn from")
     return out
+
+
+def learned(message: dict) -> bool:
+    """Whether a turn is learned from: an assistant reply whose `weight` is not 0."""
+    return message["role"] == "assistant" and message.get("weight", 1) != 0
+
+
+def _text_of(content, where: str) -> str:
+    """A turn's text: a string, or OpenAI's list of content parts whose text parts are joined (as
+    chat templates render them, with nothing between)."""
+    if isinstance(content, list):
+        texts = []
+        for n, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+                continue
+            what = (f"a {kind!r} part" if kind not in (None, "text") else "not a text part ({type: text, text: \"...\"})")
+            raise DataError(f"{where}[{n}] is {what}: gptj-tune trains on text only (set data.on_bad_record: skip to "
+                            f"skip such records)")  # fmt: skip
+        content = "".join(texts)
+    if not isinstance(content, str):
+        raise DataError(f"{where} must be a string (or a list of text parts), got {type(content).__name__}")
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{where} holds half of a UTF-16 surrogate pair, not text") from None
+    return content
 
 
 def render(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -79,11 +109,11 @@ def render(tokenizer, template: str, messages: list[dict], add_generation_prompt
 
 
 def assistant_spans(tokenizer, template: str, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of its assistant turns."""
+    """The rendered conversation and the character spans of its assistant turns learned from."""
     text = render(tokenizer, template, messages)
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if not learned(m):
             continue
         before = render(tokenizer, template, messages[:i], add_generation_prompt=True) if i else ""
         upto = render(tokenizer, template, messages[: i + 1])
@@ -111,9 +141,10 @@ def chat_ids(tokenizer, template: str, messages: list[dict], train_on_prompt: bo
 
 def held_out_record(tokenizer, template: str, record: dict) -> dict:
     """A held-out conversation as an instruction record: everything before the last assistant turn
-    rendered with the generation prompt is the prompt, that turn the reference answer."""
+    rendered with the generation prompt is the prompt, that turn the reference answer (the last
+    one learned from: a `weight` 0 reply is no reference)."""
     messages = record["messages"]
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    last = max(i for i, m in enumerate(messages) if learned(m))
     prompt = render(tokenizer, template, messages[:last], add_generation_prompt=True)
     return {"instruction": prompt, "input": "", "output": messages[last]["content"], "prompt_text": prompt,
             "origin": record["origin"], "messages": messages}  # fmt: skip

@@ -68,6 +68,26 @@ def test_examples_are_apply_chat_template_ids_and_the_targets_are_the_replies(tm
     assert sorted(found) == sorted(expected)
 
 
+def test_openai_weights_and_content_parts(tmp_path, gpt2_tokenizer):
+    """OpenAI's fine-tuning format: an assistant turn with `weight: 0` stays in the context but is not
+    learned from (nor the held-out reference), and `content` may be a list of text parts."""
+    record = {"messages": [
+        {"role": "system", "content": [{"type": "text", "text": "You are "}, {"type": "text", "text": "terse."}]},
+        {"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Bleu.", "weight": 0},
+        {"role": "user", "content": "In English?"}, {"role": "assistant", "content": [{"type": "text", "text": "Blue."}], "weight": 1},
+        {"role": "user", "content": "Thanks."}, {"role": "assistant", "content": "You are welcome.", "weight": 0}]}  # fmt: skip
+    plain = [{"role": m["role"], "content": "".join(p["text"] for p in m["content"]) if isinstance(m["content"], list) else m["content"]}
+             for m in record["messages"]]  # fmt: skip
+    data = prepare_data(chat_section(tmp_path, [record]), gpt2_tokenizer)
+    [row] = data.train_rows
+    gpt2_tokenizer.chat_template = GPTJ_CHAT
+    assert row.input_ids.tolist() == gpt2_tokenizer.apply_chat_template(plain, tokenize=True, return_dict=True)["input_ids"]
+    assert "You are terse." in gpt2_tokenizer.decode(row.input_ids)
+    assert gpt2_tokenizer.decode(row.input_ids[row.labels != -100]) == "Blue.<|endoftext|>"  # the weight-1 reply alone
+    held = prepare_data(chat_section(tmp_path, [record] * 4).model_copy(update={"eval_fraction": 0.25, "eval_max": 1}), gpt2_tokenizer)
+    assert [r["output"] for r in held.eval_records] == ["Blue."]  # the last reply learned from is the reference
+
+
 def test_train_on_prompt_and_a_recipes_own_template(tmp_path, gpt2_tokenizer):
     own = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}"
            "{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")  # fmt: skip
@@ -86,7 +106,15 @@ def test_train_on_prompt_and_a_recipes_own_template(tmp_path, gpt2_tokenizer):
     ({"messages": [{"content": "hi"}]}, "`messages[0]` has no `role`"),
     ({"messages": [{"role": "user"}]}, "`messages[0]` has no `content`"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "`messages[0]`: unknown role 'robot'; expected system, user or assistant"),
-    ({"messages": [{"role": "user", "content": 3}]}, "`messages[0]`: `content` must be a string, got int"),
+    ({"messages": [{"role": "user", "content": 3}]}, "`messages[0]`: `content` must be a string (or a list of text parts), got int"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, {"role": "assistant", "content": "a"}]},
+     "`messages[0]`: `content`[0] is a 'image_url' part: gptj-tune trains on text only (set data.on_bad_record: skip"),
+    ({"messages": [{"role": "user", "content": ["hi"]}, {"role": "assistant", "content": "a"}]},
+     "`messages[0]`: `content`[0] is not a text part ({type: text, text: \"...\"})"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a", "weight": 2}]},
+     "`messages[1]`: `weight` must be 0 (not learned from) or 1, got 2"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a", "weight": 0}]},
+     "every assistant turn has `weight` 0, so nothing to learn from"),
     ({"messages": [{"role": "user", "content": "hi"}]}, "the conversation has no assistant turn"),
     ({"conversations": [{"from": "human", "value": "hi"}, "oops"]}, "`conversations[1]` must be an object with `from` and `value`"),
 ])  # fmt: skip
