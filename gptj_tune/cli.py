@@ -97,6 +97,9 @@ def run(
             console.print(f"[yellow]note:[/] {escape(note)}")
         try:
             if needs_launch(recipe_obj):  # start the workers, which run this same command
+                from .train.track import check_trackers
+
+                check_trackers(recipe_obj)  # once, before any worker starts (each checks again)
                 argv = ["run", str(path.resolve()), *(a for o in set_ for a in ("--set", o))]
                 argv += (["--resume", resume] if resume else []) + (["--force"] if force else [])
                 raise typer.Exit(launch(recipe_obj, argv, console))

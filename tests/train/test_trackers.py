@@ -139,7 +139,7 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("kind", ["mlflow", "wandb", "wandb-login"])
+@pytest.mark.parametrize("kind", ["mlflow", "wandb", "wandb-login", "mlflow-ddp"])
 def test_a_tracker_server_that_does_not_answer_stops_the_run_in_seconds_before_anything_is_written(tmp_path, monkeypatch, kind):
     """MLflow's client retried an unreachable MLFLOW_TRACKING_URI for ~250 s and W&B online for 90 s,
     each after the model had loaded, and both ended in a traceback. `wandb-login`: the key is the
@@ -147,7 +147,8 @@ def test_a_tracker_server_that_does_not_answer_stops_the_run_in_seconds_before_a
     offline without a word)."""
     import time
 
-    url, login = f"http://127.0.0.1:{closed_port()}", kind == "wandb-login"
+    url, login, ddp = f"http://127.0.0.1:{closed_port()}", kind == "wandb-login", kind == "mlflow-ddp"
+    kind = kind.removesuffix("-ddp")
     if kind == "mlflow":
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     else:
@@ -163,6 +164,8 @@ def test_a_tracker_server_that_does_not_answer_stops_the_run_in_seconds_before_a
         kind = "wandb"
     recipe = small_recipe(tmp_path, steps=2, save_every=2)
     recipe.write_text(recipe.read_text() + f"logging:\n  trackers: [tensorboard, {kind}]\n")
+    if ddp:  # checked once by the launching command, before any worker starts
+        recipe.write_text(recipe.read_text() + "distributed:\n  backend: ddp\n  num_processes: 2\n")
     started = time.monotonic()
     result = cli("run", str(recipe))
     assert result.returncode == 2, result.stdout + result.stderr
@@ -173,7 +176,7 @@ def test_a_tracker_server_that_does_not_answer_stops_the_run_in_seconds_before_a
     assert fix in message and "Traceback" not in result.stderr
     if login:
         assert f"`wandb login` saved a key for 127.0.0.1 in {tmp_path / 'netrc'}" in message, message
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists() and "Launching" not in result.stdout and "rank" not in result.stderr
 
 
 def test_a_server_that_is_not_the_trackers_is_one_line_and_the_run_starts_again_without_force(tmp_path, monkeypatch):
