@@ -38,8 +38,9 @@ def template_text(spec: str) -> str:
 
 
 def messages_of(raw: dict, origin: str) -> list[dict]:
-    """`messages: [{role, content}]` (OpenAI) or ShareGPT `conversations: [{from, value}]`, checked,
-    as [{role, content}] with roles system, user, assistant."""
+    """`messages: [{role, content}]` (OpenAI) or ShareGPT `conversations: [{from, value}]` (with a
+    top-level `system` prompt, where given), checked, as [{role, content}] with roles system, user,
+    assistant (and `weight` on replies that have one)."""
     if "messages" in raw:
         turns, role_key, text_key, field = raw["messages"], "role", "content", "messages"
     elif "conversations" in raw:
@@ -68,6 +69,10 @@ def messages_of(raw: dict, origin: str) -> list[dict]:
                 raise DataError(f"{where}: `weight` must be 0 (not learned from) or 1, got {turn['weight']!r}")
             message["weight"] = int(turn["weight"])
         out.append(message)
+    if raw.get("system") is not None:  # a ShareGPT export's system prompt beside its turns
+        if any(m["role"] == "system" for m in out):
+            raise DataError(f"{origin}: both a `system` field and a system turn; keep one")
+        out.insert(0, {"role": "system", "content": _text_of(raw["system"], f"{origin}: `system`")})
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{origin}: the conversation has no assistant turn, so nothing to learn from")
     if not any(learned(m) for m in out):

@@ -68,7 +68,7 @@ def test_examples_are_apply_chat_template_ids_and_the_targets_are_the_replies(tm
     assert sorted(found) == sorted(expected)
 
 
-def test_openai_weights_and_content_parts(tmp_path, gpt2_tokenizer):
+def test_openai_weights_content_parts_and_a_sharegpt_system_field(tmp_path, gpt2_tokenizer):
     """OpenAI's fine-tuning format: an assistant turn with `weight: 0` stays in the context but is not
     learned from (nor the held-out reference), and `content` may be a list of text parts."""
     record = {"messages": [
@@ -84,6 +84,11 @@ def test_openai_weights_and_content_parts(tmp_path, gpt2_tokenizer):
     assert row.input_ids.tolist() == gpt2_tokenizer.apply_chat_template(plain, tokenize=True, return_dict=True)["input_ids"]
     assert "You are terse." in gpt2_tokenizer.decode(row.input_ids)
     assert gpt2_tokenizer.decode(row.input_ids[row.labels != -100]) == "Blue.<|endoftext|>"  # the weight-1 reply alone
+    sharegpt = {"system": "You are terse.", "conversations": [{"from": "human", "value": "Name a colour."},
+                                                              {"from": "gpt", "value": "Blue."}]}  # fmt: skip
+    (tmp_path / "sharegpt").mkdir()
+    [row] = prepare_data(chat_section(tmp_path / "sharegpt", [sharegpt]), gpt2_tokenizer).train_rows
+    assert gpt2_tokenizer.decode(row.input_ids).startswith("You are terse.")  # its top-level system prompt, first
     held = prepare_data(chat_section(tmp_path, [record] * 4).model_copy(update={"eval_fraction": 0.25, "eval_max": 1}), gpt2_tokenizer)
     assert [r["output"] for r in held.eval_records] == ["Blue."]  # the last reply learned from is the reference
 
@@ -115,6 +120,9 @@ def test_train_on_prompt_and_a_recipes_own_template(tmp_path, gpt2_tokenizer):
      "`messages[1]`: `weight` must be 0 (not learned from) or 1, got 2"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a", "weight": 0}]},
      "every assistant turn has `weight` 0, so nothing to learn from"),
+    ({"system": "Be brief.", "messages": [{"role": "system", "content": "x"}, {"role": "assistant", "content": "a"}]},
+     "both a `system` field and a system turn; keep one"),
+    ({"system": 3, "conversations": [{"from": "gpt", "value": "a"}]}, "`system` must be a string (or a list of text parts), got int"),
     ({"messages": [{"role": "user", "content": "hi"}]}, "the conversation has no assistant turn"),
     ({"conversations": [{"from": "human", "value": "hi"}, "oops"]}, "`conversations[1]` must be an object with `from` and `value`"),
 ])  # fmt: skip
