@@ -4,6 +4,11 @@ file with its size and the SHA-256 of each 64 MiB block. `verify` reads the fold
 Blocks rather than whole files so that every core hashes at once, also inside one large file (a
 6B model's optimizer state is one 48 GB file): hashing runs at the speed the disk reads, and on a
 resume that read also brings the files into the page cache the load reads them from.
+
+Durable, too: before the manifest is written every file and folder of the checkpoint is fsynced,
+and the manifest itself, so a power loss or a machine crash after a save cannot leave a checkpoint
+(or final/) whose renamed folder holds empty or partly written files while the older checkpoints
+were already pruned. `sync_folder` makes a rename in a folder durable the same way.
 """
 
 from __future__ import annotations
@@ -47,15 +52,53 @@ def _digests(folder: Path, sizes: dict[str, int]) -> dict[str, list[str]]:
 
 
 def write_manifest(folder: Path) -> int:
-    """Hash every file under `folder` into folder/manifest.json (written last, whole). Returns the
-    folder's size in bytes."""
+    """Hash every file under `folder` into folder/manifest.json (written last, whole), each file
+    and folder fsynced first and the manifest after. Returns the folder's size in bytes."""
     sizes = {p.relative_to(folder).as_posix(): p.stat().st_size for p in _files(folder)}
     digests = _digests(folder, sizes)
+    sync_tree(folder)
     record = {"block_bytes": BLOCK, "files": {name: {"bytes": sizes[name], "sha256": digests[name]} for name in sizes}}
     tmp = folder / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(record, indent=1))
+    sync_file(tmp)
     os.replace(tmp, folder / MANIFEST)
+    sync_folder(folder)
     return sum(sizes.values())
+
+
+def sync_tree(folder: Path) -> None:
+    """Every file under `folder` and every folder in it fsynced: a folder about to be renamed into
+    place (a checkpoint, final/, an export, a token store) is on the disk whole before its name is."""
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:  # the disk writes them at once
+        list(pool.map(sync_file, files))
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        sync_folder(sub)
+    sync_folder(folder)
+
+
+def sync_file(path: Path) -> None:
+    """What was written to `path` is on the disk when this returns (fsync)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_folder(path: Path) -> None:
+    """The names in folder `path` (files created, renamed or removed in it) are on the disk; where
+    a filesystem cannot fsync a folder (some network ones), this is a no-op."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def verify(folder: Path) -> str | None:

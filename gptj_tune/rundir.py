@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import RunDirError
+from .manifest import sync_file, sync_folder, sync_tree
 from .recipe import TINY_MODEL_NAME, Recipe
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -49,11 +50,13 @@ def atomic_dir(target: Path):
             except OSError:
                 break
         raise
+    sync_tree(tmp)  # whole on the disk before it has the target's name
     old = None
     if target.exists():
         old = target.parent / f".old-{target.name}-{os.getpid()}"
         target.rename(old)
     tmp.rename(target)
+    sync_folder(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -66,7 +69,9 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
     try:
         write(tmp)
+        sync_file(tmp)  # a crash after the rename finds the whole file, not an empty one
         os.replace(tmp, path)
+        sync_folder(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 

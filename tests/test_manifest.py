@@ -67,3 +67,60 @@ def test_resume_latest_passes_over_damaged_checkpoints_and_a_named_damaged_one_i
     (tmp_path / "checkpoints" / "step-10" / "trainer_state.json").write_text("{}")
     with pytest.raises(RunDirError, match="every checkpoint is damaged .*start the run again with --force"):
         run.checkpoint("latest")
+
+
+_EVENTS: list[tuple[str, str]] | None = None  # what the audit hook below records while a test sets it
+
+
+def _audit(event: str, args) -> None:
+    if _EVENTS is not None and event in ("os.rename", "shutil.rmtree"):
+        _EVENTS.append((event, str(args[0]) if event == "shutil.rmtree" else f"{args[0]} -> {args[1]}"))
+
+
+def test_a_save_is_on_the_disk_before_it_is_renamed_into_place_and_before_older_checkpoints_go(tmp_path, monkeypatch):
+    """A power loss or a machine crash right after a save must not find a renamed checkpoint (or
+    final/) of empty files with the older checkpoints already pruned: every file and folder is
+    fsynced before the rename, the rename before the pruning. The real calls, in the order made
+    (os.fsync recorded on its way through; renames and removals through Python's audit hook)."""
+    import os
+    import sys
+
+    from conftest import small_recipe
+
+    from gptj_tune.recipe import load_recipe
+    from gptj_tune.train.loop import train
+
+    global _EVENTS
+    sys.addaudithook(_audit)
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        _EVENTS.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    recipe = small_recipe(tmp_path, steps=4, save_every=2)
+    recipe.write_text(recipe.read_text().replace("keep_last: 10", "keep_last: 1"))
+    monkeypatch.setattr(os, "fsync", fsync)
+    _EVENTS = []
+    try:
+        train(load_recipe(recipe))
+        events = list(_EVENTS)
+    finally:
+        _EVENTS = None
+    run = (tmp_path / "run").resolve()
+
+    def at(event: str, where) -> int:
+        return next(i for i, (e, what) in enumerate(events) if e == event and where(what))
+
+    renamed = at("os.rename", lambda w: w.endswith(str(run / "checkpoints" / "step-4")))
+    partial = str(run / "checkpoints" / ".partial-step-4")
+    synced = {what for e, what in events[:renamed] if e == "fsync" and what.startswith(partial)}
+    saved = {str(p).replace(str(run / "checkpoints" / "step-4"), partial) for p in (run / "checkpoints" / "step-4").rglob("*")}
+    saved = {p.replace("/manifest.json", "/.manifest.json.tmp") for p in saved}  # (synced before its own rename)
+    assert saved <= synced and partial in synced  # every file and folder, before the rename
+    folder_synced = next(i for i, (e, w) in enumerate(events) if i > renamed and e == "fsync" and w == str(run / "checkpoints"))
+    assert renamed < folder_synced < at("shutil.rmtree", lambda w: w == str(run / "checkpoints" / "step-2"))  # then the pruning
+    final = at("os.rename", lambda w: w.endswith(str(run / "final")))
+    synced = {what for e, what in events[:final] if e == "fsync"}
+    assert {str(p) for p in (run / "final").rglob("*")} <= {w.replace(".tmp-final-" + str(os.getpid()), "final") for w in synced}
+    assert not (run / "checkpoints" / "step-2").exists()

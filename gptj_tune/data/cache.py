@@ -27,6 +27,7 @@ from typing import Callable
 
 from ..errors import DataError
 from ..heartbeat import FILE_GONE, Heartbeat, holder_gone, read_holder
+from ..manifest import sync_folder, sync_tree
 from ..recipe import DataSection
 from .store import FORMAT_VERSION
 
@@ -130,8 +131,10 @@ def _build_into(root: Path, entry: Path, build: Callable[[Path], None]) -> None:
                             f"{size(free_bytes(root))} is free; the unfinished store was removed. Free space there, or set "
                             f"data.cache_dir to a disk with room (a store takes about 3 bytes a token), then run the "
                             f"command again") from None  # fmt: skip
+        sync_tree(tmp)  # a crash after the rename must not leave a store of zeros that later runs read
         try:
             os.rename(tmp, entry)
+            sync_folder(root)
         except OSError:
             if not entry.exists():
                 raise

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import RunDirError
-from ..manifest import write_manifest
+from ..manifest import sync_folder, write_manifest
 from ..model.prompt_tuning import SoftPromptModel
 from ..recipe import Recipe
 from ..rundir import RunDir
@@ -55,6 +55,7 @@ def save_checkpoint(recipe: Recipe, run: RunDir, step: int, accelerator, model, 
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
+        sync_folder(run.checkpoints)  # the rename is on the disk before older checkpoints go
         run.prune_checkpoints(recipe.train.keep_last)
     accelerator.wait_for_everyone()
     return target
