@@ -4,9 +4,10 @@ hyperparameters, the run directory's name as the run name, the run's plots as ar
 
 Offline first: TensorBoard writes under `RUN/trackers/tensorboard`; MLflow to `RUN/trackers/mlruns`
 unless MLFLOW_TRACKING_URI is set; W&B runs offline in `RUN/trackers` unless WANDB_MODE says
-otherwise or W&B has a key (WANDB_API_KEY, or the netrc entry `wandb login` writes). A resumed run continues the same tracker run (MLflow's run id and
-W&B's id are kept in `RUN/trackers/ids.json`) and skips the steps it had already logged: resume is
-exact, so those values are the ones the trackers hold.
+otherwise or W&B has a key (WANDB_API_KEY, or the netrc entry `wandb login` writes). A resumed
+run continues the same tracker run (MLflow's run id and W&B's id are kept in
+`RUN/trackers/ids.json`) and skips the steps it had already logged: resume is exact, so those
+values are the ones the trackers hold.
 
 A tracker never costs the run: one set to log to a server that does not answer stops `run` before
 the model loads (`check_trackers`, a few seconds), one that cannot start is one line, and one that
