@@ -35,7 +35,7 @@ HEARTBEAT = 5.0
 STALE_AFTER = 60.0
 
 
-CHAT_READING = 2  # 2: assistant turns' `weight` (0: not learned) and OpenAI's content parts
+CHAT_READING = 2  # 2: replies' `weight` (0: not learned), OpenAI's content parts, ShareGPT's top-level `system`
 
 
 def default_cache_dir() -> Path:
