@@ -124,7 +124,7 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
 
     from .engines import make_accelerator
     from .extension_builds import prepare_deepspeed_builds
-    from .workers import in_worker
+    from .workers import in_worker, keep_until_exit
 
     check_trackers(recipe)  # (a missing package, a server that does not answer: before anything loads)
     if recipe.distributed.backend == "deepspeed" and not in_worker():  # one process, no launcher of ours
@@ -217,7 +217,9 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
         if t.trackers is not None:
             t.trackers.artifacts([run.recipe, run.summary])
             t.trackers.finish()
-    # Leave together: a process that exits while peers still hold the process group aborts.
+    # Leave together: a process that exits while peers still hold the process group aborts. And a
+    # worker never frees the DDP model itself: its teardown can hang once a peer has gone (workers.py).
+    keep_until_exit(model, optimizer, scheduler, t, accelerator)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result

@@ -156,6 +156,19 @@ def report_worker_error(message: str, exit_code: int, peer_lost: bool = False) -
     _write(Path(folder) / f"rank-{rank}.json", json.dumps(record))
 
 
+_KEPT: list = []  # what keep_until_exit holds
+
+
+def keep_until_exit(*objects) -> None:
+    """Hold `objects` until this worker leaves (leave_worker, which does not finalize them). After
+    accelerate's end_training has destroyed the process group, a DDP model's reducer holds its last
+    reference, and freeing the model joins gloo's threads: seen in CI, rank 1 hung for good in
+    ~ProcessGroupGloo as train() returned, after rank 0 had finished and exited (the join waited on a
+    thread that waited on the gone peer). Outside a worker this does nothing."""
+    if in_worker():
+        _KEPT.extend(objects)
+
+
 def leave_worker(code: int) -> None:
     """End a worker process without the interpreter's teardown. DeepSpeed keeps a process group in a
     module global after the group is destroyed (deepspeed.utils.groups._WORLD_GROUP); it is then
