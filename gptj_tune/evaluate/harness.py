@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
@@ -21,6 +22,7 @@ from ..recipe import BENCHMARK_TASKS as TASKS
 # The metric each task is known by (reports, plots, benchmarks during training).
 HEADLINE = {"lambada_openai": "acc", "hellaswag": "acc_norm", "piqa": "acc", "winogrande": "acc", "arc_easy": "acc"}
 DATA_DIR_ENV = "GPTJ_TUNE_BENCHMARK_DATA"
+NO_POOL_ENV = "DISABLE_MULTIPROC"  # lm-eval bootstraps stderrs in this process when set
 
 # Where each task's files sit under the data dir, and what a user must put there.
 SOURCES = {
@@ -286,8 +288,14 @@ def _evaluate(model, model_args, files: TaskFiles, limit, batch_size, quiet: boo
         if quiet and hasattr(task_module, "tqdm")
         else contextlib.nullcontext()
     )
+    # lm-eval bootstraps the stderr of perplexity (lambada) in a multiprocessing pool of one forked
+    # process per CPU, unless DISABLE_MULTIPROC is set. Forking this process, which runs threads
+    # (torch's, the progress display's, a training run's), can leave a worker waiting forever on a
+    # lock another thread held at the fork, and the pool then waits for it: an evaluation that hung
+    # for good in CI. The single-process loop draws the same resamples (chunk i seeded with i).
+    one_process = mock.patch.dict(os.environ, {NO_POOL_ENV: "1"})
     try:
-        with no_git, no_bars:
+        with no_git, no_bars, one_process:
             results = evaluator.simple_evaluate(
                 model=model,
                 model_args=model_args,
