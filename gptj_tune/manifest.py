@@ -5,10 +5,10 @@ Blocks rather than whole files so that every core hashes at once, also inside on
 6B model's optimizer state is one 48 GB file): hashing runs at the speed the disk reads, and on a
 resume that read also brings the files into the page cache the load reads them from.
 
-Durable, too: before the manifest is written every file and folder of the checkpoint is fsynced,
-and the manifest itself, so a power loss or a machine crash after a save cannot leave a checkpoint
-(or final/) whose renamed folder holds empty or partly written files while the older checkpoints
-were already pruned. `sync_folder` makes a rename in a folder durable the same way.
+Durable, too: `sync_tree` fsyncs every file and folder of a folder about to be renamed into place
+(a checkpoint, final/, an export, a token store; the manifest is written before it), so a power
+loss or a machine crash after a save cannot leave a renamed folder of empty or partly written files
+while the older checkpoints were already pruned. `sync_folder` makes the rename itself durable.
 """
 
 from __future__ import annotations
@@ -52,17 +52,14 @@ def _digests(folder: Path, sizes: dict[str, int]) -> dict[str, list[str]]:
 
 
 def write_manifest(folder: Path) -> int:
-    """Hash every file under `folder` into folder/manifest.json (written last, whole), each file
-    and folder fsynced first and the manifest after. Returns the folder's size in bytes."""
+    """Hash every file under `folder` into folder/manifest.json (written last, whole). Returns the
+    folder's size in bytes. The caller fsyncs the folder (`sync_tree`) before renaming it into place."""
     sizes = {p.relative_to(folder).as_posix(): p.stat().st_size for p in _files(folder)}
     digests = _digests(folder, sizes)
-    sync_tree(folder)
     record = {"block_bytes": BLOCK, "files": {name: {"bytes": sizes[name], "sha256": digests[name]} for name in sizes}}
     tmp = folder / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(record, indent=1))
-    sync_file(tmp)
     os.replace(tmp, folder / MANIFEST)
-    sync_folder(folder)
     return sum(sizes.values())
 
 

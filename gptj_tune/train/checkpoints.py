@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import RunDirError
-from ..manifest import sync_folder, write_manifest
+from ..manifest import sync_folder, sync_tree, write_manifest
 from ..model.prompt_tuning import SoftPromptModel
 from ..recipe import Recipe
 from ..rundir import RunDir
@@ -48,6 +48,7 @@ def save_checkpoint(recipe: Recipe, run: RunDir, step: int, accelerator, model, 
             accelerator.wait_for_everyone()
             if main:
                 disk.checkpoint = write_manifest(tmp)  # what one checkpoint takes, from now on
+                sync_tree(tmp)  # whole on the disk before it has its name
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
