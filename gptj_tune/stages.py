@@ -1,6 +1,6 @@
 """Long work in named stages: a spinner while each one runs, then a line with what it did and how
 long it took. Exporting or loading GPT-J-6B takes minutes (reading 12-24 GB, merging, writing,
-reloading to verify), which used to pass in silence."""
+reloading to verify), which used to pass in silence. Warnings printed on the way look alike: `warner`."""
 
 from __future__ import annotations
 
@@ -32,3 +32,10 @@ def stage_display(console, quiet_below: float = 0.0) -> Stage:
             console.print(f"{what}: {took:.1f} s", markup=False, highlight=False, soft_wrap=True)
 
     return stage
+
+
+def warner(console) -> Callable[[str], None]:
+    """A function that prints `warning: TEXT` on `console` (TEXT as written, not read as markup)."""
+    from rich.markup import escape
+
+    return lambda text: console.print(f"[yellow]warning:[/] {escape(text)}", soft_wrap=True)

@@ -8,7 +8,7 @@ import io
 import pytest
 from rich.console import Console
 
-from gptj_tune.stages import stage_display
+from gptj_tune.stages import stage_display, warner
 
 
 def test_a_stage_prints_its_time_unless_quick_or_failed():
@@ -25,3 +25,9 @@ def test_a_stage_prints_its_time_unless_quick_or_failed():
     lines = out.getvalue().splitlines()
     assert len(lines) == 2 and lines[1].startswith("wrote the weights: 0.") and lines[1].endswith(" s"), lines
     assert lines[0].startswith("loaded EleutherAI/gpt-j-6b for qlora, a name longer than the console: ")  # never wrapped
+
+
+def test_a_warning_is_one_line_with_its_text_as_written():
+    out = io.StringIO()
+    warner(Console(file=out, width=30))("mlflow failed: [Errno 2] no such file /runs/x/trackers/mlruns (dropped)")
+    assert out.getvalue() == "warning: mlflow failed: [Errno 2] no such file /runs/x/trackers/mlruns (dropped)\n"

@@ -14,6 +14,7 @@ from rich.markup import escape
 from ..errors import GptjTuneError, RunDirError, TrackerError
 from ..model.prompt_tuning import is_prompt_tuning_folder
 from ..rundir import RunDir, atomic_dir, guard_output, run_inputs
+from ..stages import warner
 from .harness import HEADLINE, PUBLISHED_GPTJ_6B, check_tasks, find_data_dir, prepare_tasks, run_benchmarks, run_benchmarks_in_memory
 from .heldout import held_out_metrics
 from .render import report_markdown, write_plots
@@ -105,8 +106,7 @@ def _to_trackers(recipe, run_dir: Path, out: Path, console) -> None:
     from ..train.track import Trackers
 
     try:
-        trackers = Trackers(recipe, RunDir(run_dir), skip_through=10**12,
-                            warn=lambda text: console.print(f"[yellow]warning:[/] {escape(text)}", soft_wrap=True))  # fmt: skip
+        trackers = Trackers(recipe, RunDir(run_dir), skip_through=10**12, warn=warner(console))
     except TrackerError as e:
         raise TrackerError(f"{e} (the report is written: {out})") from None
     trackers.artifacts([out / "report.md", out / "report.json", *sorted(out.glob("*.png"))])

@@ -26,7 +26,7 @@ from ..model.load import resolve_base
 from ..plan import preflight_warning
 from ..recipe import Recipe
 from ..rundir import RunDir, atomic_write_text, prepare_run_dir, rewind_metrics
-from ..stages import stage_display
+from ..stages import stage_display, warner
 from .track import Trackers, check_trackers, last_logged_step
 from .checkpoints import load_checkpoint, save_checkpoint
 from .disk import DiskFullError, DiskNeeds, is_disk_full, planned_saves
@@ -120,7 +120,6 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     `after_each_step(step)` is called after every optimizer step (a profiler's `step`, for one)."""
     from accelerate.utils import set_seed
     from rich.console import Console
-    from rich.markup import escape
 
     from .engines import make_accelerator
     from .extension_builds import prepare_deepspeed_builds
@@ -136,8 +135,7 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     main = accelerator.is_main_process
     console = (console or Console()) if main else Console(quiet=True)  # only the main process prints
     with accelerator.main_process_first():  # the main process checks and creates the run dir first
-        run, checkpoint = prepare_run_dir(recipe, resume, force, create=main,
-                                          warn=lambda text: console.print(f"[yellow]warning:[/] {escape(text)}", soft_wrap=True))
+        run, checkpoint = prepare_run_dir(recipe, resume, force, create=main, warn=warner(console))
         base = resolve_base(recipe.model, run.path)
     if resume and accelerator.num_processes > 1:  # the main process verified and picked it: every process loads that one
         step = all_sum([float(checkpoint.name.removeprefix("step-")) if main else 0.0], accelerator)[0]
@@ -146,7 +144,7 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     if main:  # before the model loads: what the GPU will not hold, or not compute fast
         for warning in (preflight_warning(recipe, accelerator.device), gpu_bf16_warning(recipe.computes_in_bf16(), accelerator.device)):
             if warning:
-                console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+                warner(console)(warning)
     set_seed(recipe.train.seed)
     with stage_display(console, quiet_below=5.0)(f"loaded {recipe.model.name_or_path} for {recipe.method.kind}"):
         model, tokenizer = model_to_train(recipe, base, accelerator.device)  # (a 6B model: minutes)
@@ -228,9 +226,7 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
 def start_trackers(recipe: Recipe, run, logged: int, console) -> Trackers | None:
     if not recipe.logging.trackers:
         return None
-    from rich.markup import escape
-
-    return Trackers(recipe, run, logged, warn=lambda text: console.print(f"[yellow]warning:[/] {escape(text)}", soft_wrap=True))
+    return Trackers(recipe, run, logged, warn=warner(console))
 
 
 def run_steps(t: Training, state: TrainState, total_steps: int, after_each_step: Callable[[int], None] | None = None) -> float:
