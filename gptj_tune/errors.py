@@ -5,6 +5,18 @@ expected, and how to fix it.
 """
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of the error's message (a library's may go on for a traceback's worth), or
+    its type's name when the message is empty: what a one-line message quotes."""
+    lines = str(error).strip().splitlines()
+    return lines[0].strip() if lines else type(error).__name__
+
+
+def typed_first_line(error: BaseException) -> str:
+    """`Type: first line`, or `Type` alone when the message is empty."""
+    return f"{type(error).__name__}: {first_line(error)}" if str(error).strip() else type(error).__name__
+
+
 class GptjTuneError(Exception):
     """Base class: a problem the user can fix. The CLI prints it without a traceback."""
 

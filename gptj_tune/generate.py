@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .data.templates import Template, get_template
-from .errors import ModelError
+from .errors import ModelError, first_line
 
 
 class Generator:
@@ -22,7 +22,7 @@ class Generator:
         try:
             self.model, self.tokenizer = load_target_model(resolved, "cuda" if torch.cuda.is_available() else "cpu")
         except OSError as e:
-            raise ModelError(f"cannot load {target} ({str(e).splitlines()[0]})") from None
+            raise ModelError(f"cannot load {target} ({first_line(e)})") from None
         self.template = None if raw else _template_of(resolved.run_dir or Path(target))
         # A model trained on conversations: its tokenizer carries the chat template (saved with final/ and the export).
         self.chat_template = None if raw else getattr(self.tokenizer, "chat_template", None)

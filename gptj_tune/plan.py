@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import ModelError
+from .errors import ModelError, first_line
 from .recipe import TINY_MODEL_NAME, Recipe
 
 GIB = 1024**3
@@ -67,7 +67,7 @@ def model_shape(recipe: Recipe) -> Shape:
         try:
             config = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
         except (OSError, ValueError) as e:
-            raise ModelError(f"plan: cannot read the config of {m.name_or_path!r} ({str(e).splitlines()[0]})") from None
+            raise ModelError(f"plan: cannot read the config of {m.name_or_path!r} ({first_line(e)})") from None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     quantizable = sum(m.weight.numel() for name, m in model.named_modules()

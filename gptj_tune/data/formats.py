@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import DataError
+from ..errors import DataError, typed_first_line
 from ..hub import hub_reachable, unreachable_note
 from ..recipe import SourceSection
 from . import synthetic
@@ -247,7 +247,7 @@ def _hub_rows(source: SourceSection, key: str) -> Iterator[tuple[str, object]]:
     except Exception as e:  # datasets raises many types for "not found" / "offline"
         raise DataError(
             f"{key}.path: {source.path!r} is not a local file or folder{_where_looked(source.path)}, and loading it as a hub dataset "
-            f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).{unreachable_note()} Check the path, or "
+            f"failed ({typed_first_line(e)}).{unreachable_note()} Check the path, or "
             f"download the dataset on a machine with network access and point `path` at the file."
         ) from None
     if first is None:

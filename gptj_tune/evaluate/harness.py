@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
-from ..errors import GptjTuneError
+from ..errors import GptjTuneError, first_line
 from ..recipe import BENCHMARK_TASKS as TASKS
 
 # The metric each task is known by (reports, plots, benchmarks during training).
@@ -308,7 +308,7 @@ def _evaluate(model, model_args, files: TaskFiles, limit, batch_size, quiet: boo
             )
     except OSError as e:  # a model or tokenizer that is not there (offline hub name, empty folder)
         name = (model_args or {}).get("pretrained", "the model")
-        raise GptjTuneError(f"cannot load {name} for the benchmarks ({str(e).splitlines()[0]})") from None
+        raise GptjTuneError(f"cannot load {name} for the benchmarks ({first_line(e)})") from None
     return _collect(results, files)
 
 

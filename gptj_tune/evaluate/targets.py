@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ModelError, RunDirError
+from ..errors import ModelError, RunDirError, first_line
 
 @dataclass
 class Target:
@@ -90,7 +90,7 @@ def _check_model_name(target: str) -> None:
         AutoConfig.from_pretrained(target)
     except (OSError, ValueError) as e:
         raise ModelError(f"{target} is not a run directory or model folder here, and does not load as a Hugging Face "
-                         f"model name ({str(e).splitlines()[0]})") from None  # fmt: skip
+                         f"model name ({first_line(e)})") from None  # fmt: skip
 
 
 def load_target_model(target: Target, device: str):

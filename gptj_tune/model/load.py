@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelError
+from ..errors import ModelError, first_line
 from ..hub import offline_by_choice, probe_unless_local, unreachable_note
 from ..recipe import TINY_MODEL_NAME, ModelSection
 from .attention import use_sdpa_attention
@@ -169,7 +169,7 @@ def _load(base: str, section: ModelSection, attn: str, extra: dict, quiet: bool 
             if quiet:
                 raise _AttentionUnsupported from None
             raise ModelError(
-                f"model.attn_implementation: {attn!r} is not available for {base} ({str(e).splitlines()[0]}); "
+                f"model.attn_implementation: {attn!r} is not available for {base} ({first_line(e)}); "
                 f"use `auto` or `eager`"
             ) from None
         raise ModelError(_load_hint(base, "model", e, section.revision)) from None
@@ -214,7 +214,7 @@ def tokenizer_as_trained(section: ModelSection, scratch: Path):
 
 
 def _load_hint(name: str, what: str, error: Exception, revision: str | None = None) -> str:
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    first = first_line(error)
     if Path(name).exists():
         return f"model.name_or_path: could not load the {what} from folder {name} ({first})"
     offline = unreachable_note() or (" HF_HUB_OFFLINE is set, so nothing is downloaded." if offline_by_choice() else "")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import RunDirError
+from ..errors import RunDirError, typed_first_line
 from ..manifest import sync_folder, sync_tree, write_manifest
 from ..model.prompt_tuning import SoftPromptModel
 from ..recipe import Recipe
@@ -75,7 +75,7 @@ def load_checkpoint(recipe: Recipe, folder: Path, accelerator, model, optimizer,
         scheduler.load_state_dict(load_tensors(folder / "scheduler.pt"))
         rng = read_rng_states(folder / f"rng-{accelerator.process_index}.pt")
     except (OSError, RuntimeError, KeyError, ValueError) as e:
-        raise RunDirError(f"{folder}: checkpoint cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise RunDirError(f"{folder}: checkpoint cannot be loaded ({typed_first_line(e)})") from None
     set_rng_states(rng)
     return {k: v for k, v in state.items() if k != "world_size"}
 

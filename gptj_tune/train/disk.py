@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import RunDirError
+from ..errors import RunDirError, first_line
 
 MARGIN = 1.05  # metadata, tokenizer files, rounding
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -58,7 +58,7 @@ def disk_full_message(e: BaseException) -> str | None:
     an error, so nothing is left half-written."""
     if not is_disk_full(e):
         return None
-    said = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    said = first_line(e)
     return f"the disk is full ({said}); nothing half-written was left. Free space, then run the command again"
 
 

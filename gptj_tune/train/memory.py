@@ -204,10 +204,10 @@ def is_out_of_memory(error: BaseException) -> bool:
 def out_of_memory_message(error: BaseException, recipe, device: torch.device, step: int, checkpoints: list) -> str:
     """One message for a step that ran out of memory: where, how much was asked for and held, what
     the plan estimated, what to change, and the checkpoint the run can continue from."""
-    from ..errors import ModelError
+    from ..errors import ModelError, first_line
     from ..plan import GIB, plan
 
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    first = first_line(error)
     asked = re.search(r"(?:Tried to allocate|you tried to allocate) ([\d.]+) (\w+)", first)
     if asked:
         size = f"{float(asked.group(1)) / GIB:.2f} GiB" if asked.group(2) == "bytes" else f"{asked.group(1)} {asked.group(2)}"

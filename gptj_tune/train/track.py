@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ..errors import RecipeError, TrackerError
+from ..errors import RecipeError, TrackerError, typed_first_line
 from ..hub import PROBE_TIMEOUT, connects
 from ..recipe import Recipe
 from ..rundir import RunDir, atomic_write_text
@@ -256,8 +256,7 @@ class Trackers:
 
 def _first_line(error: Exception) -> str:
     """`Type: the message's first line` (at most 300 characters), without a closing full stop."""
-    text = (str(error).strip().splitlines() or [""])[0].rstrip(".")
-    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    text = typed_first_line(error).rstrip(".")
     return text if len(text) <= 300 else text[:297] + "..."
 
 

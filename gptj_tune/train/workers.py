@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..errors import first_line
 from ..heartbeat import Heartbeat, quiet_for
 
 ERROR_DIR_ENV = "GPTJ_TUNE_ERROR_DIR"
@@ -131,7 +132,7 @@ def describe_failure(e: BaseException) -> tuple[str, bool] | None:
     After a timeout, ranks of this machine that stopped running are killed, so the job ends now."""
     if not in_worker():
         return None
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    text = first_line(e)
     if lost := next((word for word in PEER_LOST if word in text), None):
         return f"lost the connection to another rank, which ended first ({type(e).__name__}: {lost})", True
     if any(word in text for word in TIMED_OUT) and ("gloo" in text.lower() or "nccl" in text.lower()
