@@ -15,6 +15,7 @@ trained to end documents with: no new special tokens, so no embedding rows to tr
 from __future__ import annotations
 
 from ..errors import DataError
+from .unicode import half_surrogate
 
 GPTJ_CHAT = (
     "{%- for message in messages -%}"
@@ -101,10 +102,8 @@ def _text_of(content, where: str) -> str:
         content = "".join(texts)
     if not isinstance(content, str):
         raise DataError(f"{where} must be a string (or a list of text parts), got {type(content).__name__}")
-    try:
-        content.encode("utf-8")
-    except UnicodeEncodeError:
-        raise DataError(f"{where} holds half of a UTF-16 surrogate pair, not text") from None
+    if (wrong := half_surrogate(content)) is not None:
+        raise DataError(f"{where} {wrong}")
     return content
 
 

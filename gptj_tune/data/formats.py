@@ -18,6 +18,7 @@ from ..hub import hub_reachable, unreachable_note
 from ..recipe import SourceSection
 from . import synthetic
 from .chat import messages_of
+from .unicode import half_surrogate
 
 # (record field, fields it may come from in the file), per instruction format.
 FIELD_MAPS = {
@@ -107,9 +108,6 @@ def _to_record(source: SourceSection, raw, origin: str) -> dict:
     return record
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def _field(raw: dict, name: str, origin: str, allow_empty: bool) -> str:
     if name not in raw:
         raise DataError(f"{origin}: missing field `{name}` (fields present: {', '.join(raw) or 'none'})")
@@ -118,9 +116,8 @@ def _field(raw: dict, name: str, origin: str, allow_empty: bool) -> str:
         return ""
     if not isinstance(value, str):
         raise DataError(f"{origin}: field `{name}` must be a string, got {type(value).__name__}")
-    if (half := _SURROGATE.search(value)) is not None:  # JSON allows "\ud800"; no tokenizer takes it
-        raise DataError(f"{origin}: field `{name}` holds {half.group()!r} at character {half.start() + 1}, half of a "
-                        f"UTF-16 surrogate pair and not text")  # fmt: skip
+    if (wrong := half_surrogate(value)) is not None:
+        raise DataError(f"{origin}: field `{name}` {wrong}")
     if not allow_empty and (not value or value.isspace()):  # (no copy of a document of gigabytes)
         raise DataError(f"{origin}: field `{name}` is empty")
     return value

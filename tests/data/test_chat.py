@@ -125,6 +125,8 @@ def test_train_on_prompt_and_a_recipes_own_template(tmp_path, gpt2_tokenizer):
     ({"system": 3, "conversations": [{"from": "gpt", "value": "a"}]}, "`system` must be a string (or a list of text parts), got int"),
     ({"messages": [{"role": "user", "content": "hi"}]}, "the conversation has no assistant turn"),
     ({"conversations": [{"from": "human", "value": "hi"}, "oops"]}, "`conversations[1]` must be an object with `from` and `value`"),
+    ({"messages": [{"role": "user", "content": "hi \ud800"}, {"role": "assistant", "content": "a"}]},  # JSON's "\ud800"
+     "`messages[0]`: `content` holds '\\ud800' at character 4, half of a UTF-16 surrogate pair and not text"),
 ])  # fmt: skip
 def test_a_bad_conversation_is_a_file_line_error_or_skipped_and_counted(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
