@@ -174,6 +174,27 @@ def _pieces(text: str, exact_cuts: bool) -> Iterator[str]:
     yield text[start:]
 
 
+def _streamed_pieces(parts: Iterator[str], exact_cuts: bool) -> Iterator[str]:
+    """`_pieces` of a document read a part at a time (a TextFile): the text after the last cut
+    waits for the next part, so at most a part and a piece are held."""
+    if not exact_cuts:
+        yield "".join(parts)  # no exact cut known: the document is tokenized whole
+        return
+    pending = ""
+    for part in parts:
+        pending = pending + part if pending else part
+        start = 0
+        while len(pending) - start > 2 * PIECE_CHARS:
+            m = _CUT.search(pending, start + PIECE_CHARS)
+            if m is None:
+                break
+            yield pending[start : m.start()]
+            start = m.start()
+        pending = pending[start:]
+    if pending:
+        yield pending
+
+
 def _write_text(records, encode, exact: bool, eos: int, max_length: int, slots: int, writer: StoreWriter,
                 counter: _Counter) -> None:  # fmt: skip
     """Documents joined with EOS and cut into blocks of max_length - slots tokens; every token is a
@@ -201,7 +222,8 @@ def _write_text(records, encode, exact: bool, eos: int, max_length: int, slots: 
         texts, ends, chars = [], [], 0
 
     for record in records:
-        for piece in _pieces(record["text"], exact):
+        text = record["text"]
+        for piece in _pieces(text, exact) if isinstance(text, str) else _streamed_pieces(text.parts(), exact):
             if chars >= CHARS_PER_CHUNK:  # also inside a long document: its tokens never all wait in lists
                 flush(final=False)
             texts.append(piece)

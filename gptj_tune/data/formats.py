@@ -1,12 +1,14 @@
 """Readers for the data formats: alpaca, dolly, text, jsonl (field mapping), synthetic.
 
 Each reader yields plain records: `{"instruction", "input", "output", "origin"}` for instruction
-data, `{"text", "origin"}` for raw text. `origin` is "file:line" so any later error can point at it.
+data, `{"text", "origin"}` for raw text (a `.txt` file's text is a `TextFile`, read a part at a
+time). `origin` is "file:line" so any later error can point at it.
 Malformed records raise DataError naming file, line and field, or are skipped and counted.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from dataclasses import dataclass, field
@@ -25,6 +27,27 @@ FIELD_MAPS = {
     "alpaca": {"instruction": "instruction", "input": "input", "output": "output"},
     "dolly": {"instruction": "instruction", "input": "context", "output": "response"},
 }
+
+
+TEXT_PART_CHARS = 16 << 20  # a .txt document is read this many characters at a time
+_CHECK_BYTES = 16 << 20  # and checked this many bytes at a time first
+
+
+@dataclass(frozen=True)
+class TextFile:
+    """A `.txt` document (one record), read a part at a time as it is tokenized: a corpus file of
+    gigabytes is never held whole (it was, about twice over while it was decoded). UTF-8 with the
+    BOM stripped and line ends made `\n`, as checked beforehand by `_text_file_row`."""
+
+    path: Path
+
+    def parts(self) -> Iterator[str]:
+        with open(self.path, encoding="utf-8-sig", newline=None) as f:  # \r\n and \r become \n, across parts too
+            while part := f.read(TEXT_PART_CHARS):
+                yield part
+
+    def read(self) -> str:
+        return "".join(self.parts())
 
 
 @dataclass
@@ -50,7 +73,8 @@ class SkipLog:
 def read_source(source: SourceSection, index: int, on_bad_record: str) -> SourceRecords:
     """Every record of one `data.sources[index]` entry, in a list (`iter_records` streams them)."""
     log = SkipLog(keep=10**9)
-    records = list(iter_records(source, index, on_bad_record, log))
+    records = [{**r, "text": r["text"].read()} if isinstance(r.get("text"), TextFile) else r
+               for r in iter_records(source, index, on_bad_record, log)]  # fmt: skip
     return SourceRecords(records, log.messages)
 
 
@@ -89,7 +113,9 @@ def _to_record(source: SourceSection, raw, origin: str) -> dict:
     if not isinstance(raw, dict):
         raise DataError(f"{origin}: expected a JSON object, got {type(raw).__name__}")
     if source.format == "text":
-        return {"text": _field(raw, source.text_field, origin, allow_empty=False), "origin": origin}
+        text = raw.get(source.text_field)
+        return {"text": text if isinstance(text, TextFile) else _field(raw, source.text_field, origin, allow_empty=False),
+                "origin": origin}  # fmt: skip
     if source.format == "chat":
         return {"messages": messages_of(raw, origin), "origin": origin}
     if source.format == "jsonl":
@@ -137,23 +163,35 @@ def _raw_rows(source: SourceSection, key: str) -> Iterator[tuple[str, object]]:
         return
     for file in files:
         if file.suffix == ".txt":
-            try:
-                yield f"{file}:1", {source.text_field: read_text_file(file)}
-            except UnicodeDecodeError as e:  # the whole document is one record
-                data = file.read_bytes()
-                line = data.count(b"\n", 0, e.start) + 1
-                yield f"{file}:{line}", _Malformed(f"{file}:{line}: not UTF-8 text (byte {e.start + 1} of the file is "
-                                                   f"{data[e.start]:#04x}); the document is one record")  # fmt: skip
+            yield _text_file_row(file, source.text_field)
         elif file.suffix == ".jsonl" or _starts_with(file) != "[":
             yield from _jsonl_rows(file)
         else:
             yield from _json_array_rows(file)
 
 
-def read_text_file(file: Path) -> str:
-    """A .txt document with the BOM stripped and line ends normalised; UnicodeDecodeError if it is not UTF-8."""
-    text = file.read_bytes().decode("utf-8-sig")  # strict: a byte that is not UTF-8 is the caller's malformed record
-    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text  # (no copies of a Unix file)
+def _text_file_row(file: Path, text_field: str) -> tuple[str, object]:
+    """A .txt file's one record: its TextFile, once a pass over the file found UTF-8 that is not all
+    blank; otherwise what is wrong (a malformed record naming the line, or an empty field)."""
+    decoder, done, newlines, blank = codecs.getincrementaldecoder("utf-8")(), 0, 0, True  # strict
+    with open(file, "rb") as f:
+        while True:
+            block = f.read(_CHECK_BYTES)
+            if done == 0 and block.startswith(b"\xef\xbb\xbf"):  # the BOM
+                block, done = block[3:], 3
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:  # e.object: the bytes held over from the last block, then this one
+                at = done - (len(e.object) - len(block)) + e.start
+                line = newlines + e.object.count(b"\n", 0, e.start) + 1
+                return f"{file}:{line}", _Malformed(f"{file}:{line}: not UTF-8 text (byte {at + 1} of the file is "
+                                                    f"{e.object[e.start]:#04x}); the document is one record")  # fmt: skip
+            done += len(block)
+            newlines += text.count("\n")
+            blank = blank and (not text or text.isspace())
+            if not block:
+                break
+    return f"{file}:1", {text_field: "" if blank else TextFile(file)}
 
 
 def _starts_with(file: Path) -> str:

@@ -17,6 +17,7 @@ from gptj_tune.data import prepare_data, split_indices
 from gptj_tune.data.build import _pieces
 from gptj_tune.data.encode import encoder
 from gptj_tune.data.formats import read_source
+from gptj_tune.errors import DataError
 from gptj_tune.data.templates import BUILTIN_TEMPLATES
 from gptj_tune.data.tokens import IGNORE, tokenize_instructions, tokenize_text
 from gptj_tune.recipe import DataSection, SourceSection
@@ -192,6 +193,60 @@ def test_long_documents_are_tokenized_a_chunk_at_a_time_into_the_same_store(tmp_
     assert len(flushes) >= 12  # a flush every 100k+ characters (whole 64k pieces), inside documents too (by document: 6)
     assert set(whole) >= {"tokens.bin", "targets.bin", "train.npy", "eval.npy"} and len(whole["tokens.bin"]) > 900_000
     assert chunked == whole
+
+
+def test_a_text_file_is_read_a_part_at_a_time_into_the_same_store(tmp_path, shared_data, gpt2_tokenizer, monkeypatch):
+    """A .txt document is read TEXT_PART_CHARS at a time (a corpus file of gigabytes used to be held
+    whole, twice over while decoded): with parts far smaller than the novels, a BOM and Windows line
+    ends cut between parts, the store is the same byte for byte as with one part per file."""
+    import gptj_tune.data.build as build
+    import gptj_tune.data.formats as formats
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    alice = (shared_data / "domain" / "alice_in_wonderland_pg11.txt").read_bytes().removeprefix(b"\xef\xbb\xbf")
+    (corpus / "a.txt").write_bytes(b"\xef\xbb\xbf" + alice.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+    (corpus / "b.txt").write_bytes((shared_data / "domain" / "pride_and_prejudice_pg1342.txt").read_bytes())
+    (corpus / "c.txt").write_bytes("naïve café — 東京 🙂\r\nline two\rline three".encode())
+    parts = []
+
+    def store(part_chars: int, name: str) -> dict[str, bytes]:
+        monkeypatch.setattr(formats, "TEXT_PART_CHARS", part_chars)
+        section = DataSection(sources=[SourceSection(format="text", path=str(corpus))], max_length=256,
+                              eval_fraction=0.05, cache_dir=str(tmp_path / name))  # fmt: skip
+        folder = prepare_data(section, gpt2_tokenizer).store.folder
+        return {p.name: p.read_bytes() for p in folder.iterdir() if p.suffix in (".bin", ".npy")}
+
+    whole = store(10**9, "whole")
+    streamed_pieces = build._streamed_pieces
+    monkeypatch.setattr(build, "_streamed_pieces", lambda it, exact: streamed_pieces((parts.append(p) or p for p in it), exact))
+    assert store(30_001, "parts") == whole
+    assert len(parts) > 25 and max(map(len, parts)) == 30_001 and any(p.startswith("\n") for p in parts)
+    # Read back as records, each file is its text with the BOM gone and every line end a newline.
+    records = read_source(SourceSection(format="text", path=str(corpus)), 0, "fail").records
+    assert records[0]["text"] == alice.decode("utf-8-sig").replace("\r\n", "\n")
+    assert records[2]["text"] == "naïve café — 東京 🙂\nline two\nline three"
+
+
+def test_a_text_file_that_is_not_utf8_or_blank_is_named_as_checked_a_block_at_a_time(tmp_path, monkeypatch):
+    """The check before a .txt file is read goes a block at a time; a character cut between blocks
+    is still text, and the line and byte of the first one that is not are the file's own."""
+    import gptj_tune.data.formats as formats
+
+    monkeypatch.setattr(formats, "_CHECK_BYTES", 7)
+    good = tmp_path / "good.txt"
+    good.write_bytes("\ufeffé東🙂\nabc".encode())  # multibyte characters across the 7-byte blocks
+    assert read_source(SourceSection(format="text", path=str(good)), 0, "fail").records[0]["text"] == "é東🙂\nabc"
+    bad = tmp_path / "bad.txt"
+    data = "one\ntwo 東\nthree ".encode() + b"\xe6\x9d" + b" four\n"  # a character cut short on line 3
+    bad.write_bytes(data)
+    at = data.rindex(bytes([0xE6, 0x9D])) + 1
+    with pytest.raises(DataError, match=rf"{bad}:3: not UTF-8 text \(byte {at} of the file is 0xe6\); the document is one record"):
+        read_source(SourceSection(format="text", path=str(bad)), 0, "fail")
+    blank = tmp_path / "blank.txt"
+    blank.write_bytes(b"\xef\xbb\xbf" + b" \r\n\t\n" * 5)
+    with pytest.raises(DataError, match=rf"{blank}:1: field `text` is empty"):
+        read_source(SourceSection(format="text", path=str(blank)), 0, "fail")
 
 
 def test_rows_read_from_the_mapping_are_what_batches_collate(tmp_path, shared_data, gpt2_tokenizer):
