@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import codecs
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -20,6 +19,7 @@ from ..hub import hub_reachable, unreachable_note
 from ..recipe import SourceSection
 from . import synthetic
 from .chat import messages_of
+from .json_array import json_array_rows
 from .unicode import half_surrogate
 
 # (record field, fields it may come from in the file), per instruction format.
@@ -167,7 +167,7 @@ def _raw_rows(source: SourceSection, key: str) -> Iterator[tuple[str, object]]:
         elif file.suffix == ".jsonl" or _starts_with(file) != "[":
             yield from _jsonl_rows(file)
         else:
-            yield from _json_array_rows(file)
+            yield from json_array_rows(file)
 
 
 def _text_file_row(file: Path, text_field: str) -> tuple[str, object]:
@@ -220,40 +220,6 @@ def _jsonl_rows(file: Path) -> Iterator[tuple[str, object]]:
                 yield origin, _Malformed(f"{origin}: a JSON value Python will not read ({str(e).split(':')[0]})")
             except RecursionError:
                 yield origin, _Malformed(f"{origin}: JSON nested too deeply to read (thousands of levels)")
-
-
-_BETWEEN_ITEMS = re.compile(r"[ \t\r\n,]*")
-
-
-def _json_array_rows(file: Path) -> Iterator[tuple[str, object]]:
-    """Items of a JSON array, each with the line it starts on."""
-    data = file.read_bytes()
-    try:
-        text = data.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{file}:{line}: not UTF-8 text (byte {e.start + 1} of the file is {data[e.start]:#04x}); a JSON "
-                        f"array is read whole, so this file cannot be read: fix or remove that byte") from None  # fmt: skip
-    decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    line, counted_to = 1, 0  # newlines are counted incrementally: the file can be tens of MB
-    while True:
-        pos = _BETWEEN_ITEMS.match(text, pos).end()
-        if pos >= len(text):
-            raise DataError(f"{file}: the JSON array is not closed with `]`")
-        if text[pos] == "]":
-            return
-        line += text.count("\n", counted_to, pos)
-        counted_to = pos
-        try:
-            item, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{file}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-        except ValueError as e:  # an integer of more than 4300 digits
-            raise DataError(f"{file}:{line}: a JSON value Python will not read ({str(e).split(':')[0]})") from None
-        except RecursionError:
-            raise DataError(f"{file}:{line}: JSON nested too deeply to read (thousands of levels)") from None
-        yield f"{file}:{line}", item
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections import Counter
 
 import numpy as np
@@ -272,3 +273,47 @@ def test_prepare_data_mixes_weighted_sources(shared_data, gpt2_tokenizer):
     examples_in_rows = sum(int((r.position_ids == 0).sum()) for r in data.train_rows)
     assert examples_in_rows == 2 * train_alpaca + round(0.5 * train_dolly)
     assert rows_tokens > 0 and data.padding_efficiency > 0.9
+
+
+def _lines_of_items(text: str) -> list[int]:
+    """The line each top-level item of a JSON array starts on, decoding the text whole."""
+    decoder, pos, lines = json.JSONDecoder(), text.index("[") + 1, []
+    while True:
+        pos = re.compile(r"[ \t\r\n,]*").match(text, pos).end()
+        if text[pos] == "]":
+            return lines
+        lines.append(text.count("\n", 0, pos) + 1)
+        pos = decoder.raw_decode(text, pos)[1]
+
+
+@pytest.mark.parametrize("block", [7, 64, 1000])
+def test_a_json_array_is_read_a_block_at_a_time_with_its_items_and_lines_as_whole(tmp_path, shared_data, monkeypatch, block):
+    """A JSON array file (Alpaca's format, ShareGPT dumps) is decoded a block at a time, no longer
+    whole: with blocks shorter than an item (cutting characters, escapes, numbers and strings), the
+    items and their lines are those of the file read whole, and errors name the file's own line."""
+    import gptj_tune.data.json_array as json_array
+
+    monkeypatch.setattr(json_array, "BLOCK_BYTES", block)
+    items = [{"instruction": f"naïve 東京 🙂 \\u00e9 \"{i}\"\\\\", "input": "", "output": "x" * (i * 37 % 300)} for i in range(60)]
+    text = "\ufeff[\r\n" + ",\n".join(json.dumps(x, ensure_ascii=i % 2 == 0, indent=i % 3 or None) for i, x in enumerate(items))
+    text += ", 12345678901234567890, 1.5e300, -0.25, true, null, [1, [2]]\n]\n"
+    path = tmp_path / "a.json"
+    path.write_text(text, encoding="utf-8")
+    rows = list(json_array.json_array_rows(path))
+    assert [item for _, item in rows] == json.loads(text.removeprefix("\ufeff"))
+    assert [origin for origin, _ in rows] == [f"{path}:{n}" for n in _lines_of_items(text)]
+    if block == 64:  # the shared Alpaca file: 2,000 items, each on the line it starts on
+        alpaca = shared_data / "alpaca" / "alpaca_2k.json"
+        rows = list(json_array.json_array_rows(alpaca))
+        whole = alpaca.read_text(encoding="utf-8-sig")
+        assert [item for _, item in rows] == json.loads(whole) and [o for o, _ in rows] == [f"{alpaca}:{n}" for n in _lines_of_items(whole)]
+    bad = tmp_path / "bad.json"
+    bad.write_text(text.replace('"output": "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"', '"output": "x" "y"', 1), encoding="utf-8")
+    with pytest.raises(json.JSONDecodeError) as whole:
+        json.loads(bad.read_text(encoding="utf-8-sig"))
+    with pytest.raises(DataError, match=rf"{bad}:{whole.value.lineno}: not valid JSON \(Expecting ',' delimiter at column "
+                                        rf"{whole.value.colno}\)"):  # fmt: skip
+        list(json_array.json_array_rows(bad))
+    bad.write_text(text.rstrip().removesuffix("]"), encoding="utf-8")
+    with pytest.raises(DataError, match=rf"{bad}: the JSON array is not closed with `]`"):
+        list(json_array.json_array_rows(bad))
