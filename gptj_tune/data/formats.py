@@ -8,7 +8,6 @@ Malformed records raise DataError naming file, line and field, or are skipped an
 
 from __future__ import annotations
 
-import codecs
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from ..recipe import SourceSection
 from . import synthetic
 from .chat import messages_of
 from .json_array import json_array_rows
-from .unicode import half_surrogate
+from .unicode import NotUtf8, half_surrogate, utf8_blocks
 
 # (record field, fields it may come from in the file), per instruction format.
 FIELD_MAPS = {
@@ -173,24 +172,14 @@ def _raw_rows(source: SourceSection, key: str) -> Iterator[tuple[str, object]]:
 def _text_file_row(file: Path, text_field: str) -> tuple[str, object]:
     """A .txt file's one record: its TextFile, once a pass over the file found UTF-8 that is not all
     blank; otherwise what is wrong (a malformed record naming the line, or an empty field)."""
-    decoder, done, newlines, blank = codecs.getincrementaldecoder("utf-8")(), 0, 0, True  # strict
-    with open(file, "rb") as f:
-        while True:
-            block = f.read(_CHECK_BYTES)
-            if done == 0 and block.startswith(b"\xef\xbb\xbf"):  # the BOM
-                block, done = block[3:], 3
-            try:
-                text = decoder.decode(block, final=not block)
-            except UnicodeDecodeError as e:  # e.object: the bytes held over from the last block, then this one
-                at = done - (len(e.object) - len(block)) + e.start
-                line = newlines + e.object.count(b"\n", 0, e.start) + 1
-                return f"{file}:{line}", _Malformed(f"{file}:{line}: not UTF-8 text (byte {at + 1} of the file is "
-                                                    f"{e.object[e.start]:#04x}); the document is one record")  # fmt: skip
-            done += len(block)
-            newlines += text.count("\n")
-            blank = blank and (not text or text.isspace())
-            if not block:
-                break
+    blank = True
+    try:
+        with open(file, "rb") as f:
+            for text in utf8_blocks(f, _CHECK_BYTES):
+                blank = blank and text.isspace()
+    except NotUtf8 as e:
+        return f"{file}:{e.line}", _Malformed(f"{file}:{e.line}: not UTF-8 text (byte {e.byte} of the file is "
+                                              f"{e.value:#04x}); the document is one record")  # fmt: skip
     return f"{file}:1", {text_field: "" if blank else TextFile(file)}
 
 

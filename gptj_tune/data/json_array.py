@@ -9,13 +9,13 @@ the file's own line (and byte, for one that is not UTF-8).
 
 from __future__ import annotations
 
-import codecs
 import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import DataError
+from .unicode import NotUtf8, utf8_blocks
 
 BLOCK_BYTES = 8 << 20  # read at a time
 _BETWEEN_ITEMS = re.compile(r"[ \t\r\n,]*")
@@ -27,29 +27,20 @@ class _Window:
 
     def __init__(self, file: Path):
         self.file, self.f = file, open(file, "rb")
-        self.decoder = codecs.getincrementaldecoder("utf-8")()  # strict
+        self.blocks = utf8_blocks(self.f, BLOCK_BYTES)
         self.text, self.line, self.column = "", 1, 0  # the file's line and column of text[0]
-        self.read_bytes, self.newlines, self.eof = 0, 0, False
 
     def more(self) -> bool:
         """Read and decode the next block onto the window; False at the end of the file."""
-        if self.eof:
-            return False
-        block = self.f.read(BLOCK_BYTES)
-        if self.read_bytes == 0 and block.startswith(b"\xef\xbb\xbf"):
-            block, self.read_bytes = block[3:], 3
         try:
-            decoded = self.decoder.decode(block, final=not block)
-        except UnicodeDecodeError as e:  # e.object: the bytes held over from the last block, then this one
-            at = self.read_bytes - (len(e.object) - len(block)) + e.start
-            line = self.newlines + e.object.count(b"\n", 0, e.start) + 1
-            raise DataError(f"{self.file}:{line}: not UTF-8 text (byte {at + 1} of the file is {e.object[e.start]:#04x}); "
+            decoded = next(self.blocks, None)
+        except NotUtf8 as e:
+            raise DataError(f"{self.file}:{e.line}: not UTF-8 text (byte {e.byte} of the file is {e.value:#04x}); "
                             f"a JSON array is one unit, so this file cannot be read: fix or remove that byte") from None  # fmt: skip
-        self.read_bytes += len(block)
-        self.newlines += decoded.count("\n")
+        if decoded is None:
+            return False
         self.text += decoded
-        self.eof = not block
-        return not self.eof or bool(decoded)
+        return True
 
     def drop_before(self, pos: int) -> None:
         """Forget the text before `pos` (keeping track of where the window starts)."""

@@ -237,6 +237,9 @@ def test_a_text_file_that_is_not_utf8_or_blank_is_named_as_checked_a_block_at_a_
     good = tmp_path / "good.txt"
     good.write_bytes("\ufeffé東🙂\nabc".encode())  # multibyte characters across the 7-byte blocks
     assert read_source(SourceSection(format="text", path=str(good)), 0, "fail").records[0]["text"] == "é東🙂\nabc"
+    monkeypatch.setattr(formats, "_CHECK_BYTES", 3)  # a first block that is the BOM alone is not the file's end
+    assert read_source(SourceSection(format="text", path=str(good)), 0, "fail").records[0]["text"] == "é東🙂\nabc"
+    monkeypatch.setattr(formats, "_CHECK_BYTES", 7)
     bad = tmp_path / "bad.txt"
     data = "one\ntwo 東\nthree ".encode() + b"\xe6\x9d" + b" four\n"  # a character cut short on line 3
     bad.write_bytes(data)
