@@ -12,7 +12,7 @@ import random
 import re
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -158,25 +158,11 @@ def cuts_are_exact(tokenizer) -> bool:
 _CUT = re.compile(r"(?<=\S\n)(?=\S)")
 
 
-def _pieces(text: str, exact_cuts: bool) -> Iterator[str]:
-    """A document cut into pieces of about PIECE_CHARS at newlines between non-space characters,
-    one at a time (a document of gigabytes is never copied whole into pieces)."""
-    if not exact_cuts or len(text) <= 2 * PIECE_CHARS:
-        yield text
-        return
-    start = 0
-    while len(text) - start > 2 * PIECE_CHARS:
-        m = _CUT.search(text, start + PIECE_CHARS)
-        if m is None:
-            break
-        yield text[start : m.start()]
-        start = m.start()
-    yield text[start:]
-
-
-def _streamed_pieces(parts: Iterator[str], exact_cuts: bool) -> Iterator[str]:
-    """`_pieces` of a document read a part at a time (a TextFile): the text after the last cut
-    waits for the next part, so at most a part and a piece are held."""
+def _pieces(parts: Iterable[str], exact_cuts: bool) -> Iterator[str]:
+    """A document, given whole or a part at a time (a TextFile's parts), cut into pieces of about
+    PIECE_CHARS at newlines between non-space characters, one at a time: the text after the last
+    cut waits for the next part, so at most a part and a piece are held, and a document of
+    gigabytes is never copied whole into pieces."""
     if not exact_cuts:
         yield "".join(parts)  # no exact cut known: the document is tokenized whole
         return
@@ -223,7 +209,7 @@ def _write_text(records, encode, exact: bool, eos: int, max_length: int, slots: 
 
     for record in records:
         text = record["text"]
-        for piece in _pieces(text, exact) if isinstance(text, str) else _streamed_pieces(text.parts(), exact):
+        for piece in _pieces([text] if isinstance(text, str) else text.parts(), exact):
             if chars >= CHARS_PER_CHUNK:  # also inside a long document: its tokens never all wait in lists
                 flush(final=False)
             texts.append(piece)

@@ -166,7 +166,7 @@ def test_the_fast_encoder_gives_the_tokenizers_ids(shared_data, gpt2_tokenizer):
 
 def test_a_long_document_cut_into_pieces_tokenizes_as_whole(shared_data, gpt2_tokenizer):
     text = (shared_data / "domain" / "pride_and_prejudice_pg1342.txt").read_text(encoding="utf-8-sig")
-    pieces = list(_pieces(text, exact_cuts=True))
+    pieces = list(_pieces([text], exact_cuts=True))
     assert len(pieces) > 5 and "".join(pieces) == text
     encode, _ = encoder(gpt2_tokenizer)
     assert [t for p in encode(pieces) for t in p] == gpt2_tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -199,7 +199,6 @@ def test_a_text_file_is_read_a_part_at_a_time_into_the_same_store(tmp_path, shar
     """A .txt document is read TEXT_PART_CHARS at a time (a corpus file of gigabytes used to be held
     whole, twice over while decoded): with parts far smaller than the novels, a BOM and Windows line
     ends cut between parts, the store is the same byte for byte as with one part per file."""
-    import gptj_tune.data.build as build
     import gptj_tune.data.formats as formats
 
     corpus = tmp_path / "corpus"
@@ -218,8 +217,8 @@ def test_a_text_file_is_read_a_part_at_a_time_into_the_same_store(tmp_path, shar
         return {p.name: p.read_bytes() for p in folder.iterdir() if p.suffix in (".bin", ".npy")}
 
     whole = store(10**9, "whole")
-    streamed_pieces = build._streamed_pieces
-    monkeypatch.setattr(build, "_streamed_pieces", lambda it, exact: streamed_pieces((parts.append(p) or p for p in it), exact))
+    text_parts = formats.TextFile.parts
+    monkeypatch.setattr(formats.TextFile, "parts", lambda self: (parts.append(p) or p for p in text_parts(self)))
     assert store(30_001, "parts") == whole
     assert len(parts) > 25 and max(map(len, parts)) == 30_001 and any(p.startswith("\n") for p in parts)
     # Read back as records, each file is its text with the BOM gone and every line end a newline.
