@@ -16,6 +16,7 @@ import subprocess
 import sys
 import re
 import tempfile
+import time
 from pathlib import Path
 
 from rich.markup import escape
@@ -24,11 +25,15 @@ from rich.markup import escape
 # and starts it ~1 s sooner without importing torch first.
 from ..errors import RecipeError
 from ..recipe import Recipe
+from ..stages import warner
 from .extension_builds import prepare_deepspeed_builds
-from .workers import COMMAND_PID_ENV, ERROR_DIR_ENV, TIMEOUT_ENV, command_id, in_worker
+from .workers import COMMAND_PID_ENV, ERROR_DIR_ENV, TIMEOUT_ENV, command_id, in_worker, is_running
 
 # Ctrl-C, SIGTERM, and SIGHUP (the terminal closed): each stops the workers, after a checkpoint.
 FORWARDED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+# How long a worker may still run after another one of this machine finished the run.
+EXIT_GRACE_S = 60.0
+EXIT_GRACE_ENV = "GPTJ_TUNE_EXIT_GRACE_S"
 
 def needs_launch(recipe: Recipe) -> bool:
     return recipe.distributed.world_size > 1 and not in_worker()
@@ -85,11 +90,43 @@ def launch(recipe: Recipe, argv: list[str], console) -> int:
                 if signalled:  # it came while the launcher was being started
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(launcher.pid, signalled[0])
-                code = launcher.wait()
+                code, stuck = end_stuck_workers(launcher, Path(errors))
+                if stuck and code != 0 and not list(Path(errors).glob("rank-*.json")):  # none failed: the run is whole
+                    warner(console)(f"rank(s) {', '.join(map(str, stuck))} still ran {_exit_grace():.0f} s after another "
+                                    f"rank finished the run (stuck in its teardown) and were killed; the run is complete")  # fmt: skip
+                    code = 0
             return _outcome(code, Path(errors), log, bool(signalled), console)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _exit_grace() -> float:
+    return float(os.environ.get(EXIT_GRACE_ENV) or EXIT_GRACE_S)
+
+
+def end_stuck_workers(launcher: subprocess.Popen, errors: Path) -> tuple[int, list[int]]:
+    """Wait for the launcher; returns its exit code and the ranks killed on the way. Once a worker
+    of this machine has finished the run (it left `done-RANK` with exit code 0: every rank had
+    passed the run's last barrier), a worker still running EXIT_GRACE_S later is stuck in its
+    teardown, and the launcher would wait for it for good: it is killed. Seen in CI: a rank hung in
+    gloo's process-group destructor, waiting on the peer that had exited."""
+    stuck: list[int] = []
+    while True:
+        try:
+            return launcher.wait(timeout=1.0), stuck
+        except subprocess.TimeoutExpired:
+            pass
+        finished = [p.stat().st_mtime for p in errors.glob("done-*") if p.read_text().strip() == "0"]
+        if not finished or time.time() - min(finished) < _exit_grace():
+            continue
+        for pid_file in errors.glob("pid-*"):
+            rank = int(pid_file.name.removeprefix("pid-"))
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(pid_file.read_text())
+                if rank not in stuck and is_running(str(pid)):
+                    os.kill(pid, signal.SIGKILL)
+                    stuck.append(rank)
 
 
 def _outcome(code: int | None, errors: Path, log, signalled: bool, console) -> int:

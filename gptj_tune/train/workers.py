@@ -86,7 +86,9 @@ def _proc_stat(pid: int | str) -> list[str] | None:
         return None
 
 
-def _alive(command: str) -> bool:
+def is_running(command: str) -> bool:
+    """Whether the process `pid:start time` (or a bare `pid`) runs: not ended, not a zombie, not a
+    later process given the same pid."""
     pid_text, _, started = command.partition(":")
     if Path("/proc/self/stat").exists():  # Linux: a zombie, or a new process with the same pid, is gone too
         fields = _proc_stat(pid_text)
@@ -101,7 +103,7 @@ def _alive(command: str) -> bool:
 
 
 def _watch(command: str) -> None:
-    while _alive(command):
+    while is_running(command):
         time.sleep(1.0)
     os.kill(os.getpid(), signal.SIGTERM)  # stop as on Ctrl-C: a checkpoint after this step, then exit
 
@@ -176,7 +178,13 @@ def leave_worker(code: int) -> None:
     freed while the interpreter is being torn down, and gloo's C++ side sometimes aborts there
     ("terminate called without an active exception", SIGABRT: seen in CI after a finished ZeRO-2 run,
     whose launcher then reported a failure). atexit handlers still run and output is flushed; only
-    the finalization of leftover objects is skipped."""
+    the finalization of leftover objects is skipped. It first leaves `done-RANK` (the exit code) for
+    the launching process, which ends a worker still running a while after another finished
+    (`launch.end_stuck_workers`)."""
+    folder = _folder()
+    if folder is not None:  # this rank's work is over: the launching process watches for what follows
+        with contextlib.suppress(OSError):
+            _write(folder / f"done-{_rank()}", str(code))
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
