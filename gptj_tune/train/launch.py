@@ -31,7 +31,7 @@ from .workers import COMMAND_PID_ENV, ERROR_DIR_ENV, TIMEOUT_ENV, command_id, in
 
 # Ctrl-C, SIGTERM, and SIGHUP (the terminal closed): each stops the workers, after a checkpoint.
 FORWARDED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
-# How long a worker may still run after another one of this machine finished the run.
+# How long a worker may still run after rank 0 finished the run.
 EXIT_GRACE_S = 60.0
 EXIT_GRACE_ENV = "GPTJ_TUNE_EXIT_GRACE_S"
 
@@ -92,8 +92,8 @@ def launch(recipe: Recipe, argv: list[str], console) -> int:
                         os.killpg(launcher.pid, signalled[0])
                 code, stuck = end_stuck_workers(launcher, Path(errors))
                 if stuck and code != 0 and not list(Path(errors).glob("rank-*.json")):  # none failed: the run is whole
-                    warner(console)(f"rank(s) {', '.join(map(str, stuck))} still ran {_exit_grace():.0f} s after another "
-                                    f"rank finished the run (stuck in its teardown) and were killed; the run is complete")  # fmt: skip
+                    warner(console)(f"rank(s) {', '.join(map(str, stuck))} still ran {_exit_grace():.0f} s after rank 0 "
+                                    f"finished the run (stuck in its teardown) and were killed; the run is complete")  # fmt: skip
                     code = 0
             return _outcome(code, Path(errors), log, bool(signalled), console)
     finally:
@@ -106,19 +106,20 @@ def _exit_grace() -> float:
 
 
 def end_stuck_workers(launcher: subprocess.Popen, errors: Path) -> tuple[int, list[int]]:
-    """Wait for the launcher; returns its exit code and the ranks killed on the way. Once a worker
-    of this machine has finished the run (it left `done-RANK` with exit code 0: every rank had
-    passed the run's last barrier), a worker still running EXIT_GRACE_S later is stuck in its
-    teardown, and the launcher would wait for it for good: it is killed. Seen in CI: a rank hung in
-    gloo's process-group destructor, waiting on the peer that had exited."""
+    """Wait for the launcher; returns its exit code and the ranks killed on the way. Once rank 0
+    has finished the run (it left `done-0` with exit code 0: every rank had passed the run's last
+    barrier, after which no rank has work left), a worker still running EXIT_GRACE_S later is stuck
+    in its teardown, and the launcher would wait for it for good: it is killed. Seen in CI: a rank
+    hung in gloo's process-group destructor, waiting on rank 0, which had exited. (On the other
+    machines of a multi-machine job there is no rank 0 to watch: their launchers wait.)"""
     stuck: list[int] = []
+    done = errors / "done-0"
     while True:
         try:
             return launcher.wait(timeout=1.0), stuck
         except subprocess.TimeoutExpired:
             pass
-        finished = [p.stat().st_mtime for p in errors.glob("done-*") if p.read_text().strip() == "0"]
-        if not finished or time.time() - min(finished) < _exit_grace():
+        if not _finished_before(done, time.time() - _exit_grace()):
             continue
         for pid_file in errors.glob("pid-*"):
             rank = int(pid_file.name.removeprefix("pid-"))
@@ -127,6 +128,14 @@ def end_stuck_workers(launcher: subprocess.Popen, errors: Path) -> tuple[int, li
                 if rank not in stuck and is_running(str(pid)):
                     os.kill(pid, signal.SIGKILL)
                     stuck.append(rank)
+
+
+def _finished_before(done: Path, moment: float) -> bool:
+    """Whether the rank of the `done-RANK` file left it, with exit code 0, before `moment`."""
+    try:
+        return done.read_text().strip() == "0" and done.stat().st_mtime < moment
+    except OSError:
+        return False
 
 
 def _outcome(code: int | None, errors: Path, log, signalled: bool, console) -> int:

@@ -143,7 +143,7 @@ def test_a_worker_stuck_after_the_run_ended_is_killed_and_the_run_succeeds(tmp_p
                 os.kill(pid, signal.SIGKILL)
     assert proc.returncode == 0, out + err
     assert 5 <= time.time() - ended < 5 + 20
-    assert "warning: rank(s) 1 still ran 5 s after another rank finished the run (stuck in its teardown) and were killed; " \
+    assert "warning: rank(s) 1 still ran 5 s after rank 0 finished the run (stuck in its teardown) and were killed; " \
            "the run is complete" in out.replace("\n", ""), out  # fmt: skip
     assert not _alive(stuck) and (run / "final" / "manifest.json").is_file()
 
