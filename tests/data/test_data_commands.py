@@ -95,7 +95,7 @@ def test_a_signal_during_prepare_stops_it_in_one_line_and_leaves_no_half_store(t
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, out[-2000:] + err[-2000:]
-    assert err.strip() == "stopped by SIGTERM; nothing is left half-written" and "store:" not in out
+    assert err.strip() == "stopped by SIGTERM; nothing is left half-written" and "store:" not in out, (err[-3000:], out[-1000:])
     assert list((tmp_path / "cache").iterdir()) == []
 
 
