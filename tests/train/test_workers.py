@@ -142,7 +142,7 @@ def test_a_worker_stuck_after_the_run_ended_is_killed_and_the_run_succeeds(tmp_p
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     assert proc.returncode == 0, out + err
-    assert 5 <= time.time() - ended < 5 + 20
+    assert 4.5 <= time.time() - ended < 5 + 20  # the grace (from done-0's time, a poll before `ended`), then the kill
     assert "warning: rank(s) 1 still ran 5 s after rank 0 finished the run (stuck in its teardown) and were killed; " \
            "the run is complete" in out.replace("\n", ""), out  # fmt: skip
     assert not _alive(stuck) and (run / "final" / "manifest.json").is_file()
