@@ -178,8 +178,7 @@ def _text_file_row(file: Path, text_field: str) -> tuple[str, object]:
             for text in utf8_blocks(f, _CHECK_BYTES):
                 blank = blank and text.isspace()
     except NotUtf8 as e:
-        return f"{file}:{e.line}", _Malformed(f"{file}:{e.line}: not UTF-8 text (byte {e.byte} of the file is "
-                                              f"{e.value:#04x}); the document is one record")  # fmt: skip
+        return f"{file}:{e.line}", _Malformed(f"{file}:{e.line}: {e}; the document is one record")
     return f"{file}:1", {text_field: "" if blank else TextFile(file)}
 
 

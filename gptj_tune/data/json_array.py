@@ -35,8 +35,8 @@ class _Window:
         try:
             decoded = next(self.blocks, None)
         except NotUtf8 as e:
-            raise DataError(f"{self.file}:{e.line}: not UTF-8 text (byte {e.byte} of the file is {e.value:#04x}); "
-                            f"a JSON array is one unit, so this file cannot be read: fix or remove that byte") from None  # fmt: skip
+            raise DataError(f"{self.file}:{e.line}: {e}; a JSON array is one unit, so this file cannot be read: fix or "
+                            f"remove that byte") from None  # fmt: skip
         if decoded is None:
             return False
         self.text += decoded

@@ -22,7 +22,7 @@ class NotUtf8(ValueError):
     """A byte that is not UTF-8: its line and place in the file (both from 1) and its value."""
 
     def __init__(self, line: int, byte: int, value: int):
-        super().__init__(f"line {line}: not UTF-8 text (byte {byte} of the file is {value:#04x})")
+        super().__init__(f"not UTF-8 text (byte {byte} of the file is {value:#04x})")  # the caller names file and line
         self.line, self.byte, self.value = line, byte, value
 
 
