@@ -179,7 +179,7 @@ def leave_worker(code: int) -> None:
     ("terminate called without an active exception", SIGABRT: seen in CI after a finished ZeRO-2 run,
     whose launcher then reported a failure). atexit handlers still run and output is flushed; only
     the finalization of leftover objects is skipped. It first leaves `done-RANK` (the exit code) for
-    the launching process, which ends a worker still running a while after another finished
+    the launching process, which ends a worker still running a while after rank 0 finished
     (`launch.end_stuck_workers`)."""
     folder = _folder()
     if folder is not None:  # this rank's work is over: the launching process watches for what follows
