@@ -29,6 +29,7 @@ from ..errors import DataError
 from ..heartbeat import FILE_GONE, Heartbeat, holder_gone, read_holder
 from ..manifest import sync_folder, sync_tree
 from ..recipe import DataSection
+from ..recipe.inputs import CHAT_KEYS
 from .store import FORMAT_VERSION
 
 HEARTBEAT = 5.0
@@ -53,7 +54,7 @@ def cache_dir_of(section: DataSection) -> Path:
 def cache_key(section: DataSection, tokenizer, prompt_slots: int) -> str:
     spec = {
         "format_version": FORMAT_VERSION,
-        "data": section.model_dump(mode="json", exclude={"cache_dir"}),
+        "data": _data_spec(section),
         "tokenizer": _tokenizer_fingerprint(tokenizer),
         "prompt_slots": prompt_slots,
         "files": [_files_fingerprint(s.path) for s in section.sources],
@@ -61,6 +62,17 @@ def cache_key(section: DataSection, tokenizer, prompt_slots: int) -> str:
     if any(s.format == "chat" for s in section.sources):  # how conversations are read changed: a store built
         spec["chat_reading"] = CHAT_READING  # before reads them as then (a `weight` 0 reply learned) and is not reused
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _data_spec(section: DataSection) -> dict:
+    """The data section as the key sees it. The chat sources' field settings (added after stores
+    existed) count only when set, so a store built before them keeps its key."""
+    spec = section.model_dump(mode="json", exclude={"cache_dir"})
+    for source in spec["sources"]:
+        for key in CHAT_KEYS:
+            if source.get(key) is None:
+                source.pop(key, None)
+    return spec
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:

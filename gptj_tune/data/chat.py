@@ -14,6 +14,8 @@ trained to end documents with: no new special tokens, so no embedding rows to tr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..errors import DataError
 from .unicode import half_surrogate
 
@@ -33,22 +35,46 @@ ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assi
          "bot": "assistant", "model": "assistant"}  # fmt: skip
 
 
+@dataclass(frozen=True)
+class ChatFields:
+    """Where a chat source keeps its turns: the record's field, each turn's role and text keys
+    (None: the OpenAI or ShareGPT defaults), and its role names on top of ROLES."""
+
+    messages: str | None = None
+    role: str | None = None
+    content: str | None = None
+    roles: tuple[tuple[str, str], ...] = ()  # (name in the data, lower case; system, user or assistant)
+    key: str = "this source"  # the recipe key of the source, for the messages
+
+    @classmethod
+    def of(cls, source, key: str) -> "ChatFields":
+        names = tuple((name.lower(), role) for role, names in (source.roles or {}).items() for name in names)
+        return cls(source.messages_field, source.role_field, source.content_field, names, key)
+
+    def role_names(self) -> dict[str, str]:
+        return {**ROLES, **dict(self.roles)}
+
+
 def template_text(spec: str) -> str:
     """A built-in template's Jinja text, or the recipe's own Jinja as it is."""
     return CHAT_TEMPLATES.get(spec, spec)
 
 
-def messages_of(raw: dict, origin: str) -> list[dict]:
+def messages_of(raw: dict, origin: str, fields: ChatFields = ChatFields()) -> list[dict]:
     """`messages: [{role, content}]` (OpenAI) or ShareGPT `conversations: [{from, value}]` (with a
-    top-level `system` prompt, where given), checked, as [{role, content}] with roles system, user,
-    assistant (and `weight` on replies that have one)."""
-    if "messages" in raw:
-        turns, role_key, text_key, field = raw["messages"], "role", "content", "messages"
-    elif "conversations" in raw:
-        turns, role_key, text_key, field = raw["conversations"], "from", "value", "conversations"
-    else:
-        raise DataError(f"{origin}: a chat record needs `messages` (role/content) or `conversations` (from/value); "
-                        f"fields present: {', '.join(raw) or 'none'}")  # fmt: skip
+    top-level `system` prompt, where given), or the field and keys `fields` names, checked, as
+    [{role, content}] with roles system, user, assistant (and `weight` on replies that have one)."""
+    field = fields.messages or ("messages" if "messages" in raw or "conversations" not in raw else "conversations")
+    if field not in raw:
+        wanted = (f"`{field}` (its turns: set {fields.key}.messages_field to the field that holds them)" if fields.messages
+                  else "`messages` (role/content) or `conversations` (from/value), or set "
+                       f"{fields.key}.messages_field to the field holding the turns")  # fmt: skip
+        raise DataError(f"{origin}: a chat record needs {wanted}; fields present: {', '.join(raw) or 'none'}")
+    sharegpt = field == "conversations"
+    turns = raw[field]
+    role_key = fields.role or ("from" if sharegpt else "role")
+    text_key = fields.content or ("value" if sharegpt else "content")
+    role_names = fields.role_names()
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{origin}: `{field}` must be a non-empty list of turns")
     out = []
@@ -56,15 +82,16 @@ def messages_of(raw: dict, origin: str) -> list[dict]:
         where = f"{origin}: `{field}[{n}]`"
         if not isinstance(turn, dict):
             raise DataError(f"{where} must be an object with `{role_key}` and `{text_key}`, got {type(turn).__name__}")
-        for key in (role_key, text_key):
+        for key, setting in ((role_key, "role_field"), (text_key, "content_field")):
             if key not in turn:
-                raise DataError(f"{where} has no `{key}`")
+                raise DataError(f"{where} has no `{key}` (keys present: {', '.join(map(str, turn)) or 'none'}; "
+                                f"{fields.key}.{setting} names the key)")  # fmt: skip
         role, text = turn[role_key], turn[text_key]
-        if not isinstance(role, str) or role.lower() not in ROLES:
-            raise DataError(f"{where}: unknown role {role!r}; expected system, user or assistant "
-                            f"(ShareGPT: system, human, gpt)")  # fmt: skip
+        if not isinstance(role, str) or role.lower() not in role_names:
+            raise DataError(f"{where}: unknown role {role!r}; expected system, user or assistant (ShareGPT: system, "
+                            f"human, gpt), or a name in {fields.key}.roles, e.g. roles: {{user: [{role}]}}")  # fmt: skip
         text = _text_of(text, f"{where}: `{text_key}`")
-        message = {"role": ROLES[role.lower()], "content": text}
+        message = {"role": role_names[role.lower()], "content": text}
         if "weight" in turn and message["role"] == "assistant":  # OpenAI's fine-tuning format: 0 = not learned
             if turn["weight"] not in (0, 1) or isinstance(turn["weight"], bool):
                 raise DataError(f"{where}: `weight` must be 0 (not learned from) or 1, got {turn['weight']!r}")

@@ -17,7 +17,7 @@ from ..errors import DataError, typed_first_line
 from ..hub import hub_reachable, unreachable_note
 from ..recipe import SourceSection
 from . import synthetic
-from .chat import messages_of
+from .chat import ChatFields, messages_of
 from .json_array import json_array_rows
 from .unicode import NotUtf8, half_surrogate, utf8_blocks
 
@@ -90,9 +90,10 @@ def iter_records(source: SourceSection, index: int, on_bad_record: str, skipped:
         yield from records
         return
     count = 0
+    fields = ChatFields.of(source, key)
     for origin, raw in _raw_rows(source, key):
         try:
-            record = _to_record(source, raw, origin)
+            record = _to_record(source, raw, origin, fields)
         except DataError as e:
             if on_bad_record == "fail":
                 raise DataError(f"{e} (set data.on_bad_record: skip to skip such records)") from None
@@ -106,7 +107,7 @@ def iter_records(source: SourceSection, index: int, on_bad_record: str, skipped:
         raise DataError(f"{key}: no usable records in {source.path} ({skipped.count} skipped)")
 
 
-def _to_record(source: SourceSection, raw, origin: str) -> dict:
+def _to_record(source: SourceSection, raw, origin: str, fields: ChatFields) -> dict:
     if isinstance(raw, _Malformed):
         raise DataError(raw.message)
     if not isinstance(raw, dict):
@@ -116,7 +117,7 @@ def _to_record(source: SourceSection, raw, origin: str) -> dict:
         return {"text": text if isinstance(text, TextFile) else _field(raw, source.text_field, origin, allow_empty=False),
                 "origin": origin}  # fmt: skip
     if source.format == "chat":
-        return {"messages": messages_of(raw, origin), "origin": origin}
+        return {"messages": messages_of(raw, origin, fields), "origin": origin}
     if source.format == "jsonl":
         mapping = {"instruction": source.prompt_field, "input": source.input_field, "output": source.response_field}
     else:

@@ -187,6 +187,21 @@ class SourceSection(Section):
     )
     seed: int = Field(0, description="synthetic: generation seed.")
     as_chat: bool = Field(False, description="synthetic: the tasks as two-turn conversations (the chat demo).")
+    messages_field: str | None = Field(
+        None, min_length=1, description="chat: the field holding a record's turns (lmsys-chat's `conversation`, say); "
+        "null: `messages`, else ShareGPT's `conversations`.",
+    )
+    role_field: str | None = Field(
+        None, min_length=1, description="chat: a turn's role key; null: `from` in a `conversations` field, else `role`."
+    )
+    content_field: str | None = Field(
+        None, min_length=1, description="chat: a turn's text key; null: `value` in a `conversations` field, else `content`."
+    )
+    roles: dict[Literal["system", "user", "assistant"], list[str]] | None = Field(
+        None, description="chat: your data's role names for system, user and assistant, beside the built-in ones "
+        "(system; user, human; assistant, gpt, bot, model), matched ignoring case, e.g. `{user: [prompter], "
+        "assistant: [bot_reply]}` (axolotl's `roles`). A name you give wins over a built-in one.",
+    )
 
     @property
     def is_chat(self) -> bool:
@@ -204,6 +219,9 @@ class SourceSection(Section):
             problems += [f"`{k}` only applies to format synthetic" for k in ("count", "tasks") if getattr(self, k) is not None]
             if self.as_chat:
                 problems.append("`as_chat` only applies to format synthetic (format chat is already conversations)")
+        if self.format != "chat":
+            problems += [f"`{k}` only applies to format chat" for k in CHAT_KEYS if getattr(self, k) is not None]
+        problems += self._roles_problems()
         if self.format == "jsonl":
             problems += [f"format jsonl needs `{k}`" for k in ("prompt_field", "response_field") if getattr(self, k) is None]
         else:
@@ -215,6 +233,31 @@ class SourceSection(Section):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @field_validator("roles", mode="before")
+    @classmethod
+    def _one_name_is_a_list(cls, value):
+        """`roles: {user: prompter}` is `{user: [prompter]}`."""
+        if isinstance(value, dict):
+            return {k: [v] if isinstance(v, str) else v for k, v in value.items()}
+        return value
+
+    def _roles_problems(self) -> list[str]:
+        seen: dict[str, str] = {}
+        problems = []
+        for role, names in (self.roles or {}).items():
+            if not names:
+                problems.append(f"`roles.{role}` is empty; give it at least one name or remove it")
+            for name in names:
+                if not name.strip():
+                    problems.append(f"`roles.{role}` holds an empty name")
+                elif name.lower() in seen and seen[name.lower()] != role:
+                    problems.append(f"`roles`: {name!r} is named for both {seen[name.lower()]} and {role}; keep one")
+                seen[name.lower()] = role
+        return problems
+
+
+CHAT_KEYS = ("messages_field", "role_field", "content_field", "roles")
 
 
 class CustomTemplate(Section):

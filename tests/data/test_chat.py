@@ -34,6 +34,7 @@ def messages(record: dict) -> list[dict]:
 
 
 def chat_section(tmp_path, records, **extra) -> DataSection:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "chats.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return DataSection(sources=[SourceSection(format="chat", path=str(path))], packing=False, eval_fraction=0,
@@ -138,6 +139,75 @@ def test_a_bad_conversation_is_a_file_line_error_or_skipped_and_counted(tmp_path
     assert str(raised.value).startswith(f"{path}:2: ") and message in str(raised.value)
     read = read_source(source, 0, "skip")
     assert len(read.records) == 1 and len(read.skipped) == 1 and message in read.skipped[0]
+
+
+def test_a_source_names_its_own_turn_field_keys_and_role_names(tmp_path, gpt2_tokenizer):
+    """lmsys-chat-1m keeps its turns in `conversation`, OASST calls the user `prompter`, other dumps
+    use their own keys: `messages_field`, `role_field`/`content_field` and `roles` read them as the
+    same conversations, so the same ids and targets."""
+    renamed = {"system": "speaker", "user": "prompter", "assistant": "Bot"}
+    custom = [{"dialog": [{"speaker": renamed[m["role"]], "text": m["content"]} for m in messages(r)]} for r in CONVERSATIONS]
+    lmsys = [{"conversation": messages(r), "model": "vicuna-13b"} for r in CONVERSATIONS]
+    reference = prepare_data(chat_section(tmp_path / "a", CONVERSATIONS), gpt2_tokenizer)
+    for records, options in ((custom, dict(messages_field="dialog", role_field="speaker", content_field="text",
+                                           roles={"system": "speaker", "user": ["prompter"], "assistant": ["bot"]})),
+                             (lmsys, dict(messages_field="conversation"))):  # fmt: skip
+        folder = tmp_path / options["messages_field"]
+        section = chat_section(folder, records)
+        section = section.model_copy(update={"sources": [SourceSection(format="chat", path=section.sources[0].path, **options)]})
+        data = prepare_data(section, gpt2_tokenizer)
+        assert [r.input_ids.tolist() for r in data.train_rows] == [r.input_ids.tolist() for r in reference.train_rows]
+        assert [r.labels.tolist() for r in data.train_rows] == [r.labels.tolist() for r in reference.train_rows]
+    # a name given in `roles` wins over the built-in one: `model` read as the user's turn here
+    record = {"messages": [{"role": "model", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    path = tmp_path / "model.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    read = read_source(SourceSection(format="chat", path=str(path), roles={"user": "MODEL"}), 0, "fail")
+    assert [m["role"] for m in read.records[0]["messages"]] == ["user", "assistant"]
+
+
+@pytest.mark.parametrize("options, line, message", [
+    ({}, {"messages": [{"role": "prompter", "content": "hi"}]},
+     "unknown role 'prompter'; expected system, user or assistant (ShareGPT: system, human, gpt), or a name in "
+     "data.sources[0].roles, e.g. roles: {user: [prompter]}"),
+    ({}, {"text": "hi"}, "or set data.sources[0].messages_field to the field holding the turns; fields present: text"),
+    ({"messages_field": "dialog"}, {"messages": [{"role": "user", "content": "hi"}]},
+     "a chat record needs `dialog` (its turns: set data.sources[0].messages_field to the field that holds them); fields present: messages"),
+    ({"content_field": "text"}, {"messages": [{"role": "user", "content": "hi"}]},
+     "`messages[0]` has no `text` (keys present: role, content; data.sources[0].content_field names the key)"),
+])  # fmt: skip
+def test_a_record_that_does_not_fit_the_sources_fields_names_the_setting(tmp_path, options, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    with pytest.raises(DataError) as raised:
+        read_source(SourceSection(format="chat", path=str(path), **options), 0, "fail")
+    assert str(raised.value).startswith(f"{path}:1: ") and message in str(raised.value)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"format": "alpaca", "messages_field": "dialog"}, "`messages_field` only applies to format chat"),
+    ({"format": "alpaca", "roles": {"user": ["prompter"]}}, "`roles` only applies to format chat"),
+    ({"format": "chat", "roles": {"user": ["bot"], "assistant": ["Bot"]}}, "'Bot' is named for both user and assistant; keep one"),
+    ({"format": "chat", "roles": {"user": []}}, "`roles.user` is empty"),
+    ({"format": "chat", "roles": {"tool": ["function"]}}, "roles.tool"),
+    ({"format": "chat", "messages_field": ""}, "messages_field"),
+])  # fmt: skip
+def test_chat_field_settings_are_checked_in_the_recipe(tmp_path, options, message):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as raised:
+        SourceSection(path=str(tmp_path), **options)
+    assert message in str(raised.value)
+
+
+def test_the_chat_field_settings_are_part_of_the_store_key(tmp_path, gpt2_tokenizer):
+    from gptj_tune.data.cache import cache_key
+
+    plain = chat_section(tmp_path, CONVERSATIONS)
+    named = plain.model_copy(update={"sources": [SourceSection(format="chat", path=plain.sources[0].path, messages_field="messages")]})
+    renamed = plain.model_copy(update={"sources": [SourceSection(format="chat", path=plain.sources[0].path, roles={"user": ["prompter"]})]})
+    keys = {cache_key(s, gpt2_tokenizer, 0) for s in (plain, named, renamed)}
+    assert len(keys) == 3
 
 
 @pytest.mark.slow
