@@ -1,11 +1,13 @@
 """Benchmark (not a test): preparing data, cold (tokenize, split, pack into the token store) and
-warm (the store read back from the cache), for text corpora and Alpaca 52k.
+warm (the store read back from the cache), for text corpora, Alpaca 52k and conversations.
 
-    python benchmarks/data_throughput.py [--cases novels-47mb,novels-470mb,novels-1gb,alpaca-52k]
+    python benchmarks/data_throughput.py [--cases novels-47mb,novels-470mb,novels-1gb,alpaca-52k,chat-13k]
         [--compare-with /path/to/older/checkout] [--out data_throughput.json]
 
 Corpora: the four novels under ../shared/data/domain copied 25, 250 or 530 times (47 MB, 470 MB,
-1 GB) into a temp folder; Alpaca 52k is ../shared/data/alpaca/alpaca_data.json. GPT-2's tokenizer, the
+1 GB) into a temp folder; Alpaca 52k is ../shared/data/alpaca/alpaca_data.json; chat-13k is the same
+52k records as 13,001 conversations (a system turn, then four user/assistant pairs) in a JSONL file,
+read with `format: chat` and the `gptj-chat` template. GPT-2's tokenizer, the
 recipe defaults of `novel-domain` at max_length 512. Each measurement runs in a process of its own,
 so its peak RSS (ru_maxrss) is its own. `--compare-with` runs the same cold preparation with the
 `gptj_tune` of another checkout (e.g. a worktree of an older commit, whose `prepare_data` kept
@@ -27,7 +29,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CASES = {"novels-47mb": 25, "novels-470mb": 250, "novels-1gb": 530, "alpaca-52k": None}
+CASES = {"novels-47mb": 25, "novels-470mb": 250, "novels-1gb": 530, "alpaca-52k": None, "chat-13k": "chat"}
 
 
 def shared_data() -> Path:
@@ -40,6 +42,17 @@ def shared_data() -> Path:
 def corpus(case: str, scratch: Path, data: Path) -> tuple[dict, int]:
     """The data section's source for a case, and the bytes it reads."""
     copies = CASES[case]
+    if copies == "chat":
+        path = scratch / "conversations.jsonl"
+        records = json.loads((data / "alpaca" / "alpaca_data.json").read_text())
+        with open(path, "w") as out:
+            for i in range(0, len(records), 4):
+                turns = [{"role": "system", "content": "You are a helpful assistant."}]
+                for r in records[i : i + 4]:
+                    turns += [{"role": "user", "content": r["instruction"] + ("\n\n" + r["input"] if r["input"] else "")},
+                              {"role": "assistant", "content": r["output"]}]  # fmt: skip
+                out.write(json.dumps({"messages": turns}) + "\n")
+        return {"format": "chat", "path": str(path)}, path.stat().st_size
     if copies is None:
         path = data / "alpaca" / "alpaca_data.json"
         return {"format": "alpaca", "path": str(path)}, path.stat().st_size
@@ -85,9 +98,9 @@ def measure(source: dict, cache: Path, pythonpath: Path, data: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="novels-47mb,novels-470mb,novels-1gb,alpaca-52k")
+    parser.add_argument("--cases", default="novels-47mb,novels-470mb,novels-1gb,alpaca-52k,chat-13k")
     parser.add_argument("--compare-with", type=Path, help="a checkout whose gptj_tune is measured cold beside ours")
-    parser.add_argument("--compare-cases", default="novels-47mb,alpaca-52k",
+    parser.add_argument("--compare-cases", default="novels-47mb,alpaca-52k,chat-13k",
                         help="cases the other checkout runs (its list-based code needs ~26 GB, 200 bytes a token, for 470 MB of text)")
     parser.add_argument("--out", type=Path, default=Path("data_throughput.json"))
     args = parser.parse_args()
@@ -117,6 +130,7 @@ def main() -> None:
                                 "mb_per_s": size / 1e6 / m["seconds"], "tokens_per_s": m["tokens"] / m["seconds"],
                                 "rss_bytes_per_token": m["peak_rss"] / max(1, m["tokens"])})  # fmt: skip
             shutil.rmtree(scratch / case, ignore_errors=True)
+            (scratch / "conversations.jsonl").unlink(missing_ok=True)
     table = Table("case", "engine", "cache", "seconds", "MB/s", "tokens/s", "tokens", "peak RSS GB", "RSS bytes/token",
                   title="data preparation (GPT-2 tokenizer, max_length 512)")  # fmt: skip
     for r in results:

@@ -17,14 +17,15 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from ..recipe import DataSection
-from .chat import chat_ids, held_out_record, template_text
-from .encode import encoder
+from .chat import ChatEncoder, held_out_record, template_text
+from .encode import encoder, token_byte_lengths
 from .formats import SkipLog, iter_records
 from .pack import pack_lengths
 from .store import StoreWriter
 from .templates import Template, get_template
 
 RECORDS_PER_CHUNK = 4096
+CONVERSATIONS_PER_CHUNK = 512  # a conversation is longer: its chunk is smaller
 CHARS_PER_CHUNK = 4_000_000  # raw text tokenized per batch call
 PIECE_CHARS = 65_536  # a long document is cut into pieces this long (at exact boundaries) to spread it over cores
 
@@ -55,6 +56,8 @@ def build_store(section: DataSection, tokenizer, prompt_slots: int, folder: Path
     writer = StoreWriter(folder, len(tokenizer))
     (encode, encoder_name), exact_cuts = encoder(tokenizer), cuts_are_exact(tokenizer)
     chat = template_text(section.chat_template)
+    if any(source.is_chat for source in section.sources):
+        chats = ChatEncoder(tokenizer, chat, section.train_on_prompt, encode, token_byte_lengths(tokenizer) if encoder_name == "tiktoken" else None)
     train_parts, eval_parts, eval_records, sources = [], [], [], []
     stats = {"train": _Stats(), "eval": _Stats()}
     skipped = SkipLog(keep=20)
@@ -74,7 +77,7 @@ def build_store(section: DataSection, tokenizer, prompt_slots: int, folder: Path
             else:
                 spill = folder / f"records-{index}.jsonl"
                 if source.is_chat:
-                    example_of, offsets = _write_chats(records, tokenizer, chat, section, prompt_slots, writer, spill, counter)
+                    example_of, offsets = _write_chats(records, chats, tokenizer.eos_token_id, section, prompt_slots, writer, spill, counter)
                 else:
                     example_of, offsets = _write_instructions(records, encode, tokenizer.eos_token_id, template, section,
                                                               prompt_slots, writer, spill, counter)  # fmt: skip
@@ -293,28 +296,43 @@ def _instruction_chunk(records, encode, eos, template, section, slots, writer, c
     return example_of
 
 
-def _write_chats(records, tokenizer, chat: str, section: DataSection, slots: int, writer: StoreWriter, spill: Path,
+def _write_chats(records, chats: ChatEncoder, eos: int, section: DataSection, slots: int, writer: StoreWriter, spill: Path,
                  counter: _Counter) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Each conversation one example: rendered with the chat template, tokenized whole, the loss on
-    the assistant turns (data/chat.py). Returns, per record, its example index (-1: dropped) and its
-    byte offset in the spill file."""
+    the assistant turns (data/chat.py), RECORDS_PER_CHUNK at a time. Returns, per record, its
+    example index (-1: dropped) and its byte offset in the spill file."""
     example_of: list[int] = []
     offsets: list[int] = []
     limit = section.max_length - slots
+
+    def flush(chunk: list[dict]) -> None:
+        ids, targets, lengths, truncated = [], [], [], []
+        for row, row_targets in chats([r["messages"] for r in chunk]):
+            cut = len(row) > limit
+            row, row_targets = row[:limit], row_targets[:limit]
+            if (cut and section.overlong == "drop") or not row_targets.any():
+                example_of.append(-1)
+                continue
+            example_of.append(writer.n_examples + len(lengths))
+            ids += [np.full(slots, eos, np.int64), row]
+            targets += [np.zeros(slots, np.uint8), row_targets]
+            lengths.append(slots + len(row))
+            truncated.append(cut)
+        if lengths:
+            writer.append(np.concatenate(ids), np.concatenate(targets), np.asarray(lengths), np.asarray(truncated))
+        counter.wrote(int(sum(lengths)))
+
     with open(spill, "wb") as out:
+        chunk: list[dict] = []
         for record in records:
             offsets.append(out.tell())
             out.write(json.dumps(record).encode() + b"\n")
-            ids, targets = chat_ids(tokenizer, chat, record["messages"], section.train_on_prompt)
-            truncated = len(ids) > limit
-            ids, targets = ids[:limit], targets[:limit]
-            if (truncated and section.overlong == "drop") or not any(targets):
-                example_of.append(-1)
-                continue
-            example_of.append(writer.n_examples)
-            writer.append(np.asarray([tokenizer.eos_token_id] * slots + ids, np.int64),
-                          np.asarray([0] * slots + targets, np.uint8), np.asarray([slots + len(ids)]), np.asarray([truncated]))  # fmt: skip
-            counter.wrote(slots + len(ids))
+            chunk.append(record)
+            if len(chunk) == CONVERSATIONS_PER_CHUNK:
+                flush(chunk)
+                chunk = []
+        if chunk:
+            flush(chunk)
     return np.asarray(example_of, np.int64), np.asarray(offsets, np.int64)
 
 

@@ -8,8 +8,10 @@ tiktoken `Encoding` built from the tokenizer's own vocabulary. It is used only w
 gives the same ids: the tokenizer is byte-level BPE with GPT-2's split pattern and no normalizer,
 its merges are in rank order (merge i makes token 256 + i, which is what tiktoken's ranks assume),
 and the first batch of every build is encoded both ways and compared. A text holding one of the
-tokenizer's added tokens (`<|endoftext|>` written out) goes to the tokenizer itself, which reads it
-as that one token.
+tokenizer's added tokens (`<|endoftext|>` written out, as a chat template ends each reply) is cut
+around them as the tokenizer cuts it, the pieces encoded with tiktoken and each added token put in
+as its one id; the first such batch is compared with the tokenizer too. Added tokens that strip
+whitespace or match single words only send their texts to the tokenizer itself.
 """
 
 from __future__ import annotations
@@ -30,35 +32,87 @@ def encoder(tokenizer) -> tuple[Encode, str]:
     fast = _tiktoken_encoding(tokenizer)
     if fast is None:
         return reference, "tokenizers"
-    added = [t for t in tokenizer.get_added_vocab()]
+    added = tokenizer.get_added_vocab()
+    cut = _added_token_cutter(tokenizer)
     threads = os.cpu_count() or 1
-    checked = False
+    checked = {"plain": False, "added": False}
+
+    def agrees(kind: str, texts: list[str], ids: list[list[int]]) -> bool:
+        """The first batch of a kind: its first CHECK_CHARS characters' texts encoded by the tokenizer too."""
+        if checked[kind] or not texts:
+            return True
+        checked[kind] = True
+        n, chars = 0, 0
+        while n < len(texts) and chars < CHECK_CHARS:
+            chars += len(texts[n])
+            n += 1
+        return reference(texts[:n]) == ids[:n]
 
     def encode(texts: list[str]) -> list[list[int]]:
-        nonlocal checked, fast
+        nonlocal fast, cut
         if fast is None:
             return reference(texts)
         plain = [i for i, t in enumerate(texts) if not any(a in t for a in added)]
         plain_set = set(plain)
         special = [i for i in range(len(texts)) if i not in plain_set]
         ids = _encode_in_threads(fast, [texts[i] for i in plain], threads)
-        if not checked and plain:
-            checked = True
-            n, chars = 0, 0
-            while n < len(plain) and chars < CHECK_CHARS:
-                chars += len(texts[plain[n]])
-                n += 1
-            if reference([texts[i] for i in plain[:n]]) != ids[:n]:
-                fast = None  # not the same BPE after all: the tokenizer encodes everything
-                return reference(texts)
+        if not agrees("plain", [texts[i] for i in plain], ids):
+            fast = None  # not the same BPE after all: the tokenizer encodes everything
+            return reference(texts)
+        special_texts = [texts[i] for i in special]
+        special_ids = _encode_cut(fast, cut, added, special_texts, threads) if cut else reference(special_texts)
+        if cut and not agrees("added", special_texts, special_ids):
+            cut = None  # the tokenizer cuts around its added tokens otherwise: it encodes those texts
+            special_ids = reference(special_texts)
         out: list[list[int]] = [[] for _ in texts]
         for i, row in zip(plain, ids):
             out[i] = row
-        for i, row in zip(special, reference([texts[i] for i in special])):
+        for i, row in zip(special, special_ids):
             out[i] = row
         return out
 
     return encode, "tiktoken"
+
+
+def _added_token_cutter(tokenizer):
+    """A regex that finds the tokenizer's added tokens in a text, longest first at each place (as the
+    tokenizer matches them), or None where one of them strips whitespace or matches single words
+    only, which a plain cut would not reproduce."""
+    import re
+
+    tokens = list(getattr(tokenizer, "added_tokens_decoder", {}).values())
+    if not tokens or any(getattr(t, "lstrip", False) or getattr(t, "rstrip", False) or getattr(t, "single_word", False)
+                         for t in tokens):  # fmt: skip
+        return None
+    return re.compile("|".join(re.escape(t.content) for t in sorted(tokens, key=lambda t: -len(t.content))))
+
+
+def _encode_cut(encoding, cut, added: dict[str, int], texts: list[str], threads: int) -> list[list[int]]:
+    """Texts holding added tokens: the pieces between them encoded with tiktoken, each added token its id."""
+    pieces, layout = [], []  # per text: ("piece", index into pieces) or ("id", added id), in order
+    for text in texts:
+        parts, at = [], 0
+        for found in cut.finditer(text):
+            if found.start() > at:
+                parts.append(("piece", len(pieces)))
+                pieces.append(text[at : found.start()])
+            parts.append(("id", added[found.group()]))
+            at = found.end()
+        if at < len(text):
+            parts.append(("piece", len(pieces)))
+            pieces.append(text[at:])
+        layout.append(parts)
+    encoded = _encode_in_threads(encoding, pieces, threads)
+    out = []
+    for parts in layout:
+        row: list[int] = []
+        for kind, value in parts:
+            if kind == "id":
+                row.append(value)
+            else:
+                row += encoded[value]
+        out.append(row)
+    return out
 
 
 def _encode_in_threads(encoding, texts: list[str], threads: int) -> list[list[int]]:
@@ -74,6 +128,26 @@ def _encode_in_threads(encoding, texts: list[str], threads: int) -> list[list[in
         return [ids for part in parts for ids in part]
 
 
+def token_byte_lengths(tokenizer):
+    """How many bytes of text each token id stands for (added tokens: their text's), as a numpy
+    array by id; None for a tokenizer tiktoken does not stand in for (not GPT-2's byte-level BPE).
+    Summed along a row of ids, it gives each token's byte offset in the text without the
+    tokenizer's offset mapping."""
+    import numpy as np
+
+    spec = _bpe_spec(tokenizer)
+    if spec is None or _tiktoken_encoding(tokenizer) is None:
+        return None
+    vocab = spec["model"]["vocab"]
+    added = {t.content: i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+    lengths = np.zeros(max([*vocab.values(), *added.values()]) + 1, np.int64)
+    for token, i in vocab.items():
+        lengths[i] = len(token)  # one stand-in character a byte (tiktoken's ranks were built from them)
+    for content, i in added.items():
+        lengths[i] = len(content.encode("utf-8"))
+    return lengths
+
+
 def _reference(tokenizer) -> Encode:
     backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
     if backend is not None:
@@ -83,10 +157,9 @@ def _reference(tokenizer) -> Encode:
 
 def _tiktoken_encoding(tokenizer):
     """A tiktoken Encoding with the tokenizer's ranks, or None where it would not give its ids."""
-    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
-    if backend is None:
+    spec = _bpe_spec(tokenizer)
+    if spec is None:
         return None
-    spec = json.loads(backend.to_str())
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
     if (model.get("type") != "BPE" or model.get("dropout") or model.get("byte_fallback") or model.get("continuing_subword_prefix")
             or model.get("end_of_word_suffix") or spec.get("normalizer") or pre.get("type") != "ByteLevel"
@@ -105,6 +178,12 @@ def _tiktoken_encoding(tokenizer):
         return tiktoken.Encoding("gptj-tune-bpe", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
     except (KeyError, ValueError, ImportError):
         return None
+
+
+def _bpe_spec(tokenizer) -> dict | None:
+    """The fast tokenizer's own JSON description, or None for a slow one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    return json.loads(backend.to_str()) if backend is not None else None
 
 
 def _byte_alphabet() -> dict[str, int]:

@@ -141,6 +141,42 @@ def test_a_bad_conversation_is_a_file_line_error_or_skipped_and_counted(tmp_path
     assert len(read.records) == 1 and len(read.skipped) == 1 and message in read.skipped[0]
 
 
+def test_conversations_encoded_many_at_a_time_match_one_at_a_time(gpt2_tokenizer):
+    """ChatEncoder (the texts tokenized together with tiktoken, targets from byte offsets) gives what
+    chat_ids gives from the tokenizer's offsets, on replies with accents, CJK, emoji and a written-out
+    `<|endoftext|>`, a `weight` 0 reply, a reply first, a recipe's own template, train_on_prompt; and
+    an encoder whose offsets are wrong is caught by its first batch, which then goes the slow way."""
+    from gptj_tune.data.chat import ChatEncoder, chat_ids, messages_of
+    from gptj_tune.data.encode import encoder, token_byte_lengths
+
+    more = [
+        {"messages": [{"role": "user", "content": "Café? 東京🙂"}, {"role": "assistant", "content": " naïve — «oui» 🙂\n"},
+                      {"role": "user", "content": "and <|endoftext|> inside"}, {"role": "assistant", "content": "ok<|endoftext|>ok"}]},
+        {"messages": [{"role": "assistant", "content": "I speak first."}, {"role": "user", "content": "Fine."},
+                      {"role": "assistant", "content": "Not learned.", "weight": 0}, {"role": "user", "content": "Again"},
+                      {"role": "assistant", "content": "  spaced  "}]},
+    ]  # fmt: skip
+    conversations = [messages_of(r, "x") for r in CONVERSATIONS + more] * 3
+    own = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] | trim }}{% if m['role'] == 'assistant' %}{{ eos_token }}"
+           "{% endif %}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")  # fmt: skip
+    encode, name = encoder(gpt2_tokenizer)
+    lengths = token_byte_lengths(gpt2_tokenizer)
+    assert name == "tiktoken" and lengths is not None
+    for template in (GPTJ_CHAT, own):
+        for train_on_prompt in (False, True):
+            chats = ChatEncoder(gpt2_tokenizer, template, train_on_prompt, encode, lengths)
+            got = chats(conversations)
+            assert chats.fast  # its first batch agreed with chat_ids, so it stays on the fast way
+            for (ids, targets), messages in zip(got, conversations):
+                want_ids, want_targets = chat_ids(gpt2_tokenizer, template, messages, train_on_prompt)
+                assert ids.tolist() == want_ids and targets.tolist() == want_targets
+    wrong = np.ones_like(lengths)  # every token one byte long: the targets land in the wrong places
+    chats = ChatEncoder(gpt2_tokenizer, GPTJ_CHAT, False, encode, wrong)
+    got = chats(conversations)
+    assert not chats.fast
+    assert [t.tolist() for _, t in got] == [chat_ids(gpt2_tokenizer, GPTJ_CHAT, m, False)[1] for m in conversations]
+
+
 def test_a_source_names_its_own_turn_field_keys_and_role_names(tmp_path, gpt2_tokenizer):
     """lmsys-chat-1m keeps its turns in `conversation`, OASST calls the user `prompter`, other dumps
     use their own keys: `messages_field`, `role_field`/`content_field` and `roles` read them as the

@@ -15,7 +15,7 @@ import pytest
 
 from gptj_tune.data import prepare_data, split_indices
 from gptj_tune.data.build import _pieces
-from gptj_tune.data.encode import encoder
+from gptj_tune.data.encode import _added_token_cutter, _encode_cut, _tiktoken_encoding, encoder
 from gptj_tune.data.formats import read_source
 from gptj_tune.errors import DataError
 from gptj_tune.data.templates import BUILTIN_TEMPLATES
@@ -158,10 +158,15 @@ def test_the_fast_encoder_gives_the_tokenizers_ids(shared_data, gpt2_tokenizer):
     assert name == "tiktoken"
     texts = [r["instruction"] + "\n" + r["output"] for r in read_source(
         SourceSection(format="alpaca", path=str(shared_data / "alpaca" / "alpaca_2k.json")), 0, "skip").records]  # fmt: skip
-    texts += ["naïve café — 東京 🙂\t\ttabs  and   spaces\r\n", "ends with the marker<|endoftext|>and goes on", "", " "]
+    marked = ["ends with the marker<|endoftext|>and goes on", "<|endoftext|><|endoftext|>", "<|endoftext|>starts",
+              "ends <|endoftext|>", " <|endoftext|> \n\n<|endoftext|>\n### User:", "<|endoftext|"]  # the last one: not whole
+    texts += ["naïve café — 東京 🙂\t\ttabs  and   spaces\r\n", *marked, "", " "]
     reference = [e.ids for e in gpt2_tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
     assert encode(texts) == reference
-    assert reference[-3].count(gpt2_tokenizer.eos_token_id) == 1  # the written-out marker is the one token
+    assert reference[-3 - len(marked) + 1].count(gpt2_tokenizer.eos_token_id) == 1  # the written-out marker is the one token
+    # texts with the marker are cut around it and encoded with tiktoken, not by the tokenizer
+    fast, cut = _tiktoken_encoding(gpt2_tokenizer), _added_token_cutter(gpt2_tokenizer)
+    assert cut is not None and _encode_cut(fast, cut, gpt2_tokenizer.get_added_vocab(), marked, 2) == reference[-2 - len(marked) : -2]
 
 
 def test_a_long_document_cut_into_pieces_tokenizes_as_whole(shared_data, gpt2_tokenizer):
