@@ -261,9 +261,24 @@ class LoggingSection(Section):
         "Needs `pip install 'gptj-tune[trackers]'`.",
     )
     project: str = Field("gptj-tune", min_length=1, description="The MLflow experiment and W&B project the run goes in.")
+    run_name: str | None = Field(
+        None, min_length=1, description="The run's name in MLflow and W&B; null: the run directory's name."
+    )
+    tags: list[str] = Field(
+        default_factory=list, description="Labels for the run: W&B tags, MLflow tags (each a key with an empty value). "
+        "TensorBoard has none.",
+    )
+    entity: str | None = Field(
+        None, min_length=1, description="W&B: the team or user the run goes under; null: WANDB_ENTITY, else your default."
+    )
 
     @model_validator(mode="after")
     def _check_unique(self):
         if len(set(self.trackers)) != len(self.trackers):
             raise ValueError("logging.trackers names a tracker twice; list each once")
+        if bad := [t for t in self.tags if not t.strip() or len(t) > 64]:
+            raise ValueError(f"logging.tags: {bad[0]!r} is {'empty' if not bad[0].strip() else 'longer than 64 characters'} "
+                             f"(W&B's limit); give short labels")  # fmt: skip
+        if len(set(self.tags)) != len(self.tags):
+            raise ValueError("logging.tags names a tag twice; list each once")
         return self

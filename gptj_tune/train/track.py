@@ -1,6 +1,6 @@
 """Experiment trackers (`logging.trackers`): TensorBoard, MLflow and W&B through accelerate's tracker
 classes, on the main process. Every metrics.jsonl line goes to each, the frozen recipe as
-hyperparameters, the run directory's name as the run name, the run's plots as artifacts.
+hyperparameters, `logging.run_name` (else the run directory's name) as the run name and `logging.tags` as its labels, the run's plots as artifacts.
 
 Offline first: TensorBoard writes under `RUN/trackers/tensorboard`; MLflow to `RUN/trackers/mlruns`
 unless MLFLOW_TRACKING_URI is set; W&B runs offline in `RUN/trackers` unless WANDB_MODE says
@@ -140,7 +140,8 @@ class Trackers:
         ids_file = self.folder / "ids.json"
         ids = json.loads(ids_file.read_text()) if ids_file.exists() else {}
         new = not ids
-        name, project = run.path.name, recipe.logging.project
+        name, project = recipe.logging.run_name or run.path.name, recipe.logging.project
+        self.tags, self.entity = list(recipe.logging.tags), recipe.logging.entity
         config = flat_recipe(recipe) if new else None
         self.trackers, self._open = [], True
         for kind in recipe.logging.trackers:
@@ -175,12 +176,17 @@ class Trackers:
         else:
             os.environ.setdefault("WANDB_SILENT", "true")  # its banner and summary would break the progress display
             ids.setdefault("wandb", _wandb_id())
-            tracker = tracking.WandBTracker(os.environ.get("WANDB_PROJECT", project), name=name, id=ids["wandb"],
-                                            resume="allow", dir=str(self.folder), mode=_wandb_mode())  # fmt: skip
+            extra = {"entity": self.entity} if self.entity else {}
+            tracker = tracking.WandBTracker(os.environ.get("WANDB_PROJECT", project), name=name, id=ids["wandb"], tags=self.tags,
+                                            resume="allow", dir=str(self.folder), mode=_wandb_mode(), **extra)  # fmt: skip
         if hasattr(tracker, "start"):  # accelerate >= 1.3 starts trackers after construction
             tracker.start()
         if kind == "mlflow":
             ids["mlflow"] = tracker.active_run.info.run_id
+            if self.tags:  # on the run only (accelerate's `tags` would also label a new experiment)
+                import mlflow
+
+                mlflow.set_tags({tag: "" for tag in self.tags})
         return tracker
 
     def where(self) -> str:

@@ -18,6 +18,12 @@ pytest.importorskip("wandb", reason="logging.trackers needs the trackers extra")
 def wandb_history(folder) -> list[tuple[int, dict]]:
     """(step, values) of every history record in a W&B offline run's .wandb file: LevelDB log
     blocks of 32 KiB holding the run's protobuf records (read back without a W&B server)."""
+    return [(r.history.step.num, {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
+            for r in wandb_records(folder) if r.WhichOneof("record_type") == "history"]  # fmt: skip
+
+
+def wandb_records(folder) -> list:
+    """Every protobuf record of the W&B offline runs under `folder`, in order."""
     from wandb.proto import wandb_internal_pb2
 
     out = []
@@ -37,9 +43,7 @@ def wandb_history(folder) -> list[tuple[int, dict]]:
             if kind in (1, 4):  # a whole record, or a record's last piece
                 record = wandb_internal_pb2.Record()
                 record.ParseFromString(pending)
-                if record.WhichOneof("record_type") == "history":
-                    out.append((record.history.step.num, {i.key or "/".join(i.nested_key): json.loads(i.value_json)
-                                                                for i in record.history.item}))
+                out.append(record)
     return out
 
 
@@ -128,6 +132,46 @@ def test_nested_figures_such_as_benchmarks_during_training_reach_the_tracker(tmp
     events = EventAccumulator(str(tmp_path / "run" / "trackers" / "tensorboard")).Reload()
     assert {"benchmarks/piqa/acc", "benchmarks/piqa/acc_norm", "benchmarks/arc_easy/acc", "benchmark_limit"} <= set(events.Tags()["scalars"])
     assert events.Scalars("benchmarks/piqa/acc")[0].step == 10 and events.Scalars("benchmarks/piqa/acc")[0].value == pytest.approx(0.61)
+
+
+def test_the_run_name_tags_and_wandb_entity_reach_the_trackers(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from gptj_tune.recipe import load_recipe
+    from gptj_tune.rundir import RunDir
+    from gptj_tune.train.track import Trackers
+
+    recipe = small_recipe(tmp_path)
+    recipe.write_text(recipe.read_text() + "logging:\n  trackers: [mlflow, wandb]\n  run_name: lr-sweep-3e-3\n"
+                      "  tags: [sweep, alpaca]\n  entity: my-team\n")  # fmt: skip
+    (tmp_path / "run").mkdir()
+    trackers = Trackers(load_recipe(recipe), RunDir(tmp_path / "run"))
+    trackers.log({"step": 1, "loss": 2.5})
+    trackers.finish()
+    folder = tmp_path / "run" / "trackers"
+    ids = json.loads((folder / "ids.json").read_text())
+    client = MlflowClient(tracking_uri=(folder / "mlruns").as_uri())
+    mlrun = client.get_run(ids["mlflow"])
+    assert mlrun.info.run_name == "lr-sweep-3e-3" and {"sweep": "", "alpaca": ""}.items() <= mlrun.data.tags.items()
+    [experiment] = [e for e in client.search_experiments() if e.name == "gptj-tune"]
+    assert "sweep" not in experiment.tags  # the run is labelled, not the experiment
+    [run] = [r.run for r in wandb_records(folder / "wandb") if r.WhichOneof("record_type") == "run"][:1]
+    assert (run.display_name, list(run.tags), run.entity) == ("lr-sweep-3e-3", ["sweep", "alpaca"], "my-team")
+
+
+@pytest.mark.parametrize("line, message", [
+    ("tags: [sweep, sweep]", "logging.tags names a tag twice"),
+    ("tags: ['  ']", "logging.tags: '  ' is empty"),
+    ("run_name: ''", "run_name"),
+])  # fmt: skip
+def test_bad_tracker_labels_are_recipe_errors(tmp_path, line, message):
+    from gptj_tune.errors import RecipeError
+    from gptj_tune.recipe import load_recipe
+
+    recipe = small_recipe(tmp_path)
+    recipe.write_text(recipe.read_text() + f"logging:\n  trackers: [tensorboard]\n  {line}\n")
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(recipe)
 
 
 def closed_port() -> int:
