@@ -1,6 +1,7 @@
 """Experiment trackers (`logging.trackers`): TensorBoard, MLflow and W&B through accelerate's tracker
 classes, on the main process. Every metrics.jsonl line goes to each, the frozen recipe as
-hyperparameters, `logging.run_name` (else the run directory's name) as the run name and `logging.tags` as its labels, the run's plots as artifacts.
+hyperparameters, `logging.run_name` (else the run directory's name) as the run name and
+`logging.tags` as its labels, the run's plots as artifacts.
 
 Offline first: TensorBoard writes under `RUN/trackers/tensorboard`; MLflow to `RUN/trackers/mlruns`
 unless MLFLOW_TRACKING_URI is set; W&B runs offline in `RUN/trackers` unless WANDB_MODE says
