@@ -8,6 +8,7 @@ Malformed records raise DataError naming file, line and field, or are skipped an
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from ..hub import hub_reachable, unreachable_note
 from ..recipe import SourceSection
 from . import synthetic
 from .chat import ChatFields, messages_of
+from .files import COMPRESSED, damaged, decompression_errors, is_compressed, kind_of, open_binary, parquet_rows
 from .json_array import json_array_rows
 from .unicode import NotUtf8, half_surrogate, utf8_blocks
 
@@ -41,7 +43,8 @@ class TextFile:
     path: Path
 
     def parts(self) -> Iterator[str]:
-        with open(self.path, encoding="utf-8-sig", newline=None) as f:  # \r\n and \r become \n, across parts too
+        # \r\n and \r become \n, across parts too
+        with io.TextIOWrapper(open_binary(self.path), encoding="utf-8-sig", newline=None) as f:
             while part := f.read(TEXT_PART_CHARS):
                 yield part
 
@@ -152,22 +155,38 @@ def _field(raw: dict, name: str, origin: str, allow_empty: bool) -> str:
 def _raw_rows(source: SourceSection, key: str) -> Iterator[tuple[str, object]]:
     path = Path(source.path)
     if path.is_dir():
-        suffixes = {".txt"} if source.format == "text" else {".json", ".jsonl"}
-        files = sorted(p for p in path.rglob("*") if p.suffix in suffixes | {".jsonl"} and p.is_file())
+        suffixes = ({".txt"} if source.format == "text" else {".json"}) | {".jsonl", ".parquet"}
+        files = sorted(p for p in path.rglob("*") if kind_of(p) in suffixes and p.is_file())
         if not files:
-            raise DataError(f"{key}: folder {path} has no {' or '.join(sorted(suffixes))} files")
+            raise DataError(f"{key}: folder {path} has no {', '.join(sorted(suffixes))} files (compressed ones too: "
+                            f"{', '.join(COMPRESSED)})")  # fmt: skip
     elif path.is_file():
         files = [path]
     else:
         yield from _hub_rows(source, key)
         return
     for file in files:
-        if file.suffix == ".txt":
-            yield _text_file_row(file, source.text_field)
-        elif file.suffix == ".jsonl" or _starts_with(file) != "[":
-            yield from _jsonl_rows(file)
-        else:
-            yield from json_array_rows(file)
+        try:
+            yield from _file_rows(file, source.text_field)
+        except decompression_errors() as e:
+            if not is_compressed(file):
+                raise
+            raise damaged(file, e) from None
+
+
+def _file_rows(file: Path, text_field: str) -> Iterator[tuple[str, object]]:
+    kind = kind_of(file)
+    if kind == ".parquet":
+        if is_compressed(file):
+            raise DataError(f"{file}: a Parquet file compresses its own columns; decompress it and point the source at "
+                            f"the .parquet file")  # fmt: skip
+        yield from parquet_rows(file)
+    elif kind == ".txt":
+        yield _text_file_row(file, text_field)
+    elif kind == ".jsonl" or _starts_with(file) != "[":
+        yield from _jsonl_rows(file)
+    else:
+        yield from json_array_rows(file)
 
 
 def _text_file_row(file: Path, text_field: str) -> tuple[str, object]:
@@ -175,7 +194,7 @@ def _text_file_row(file: Path, text_field: str) -> tuple[str, object]:
     blank; otherwise what is wrong (a malformed record naming the line, or an empty field)."""
     blank = True
     try:
-        with open(file, "rb") as f:
+        with open_binary(file) as f:
             for text in utf8_blocks(f, _CHECK_BYTES):
                 blank = blank and text.isspace()
     except NotUtf8 as e:
@@ -184,14 +203,14 @@ def _text_file_row(file: Path, text_field: str) -> tuple[str, object]:
 
 
 def _starts_with(file: Path) -> str:
-    with open(file, "rb") as f:
+    with open_binary(file) as f:
         return f.read(64).removeprefix(b"\xef\xbb\xbf").lstrip()[:1].decode("ascii", errors="replace")
 
 
 def _jsonl_rows(file: Path) -> Iterator[tuple[str, object]]:
     """Each line's JSON value; a line that is not UTF-8 or not JSON is a malformed record of its own
     (named by file and line, skipped with on_bad_record: skip), not the end of the file."""
-    with open(file, "rb") as f:
+    with open_binary(file) as f:
         for n, raw in enumerate(f, start=1):
             origin = f"{file}:{n}"
             try:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import DataError
+from .files import open_binary
 from .unicode import NotUtf8, utf8_blocks
 
 BLOCK_BYTES = 8 << 20  # read at a time
@@ -26,7 +27,7 @@ class _Window:
     """Decoded text of `file` from some point on, and where that point is (line, column)."""
 
     def __init__(self, file: Path):
-        self.file, self.f = file, open(file, "rb")
+        self.file, self.f = file, open_binary(file)
         self.blocks = utf8_blocks(self.f, BLOCK_BYTES)
         self.text, self.line, self.column = "", 1, 0  # the file's line and column of text[0]
 

@@ -236,7 +236,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), check_paths: bool =
     return validate_recipe(raw, source=str(path), lines=lines, overrides={p for p, _ in parsed}, more_problems=missing)
 
 
-_DATA_SUFFIXES = (".json", ".jsonl", ".txt", ".csv", ".parquet", ".arrow")
+_DATA_SUFFIXES = (".json", ".jsonl", ".txt", ".csv", ".parquet", ".arrow", ".gz", ".bz2", ".xz", ".zst")
 
 
 def looks_local(path: str) -> bool:

@@ -1,0 +1,120 @@
+"""Data files as they come: gzip, bzip2, xz and zstd compressed JSONL, JSON arrays and .txt books,
+and Parquet files (a hub dataset downloaded as it is stored), read as streams into the same token
+store as the plain files give."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import lzma
+
+import pytest
+
+from gptj_tune.data import prepare_data
+from gptj_tune.data.formats import read_source
+from gptj_tune.errors import DataError
+from gptj_tune.recipe import DataSection, SourceSection
+
+zstandard = pytest.importorskip("zstandard", reason="zstandard is a dependency of gptj-tune")
+
+
+def compress(data: bytes, suffix: str) -> bytes:
+    if suffix == ".gz":
+        return gzip.compress(data)
+    if suffix == ".bz2":
+        return bz2.compress(data)
+    if suffix == ".xz":
+        return lzma.compress(data)
+    if suffix == ".zst":  # in frames of 64 KB, as `zstd -B` or pzstd write a large file: one stream all the same
+        return b"".join(zstandard.ZstdCompressor().compress(data[i : i + 65536]) for i in range(0, len(data), 65536))
+    raise ValueError(suffix)
+
+
+def store_files(section: DataSection, tokenizer) -> dict[str, bytes]:
+    folder = prepare_data(section, tokenizer).store.folder
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.suffix in (".bin", ".npy")}
+
+
+def section_of(path, format: str, cache, **extra) -> DataSection:
+    return DataSection(sources=[SourceSection(format=format, path=str(path), **extra)], max_length=256, eval_fraction=0.05,
+                       on_bad_record="skip", cache_dir=str(cache))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def plain_files(tmp_path_factory, shared_data, gpt2_tokenizer):
+    """A JSON array (Alpaca's own file), the same records as JSONL, and a novel as .txt: (format,
+    name, bytes, the store the plain file gives)."""
+    tmp = tmp_path_factory.mktemp("plain")
+    alpaca = shared_data / "alpaca" / "alpaca_2k.json"
+    lines = "".join(json.dumps(r) + "\n" for r in json.loads(alpaca.read_text()))
+    novel = shared_data / "domain" / "alice_in_wonderland_pg11.txt"
+    out = []
+    for n, (format, name, data) in enumerate([("alpaca", "alpaca_2k.json", alpaca.read_bytes()),
+                                              ("alpaca", "alpaca_2k.jsonl", lines.encode()), ("text", "alice.txt", novel.read_bytes())]):  # fmt: skip
+        path = tmp / str(n) / name
+        path.parent.mkdir()
+        path.write_bytes(data)
+        out.append((format, name, data, store_files(section_of(path, format, tmp / f"cache{n}"), gpt2_tokenizer)))
+    return out
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz", ".zst"])
+def test_compressed_files_give_the_plain_files_store(tmp_path, gpt2_tokenizer, plain_files, suffix):
+    for n, (format, name, data, want) in enumerate(plain_files):
+        packed = tmp_path / str(n) / (name + suffix)
+        packed.parent.mkdir()
+        packed.write_bytes(compress(data, suffix))
+        assert len(want["tokens.bin"]) > 50_000
+        assert store_files(section_of(packed, format, tmp_path / f"cache{n}"), gpt2_tokenizer) == want
+        if name.endswith(".jsonl"):  # a folder of them is read too
+            assert store_files(section_of(packed.parent, format, tmp_path / f"cache{n}-folder"), gpt2_tokenizer) == want
+
+
+def test_parquet_files_give_the_jsonl_store(tmp_path, shared_data, gpt2_tokenizer):
+    """Instructions and conversations (turns as a list of structs, as the hub stores them) in Parquet
+    files of several row groups read as the same records as JSONL, in a file or a folder of them."""
+    import pyarrow
+    import pyarrow.parquet
+
+    records = json.loads((shared_data / "alpaca" / "alpaca_2k.json").read_text())
+    chats = [{"messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"] or "-"}]}
+             for r in records[:300]]  # fmt: skip
+    for format, rows in (("alpaca", records), ("chat", chats)):
+        jsonl = tmp_path / format / "data.jsonl"
+        jsonl.parent.mkdir()
+        jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        folder = tmp_path / format / "parquet"
+        folder.mkdir()
+        half = len(rows) // 2
+        for i, part in enumerate((rows[:half], rows[half:])):  # two files, row groups of 64 rows
+            pyarrow.parquet.write_table(pyarrow.Table.from_pylist(part), folder / f"train-{i:05d}-of-00002.parquet", row_group_size=64)
+        want = store_files(section_of(jsonl, format, tmp_path / format / "c1"), gpt2_tokenizer)
+        assert store_files(section_of(folder, format, tmp_path / format / "c2"), gpt2_tokenizer) == want
+        one = read_source(SourceSection(format=format, path=str(folder / "train-00000-of-00002.parquet")), 0, "skip")
+        assert len(one.records) + len(one.skipped) == half
+        assert one.records[0]["origin"] == f"{folder / 'train-00000-of-00002.parquet'} row 1"
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz", ".zst"])
+def test_a_cut_compressed_file_is_one_line_naming_it(tmp_path, suffix):
+    lines = "".join(json.dumps({"instruction": f"say {i}", "output": str(i)}) + "\n" for i in range(20_000)).encode()
+    path = tmp_path / f"cut.jsonl{suffix}"
+    whole = compress(lines, suffix)
+    path.write_bytes(whole[: len(whole) * 2 // 3])
+    with pytest.raises(DataError) as raised:
+        read_source(SourceSection(format="alpaca", path=str(path)), 0, "skip")
+    message = str(raised.value)
+    assert message.startswith(f"{path}: the ") and "stream cannot be read to its end" in message and "\n" not in message
+    assert "cut short or damaged" in message
+
+
+def test_a_file_that_is_not_parquet_is_one_line(tmp_path):
+    path = tmp_path / "train.parquet"
+    path.write_text('{"instruction": "hi", "output": "there"}\n')
+    with pytest.raises(DataError, match=rf"^{path}: not a Parquet file that can be read \("):
+        read_source(SourceSection(format="alpaca", path=str(path)), 0, "fail")
+    compressed = tmp_path / "train.parquet.gz"
+    compressed.write_bytes(gzip.compress(b"x"))
+    with pytest.raises(DataError, match="a Parquet file compresses its own columns"):
+        read_source(SourceSection(format="alpaca", path=str(compressed)), 0, "fail")
