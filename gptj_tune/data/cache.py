@@ -30,6 +30,7 @@ from ..heartbeat import FILE_GONE, Heartbeat, holder_gone, read_holder
 from ..manifest import sync_folder, sync_tree
 from ..recipe import DataSection
 from ..recipe.inputs import CHAT_KEYS
+from .files import is_pattern, matches
 from .store import FORMAT_VERSION
 
 HEARTBEAT = 5.0
@@ -86,7 +87,10 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _files_fingerprint(path: str | None) -> list:
-    """(relative path, size, mtime) of a local source's files; a hub id or synthetic data: nothing."""
+    """(relative path, size, mtime) of a local source's files (those a glob pattern matches: its
+    absolute paths); a hub id or synthetic data: nothing."""
+    if path is not None and is_pattern(path):
+        return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in matches(path)]
     if path is None or not Path(path).exists():
         return []
     root = Path(path)

@@ -19,7 +19,8 @@ from ..hub import hub_reachable, unreachable_note
 from ..recipe import SourceSection
 from . import synthetic
 from .chat import ChatFields, messages_of
-from .files import COMPRESSED, damaged, decompression_errors, is_compressed, kind_of, open_binary, parquet_rows
+from .files import (COMPRESSED, damaged, decompression_errors, is_compressed, is_pattern, kind_of, matches, open_binary,
+                    parquet_rows)
 from .json_array import json_array_rows
 from .unicode import NotUtf8, half_surrogate, utf8_blocks
 
@@ -154,7 +155,11 @@ def _field(raw: dict, name: str, origin: str, allow_empty: bool) -> str:
 
 def _raw_rows(source: SourceSection, key: str) -> Iterator[tuple[str, object]]:
     path = Path(source.path)
-    if path.is_dir():
+    if is_pattern(source.path):
+        files = matches(source.path)
+        if not files:
+            raise DataError(f"{key}.path: the pattern {source.path} matches no files")
+    elif path.is_dir():
         suffixes = ({".txt"} if source.format == "text" else {".json"}) | {".jsonl", ".parquet"}
         files = sorted(p for p in path.rglob("*") if kind_of(p) in suffixes and p.is_file())
         if not files:

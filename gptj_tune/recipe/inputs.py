@@ -171,8 +171,9 @@ class SourceSection(Section):
     )
     path: str | None = Field(
         None,
-        description="Local file or folder, or a hub dataset id (e.g. `tatsu-lab/alpaca`) loaded with `datasets`. "
-        "Relative paths are relative to the recipe file. Not used by `synthetic`.",
+        description="Local file or folder, a glob pattern of files (`data/train-*.parquet`; `**` crosses folders), or a "
+        "hub dataset id (e.g. `tatsu-lab/alpaca`) loaded with `datasets`. Files may be JSON, JSONL, .txt or Parquet, "
+        "and compressed (.gz, .bz2, .xz, .zst). Relative paths are relative to the recipe file. Not used by `synthetic`.",
     )
     split: str = Field("train", description="Split to read from a hub dataset.")
     weight: float = Field(1.0, gt=0, le=1000, description="Sampling weight in the training mix: 2 repeats the source, 0.5 halves it.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import glob
 import re
 from pathlib import Path
 from typing import Any
@@ -240,11 +241,11 @@ _DATA_SUFFIXES = (".json", ".jsonl", ".txt", ".csv", ".parquet", ".arrow", ".gz"
 
 
 def looks_local(path: str) -> bool:
-    """Whether a data path can only mean a local file or folder: absolute, `./`, `../` or `~`, a
-    data file suffix, or more slashes than a hub id (`owner/name`) has. `novels` or `tatsu-lab/alpaca`
+    """Whether a data path can only mean local files: absolute, `./`, `../` or `~`, a data file
+    suffix, a glob pattern, or more slashes than a hub id (`owner/name`) has. `novels` or `tatsu-lab/alpaca`
     could be either, and are left to the run, which tries the hub after the disk."""
     return (Path(path).is_absolute() or path.startswith(("./", "../", "~", ".\\")) or path.lower().endswith(_DATA_SUFFIXES)
-            or path.count("/") > 1 or "\\" in path)  # fmt: skip
+            or path.count("/") > 1 or "\\" in path or glob.has_magic(path))  # fmt: skip
 
 
 def _missing_data_paths(raw: dict, lines: dict, overrides: set) -> list[str]:
@@ -257,13 +258,30 @@ def _missing_data_paths(raw: dict, lines: dict, overrides: set) -> list[str]:
         path = source.get("path") if isinstance(source, dict) else None
         if not isinstance(path, str) or not path or not looks_local(path):
             continue
-        if _exists(Path(path).expanduser()):
-            continue
         loc = ("data", "sources", i, "path")
         where = " (from --set)" if loc in overrides else f" (line {lines[loc]})" if loc in lines else ""
+        if _is_pattern(path):
+            if not _matches_any(path):
+                problems.append(f"`data.sources.{i}.path`{where}: the pattern {path[:300]} matches no files (a relative "
+                                f"pattern is looked for beside the recipe file, then in the current directory)")  # fmt: skip
+            continue
+        if _exists(Path(path).expanduser()):
+            continue
         problems.append(f"`data.sources.{i}.path`{where}: {path[:300]} does not exist (a relative path is looked for "
                         f"beside the recipe file, then in the current directory); fix the path, or copy the data there")  # fmt: skip
     return problems
+
+
+def _is_pattern(path: str) -> bool:
+    """A glob pattern (`data/train-*.parquet`), not a file or folder of that name."""
+    return glob.has_magic(path) and not _exists(Path(path).expanduser())
+
+
+def _matches_any(pattern: str) -> bool:
+    try:
+        return any(Path(p).is_file() for p in glob.iglob(str(Path(pattern).expanduser()), recursive=True))
+    except (OSError, ValueError):
+        return False
 
 
 def _exists(path: Path) -> bool:
@@ -285,7 +303,14 @@ def _resolve_source_paths(raw: dict, base: Path) -> None:
     """Relative local paths (data, DeepSpeed JSON) are relative to the recipe file, like an import in code."""
     sources = raw.get("data", {}).get("sources") if isinstance(raw.get("data"), dict) else None
     for source in sources if isinstance(sources, list) else []:
-        if isinstance(source, dict) and isinstance(source.get("path"), str):
+        if isinstance(source, dict) and isinstance(source.get("path"), str) and _is_pattern(source["path"]):
+            pattern = str(Path(source["path"]).expanduser())
+            if not Path(pattern).is_absolute():  # beside the recipe file, else where the command runs
+                beside = str(base.resolve() / pattern)
+                source["path"] = beside if _matches_any(beside) or not _matches_any(pattern) else str(Path.cwd() / pattern)
+            else:
+                source["path"] = pattern
+        elif isinstance(source, dict) and isinstance(source.get("path"), str):
             candidate = base / source["path"]
             if not Path(source["path"]).is_absolute() and _exists(candidate):
                 source["path"] = str(candidate.resolve())

@@ -118,3 +118,34 @@ def test_a_file_that_is_not_parquet_is_one_line(tmp_path):
     compressed.write_bytes(gzip.compress(b"x"))
     with pytest.raises(DataError, match="a Parquet file compresses its own columns"):
         read_source(SourceSection(format="alpaca", path=str(compressed)), 0, "fail")
+
+
+def test_a_glob_pattern_reads_the_files_it_matches_and_their_changes_rebuild_the_store(tmp_path, shared_data, gpt2_tokenizer):
+    """`path: data/train-*.jsonl` beside the recipe reads the train parts and not the test one
+    (a hub download's layout), in name order: the store of the parts joined in one file."""
+    from conftest import cli
+
+    from gptj_tune.recipe import load_recipe
+
+    records = json.loads((shared_data / "alpaca" / "alpaca_2k.json").read_text())[:600]
+    data = tmp_path / "data" / "nested"
+    data.mkdir(parents=True)
+    for i in range(3):
+        (data / f"train-{i:05d}-of-00003.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[i * 200 : (i + 1) * 200]))
+    (data / "test-00000-of-00001.jsonl").write_text(json.dumps({"instruction": "held", "output": "out"}) + "\n")
+    joined = tmp_path / "joined.jsonl"
+    joined.write_text("".join(json.dumps(r) + "\n" for r in records))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data:\n  sources:\n    - format: alpaca\n      path: data/**/train-*.jsonl\n  on_bad_record: skip\n")
+    source = load_recipe(recipe).data.sources[0]
+    assert source.path == str(tmp_path / "data" / "**" / "train-*.jsonl")  # resolved beside the recipe
+    section = section_of(source.path, "alpaca", tmp_path / "cache")
+    assert store_files(section, gpt2_tokenizer) == store_files(section_of(joined, "alpaca", tmp_path / "cache-joined"), gpt2_tokenizer)
+    assert not prepare_data(section, gpt2_tokenizer).built  # the same files: the same store
+    with open(data / "train-00002-of-00003.jsonl", "a") as f:
+        f.write(json.dumps({"instruction": "one more", "output": "record"}) + "\n")
+    assert prepare_data(section, gpt2_tokenizer).built  # a matched file changed: a new store
+    recipe.write_text("data:\n  sources:\n    - format: alpaca\n      path: data/valid-*.jsonl\n")
+    result = cli("validate", str(recipe))
+    assert result.returncode == 2, result.stderr
+    assert f"`data.sources.0.path` (line 4): the pattern {tmp_path / 'data' / 'valid-*.jsonl'} matches no files" in result.stderr
