@@ -45,9 +45,13 @@ class TextFile:
 
     def parts(self) -> Iterator[str]:
         # \r\n and \r become \n, across parts too
-        with io.TextIOWrapper(open_binary(self.path), encoding="utf-8-sig", newline=None) as f:
-            while part := f.read(TEXT_PART_CHARS):
-                yield part
+        try:
+            with io.TextIOWrapper(open_binary(self.path), encoding="utf-8-sig", newline=None) as f:
+                while part := f.read(TEXT_PART_CHARS):
+                    yield part
+        except (UnicodeDecodeError, *decompression_errors()) as e:  # it was whole UTF-8 when checked
+            raise DataError(f"{self.path}: the file changed while it was read ({typed_first_line(e)}); prepare the data "
+                            f"again once nothing writes to it") from None  # fmt: skip
 
     def read(self) -> str:
         return "".join(self.parts())

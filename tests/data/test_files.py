@@ -149,3 +149,17 @@ def test_a_glob_pattern_reads_the_files_it_matches_and_their_changes_rebuild_the
     result = cli("validate", str(recipe))
     assert result.returncode == 2, result.stderr
     assert f"`data.sources.0.path` (line 4): the pattern {tmp_path / 'data' / 'valid-*.jsonl'} matches no files" in result.stderr
+
+
+def test_a_book_that_changes_between_its_check_and_its_reading_is_one_line(tmp_path):
+    """A .txt document is checked whole (UTF-8, not blank) when its record is made and read a part
+    at a time later, while it is tokenized: written over in between, it is a DataError naming it,
+    not a UnicodeDecodeError from deep in the build."""
+    from gptj_tune.data.formats import SkipLog, iter_records
+
+    book = tmp_path / "book.txt"
+    book.write_text("Chapter 1\n\nIt was a bright cold day in April.\n")
+    [record] = list(iter_records(SourceSection(format="text", path=str(book)), 0, "fail", SkipLog()))
+    book.write_bytes(b"Chapter 1\n\nIt was \xff bright cold day.\n")  # another program writes to it
+    with pytest.raises(DataError, match=rf"^{book}: the file changed while it was read \(UnicodeDecodeError: "):
+        record["text"].read()
