@@ -164,7 +164,7 @@ def _raw_rows(source: SourceSection, key: str) -> Iterator[tuple[str, object]]:
         if not files:
             raise DataError(f"{key}.path: the pattern {source.path} matches no files")
     elif path.is_dir():
-        suffixes = ({".txt"} if source.format == "text" else {".json"}) | {".jsonl", ".parquet"}
+        suffixes = ({".txt"} if source.format == "text" else {".json"}) | {".jsonl", ".parquet", ".csv", ".tsv"}
         files = sorted(p for p in path.rglob("*") if kind_of(p) in suffixes and p.is_file())
         if not files:
             raise DataError(f"{key}: folder {path} has no {', '.join(sorted(suffixes))} files (compressed ones too: "
@@ -192,10 +192,48 @@ def _file_rows(file: Path, text_field: str) -> Iterator[tuple[str, object]]:
         yield from parquet_rows(file)
     elif kind == ".txt":
         yield _text_file_row(file, text_field)
+    elif kind in (".csv", ".tsv"):
+        yield from _csv_rows(file, "\t" if kind == ".tsv" else ",")
     elif kind == ".jsonl" or _starts_with(file) != "[":
         yield from _jsonl_rows(file)
     else:
         yield from json_array_rows(file)
+
+
+def _csv_rows(file: Path, delimiter: str) -> Iterator[tuple[str, object]]:
+    """Each row of a CSV (TSV) file with a header row, as {column: text}, a block at a time (quoted
+    cells may span lines); a row with more or fewer cells than the header is a malformed record.
+    Not UTF-8 (a spreadsheet's legacy export) is one error naming line and byte."""
+    import csv
+
+    def lines() -> Iterator[str]:
+        rest = ""
+        for text in utf8_blocks(f, _CHECK_BYTES):
+            *whole, rest = (rest + text).split("\n")
+            yield from (line + "\n" for line in whole)
+        if rest:
+            yield rest
+
+    csv.field_size_limit(2**31 - 1)  # a cell may hold a whole document (the default stops at 128 KB)
+    with open_binary(file) as f:
+        reader = csv.reader(lines(), delimiter=delimiter)
+        try:
+            header = next(reader, None)
+            if header is None:
+                return
+            start = reader.line_num + 1
+            for row in reader:
+                origin, start = f"{file}:{start}", reader.line_num + 1
+                if not any(cell.strip() for cell in row):
+                    continue
+                if len(row) != len(header):
+                    yield origin, _Malformed(f"{origin}: {len(row)} cells where the header ({file}:1) has {len(header)}")
+                    continue
+                yield origin, dict(zip(header, row))
+        except NotUtf8 as e:
+            raise DataError(f"{file}:{e.line}: {e}; save the file as UTF-8 (a spreadsheet's \"CSV UTF-8\")") from None
+        except csv.Error as e:
+            raise DataError(f"{file}:{reader.line_num}: not CSV that can be read ({e})") from None
 
 
 def _text_file_row(file: Path, text_field: str) -> tuple[str, object]:

@@ -172,7 +172,7 @@ class SourceSection(Section):
     path: str | None = Field(
         None,
         description="Local file or folder, a glob pattern of files (`data/train-*.parquet`; `**` crosses folders), or a "
-        "hub dataset id (e.g. `tatsu-lab/alpaca`) loaded with `datasets`. Files may be JSON, JSONL, .txt or Parquet, "
+        "hub dataset id (e.g. `tatsu-lab/alpaca`) loaded with `datasets`. Files may be JSON, JSONL, CSV/TSV, .txt or Parquet, "
         "and compressed (.gz, .bz2, .xz, .zst). Relative paths are relative to the recipe file. Not used by `synthetic`.",
     )
     split: str = Field("train", description="Split to read from a hub dataset.")

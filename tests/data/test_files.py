@@ -163,3 +163,35 @@ def test_a_book_that_changes_between_its_check_and_its_reading_is_one_line(tmp_p
     book.write_bytes(b"Chapter 1\n\nIt was \xff bright cold day.\n")  # another program writes to it
     with pytest.raises(DataError, match=rf"^{book}: the file changed while it was read \(UnicodeDecodeError: "):
         record["text"].read()
+
+
+@pytest.mark.parametrize("name, delimiter, line_end, suffix", [("a.csv", ",", "\n", ""), ("a.tsv", "\t", "\r\n", ".gz")])
+def test_csv_and_tsv_files_give_the_json_store(tmp_path, shared_data, gpt2_tokenizer, name, delimiter, line_end, suffix):
+    """Alpaca as CSV (cells quoted where they hold commas, quotes or line ends) and as gzipped TSV
+    with Windows line ends: the JSON file's store, byte for byte."""
+    import csv
+    import io
+
+    alpaca = shared_data / "alpaca" / "alpaca_2k.json"
+    records = json.loads(alpaca.read_text())
+    out = io.StringIO()
+    writer = csv.writer(out, delimiter=delimiter, lineterminator=line_end)
+    writer.writerow(["instruction", "input", "output"])
+    writer.writerows([r["instruction"], r["input"], r["output"]] for r in records)
+    path = tmp_path / "csv" / (name + suffix)
+    path.parent.mkdir()
+    path.write_bytes(compress(out.getvalue().encode(), suffix) if suffix else out.getvalue().encode())
+    assert store_files(section_of(path, "alpaca", tmp_path / "c1"), gpt2_tokenizer) == \
+        store_files(section_of(alpaca, "alpaca", tmp_path / "c2"), gpt2_tokenizer)  # fmt: skip
+
+
+def test_a_bad_csv_row_or_a_legacy_encoding_is_named_by_line(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text('instruction,output\n"A ""quoted""\ncell",fine\ntoo,many,cells\n')
+    with pytest.raises(DataError, match=rf"^{path}:4: 3 cells where the header \({path}:1\) has 2 \(set data.on_bad_record: skip"):
+        read_source(SourceSection(format="alpaca", path=str(path)), 0, "fail")
+    read = read_source(SourceSection(format="alpaca", path=str(path)), 0, "skip")
+    assert [(r["origin"], r["instruction"]) for r in read.records] == [(f"{path}:2", 'A "quoted"\ncell')]
+    path.write_bytes("instruction,output\nCaf\u00e9,fine\n".encode("cp1252"))  # Excel's "CSV" on Windows
+    with pytest.raises(DataError, match=rf"^{path}:2: not UTF-8 text \(byte 23 of the file is 0xe9\); save the file as UTF-8"):
+        read_source(SourceSection(format="alpaca", path=str(path)), 0, "skip")
