@@ -1,8 +1,9 @@
-"""Data files as they come (JSON, JSONL, CSV/TSV and .txt are read in formats.py): compressed (`.gz`, `.bz2`, `.xz`, `.zst`: The Pile, GPT-J's own corpus,
-ships as `.jsonl.zst`) and Parquet (what the hub stores datasets as, so a `huggingface-cli
-download` of one is a folder of `.parquet` files). Each is read as a stream: a compressed file is
-decompressed as it is read, a Parquet file a row group's batch at a time, so neither is ever held
-whole in memory or written out decompressed.
+"""Data files as they come, beside JSON, JSONL, CSV/TSV and .txt (read in formats.py): compressed
+(`.gz`, `.bz2`, `.xz`, `.zst`: The Pile, GPT-J's own corpus, ships as `.jsonl.zst`) and Parquet
+(what the hub stores datasets as, so a `huggingface-cli download` of one is a folder of
+`.parquet` files). Each is read as a stream: a compressed file is decompressed as it is read, a
+Parquet file a row group's batch at a time, so neither is ever held whole in memory or written
+out decompressed.
 """
 
 from __future__ import annotations
