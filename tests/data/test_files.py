@@ -10,13 +10,13 @@ import json
 import lzma
 
 import pytest
+import zstandard
 
 from gptj_tune.data import prepare_data
 from gptj_tune.data.formats import read_source
 from gptj_tune.errors import DataError
 from gptj_tune.recipe import DataSection, SourceSection
 
-zstandard = pytest.importorskip("zstandard", reason="zstandard is a dependency of gptj-tune")
 
 
 def compress(data: bytes, suffix: str) -> bytes:
