@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from ..recipe import DataSection
-from .chat import ChatEncoder, held_out_record, template_text
+from .chat import ChatEncoder, held_out_record, last_reply_only, template_text
 from .encode import encoder, token_byte_lengths
 from .formats import SkipLog, iter_records
 from .pack import pack_lengths
@@ -307,7 +307,10 @@ def _write_chats(records, chats: ChatEncoder, eos: int, section: DataSection, sl
 
     def flush(chunk: list[dict]) -> None:
         ids, targets, lengths, truncated = [], [], [], []
-        for row, row_targets in chats([r["messages"] for r in chunk]):
+        conversations = [r["messages"] for r in chunk]
+        if section.learn_replies == "last":
+            conversations = [last_reply_only(m) for m in conversations]
+        for row, row_targets in chats(conversations):
             cut = len(row) > limit
             row, row_targets = row[:limit], row_targets[:limit]
             if (cut and section.overlong == "drop") or not row_targets.any():

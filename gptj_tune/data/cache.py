@@ -66,9 +66,11 @@ def cache_key(section: DataSection, tokenizer, prompt_slots: int) -> str:
 
 
 def _data_spec(section: DataSection) -> dict:
-    """The data section as the key sees it. The chat sources' field settings (added after stores
-    existed) count only when set, so a store built before them keeps its key."""
+    """The data section as the key sees it. The chat settings added after stores existed (the
+    sources' fields, `learn_replies`) count only when set, so a store built before them keeps its key."""
     spec = section.model_dump(mode="json", exclude={"cache_dir"})
+    if spec.get("learn_replies") == "all":
+        spec.pop("learn_replies")
     for source in spec["sources"]:
         for key in CHAT_KEYS:
             if source.get(key) is None:

@@ -111,6 +111,12 @@ def messages_of(raw: dict, origin: str, fields: ChatFields = ChatFields()) -> li
     return out
 
 
+def last_reply_only(messages: list[dict]) -> list[dict]:
+    """The conversation with every learned reply but the last at `weight` 0: still seen, not learned."""
+    last = max(i for i, m in enumerate(messages) if learned(m))
+    return [{**m, "weight": 0} if learned(m) and i != last else m for i, m in enumerate(messages)]
+
+
 def learned(message: dict) -> bool:
     """Whether a turn is learned from: an assistant reply whose `weight` is not 0."""
     return message["role"] == "assistant" and message.get("weight", 1) != 0

@@ -307,6 +307,10 @@ class DataSection(Section):
         "truncate", description="What to do with examples longer than max_length (the count is printed)."
     )
     train_on_prompt: bool = Field(False, description="Also compute the loss on prompt tokens (chat: on every turn).")
+    learn_replies: Literal["all", "last"] = Field(
+        "all", description="Chat sources: learn from every assistant reply, or from the last one only (the earlier "
+        "ones are context, as LLaMA-Factory's `mask_history`; a `weight` 0 reply is never learned).",
+    )
     chat_template: str = Field(
         "gptj-chat",
         min_length=1,
@@ -326,6 +330,15 @@ class DataSection(Section):
         "sees and the data is prepared once for all of them.",
     )
 
+    @model_validator(mode="after")
+    def _check_learn_replies(self):
+        if self.learn_replies == "last":
+            if not any(source.is_chat for source in self.sources):
+                raise ValueError("data.learn_replies: last applies to chat sources (format chat), and there is none")
+            if self.train_on_prompt:
+                raise ValueError("data.learn_replies: last and train_on_prompt: true contradict each other (the "
+                                 "latter learns every token); choose one")  # fmt: skip
+        return self
 
     @field_validator("chat_template")
     @classmethod

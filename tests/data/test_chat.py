@@ -236,14 +236,41 @@ def test_chat_field_settings_are_checked_in_the_recipe(tmp_path, options, messag
     assert message in str(raised.value)
 
 
+def test_learn_replies_last_learns_only_the_last_reply_and_keeps_the_rest_as_context(tmp_path, gpt2_tokenizer):
+    every = prepare_data(chat_section(tmp_path / "all", CONVERSATIONS), gpt2_tokenizer)
+    last = prepare_data(chat_section(tmp_path / "last", CONVERSATIONS, learn_replies="last"), gpt2_tokenizer)
+    for row, all_row, record in zip(last.train_rows, every.train_rows, CONVERSATIONS):
+        replies = [m["content"] for m in messages(record) if m["role"] == "assistant"]
+        assert row.input_ids.tolist() == all_row.input_ids.tolist()  # the same conversation, earlier replies in it
+        assert gpt2_tokenizer.decode(row.input_ids[row.labels != -100]) == replies[-1] + "<|endoftext|>"
+        assert gpt2_tokenizer.decode(all_row.input_ids[all_row.labels != -100]) == "".join(r + "<|endoftext|>" for r in replies)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (dict(learn_replies="last", train_on_prompt=True), "data.learn_replies: last and train_on_prompt: true contradict each other"),
+    (dict(learn_replies="last", sources=[SourceSection(format="alpaca", path="x.json")]), "applies to chat sources"),
+])  # fmt: skip
+def test_learn_replies_last_is_checked_against_the_rest_of_the_data_section(tmp_path, extra, message):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        DataSection(**{"sources": [SourceSection(format="chat", path=str(tmp_path))], **extra})
+
+
 def test_the_chat_field_settings_are_part_of_the_store_key(tmp_path, gpt2_tokenizer):
     from gptj_tune.data.cache import cache_key
 
     plain = chat_section(tmp_path, CONVERSATIONS)
     named = plain.model_copy(update={"sources": [SourceSection(format="chat", path=plain.sources[0].path, messages_field="messages")]})
     renamed = plain.model_copy(update={"sources": [SourceSection(format="chat", path=plain.sources[0].path, roles={"user": ["prompter"]})]})
-    keys = {cache_key(s, gpt2_tokenizer, 0) for s in (plain, named, renamed)}
-    assert len(keys) == 3
+    last = plain.model_copy(update={"learn_replies": "last"})
+    keys = {cache_key(s, gpt2_tokenizer, 0) for s in (plain, named, renamed, last)}
+    assert len(keys) == 4
+    # left at their defaults they are not in the key at all, so stores built before them keep theirs
+    from gptj_tune.data.cache import _data_spec
+
+    spec = _data_spec(plain)
+    assert "learn_replies" not in spec and not {"messages_field", "role_field", "content_field", "roles"} & set(spec["sources"][0])
 
 
 @pytest.mark.slow
