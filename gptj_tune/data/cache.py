@@ -66,16 +66,23 @@ def cache_key(section: DataSection, tokenizer, prompt_slots: int) -> str:
 
 
 def _data_spec(section: DataSection) -> dict:
-    """The data section as the key sees it. The chat settings added after stores existed (the
-    sources' fields, `learn_replies`) count only when set, so a store built before them keeps its key."""
+    """The data section as the key sees it: settings added after stores existed count only when set
+    (ADDED_DATA_KEYS, ADDED_SOURCE_KEYS), so a store built before them keeps its key."""
     spec = section.model_dump(mode="json", exclude={"cache_dir"})
-    if spec.get("learn_replies") == "all":
-        spec.pop("learn_replies")
+    for key, default in ADDED_DATA_KEYS.items():
+        if spec.get(key) == default:
+            spec.pop(key)
     for source in spec["sources"]:
-        for key in CHAT_KEYS:
-            if source.get(key) is None:
+        for key, default in ADDED_SOURCE_KEYS.items():
+            if source.get(key) == default:
                 source.pop(key, None)
     return spec
+
+
+# Keys added to the data section after stores were first built, with their defaults: at the
+# default they are left out of the key, so an existing store keeps its key (a new key is added here).
+ADDED_DATA_KEYS = {"learn_replies": "all"}
+ADDED_SOURCE_KEYS = {**{key: None for key in CHAT_KEYS}, "subset": None}
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:

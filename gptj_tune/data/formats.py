@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -159,6 +160,9 @@ def _field(raw: dict, name: str, origin: str, allow_empty: bool) -> str:
 
 def _raw_rows(source: SourceSection, key: str) -> Iterator[tuple[str, object]]:
     path = Path(source.path)
+    if source.subset is not None and (is_pattern(source.path) or path.exists()):
+        raise DataError(f"{key}.subset: {source.path} is local files, read as they are; `subset` picks a hub dataset's "
+                        f"configuration: remove it, or point `path` at that subset's files")  # fmt: skip
     if is_pattern(source.path):
         files = matches(source.path)
         if not files:
@@ -297,10 +301,16 @@ def _hub_rows(source: SourceSection, key: str) -> Iterator[tuple[str, object]]:
         import datasets
 
         # Streaming: a hub dataset larger than memory (or the disk's free space) is read a shard at a time.
-        dataset = datasets.load_dataset(source.path, split=source.split, streaming=True)
+        dataset = datasets.load_dataset(source.path, source.subset, split=source.split, streaming=True)
         rows = iter(dataset)
         first = next(rows, None)
     except Exception as e:  # datasets raises many types for "not found" / "offline"
+        text = str(e)
+        if "config" in text.lower() and ("missing" in text.lower() or "not found" in text.lower()):
+            named = re.search(r"available(?: configs)?: (\[[^\]]*\])", text, re.IGNORECASE)
+            what = f"has no subset {source.subset!r}" if source.subset else "has several subsets"
+            raise DataError(f"{key}.subset: {source.path} {what} ({typed_first_line(e)}); set {key}.subset to "
+                            f"{'one of ' + named.group(1) if named else 'one of its subsets'}") from None  # fmt: skip
         raise DataError(
             f"{key}.path: {source.path!r} is not a local file or folder{_where_looked(source.path)}, and loading it as a hub dataset "
             f"failed ({typed_first_line(e)}).{unreachable_note()} Check the path, or "
@@ -308,6 +318,7 @@ def _hub_rows(source: SourceSection, key: str) -> Iterator[tuple[str, object]]:
         ) from None
     if first is None:
         return
-    yield f"{source.path}[{source.split}] row 1", dict(first)
+    where = f"{source.path}[{source.subset + ', ' if source.subset else ''}{source.split}]"
+    yield f"{where} row 1", dict(first)
     for n, row in enumerate(rows, start=2):
-        yield f"{source.path}[{source.split}] row {n}", dict(row)
+        yield f"{where} row {n}", dict(row)

@@ -176,6 +176,10 @@ class SourceSection(Section):
         "and compressed (.gz, .bz2, .xz, .zst). Relative paths are relative to the recipe file. Not used by `synthetic`.",
     )
     split: str = Field("train", description="Split to read from a hub dataset.")
+    subset: str | None = Field(
+        None, min_length=1, description="Hub dataset: its configuration (subset), e.g. `en` for `allenai/c4` "
+        "(datasets.load_dataset's `name`); null: the dataset's only or default one.",
+    )
     weight: float = Field(1.0, gt=0, le=1000, description="Sampling weight in the training mix: 2 repeats the source, 0.5 halves it.")
     limit: int | None = Field(None, ge=1, description="Read only the first N records.")
     prompt_field: str | None = Field(None, description="jsonl: field holding the prompt (instruction).")
@@ -214,6 +218,8 @@ class SourceSection(Section):
         if self.format == "synthetic":
             if self.path is not None:
                 problems.append("`path` is not used with format synthetic; remove it")
+            if self.subset is not None:
+                problems.append("`subset` is not used with format synthetic (it picks a hub dataset's configuration); remove it")
         elif self.path is None:
             problems.append(f"`path` is required for format {self.format}: a local file/folder or a hub dataset id")
         if self.format != "synthetic":

@@ -286,3 +286,25 @@ def test_a_dataset_loaded_through_datasets_streams_row_by_row(tmp_path):
     got = list(_hub_rows(SourceSection(format="alpaca", path=str(folder)), "data.sources[0]"))
     assert [dict(r) for _, r in got] == rows
     assert got[0][0] == f"{folder}[train] row 1" and got[-1][0] == f"{folder}[train] row 5"
+
+
+def test_a_hub_dataset_with_subsets_reads_the_one_named_and_lists_them_when_none_is(tmp_path):
+    """`subset` is load_dataset's configuration name (allenai/c4's `en`): a local dataset folder
+    whose README declares two configurations, read as `datasets` reads a downloaded repository."""
+    from gptj_tune.data.formats import _hub_rows, iter_records, SkipLog
+
+    folder = tmp_path / "two-languages"
+    for name, row in (("en", {"instruction": "Say hi.", "output": "hi"}), ("de", {"instruction": "Sag hallo.", "output": "hallo"})):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "train.jsonl").write_text(json.dumps(row) + "\n")
+    (folder / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {n}\n  data_files:\n  - split: train\n    path: {n}/train.jsonl\n" for n in ("en", "de")) + "---\n")  # fmt: skip
+    got = list(_hub_rows(SourceSection(format="alpaca", path=str(folder), subset="de"), "data.sources[0]"))
+    assert got == [(f"{folder}[de, train] row 1", {"instruction": "Sag hallo.", "output": "hallo"})]
+    for subset, message in ((None, "has several subsets"), ("fr", "has no subset 'fr'")):
+        with pytest.raises(DataError) as raised:
+            list(_hub_rows(SourceSection(format="alpaca", path=str(folder), subset=subset), "data.sources[0]"))
+        assert str(raised.value).startswith(f"data.sources[0].subset: {folder} {message} (")
+        assert str(raised.value).endswith("set data.sources[0].subset to one of ['en', 'de']")
+    with pytest.raises(DataError, match=r"data.sources\[0\].subset: .* is local files, read as they are"):
+        list(iter_records(SourceSection(format="alpaca", path=str(folder / "en"), subset="en"), 0, "fail", SkipLog()))
