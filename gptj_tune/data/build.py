@@ -238,6 +238,17 @@ def _write_instructions(records, encode, eos: int, template: Template, section: 
     """Prompt and response tokenized apart (so the response start is exact), prompt tokens masked
     unless train_on_prompt, EOS appended as a target. Returns, per record, its example index (-1:
     dropped) and its byte offset in the spill file."""
+    return _spilled_chunks(records, RECORDS_PER_CHUNK, spill,
+                           lambda chunk: _instruction_chunk(chunk, encode, eos, template, section, slots, writer, counter))  # fmt: skip
+
+
+_spill_line = json.JSONEncoder(check_circular=False).encode  # a record is strings in a dict: no cycle to look for
+
+
+def _spilled_chunks(records, size: int, spill: Path, write: Callable[[list[dict]], list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """`write` (which tokenizes into the store and gives each record's example index, -1: dropped)
+    called on `size` records at a time, each record also kept as a JSON line in `spill` for the
+    held-out ones. Returns the example indices and the records' byte offsets in `spill`."""
     example_of: list[int] = []
     offsets: list[np.ndarray] = []
     written = 0
@@ -250,20 +261,17 @@ def _write_instructions(records, encode, eos: int, template: Template, section: 
             offsets.append(written + np.cumsum(sizes) - sizes)
             out.write(("\n".join(lines) + "\n").encode("ascii"))
             written += int(sizes.sum())
-            example_of += _instruction_chunk(chunk, encode, eos, template, section, slots, writer, counter)
+            example_of += write(chunk)
 
         chunk: list[dict] = []
         for record in records:
             chunk.append(record)
-            if len(chunk) == RECORDS_PER_CHUNK:
+            if len(chunk) == size:
                 flush(chunk)
                 chunk = []
         if chunk:
             flush(chunk)
     return np.asarray(example_of, np.int64), np.concatenate(offsets) if offsets else np.zeros(0, np.int64)
-
-
-_spill_line = json.JSONEncoder(check_circular=False).encode  # a record is strings in a dict: no cycle to look for
 
 
 def _instruction_chunk(records, encode, eos, template, section, slots, writer, counter) -> list[int]:
@@ -299,44 +307,34 @@ def _instruction_chunk(records, encode, eos, template, section, slots, writer, c
 def _write_chats(records, chats: ChatEncoder, eos: int, section: DataSection, slots: int, writer: StoreWriter, spill: Path,
                  counter: _Counter) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Each conversation one example: rendered with the chat template, tokenized whole, the loss on
-    the assistant turns (data/chat.py), RECORDS_PER_CHUNK at a time. Returns, per record, its
+    the assistant turns (data/chat.py), CONVERSATIONS_PER_CHUNK at a time. Returns, per record, its
     example index (-1: dropped) and its byte offset in the spill file."""
-    example_of: list[int] = []
-    offsets: list[int] = []
+    return _spilled_chunks(records, CONVERSATIONS_PER_CHUNK, spill,
+                           lambda chunk: _chat_chunk(chunk, chats, eos, section, slots, writer, counter))  # fmt: skip
+
+
+def _chat_chunk(records, chats: ChatEncoder, eos: int, section: DataSection, slots: int, writer: StoreWriter,
+                counter: _Counter) -> list[int]:  # fmt: skip
     limit = section.max_length - slots
-
-    def flush(chunk: list[dict]) -> None:
-        ids, targets, lengths, truncated = [], [], [], []
-        conversations = [r["messages"] for r in chunk]
-        if section.learn_replies == "last":
-            conversations = [last_reply_only(m) for m in conversations]
-        for row, row_targets in chats(conversations):
-            cut = len(row) > limit
-            row, row_targets = row[:limit], row_targets[:limit]
-            if (cut and section.overlong == "drop") or not row_targets.any():
-                example_of.append(-1)
-                continue
-            example_of.append(writer.n_examples + len(lengths))
-            ids += [np.full(slots, eos, np.int64), row]
-            targets += [np.zeros(slots, np.uint8), row_targets]
-            lengths.append(slots + len(row))
-            truncated.append(cut)
-        if lengths:
-            writer.append(np.concatenate(ids), np.concatenate(targets), np.asarray(lengths), np.asarray(truncated))
-        counter.wrote(int(sum(lengths)))
-
-    with open(spill, "wb") as out:
-        chunk: list[dict] = []
-        for record in records:
-            offsets.append(out.tell())
-            out.write(json.dumps(record).encode() + b"\n")
-            chunk.append(record)
-            if len(chunk) == CONVERSATIONS_PER_CHUNK:
-                flush(chunk)
-                chunk = []
-        if chunk:
-            flush(chunk)
-    return np.asarray(example_of, np.int64), np.asarray(offsets, np.int64)
+    example_of, ids, targets, lengths, truncated = [], [], [], [], []
+    conversations = [r["messages"] for r in records]
+    if section.learn_replies == "last":
+        conversations = [last_reply_only(m) for m in conversations]
+    for row, row_targets in chats(conversations):
+        cut = len(row) > limit
+        row, row_targets = row[:limit], row_targets[:limit]
+        if (cut and section.overlong == "drop") or not row_targets.any():
+            example_of.append(-1)
+            continue
+        example_of.append(writer.n_examples + len(lengths))
+        ids += [np.full(slots, eos, np.int64), row]
+        targets += [np.zeros(slots, np.uint8), row_targets]
+        lengths.append(slots + len(row))
+        truncated.append(cut)
+    if lengths:
+        writer.append(np.concatenate(ids), np.concatenate(targets), np.asarray(lengths), np.asarray(truncated))
+    counter.wrote(int(sum(lengths)))
+    return example_of
 
 
 def _read_lines(spill: Path, offsets: np.ndarray, picks: list[int]) -> list[dict]:
