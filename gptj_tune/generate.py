@@ -8,14 +8,14 @@ from pathlib import Path
 import torch
 
 from .data.templates import Template, get_template
-from .errors import ModelError, first_line
+from .errors import GptjTuneError, ModelError, first_line
 
 
 class Generator:
     """A loaded target (run dir: base + adapter or full; export folder; model name) ready to answer."""
 
     def __init__(self, target: str, raw: bool = False, max_new_tokens: int = 128, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, seed: int = 0):  # fmt: skip
+                 top_p: float = 1.0, top_k: int = 0, seed: int = 0, system: str | None = None):  # fmt: skip
         from .evaluate.targets import load_target_model, resolve_target
 
         resolved = resolve_target(target)
@@ -26,7 +26,10 @@ class Generator:
         self.template = None if raw else _template_of(resolved.run_dir or Path(target))
         # A model trained on conversations: its tokenizer carries the chat template (saved with final/ and the export).
         self.chat_template = None if raw else getattr(self.tokenizer, "chat_template", None)
-        self.history: list[dict] = []
+        if system is not None and not self.chat_template:
+            why = "--raw drops its chat template" if raw else "it has no chat template (not trained on conversations)"
+            raise GptjTuneError(f"--system: {target}: {why}, so there is no system turn to put it in")
+        self.history: list[dict] = [{"role": "system", "content": system}] if system is not None else []
         self.options = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
         if temperature > 0:
             self.options.update(temperature=temperature, top_p=top_p, top_k=top_k)

@@ -186,3 +186,8 @@ def test_generate_file_chat_and_argument_errors(tmp_path, lora_run):
     assert sampled[0] == sampled[1] != sampled[2]  # sampling follows --seed
     both = cli("generate", str(lora_run), "--prompt", "x", "--chat")
     assert both.returncode == 2 and "exactly one of --prompt, --file or --chat" in both.stderr
+    alone = cli("generate", str(lora_run), "--prompt", "x", "--system", "Be brief.")
+    assert alone.returncode == 2 and "--system is the system prompt of a --chat conversation; add --chat" in alone.stderr
+    no_template = cli("generate", str(lora_run), "--chat", "--system", "Be brief.", input="\n")  # trained on instructions
+    assert no_template.returncode == 2 and "it has no chat template (not trained on conversations), so there is no system turn" in \
+        " ".join(no_template.stderr.split())  # fmt: skip

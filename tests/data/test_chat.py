@@ -304,6 +304,13 @@ def test_the_chat_demo_learns_and_its_export_carries_the_template(tmp_path):
     generator.chat_turn("Reverse the order of the words.\nfish oak")
     assert [m["role"] for m in generator.history] == ["user", "assistant", "user", "assistant"]
     assert generator.history[1]["content"] == first and first.strip()
+    # --system: some of the demo's conversations open with this system turn
+    system = "You answer in as few words as the task needs."
+    with_system = Generator(str(out), max_new_tokens=8, system=system)
+    with_system.chat_turn("What is the last word?\ncake tent iron")
+    assert with_system.history[0] == {"role": "system", "content": system} and [m["role"] for m in with_system.history[1:]] == ["user", "assistant"]
+    chat = cli("generate", str(run), "--chat", "--system", system, input="What is the last word? cake tent iron\n\n")
+    assert chat.returncode == 0, chat.stderr[-2000:]
 
 
 @pytest.mark.slow
