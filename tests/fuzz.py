@@ -4,10 +4,12 @@ JSON, bytes that are not UTF-8...), so the one right answer is exit 2 with one m
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 
 import yaml
+import zstandard
 
 BASE = {
     "model": {"name_or_path": "tiny-gptj", "tiny": {"layers": 1, "width": 32, "heads": 2, "rotary_dim": 8, "context": 128}},
@@ -168,7 +170,9 @@ def broken_data(seed: int, count: int) -> list[tuple[str, str, bytes, str]]:
         "chat_content": lambda: json.dumps({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]}).encode(),
         "chat_no_reply": lambda: json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(),
     }  # fmt: skip
-    kinds = [*bad_records, *chat_bad, "empty", "json_not_list", "json_cut", "text_not_utf8"]
+    kinds = [*bad_records, *chat_bad, "empty", "json_not_list", "json_cut", "text_not_utf8", "gz_cut", "zst_cut", "csv_cells",
+             "csv_not_utf8", "parquet_garbage"]  # fmt: skip
+    good_lines = b"".join(json.dumps(r).encode() + b"\n" for r in GOOD * 50)
     for i in range(count):
         kind = kinds[i % len(kinds)]
         skip = rng.random() < 0.3
@@ -189,4 +193,15 @@ def broken_data(seed: int, count: int) -> list[tuple[str, str, bytes, str]]:
             made.append((kind, "alpaca-json", text[: rng.randrange(1, len(text) - 1)], "fail"))
         elif kind == "text_not_utf8":
             made.append((kind, "text", b"Once upon a time\n" + bytes([0xC3, 0x28, 0xFF]) + b" there was\n", "fail"))
+        elif kind in ("gz_cut", "zst_cut"):  # a download cut short
+            whole = gzip.compress(good_lines) if kind == "gz_cut" else zstandard.ZstdCompressor().compress(good_lines)
+            made.append((kind, f"alpaca-{kind[:-4]}", whole[: rng.randrange(1, len(whole) - 4)], policy))
+        elif kind == "csv_cells":  # with skip every row is bad: no data is left
+            rows = [] if skip else [f'"{r["instruction"]}","{r["input"]}","{r["output"]}"' for r in GOOD]
+            rows.insert(rng.randrange(len(rows) + 1), rng.choice(["a,b", "a,b,c,d", '"unclosed,b,c']))
+            made.append((kind, "alpaca-csv", ("instruction,input,output\n" + "\n".join(rows) + "\n").encode(), policy))
+        elif kind == "csv_not_utf8":
+            made.append((kind, "alpaca-csv", "instruction,input,output\nCaf\u00e9,,ok\n".encode("cp1252"), policy))
+        elif kind == "parquet_garbage":
+            made.append((kind, "alpaca-parquet", rng.choice([good_lines, b"PAR1" + bytes(rng.randrange(256) for _ in range(200))]), policy))
     return made

@@ -58,10 +58,11 @@ output: {{dir: {out}}}
 def test_broken_data_files_get_one_message_naming_the_file_and_exit_2(tmp_path):
     cases = broken_data(SEED, 120)
     for i, (kind, form, contents, policy) in enumerate(cases):
-        suffix = {"alpaca-json": ".json", "text": ".txt"}.get(form, ".jsonl")
+        suffix = {"alpaca-json": ".json", "text": ".txt", "alpaca-gz": ".jsonl.gz", "alpaca-zst": ".jsonl.zst", "alpaca-csv": ".csv",
+                  "alpaca-parquet": ".parquet"}.get(form, ".jsonl")  # fmt: skip
         data = tmp_path / f"data-{i}{suffix}"
         data.write_bytes(contents)
-        source = f"{{format: {form.removesuffix('-json')}, path: {data}}}"
+        source = f"{{format: {form.split('-')[0]}, path: {data}}}"
         recipe = tmp_path / f"r-{i}.yaml"
         recipe.write_text(RECIPE.format(source=source, policy=policy, out=tmp_path / f"run-{i}"))
         result = cli("run", str(recipe), own_process=False)
@@ -73,4 +74,4 @@ def test_broken_data_files_get_one_message_naming_the_file_and_exit_2(tmp_path):
         assert data.name in message, f"{where}\n{message}"
         left = {p.name for p in (tmp_path / f"run-{i}").iterdir()} if (tmp_path / f"run-{i}").exists() else set()
         assert left <= ALLOWED_AFTER_A_DATA_ERROR, f"{where}: {left}"
-    assert len({kind for kind, *_ in cases}) == 18
+    assert len({kind for kind, *_ in cases}) == 23
