@@ -36,10 +36,13 @@ def print_prepared(data: PreparedData, recipe: Recipe, seconds: float, console: 
     meta = data.store.meta
     how = "built now" if data.built else "already prepared (cache hit)"
     console.print(f"store: {escape(str(data.store.folder))} ({how}, {seconds:.1f} s; tokenizer via {meta['encoder']})")
-    sources = Table("source", "format", "records", "skipped", "examples", "train", "held out", title="sources")
+    dedup = recipe.data.deduplicate
+    sources = Table("source", "format", "records", "skipped", *(["duplicates"] if dedup else []), "examples", "train", "held out",
+                    title="sources")  # fmt: skip
     for i, s in enumerate(meta["sources"]):
         sources.add_row(f"{i}: {escape(str(s['path'] or 'synthetic'))}", s["format"], f"{s['records']:,}", f"{s['skipped']:,}",
-                        f"{s['examples']:,}", f"{s['train_examples']:,}", f"{s['held_out_examples']:,}")  # fmt: skip
+                        *([f"{s.get('duplicates', 0):,}"] if dedup else []), f"{s['examples']:,}", f"{s['train_examples']:,}",
+                        f"{s['held_out_examples']:,}")  # fmt: skip
     console.print(sources)
     splits = Table("split", "examples", "tokens", "target tokens", "truncated", "dropped", "rows", "padding efficiency")
     for name, stats, rows in (("train", data.train_stats, data.train_rows), ("held out", data.eval_stats, data.eval_rows)):

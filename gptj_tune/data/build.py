@@ -7,6 +7,7 @@ held-out records can be read back once the split is known).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -19,7 +20,7 @@ import numpy as np
 from ..recipe import DataSection
 from .chat import ChatEncoder, held_out_record, last_reply_only, template_text
 from .encode import encoder, token_byte_lengths
-from .formats import SkipLog, iter_records
+from .formats import SkipLog, TextFile, iter_records
 from .pack import pack_lengths
 from .store import StoreWriter
 from .templates import Template, get_template
@@ -61,11 +62,15 @@ def build_store(section: DataSection, tokenizer, prompt_slots: int, folder: Path
     train_parts, eval_parts, eval_records, sources = [], [], [], []
     stats = {"train": _Stats(), "eval": _Stats()}
     skipped = SkipLog(keep=20)
+    seen: set[bytes] | None = set() if section.deduplicate else None  # 16-byte digests of the records read
     counter = _Counter(progress)
     try:
         for index, source in enumerate(section.sources):
             first, skipped_before, records_before = writer.n_examples, skipped.count, counter.records
             records = counter.wrap(iter_records(source, index, section.on_bad_record, skipped))
+            duplicates = [0]
+            if seen is not None:
+                records = _first_copies(records, seen, duplicates)
             if source.format == "text":
                 _write_text(records, encode, exact_cuts, tokenizer.eos_token_id, section.max_length, prompt_slots, writer, counter)
                 n = writer.n_examples - first
@@ -94,7 +99,7 @@ def build_store(section: DataSection, tokenizer, prompt_slots: int, folder: Path
             train_parts.append(apply_weight(train, source.weight, section.split_seed + index))
             eval_parts.append(held)
             sources.append({"format": source.format, "path": source.path, "records": n_records,
-                            "skipped": skipped.count - skipped_before, "examples": writer.n_examples - first,
+                            "skipped": skipped.count - skipped_before, "duplicates": duplicates[0], "examples": writer.n_examples - first,
                             "train_examples": len(train), "held_out_examples": len(held)})  # fmt: skip
         lengths = writer.lengths()
         rows = {split: _rows(np.concatenate(parts), lengths, section.max_length, section.packing)
@@ -108,6 +113,27 @@ def build_store(section: DataSection, tokenizer, prompt_slots: int, folder: Path
     except BaseException:
         writer.abandon()
         raise
+
+
+def _first_copies(records: Iterable[dict], seen: set[bytes], duplicates: list[int]) -> Iterator[dict]:
+    """The records not seen before (by a digest of every field but `origin`; a .txt document's by its
+    text, read a part at a time); each one left out counted in duplicates[0]."""
+    for record in records:
+        digest = hashlib.blake2b(digest_size=16)
+        for key in sorted(k for k in record if k != "origin"):
+            value = record[key]
+            digest.update(json.dumps(key).encode())
+            if isinstance(value, TextFile):
+                for part in value.parts():
+                    digest.update(part.encode("utf-8", "surrogatepass"))
+            else:
+                digest.update(_spill_line(value).encode())
+        key = digest.digest()
+        if key in seen:
+            duplicates[0] += 1
+            continue
+        seen.add(key)
+        yield record
 
 
 def _rows(examples: np.ndarray, lengths: np.ndarray, max_length: int, packing: bool) -> tuple[np.ndarray, np.ndarray]:

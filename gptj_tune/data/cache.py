@@ -81,7 +81,7 @@ def _data_spec(section: DataSection) -> dict:
 
 # Keys added to the data section after stores were first built, with their defaults: at the
 # default they are left out of the key, so an existing store keeps its key (a new key is added here).
-ADDED_DATA_KEYS = {"learn_replies": "all"}
+ADDED_DATA_KEYS = {"learn_replies": "all", "deduplicate": False}
 ADDED_SOURCE_KEYS = {**{key: None for key in CHAT_KEYS}, "subset": None}
 
 

@@ -28,6 +28,7 @@ class PreparedData:
     train_stats: TokenizeStats = field(default_factory=TokenizeStats)
     eval_stats: TokenizeStats = field(default_factory=TokenizeStats)
     skipped_records: int = 0
+    duplicates: int = 0  # records left out as copies of earlier ones (data.deduplicate)
     store: TokenStore | None = None
     built: bool = False  # whether this call tokenized (False: the cache had it)
 
@@ -43,6 +44,7 @@ class PreparedData:
             train_stats=TokenizeStats(**meta["train_stats"]),
             eval_stats=TokenizeStats(**meta["eval_stats"]),
             skipped_records=meta["skipped_records"],
+            duplicates=sum(source.get("duplicates", 0) for source in meta["sources"]),
             store=store,
             built=built,
         )

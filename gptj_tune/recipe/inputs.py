@@ -313,6 +313,11 @@ class DataSection(Section):
         "truncate", description="What to do with examples longer than max_length (the count is printed)."
     )
     train_on_prompt: bool = Field(False, description="Also compute the loss on prompt tokens (chat: on every turn).")
+    deduplicate: bool = Field(
+        False, description="Drop a record identical to one read before it, in any source (every field but where it "
+        "came from; a .txt document by its text): overlapping datasets mixed train on each record once, and no "
+        "held-out record is also trained on. The count is printed.",
+    )
     learn_replies: Literal["all", "last"] = Field(
         "all", description="Chat sources: learn from every assistant reply, or from the last one only (the earlier "
         "ones are context, as LLaMA-Factory's `mask_history`; a `weight` 0 reply is never learned).",

@@ -120,6 +120,8 @@ def print_setup(console, recipe: Recipe, model, data: PreparedData, world: int) 
             f"[yellow]data: {s.truncated} truncated and {s.dropped} dropped over max_length {recipe.data.max_length}; "
             f"{data.skipped_records} malformed records skipped[/]"
         )
+    if recipe.data.deduplicate:
+        console.print(f"data: {data.duplicates:,} duplicate records left out (data.deduplicate)")
     if compiled := compiled_blocks(model):
         console.print(f"torch.compile: {compiled} blocks share one compiled forward, built during the first steps")
 

@@ -195,3 +195,52 @@ def test_a_bad_csv_row_or_a_legacy_encoding_is_named_by_line(tmp_path):
     path.write_bytes("instruction,output\nCaf\u00e9,fine\n".encode("cp1252"))  # Excel's "CSV" on Windows
     with pytest.raises(DataError, match=rf"^{path}:2: not UTF-8 text \(byte 23 of the file is 0xe9\); save the file as UTF-8"):
         read_source(SourceSection(format="alpaca", path=str(path)), 0, "skip")
+
+
+def test_deduplicate_keeps_the_first_copy_across_sources_and_no_held_out_record_is_trained_on(tmp_path, shared_data, gpt2_tokenizer):
+    """Alpaca's 2k records in one source, 1,196 of them again (100 twice) beside 50 new ones in a
+    second; two copies of a novel in a folder: each record and document is learned once."""
+    alpaca = shared_data / "alpaca" / "alpaca_2k.json"
+    records = [r for r in json.loads(alpaca.read_text()) if r["output"].strip()]  # (4 have no output: skipped either way)
+    again = tmp_path / "again.jsonl"
+    new = [{**r, "instruction": "Again: " + r["instruction"]} for r in records[:50]]
+    again.write_text("".join(json.dumps(r) + "\n" for r in records[800:] + new + records[900:1000]))
+    books = tmp_path / "books"
+    books.mkdir()
+    novel = shared_data / "domain" / "alice_in_wonderland_pg11.txt"
+    for name in ("alice.txt", "alice-copy.txt"):
+        (books / name).write_bytes(novel.read_bytes())
+    sources = [SourceSection(format="alpaca", path=str(alpaca)), SourceSection(format="alpaca", path=str(again)),
+               SourceSection(format="text", path=str(books))]  # fmt: skip
+    section = DataSection(sources=sources, max_length=256, eval_fraction=0.1, on_bad_record="skip", deduplicate=True,
+                          cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    data = prepare_data(section, gpt2_tokenizer)
+    meta = data.store.meta["sources"]
+    assert [s["duplicates"] for s in meta] == [0, 1296, 1] and data.duplicates == 1297
+    assert [s["examples"] for s in meta] == [len(records), 50, meta[2]["examples"]] and meta[2]["examples"] > 0
+    plain = prepare_data(section.model_copy(update={"deduplicate": False}), gpt2_tokenizer)
+    assert plain.train_stats.examples + plain.eval_stats.examples > data.train_stats.examples + data.eval_stats.examples
+    train = {tuple(row.input_ids.tolist()) for row in _examples(data.train_rows)}
+    held = [tuple(row.input_ids.tolist()) for row in _examples(data.eval_rows)]
+    assert held and not train & set(held)  # nothing held out is also trained on
+    plain_train = {tuple(row.input_ids.tolist()) for row in _examples(plain.train_rows)}
+    assert plain_train & {tuple(row.input_ids.tolist()) for row in _examples(plain.eval_rows)}  # as there was without it
+    from conftest import cli
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model:\n  name_or_path: tiny-gptj\n  tokenizer: {shared_data / 'gpt2-tokenizer'}\ndata:\n  sources:\n"
+                      f"    - {{format: alpaca, path: {alpaca}}}\n    - {{format: alpaca, path: {again}}}\n  max_length: 256\n"
+                      f"  on_bad_record: skip\n  deduplicate: true\n  cache_dir: {tmp_path / 'cache'}\n")  # fmt: skip
+    shown = cli("data", "prepare", str(recipe))
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "│ 1,296 " in shown.stdout, shown.stdout  # the duplicates column
+
+
+def _examples(rows):
+    """Each packed example of `rows` as a row of its own (positions restart at 0 in each)."""
+    from types import SimpleNamespace
+
+    for row in rows:
+        starts = [i for i, p in enumerate(row.position_ids.tolist()) if p == 0] + [len(row.input_ids)]
+        for a, b in zip(starts, starts[1:]):
+            yield SimpleNamespace(input_ids=row.input_ids[a:b])
