@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DataError
+from .encode import checked_count
 from .unicode import half_surrogate
 
 GPTJ_CHAT = (
@@ -32,7 +33,6 @@ GPTJ_CHAT = (
     "{%- if add_generation_prompt -%}{{ '\\n\\n### Assistant:\\n' }}{%- endif -%}"
 )
 CHAT_TEMPLATES = {"gptj-chat": GPTJ_CHAT}
-CHECK_CHARS = 200_000  # of a build's first conversations, encoded both ways and compared
 
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
          "bot": "assistant", "model": "assistant"}  # fmt: skip
@@ -207,10 +207,7 @@ class ChatEncoder:
             out.append((ids, self._targets(text, spans, ids)))
         if not self.checked:
             self.checked = True
-            n, chars = 0, 0
-            while n < len(rendered) and chars < CHECK_CHARS:
-                chars += len(rendered[n][0])
-                n += 1
+            n = checked_count([text for text, _ in rendered])
             if any(not (np.array_equal(ids, ref[0]) and np.array_equal(targets, ref[1]))
                    for (ids, targets), ref in zip(out, map(self._reference, conversations[:n]))):  # fmt: skip
                 self.byte_lengths = None

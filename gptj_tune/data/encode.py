@@ -42,10 +42,7 @@ def encoder(tokenizer) -> tuple[Encode, str]:
         if checked[kind] or not texts:
             return True
         checked[kind] = True
-        n, chars = 0, 0
-        while n < len(texts) and chars < CHECK_CHARS:
-            chars += len(texts[n])
-            n += 1
+        n = checked_count(texts)
         return reference(texts[:n]) == ids[:n]
 
     def encode(texts: list[str]) -> list[list[int]]:
@@ -72,6 +69,16 @@ def encoder(tokenizer) -> tuple[Encode, str]:
         return out
 
     return encode, "tiktoken"
+
+
+def checked_count(texts: list[str]) -> int:
+    """How many of `texts`, from the first, hold the first CHECK_CHARS characters: the part of a
+    build's first batch that is also encoded the slow, sure way and compared."""
+    n, chars = 0, 0
+    while n < len(texts) and chars < CHECK_CHARS:
+        chars += len(texts[n])
+        n += 1
+    return n
 
 
 def _added_token_cutter(tokenizer):
@@ -135,14 +142,13 @@ def token_byte_lengths(tokenizer):
     tokenizer's offset mapping."""
     import numpy as np
 
-    spec = _bpe_spec(tokenizer)
-    if spec is None or _tiktoken_encoding(tokenizer) is None:
+    ranks = _tiktoken_ranks(tokenizer)
+    if ranks is None:
         return None
-    vocab = spec["model"]["vocab"]
     added = {t.content: i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
-    lengths = np.zeros(max([*vocab.values(), *added.values()]) + 1, np.int64)
-    for token, i in vocab.items():
-        lengths[i] = len(token)  # one stand-in character a byte (tiktoken's ranks were built from them)
+    lengths = np.zeros(max([*ranks.values(), *added.values()]) + 1, np.int64)
+    for token, i in ranks.items():
+        lengths[i] = len(token)
     for content, i in added.items():
         lengths[i] = len(content.encode("utf-8"))
     return lengths
@@ -157,6 +163,20 @@ def _reference(tokenizer) -> Encode:
 
 def _tiktoken_encoding(tokenizer):
     """A tiktoken Encoding with the tokenizer's ranks, or None where it would not give its ids."""
+    ranks = _tiktoken_ranks(tokenizer)
+    if ranks is None:
+        return None
+    try:
+        import tiktoken
+
+        return tiktoken.Encoding("gptj-tune-bpe", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
+    except (ValueError, ImportError):
+        return None
+
+
+def _tiktoken_ranks(tokenizer) -> dict[bytes, int] | None:
+    """The tokenizer's BPE ranks as tiktoken takes them (a token's bytes -> its id), or None where
+    tiktoken would not give the tokenizer's ids with them."""
     spec = _bpe_spec(tokenizer)
     if spec is None:
         return None
@@ -172,11 +192,8 @@ def _tiktoken_encoding(tokenizer):
         if vocab.get(a + b) != 256 + i:
             return None
     try:
-        ranks = {bytes(byte_of[ch] for ch in token): rank for token, rank in vocab.items()}
-        import tiktoken
-
-        return tiktoken.Encoding("gptj-tune-bpe", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
-    except (KeyError, ValueError, ImportError):
+        return {bytes(byte_of[ch] for ch in token): rank for token, rank in vocab.items()}
+    except KeyError:
         return None
 
 
