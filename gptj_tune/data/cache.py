@@ -98,16 +98,21 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 def _files_fingerprint(path: str | None) -> list:
     """(relative path, size, mtime) of a local source's files (those a glob pattern matches: its
     absolute paths); a hub id or synthetic data: nothing."""
-    if path is not None and is_pattern(path):
-        return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in matches(path)]
-    if path is None or not Path(path).exists():
+    if path is None:
         return []
     root = Path(path)
-    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    if is_pattern(path):
+        files = matches(path)
+    elif root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+    elif root.exists():
+        files = [root]
+    else:
+        return []
     out = []
     for f in files:
         st = f.stat()
-        out.append([str(f.relative_to(root)) if root.is_dir() else str(root.resolve()), st.st_size, st.st_mtime_ns])
+        out.append([str(f.relative_to(root)) if root.is_dir() else str(f.resolve()), st.st_size, st.st_mtime_ns])
     return out
 
 
