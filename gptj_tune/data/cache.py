@@ -30,7 +30,7 @@ from ..heartbeat import FILE_GONE, Heartbeat, holder_gone, read_holder
 from ..manifest import sync_folder, sync_tree
 from ..recipe import DataSection
 from ..recipe.inputs import CHAT_KEYS
-from .files import is_pattern, matches
+from ..recipe.load import is_pattern, matches
 from .store import FORMAT_VERSION
 
 HEARTBEAT = 5.0

@@ -9,7 +9,6 @@ out decompressed.
 from __future__ import annotations
 
 import bz2
-import glob
 import gzip
 import io
 import lzma
@@ -20,17 +19,6 @@ from ..errors import DataError, typed_first_line
 
 COMPRESSED = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".zst": "zstd"}
 PARQUET_BATCH_ROWS = 1024
-
-
-def is_pattern(path: str) -> bool:
-    """Whether a data path is a glob pattern (`data/train-*.parquet`, `books/**/*.txt`) rather than
-    a file or folder of that name."""
-    return glob.has_magic(path) and not Path(path).exists()
-
-
-def matches(pattern: str) -> list[Path]:
-    """The files a glob pattern matches (`**` crosses folders), sorted."""
-    return sorted(p for p in map(Path, glob.glob(pattern, recursive=True)) if p.is_file())
 
 
 def kind_of(file: Path) -> str:

@@ -18,10 +18,10 @@ from typing import Iterator
 from ..errors import DataError, typed_first_line
 from ..hub import hub_reachable, unreachable_note
 from ..recipe import SourceSection
+from ..recipe.load import is_pattern, matches
 from . import synthetic
 from .chat import ChatFields, messages_of
-from .files import (COMPRESSED, damaged, decompression_errors, is_compressed, is_pattern, kind_of, matches, open_binary,
-                    parquet_rows)
+from .files import COMPRESSED, damaged, decompression_errors, is_compressed, kind_of, open_binary, parquet_rows
 from .json_array import json_array_rows
 from .unicode import NotUtf8, half_surrogate, utf8_blocks
 

@@ -260,8 +260,8 @@ def _missing_data_paths(raw: dict, lines: dict, overrides: set) -> list[str]:
             continue
         loc = ("data", "sources", i, "path")
         where = " (from --set)" if loc in overrides else f" (line {lines[loc]})" if loc in lines else ""
-        if _is_pattern(path):
-            if not _matches_any(path):
+        if is_pattern(path):
+            if not matches(path):
                 problems.append(f"`data.sources.{i}.path`{where}: the pattern {path[:300]} matches no files (a relative "
                                 f"pattern is looked for beside the recipe file, then in the current directory)")  # fmt: skip
             continue
@@ -272,16 +272,19 @@ def _missing_data_paths(raw: dict, lines: dict, overrides: set) -> list[str]:
     return problems
 
 
-def _is_pattern(path: str) -> bool:
-    """A glob pattern (`data/train-*.parquet`), not a file or folder of that name."""
+def is_pattern(path: str) -> bool:
+    """Whether a data path is a glob pattern (`data/train-*.parquet`, `books/**/*.txt`) rather than
+    a file or folder of that name."""
     return glob.has_magic(path) and not _exists(Path(path).expanduser())
 
 
-def _matches_any(pattern: str) -> bool:
+def matches(pattern: str) -> list[Path]:
+    """The files a glob pattern matches (`**` crosses folders), sorted; none for one the system
+    cannot look up."""
     try:
-        return any(Path(p).is_file() for p in glob.iglob(str(Path(pattern).expanduser()), recursive=True))
+        return sorted(p for p in map(Path, glob.glob(str(Path(pattern).expanduser()), recursive=True)) if p.is_file())
     except (OSError, ValueError):
-        return False
+        return []
 
 
 def _exists(path: Path) -> bool:
@@ -303,11 +306,11 @@ def _resolve_source_paths(raw: dict, base: Path) -> None:
     """Relative local paths (data, DeepSpeed JSON) are relative to the recipe file, like an import in code."""
     sources = raw.get("data", {}).get("sources") if isinstance(raw.get("data"), dict) else None
     for source in sources if isinstance(sources, list) else []:
-        if isinstance(source, dict) and isinstance(source.get("path"), str) and _is_pattern(source["path"]):
+        if isinstance(source, dict) and isinstance(source.get("path"), str) and is_pattern(source["path"]):
             pattern = str(Path(source["path"]).expanduser())
             if not Path(pattern).is_absolute():  # beside the recipe file, else where the command runs
                 beside = str(base.resolve() / pattern)
-                source["path"] = beside if _matches_any(beside) or not _matches_any(pattern) else str(Path.cwd() / pattern)
+                source["path"] = beside if matches(beside) or not matches(pattern) else str(Path.cwd() / pattern)
             else:
                 source["path"] = pattern
         elif isinstance(source, dict) and isinstance(source.get("path"), str):
