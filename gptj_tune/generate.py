@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
+from .data.chat import ChatTemplateError
 from .data.templates import Template, get_template
-from .errors import GptjTuneError, ModelError, first_line
+from .errors import DataError, GptjTuneError, ModelError, first_line
 
 
 class Generator:
@@ -62,7 +63,11 @@ class Generator:
 
         torch.manual_seed(self.seed)
         self.history.append({"role": "user", "content": message})
-        text = render(self.tokenizer, self.chat_template, self.history, add_generation_prompt=True)
+        try:
+            text = render(self.tokenizer, self.chat_template, self.history, add_generation_prompt=True)
+        except DataError:
+            self.history.pop()  # not said: the conversation goes on without it
+            raise
         ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(self.model.device)
         out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), eos_token_id=self.tokenizer.eos_token_id,
                                   pad_token_id=self.tokenizer.pad_token_id, streamer=streamer, **self.options)  # fmt: skip
@@ -89,6 +94,7 @@ class Generator:
     def chat_loop(self, console) -> None:
         """Lines typed until an empty one or Ctrl-D: one conversation when the model was trained on
         conversations (its chat template), else each line answered alone."""
+        from rich.markup import escape
         from transformers import TextStreamer
 
         while True:
@@ -99,7 +105,10 @@ class Generator:
             if not line.strip():
                 break
             if self.chat_template:
-                self.chat_turn(line, TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True))
+                try:
+                    self.chat_turn(line, TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True))
+                except ChatTemplateError as e:  # e.g. a template that refuses a system turn: say so, keep the conversation
+                    console.print(f"[red]{escape(str(e))}[/]", soft_wrap=True)
             else:
                 self.stream(line, console)
 

@@ -17,8 +17,10 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from ..errors import DataError
 from ..recipe import DataSection
-from .chat import ChatEncoder, held_out_record, last_reply_only, template_text
+from .chat import held_out_record, last_reply_only, template_text
+from .chat_encode import ChatEncoder, Renderer, data_workers
 from .encode import encoder, token_byte_lengths
 from .formats import SkipLog, TextFile, iter_records
 from .pack import pack_lengths
@@ -27,6 +29,7 @@ from .templates import Template, get_template
 
 RECORDS_PER_CHUNK = 4096
 CONVERSATIONS_PER_CHUNK = 512  # a conversation is longer: its chunk is smaller
+SKIPPED = -2  # a record's example index when it was skipped after it was read (a conversation the template cannot render)
 CHARS_PER_CHUNK = 4_000_000  # raw text tokenized per batch call
 PIECE_CHARS = 65_536  # a long document is cut into pieces this long (at exact boundaries) to spread it over cores
 
@@ -55,10 +58,12 @@ def build_store(section: DataSection, tokenizer, prompt_slots: int, folder: Path
     """Every source of `section` read, tokenized, split, weighted and packed into the store at `folder`."""
     template = get_template(section.template)
     writer = StoreWriter(folder, len(tokenizer))
-    (encode, encoder_name), exact_cuts = encoder(tokenizer), cuts_are_exact(tokenizer)
+    workers = data_workers(section.workers)
+    (encode, encoder_name), exact_cuts = encoder(tokenizer, workers), cuts_are_exact(tokenizer)
     chat = template_text(section.chat_template)
-    if any(source.is_chat for source in section.sources):
-        chats = ChatEncoder(tokenizer, chat, section.train_on_prompt, encode, token_byte_lengths(tokenizer) if encoder_name == "tiktoken" else None)
+    renderer = Renderer(tokenizer, chat, workers)
+    chats = ChatEncoder(tokenizer, section.train_on_prompt, encode,
+                        token_byte_lengths(tokenizer) if encoder_name == "tiktoken" and any(s.is_chat for s in section.sources) else None, renderer)  # fmt: skip
     train_parts, eval_parts, eval_records, sources = [], [], [], []
     stats = {"train": _Stats(), "eval": _Stats()}
     skipped = SkipLog(keep=20)
@@ -82,7 +87,13 @@ def build_store(section: DataSection, tokenizer, prompt_slots: int, folder: Path
             else:
                 spill = folder / f"records-{index}.jsonl"
                 if source.is_chat:
-                    example_of, offsets = _write_chats(records, chats, tokenizer.eos_token_id, section, prompt_slots, writer, spill, counter)
+                    example_of, offsets = _write_chats(records, chats, tokenizer.eos_token_id, section, prompt_slots, writer, spill,
+                                                       counter, skipped)  # fmt: skip
+                    kept = example_of != SKIPPED  # conversations the template could not render are gone, as bad records
+                    example_of, offsets = example_of[kept], offsets[kept]
+                    if not len(example_of):
+                        raise DataError(f"data.sources[{index}]: no usable records in {source.path} ({skipped.count - skipped_before} "
+                                        f"skipped; the last: {skipped.last})")  # fmt: skip
                 else:
                     example_of, offsets = _write_instructions(records, encode, tokenizer.eos_token_id, template, section,
                                                               prompt_slots, writer, spill, counter)  # fmt: skip
@@ -113,6 +124,8 @@ def build_store(section: DataSection, tokenizer, prompt_slots: int, folder: Path
     except BaseException:
         writer.abandon()
         raise
+    finally:
+        renderer.close()
 
 
 def _first_copies(records: Iterable[dict], seen: set[bytes], duplicates: list[int]) -> Iterator[dict]:
@@ -331,22 +344,31 @@ def _instruction_chunk(records, encode, eos, template, section, slots, writer, c
 
 
 def _write_chats(records, chats: ChatEncoder, eos: int, section: DataSection, slots: int, writer: StoreWriter, spill: Path,
-                 counter: _Counter) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+                 counter: _Counter, skipped: SkipLog) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Each conversation one example: rendered with the chat template, tokenized whole, the loss on
     the assistant turns (data/chat.py), CONVERSATIONS_PER_CHUNK at a time. Returns, per record, its
-    example index (-1: dropped) and its byte offset in the spill file."""
+    example index (-1: dropped; SKIPPED: the template could not render it, with on_bad_record: skip)
+    and its byte offset in the spill file."""
     return _spilled_chunks(records, CONVERSATIONS_PER_CHUNK, spill,
-                           lambda chunk: _chat_chunk(chunk, chats, eos, section, slots, writer, counter))  # fmt: skip
+                           lambda chunk: _chat_chunk(chunk, chats, eos, section, slots, writer, counter, skipped))  # fmt: skip
 
 
 def _chat_chunk(records, chats: ChatEncoder, eos: int, section: DataSection, slots: int, writer: StoreWriter,
-                counter: _Counter) -> list[int]:  # fmt: skip
+                counter: _Counter, skipped: SkipLog) -> list[int]:  # fmt: skip
     limit = section.max_length - slots
     example_of, ids, targets, lengths, truncated = [], [], [], [], []
     conversations = [r["messages"] for r in records]
     if section.learn_replies == "last":
         conversations = [last_reply_only(m) for m in conversations]
-    for row, row_targets in chats(conversations):
+    for record, encoded in zip(records, chats(conversations)):
+        if isinstance(encoded, str):  # the template could not render it: a bad record
+            message = f"{record['origin']}: {encoded}"
+            if section.on_bad_record == "fail":
+                raise DataError(f"{message} (fix the record or the template, or set data.on_bad_record: skip to skip such records)")
+            skipped.add(message)
+            example_of.append(SKIPPED)
+            continue
+        row, row_targets = encoded
         cut = len(row) > limit
         row, row_targets = row[:limit], row_targets[:limit]
         if (cut and section.overlong == "drop") or not row_targets.any():

@@ -68,7 +68,7 @@ def cache_key(section: DataSection, tokenizer, prompt_slots: int) -> str:
 def _data_spec(section: DataSection) -> dict:
     """The data section as the key sees it: settings added after stores existed count only when set
     (ADDED_DATA_KEYS, ADDED_SOURCE_KEYS), so a store built before them keeps its key."""
-    spec = section.model_dump(mode="json", exclude={"cache_dir"})
+    spec = section.model_dump(mode="json", exclude={"cache_dir", "workers"})  # where and how fast, not what
     for key, default in ADDED_DATA_KEYS.items():
         if spec.get(key) == default:
             spec.pop(key)

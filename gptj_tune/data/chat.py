@@ -16,10 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
-from ..errors import DataError
-from .encode import checked_count
+from ..errors import DataError, typed_first_line
 from .unicode import half_surrogate
 
 GPTJ_CHAT = (
@@ -143,9 +140,21 @@ def _text_of(content, where: str) -> str:
     return content
 
 
+class ChatTemplateError(DataError):
+    """The template's own code failed on a conversation (its `raise_exception`, e.g. roles that do
+    not alternate, or any error inside it): that conversation cannot be rendered."""
+
+    def __init__(self, reason: str):
+        self.reason = reason  # the template's own error, typed: `TemplateError: ...`
+        super().__init__(f"the chat template could not render this conversation: {reason}")
+
+
 def render(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)  # fmt: skip
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)  # fmt: skip
+    except Exception as e:  # Jinja's errors, and whatever a template's expressions raise
+        raise ChatTemplateError(typed_first_line(e)) from None
 
 
 def assistant_spans(tokenizer, template: str, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -168,7 +177,11 @@ def assistant_spans(tokenizer, template: str, messages: list[dict]) -> tuple[str
 def chat_ids(tokenizer, template: str, messages: list[dict], train_on_prompt: bool) -> tuple[list[int], list[int]]:
     """Token ids of the rendered conversation, and 1 where a token is a target (in an assistant
     turn, or any token but the first with train_on_prompt)."""
-    text, spans = assistant_spans(tokenizer, template, messages)
+    return ids_and_targets(tokenizer, *assistant_spans(tokenizer, template, messages), train_on_prompt)
+
+
+def ids_and_targets(tokenizer, text: str, spans: list[tuple[int, int]], train_on_prompt: bool) -> tuple[list[int], list[int]]:
+    """A rendered conversation's ids and targets, from the tokenizer's offset mapping."""
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoded["input_ids"]
     if train_on_prompt:
@@ -177,64 +190,6 @@ def chat_ids(tokenizer, template: str, messages: list[dict], train_on_prompt: bo
     if targets:
         targets[0] = 0
     return ids, targets
-
-
-class ChatEncoder:
-    """Conversations to (ids, targets) as `chat_ids` gives them, many at a time and faster: the
-    rendered texts go through the build's encoder together (tiktoken for GPT-2's BPE), and a token
-    is a target when its first byte lies in an assistant span, its byte offset summed from the
-    tokens' byte lengths instead of read from the tokenizer's offset mapping (which tokenizes one
-    text at a time, in one thread: half the time of a chat build). Without byte lengths (not a
-    byte-level BPE), or when the first batch differs from `chat_ids` in any id or target, every
-    conversation goes through `chat_ids`."""
-
-    def __init__(self, tokenizer, template: str, train_on_prompt: bool, encode, byte_lengths):
-        self.tokenizer, self.template, self.train_on_prompt = tokenizer, template, train_on_prompt
-        self.encode, self.byte_lengths = encode, byte_lengths
-        self.checked = byte_lengths is None
-
-    @property
-    def fast(self) -> bool:
-        return self.byte_lengths is not None
-
-    def __call__(self, conversations: list[list[dict]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        if not self.fast:
-            return [self._reference(m) for m in conversations]
-        rendered = [assistant_spans(self.tokenizer, self.template, m) for m in conversations]
-        out = []
-        for (text, spans), ids in zip(rendered, self.encode([text for text, _ in rendered])):
-            ids = np.asarray(ids, np.int64)
-            out.append((ids, self._targets(text, spans, ids)))
-        if not self.checked:
-            self.checked = True
-            n = checked_count([text for text, _ in rendered])
-            if any(not (np.array_equal(ids, ref[0]) and np.array_equal(targets, ref[1]))
-                   for (ids, targets), ref in zip(out, map(self._reference, conversations[:n]))):  # fmt: skip
-                self.byte_lengths = None
-                return [self._reference(m) for m in conversations]
-        return out
-
-    def _targets(self, text: str, spans: list[tuple[int, int]], ids: np.ndarray) -> np.ndarray:
-        if self.train_on_prompt:
-            targets = np.ones(len(ids), np.uint8)
-        else:
-            lengths = self.byte_lengths[ids]
-            starts = np.cumsum(lengths) - lengths
-            bounds = np.asarray([a for span in spans for a in span], np.int64)
-            if not text.isascii():  # character offsets to byte offsets
-                at, total, in_bytes = 0, 0, []
-                for c in bounds.tolist():
-                    total += len(text[at:c].encode("utf-8"))
-                    at = c
-                    in_bytes.append(total)
-                bounds = np.asarray(in_bytes, np.int64)
-            targets = (np.searchsorted(bounds, starts, side="right") % 2).astype(np.uint8)  # inside [a, b)
-        targets[:1] = 0
-        return targets
-
-    def _reference(self, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-        ids, targets = chat_ids(self.tokenizer, self.template, messages, self.train_on_prompt)
-        return np.asarray(ids, np.int64), np.asarray(targets, np.uint8)
 
 
 def held_out_record(tokenizer, template: str, record: dict) -> dict:

@@ -26,15 +26,16 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 CHECK_CHARS = 200_000  # of the first batch, encoded both ways
 
 
-def encoder(tokenizer) -> tuple[Encode, str]:
-    """The encode function for `tokenizer`, and its name ("tiktoken" or "tokenizers")."""
+def encoder(tokenizer, threads: int | None = None) -> tuple[Encode, str]:
+    """The encode function for `tokenizer`, and its name ("tiktoken" or "tokenizers"); tiktoken's
+    runs in `threads` threads (default: one a core)."""
     reference = _reference(tokenizer)
     fast = _tiktoken_encoding(tokenizer)
     if fast is None:
         return reference, "tokenizers"
     added = tokenizer.get_added_vocab()
     cut = _added_token_cutter(tokenizer)
-    threads = os.cpu_count() or 1
+    threads = threads or os.cpu_count() or 1
     checked = {"plain": False, "added": False}
 
     def agrees(kind: str, texts: list[str], ids: list[list[int]]) -> bool:

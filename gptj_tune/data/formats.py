@@ -71,9 +71,11 @@ class SkipLog:
     count: int = 0
     messages: list[str] = field(default_factory=list)
     keep: int = 1000
+    last: str = ""
 
     def add(self, message: str) -> None:
         self.count += 1
+        self.last = message
         if len(self.messages) < self.keep:
             self.messages.append(message)
 

@@ -334,6 +334,12 @@ class DataSection(Section):
     on_bad_record: Literal["fail", "skip"] = Field(
         "fail", description="A malformed record: fail with file and line, or skip it and print the count."
     )
+    workers: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
+        "auto",
+        description="Cores data preparation uses: tokenizing threads, and processes rendering conversations with "
+        "the chat template once a build has over 1,024 of them. auto: every core this process may run on (its "
+        "affinity: taskset, a scheduler's allocation). Does not change the prepared data.",
+    )
     cache_dir: str | None = Field(
         None,
         description="Where prepared token stores are kept and shared by runs (one folder per content key); "

@@ -5,6 +5,7 @@ demo with a tokenizer that carries its template through the export."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -146,7 +147,8 @@ def test_conversations_encoded_many_at_a_time_match_one_at_a_time(gpt2_tokenizer
     chat_ids gives from the tokenizer's offsets, on replies with accents, CJK, emoji and a written-out
     `<|endoftext|>`, a `weight` 0 reply, a reply first, a recipe's own template, train_on_prompt; and
     an encoder whose offsets are wrong is caught by its first batch, which then goes the slow way."""
-    from gptj_tune.data.chat import ChatEncoder, chat_ids, messages_of
+    from gptj_tune.data.chat import chat_ids, messages_of
+    from gptj_tune.data.chat_encode import ChatEncoder, Renderer
     from gptj_tune.data.encode import encoder, token_byte_lengths
 
     more = [
@@ -164,14 +166,14 @@ def test_conversations_encoded_many_at_a_time_match_one_at_a_time(gpt2_tokenizer
     assert name == "tiktoken" and lengths is not None
     for template in (GPTJ_CHAT, own):
         for train_on_prompt in (False, True):
-            chats = ChatEncoder(gpt2_tokenizer, template, train_on_prompt, encode, lengths)
+            chats = ChatEncoder(gpt2_tokenizer, train_on_prompt, encode, lengths, Renderer(gpt2_tokenizer, template, 1))
             got = chats(conversations)
             assert chats.fast  # its first batch agreed with chat_ids, so it stays on the fast way
             for (ids, targets), messages in zip(got, conversations):
                 want_ids, want_targets = chat_ids(gpt2_tokenizer, template, messages, train_on_prompt)
                 assert ids.tolist() == want_ids and targets.tolist() == want_targets
     wrong = np.ones_like(lengths)  # every token one byte long: the targets land in the wrong places
-    chats = ChatEncoder(gpt2_tokenizer, GPTJ_CHAT, False, encode, wrong)
+    chats = ChatEncoder(gpt2_tokenizer, False, encode, wrong, Renderer(gpt2_tokenizer, GPTJ_CHAT, 1))
     got = chats(conversations)
     assert not chats.fast
     assert [t.tolist() for _, t in got] == [chat_ids(gpt2_tokenizer, GPTJ_CHAT, m, False)[1] for m in conversations]
@@ -311,6 +313,17 @@ def test_the_chat_demo_learns_and_its_export_carries_the_template(tmp_path):
     assert with_system.history[0] == {"role": "system", "content": system} and [m["role"] for m in with_system.history[1:]] == ["user", "assistant"]
     chat = cli("generate", str(run), "--chat", "--system", system, input="What is the last word? cake tent iron\n\n")
     assert chat.returncode == 0, chat.stderr[-2000:]
+    # a template that refuses a system turn (as some models' do): each turn says why, the chat goes on
+    refusing = tmp_path / "refusing"
+    shutil.copytree(out, refusing)
+    assert (refusing / "chat_template.jinja").is_file()
+    (refusing / "chat_template.jinja").write_text("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role "
+                                                  "not supported') }}{% endif %}" + GPTJ_CHAT)  # fmt: skip
+    chat = cli("generate", str(refusing), "--chat", "--system", system, input="cake tent iron\nfish oak\n\n")
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    assert chat.stdout.count("the chat template could not render this conversation: TemplateError: System role not "
+                             "supported") == 2  # fmt: skip
+    assert "Traceback" not in chat.stdout + chat.stderr
 
 
 @pytest.mark.slow
