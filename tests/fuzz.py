@@ -140,6 +140,12 @@ def broken_recipes(seed: int, count: int, out_dir: str) -> list[tuple[str, bytes
 GOOD = [{"instruction": f"Say {w}.", "input": "", "output": w} for w in ("yes", "no", "maybe", "again", "soon")]
 
 
+# A chat template that refuses conversations whose roles do not alternate user/assistant, as Llama 2's does
+STRICT_TEMPLATE = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                   "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+                   "{% endif %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")  # fmt: skip
+
+
 def broken_data(seed: int, count: int) -> list[tuple[str, str, bytes, str]]:
     """`count` (kind, format, file contents, on_bad_record): files with a bad record among good ones,
     or with nothing usable. Under `skip`, every record is bad (no data is left)."""
@@ -169,6 +175,10 @@ def broken_data(seed: int, count: int) -> list[tuple[str, str, bytes, str]]:
         "chat_role": lambda: json.dumps({"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}).encode(),
         "chat_content": lambda: json.dumps({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]}).encode(),
         "chat_no_reply": lambda: json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(),
+        # read as a conversation, but the recipe's template (STRICT_TEMPLATE) refuses a reply first
+        "chat_template_refuses": lambda: json.dumps({"messages": [{"role": "assistant", "content": "first"},
+                                                                  {"role": "user", "content": "x"},
+                                                                  {"role": "assistant", "content": "y"}]}).encode(),
     }  # fmt: skip
     kinds = [*bad_records, *chat_bad, "empty", "json_not_list", "json_cut", "text_not_utf8", "gz_cut", "zst_cut", "csv_cells",
              "csv_not_utf8", "parquet_garbage"]  # fmt: skip
@@ -183,7 +193,7 @@ def broken_data(seed: int, count: int) -> list[tuple[str, str, bytes, str]]:
             good = [json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}).encode()]
             rows = [] if skip else good * 3
             rows.insert(rng.randrange(len(rows) + 1), chat_bad[kind]())
-            made.append((kind, "chat", b"\n".join(rows) + b"\n", policy))
+            made.append((kind, "chat-strict" if kind == "chat_template_refuses" else "chat", b"\n".join(rows) + b"\n", policy))
         elif kind == "empty":
             made.append((kind, rng.choice(["alpaca", "chat"]), rng.choice([b"", b"\n\n", b"   \n"]), policy))
         elif kind == "json_not_list":

@@ -5,12 +5,13 @@ data: the frozen recipe.yaml and the built tiny base model)."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 
 from tests.conftest import cli
-from tests.fuzz import broken_data, broken_recipes
+from tests.fuzz import STRICT_TEMPLATE, broken_data, broken_recipes
 
 SEED = int(os.environ.get("GPTJ_TUNE_FUZZ_SEED", "2026"))
 
@@ -48,7 +49,7 @@ data:
   sources: [{source}]
   max_length: 64
   on_bad_record: {policy}
-  chat_template: gptj-chat
+  chat_template: {template}
 train: {{max_steps: 2, batch_size: 2}}
 output: {{dir: {out}}}
 """
@@ -64,7 +65,8 @@ def test_broken_data_files_get_one_message_naming_the_file_and_exit_2(tmp_path):
         data.write_bytes(contents)
         source = f"{{format: {form.split('-')[0]}, path: {data}}}"
         recipe = tmp_path / f"r-{i}.yaml"
-        recipe.write_text(RECIPE.format(source=source, policy=policy, out=tmp_path / f"run-{i}"))
+        template = json.dumps(STRICT_TEMPLATE) if form == "chat-strict" else "gptj-chat"
+        recipe.write_text(RECIPE.format(source=source, policy=policy, out=tmp_path / f"run-{i}", template=template))
         result = cli("run", str(recipe), own_process=False)
         where = f"seed {SEED}, case {i} ({kind}, {form}, on_bad_record {policy}): {contents[:300]!r}"
         try:
@@ -74,4 +76,4 @@ def test_broken_data_files_get_one_message_naming_the_file_and_exit_2(tmp_path):
         assert data.name in message, f"{where}\n{message}"
         left = {p.name for p in (tmp_path / f"run-{i}").iterdir()} if (tmp_path / f"run-{i}").exists() else set()
         assert left <= ALLOWED_AFTER_A_DATA_ERROR, f"{where}: {left}"
-    assert len({kind for kind, *_ in cases}) == 23
+    assert len({kind for kind, *_ in cases}) == 24

@@ -222,7 +222,7 @@ def _csv_rows(file: Path, delimiter: str) -> Iterator[tuple[str, object]]:
 
     csv.field_size_limit(2**31 - 1)  # a cell may hold a whole document (the default stops at 128 KB)
     with open_binary(file) as f:
-        reader = csv.reader(lines(), delimiter=delimiter)
+        reader = csv.reader(lines(), delimiter=delimiter, strict=True)  # `"a"b`: an error, not the cell `a"b`
         try:
             header = next(reader, None)
             if header is None:

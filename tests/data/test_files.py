@@ -192,6 +192,10 @@ def test_a_bad_csv_row_or_a_legacy_encoding_is_named_by_line(tmp_path):
         read_source(SourceSection(format="alpaca", path=str(path)), 0, "fail")
     read = read_source(SourceSection(format="alpaca", path=str(path)), 0, "skip")
     assert [(r["origin"], r["instruction"]) for r in read.records] == [(f"{path}:2", 'A "quoted"\ncell')]
+    # a quote closed in the middle of a cell: csv's lenient mode read `unclosed,b\nNext."` as one cell
+    path.write_text('instruction,output\n"unclosed,b\n"Next.",fine\n')
+    with pytest.raises(DataError, match=rf"^{path}:3: not CSV that can be read \(',' expected after '\"'\)"):
+        read_source(SourceSection(format="alpaca", path=str(path)), 0, "skip")
     path.write_bytes("instruction,output\nCaf\u00e9,fine\n".encode("cp1252"))  # Excel's "CSV" on Windows
     with pytest.raises(DataError, match=rf"^{path}:2: not UTF-8 text \(byte 23 of the file is 0xe9\); save the file as UTF-8"):
         read_source(SourceSection(format="alpaca", path=str(path)), 0, "skip")
