@@ -24,6 +24,7 @@ from .chat_encode import ChatEncoder, Renderer, data_workers
 from .encode import encoder, token_byte_lengths
 from .formats import SkipLog, TextFile, iter_records
 from .pack import pack_lengths
+from .spill import read_lines, spill_line, spilled_chunks
 from .store import StoreWriter
 from .templates import Template, get_template
 
@@ -102,7 +103,7 @@ def build_store(section: DataSection, tokenizer, prompt_slots: int, folder: Path
                 train_of, held_of = example_of[train_idx], example_of[eval_idx]
                 train, held = train_of[train_of >= 0], held_of[held_of >= 0]
                 dropped = {"train": int((train_of < 0).sum()), "eval": int((held_of < 0).sum())}
-                held_records = _read_lines(spill, offsets, eval_idx)
+                held_records = read_lines(spill, offsets, eval_idx)
                 eval_records += [held_out_record(tokenizer, chat, r) for r in held_records] if source.is_chat else held_records
                 spill.unlink()
             stats["train"].add(writer, train, dropped["train"])
@@ -140,7 +141,7 @@ def _first_copies(records: Iterable[dict], seen: set[bytes], duplicates: list[in
                 for part in value.parts():
                     digest.update(part.encode("utf-8", "surrogatepass"))
             else:
-                digest.update(_spill_line(value).encode())
+                digest.update(spill_line(value).encode())
         key = digest.digest()
         if key in seen:
             duplicates[0] += 1
@@ -277,40 +278,8 @@ def _write_instructions(records, encode, eos: int, template: Template, section: 
     """Prompt and response tokenized apart (so the response start is exact), prompt tokens masked
     unless train_on_prompt, EOS appended as a target. Returns, per record, its example index (-1:
     dropped) and its byte offset in the spill file."""
-    return _spilled_chunks(records, RECORDS_PER_CHUNK, spill,
+    return spilled_chunks(records, RECORDS_PER_CHUNK, spill,
                            lambda chunk: _instruction_chunk(chunk, encode, eos, template, section, slots, writer, counter))  # fmt: skip
-
-
-_spill_line = json.JSONEncoder(check_circular=False).encode  # a record is strings in a dict: no cycle to look for
-
-
-def _spilled_chunks(records, size: int, spill: Path, write: Callable[[list[dict]], list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """`write` (which tokenizes into the store and gives each record's example index, -1: dropped)
-    called on `size` records at a time, each record also kept as a JSON line in `spill` for the
-    held-out ones. Returns the example indices and the records' byte offsets in `spill`."""
-    example_of: list[int] = []
-    offsets: list[np.ndarray] = []
-    written = 0
-    with open(spill, "wb") as out:
-
-        def flush(chunk: list[dict]) -> None:
-            nonlocal written, example_of
-            lines = [_spill_line(r) for r in chunk]  # ASCII (escaped JSON): a character is a byte
-            sizes = np.fromiter(map(len, lines), np.int64, len(lines)) + 1
-            offsets.append(written + np.cumsum(sizes) - sizes)
-            out.write(("\n".join(lines) + "\n").encode("ascii"))
-            written += int(sizes.sum())
-            example_of += write(chunk)
-
-        chunk: list[dict] = []
-        for record in records:
-            chunk.append(record)
-            if len(chunk) == size:
-                flush(chunk)
-                chunk = []
-        if chunk:
-            flush(chunk)
-    return np.asarray(example_of, np.int64), np.concatenate(offsets) if offsets else np.zeros(0, np.int64)
 
 
 def _instruction_chunk(records, encode, eos, template, section, slots, writer, counter) -> list[int]:
@@ -349,18 +318,20 @@ def _write_chats(records, chats: ChatEncoder, eos: int, section: DataSection, sl
     the assistant turns (data/chat.py), CONVERSATIONS_PER_CHUNK at a time. Returns, per record, its
     example index (-1: dropped; SKIPPED: the template could not render it, with on_bad_record: skip)
     and its byte offset in the spill file."""
-    return _spilled_chunks(records, CONVERSATIONS_PER_CHUNK, spill,
-                           lambda chunk: _chat_chunk(chunk, chats, eos, section, slots, writer, counter, skipped))  # fmt: skip
+    def ahead(chunk: list[dict]) -> int:  # rendered by the workers while the chunk before is written
+        conversations = [r["messages"] for r in chunk]
+        return chats.submit([last_reply_only(m) for m in conversations] if section.learn_replies == "last" else conversations)
+
+    return spilled_chunks(records, CONVERSATIONS_PER_CHUNK, spill,
+                           lambda chunk, ticket: _chat_chunk(chunk, chats.collect(ticket), eos, section, slots, writer, counter,
+                                                             skipped), ahead)  # fmt: skip
 
 
-def _chat_chunk(records, chats: ChatEncoder, eos: int, section: DataSection, slots: int, writer: StoreWriter,
+def _chat_chunk(records, encoded_records: list, eos: int, section: DataSection, slots: int, writer: StoreWriter,
                 counter: _Counter, skipped: SkipLog) -> list[int]:  # fmt: skip
     limit = section.max_length - slots
     example_of, ids, targets, lengths, truncated = [], [], [], [], []
-    conversations = [r["messages"] for r in records]
-    if section.learn_replies == "last":
-        conversations = [last_reply_only(m) for m in conversations]
-    for record, encoded in zip(records, chats(conversations)):
+    for record, encoded in zip(records, encoded_records):
         if isinstance(encoded, str):  # the template could not render it: a bad record
             message = f"{record['origin']}: {encoded}"
             if section.on_bad_record == "fail":
@@ -383,12 +354,3 @@ def _chat_chunk(records, chats: ChatEncoder, eos: int, section: DataSection, slo
         writer.append(np.concatenate(ids), np.concatenate(targets), np.asarray(lengths), np.asarray(truncated))
     counter.wrote(int(sum(lengths)))
     return example_of
-
-
-def _read_lines(spill: Path, offsets: np.ndarray, picks: list[int]) -> list[dict]:
-    out = []
-    with open(spill, "rb") as f:
-        for i in picks:
-            f.seek(int(offsets[i]))
-            out.append(json.loads(f.readline()))
-    return out

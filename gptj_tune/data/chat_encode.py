@@ -14,10 +14,13 @@ name the record and fail or skip it (`data.on_bad_record`) instead of stopping o
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import time
 
 import numpy as np
 
+from ..errors import GptjTuneError
 from .chat import ChatTemplateError, assistant_spans, ids_and_targets
 from .encode import checked_count
 from .render_workers import RenderWorker, WorkerGone
@@ -25,6 +28,7 @@ from .render_workers import RenderWorker, WorkerGone
 Rendered = tuple[str, list[tuple[int, int]]] | str  # (text, assistant spans), or why it could not be rendered
 
 START_AFTER = 1024  # conversations rendered here before workers start: ~0.9 s, about a worker's start-up (1.2 s)
+PART = 32  # conversations handed to a worker at a time (~25 ms of rendering)
 
 
 def available_cores() -> int:
@@ -50,65 +54,119 @@ def render_one(tokenizer, template: str, messages: list[dict]) -> Rendered:
 
 
 class Renderer:
-    """`render_one` over lists of conversations, in order. With `workers` > 1, once START_AFTER
-    conversations have been rendered here, `workers - 1` worker processes start (data/
-    render_workers.py) and, once up, render all but one share of each list while this process
-    renders that share. A worker that ends (killed, out of memory) ends the others, and the build
-    goes on here; `close` ends them."""
+    """`render_one` over lists of conversations, in order: handed in ahead (`submit`) and collected
+    in the order submitted (`collect`; calling it does both). A list is cut into parts of PART.
+    With `workers` > 1, once START_AFTER conversations have been submitted, `workers - 1` worker
+    processes start (data/render_workers.py), each fed parts by a thread of this process, so a
+    list submitted ahead is rendered while the build works on the one before. `collect` renders
+    here the parts no worker has taken yet, so this process is never idle while parts wait (and
+    renders everything until the workers are up). A worker that ends (killed, out of memory) puts
+    its part back for the others and this process; `close` ends them all."""
 
-    def __init__(self, tokenizer, template: str, workers: int, start_after: int = START_AFTER):
+    def __init__(self, tokenizer, template: str, workers: int, start_after: int | None = None):
         self.tokenizer, self.template = tokenizer, template
-        self.workers, self.start_after = workers, start_after
+        self.workers = workers
+        self.start_after = START_AFTER if start_after is None else start_after
         self.seen = 0
         self.in_workers = 0  # conversations the workers rendered (for tests and the benchmark)
-        self.lost = ""  # why the workers were given up, if they were
-        self._pool: list[RenderWorker] = []
+        self.lost = ""  # why a worker ended, if one did
+        self._todo: queue.Queue = queue.Queue()  # (ticket, part index, conversations); None: a thread's end
+        self._results: dict[int, list] = {}  # ticket -> each part's renders (None until done)
+        self._failed: dict[int, Exception] = {}
+        self._changed = threading.Condition()
+        self._tickets = 0
+        self._workers: list[RenderWorker] = []
+        self._threads: list[threading.Thread] = []
 
     def __call__(self, conversations: list[list[dict]]) -> list[Rendered]:
+        return self.collect(self.submit(conversations))
+
+    def submit(self, conversations: list[list[dict]]) -> int:
         self.seen += len(conversations)
         if self.seen > self.start_after:
             self.start()
-        if not self._ready() or len(conversations) < 2:
-            return self._here(conversations)
-        share = -(-len(conversations) // self.workers)  # an equal share each, this process included
-        parts = [conversations[i : i + share] for i in range(share, len(conversations), share)]
-        try:
-            for worker, part in zip(self._pool, parts):
-                worker.send(part)
-            out = self._here(conversations[:share])
-            for worker, _ in zip(self._pool, parts):
-                out += worker.receive()
-        except WorkerGone as e:  # render the lot here, and the rest of the build
-            self._give_up(str(e))
-            return self._here(conversations)
-        self.in_workers += len(conversations) - share
-        return out
+        ticket, self._tickets = self._tickets, self._tickets + 1
+        parts = [conversations[i : i + PART] for i in range(0, len(conversations), PART)]
+        with self._changed:
+            self._results[ticket] = [None] * len(parts)
+        for index, part in enumerate(parts):
+            self._todo.put((ticket, index, part))
+        return ticket
+
+    def collect(self, ticket: int) -> list[Rendered]:
+        results = self._results[ticket]
+        while True:
+            with self._changed:
+                if ticket in self._failed:
+                    del self._results[ticket]
+                    raise self._failed.pop(ticket)
+                if all(r is not None for r in results):
+                    del self._results[ticket]
+                    return [rendered for part in results for rendered in part]
+            try:
+                item = self._todo.get_nowait()
+            except queue.Empty:  # every part is with a worker: wait for an answer (or a part put back)
+                with self._changed:
+                    self._changed.wait_for(lambda: ticket in self._failed or all(r is not None for r in results)
+                                           or not self._todo.empty(), timeout=1.0)  # fmt: skip
+                continue
+            if item is None:  # not ours (close): leave it for the threads
+                self._todo.put(None)
+                continue
+            part_ticket, index, part = item
+            rendered = [render_one(self.tokenizer, self.template, m) for m in part]
+            with self._changed:
+                if part_ticket in self._results:
+                    self._results[part_ticket][index] = rendered
 
     def start(self, wait: bool = False) -> None:
-        """Start the workers in the background (`wait`: until each has loaded the tokenizer)."""
-        if not self._pool and self.workers > 1 and not self.lost and os.name == "posix":
-            self._pool = [RenderWorker(self.tokenizer, self.template) for _ in range(self.workers - 1)]
-        while wait and self._pool and not self._ready():
-            time.sleep(0.05)
+        """Start the workers in the background (`wait`: until each has loaded the tokenizer or ended)."""
+        if not self._threads and self.workers > 1 and os.name == "posix":
+            self._workers = [RenderWorker() for _ in range(self.workers - 1)]
+            self._threads = [threading.Thread(target=self._feed, args=(w,), daemon=True) for w in self._workers]
+            for thread in self._threads:
+                thread.start()
+        while wait and any(not w.ready and t.is_alive() for w, t in zip(self._workers, self._threads)):
+            time.sleep(0.02)
 
     def close(self) -> None:
-        pool, self._pool = self._pool, []
-        for worker in pool:
-            worker.close()
+        while True:  # parts nobody needs now
+            try:
+                self._todo.get_nowait()
+            except queue.Empty:
+                break
+        for _ in self._threads:
+            self._todo.put(None)
+        for worker in self._workers:
+            worker.close()  # a thread waiting on its worker finds it gone and ends
+        for thread in self._threads:
+            thread.join()
 
-    def _ready(self) -> bool:
+    def _feed(self, worker: RenderWorker) -> None:
+        """A worker's thread: start it, then render parts with it until told to end or it ends."""
         try:
-            return bool(self._pool) and all([w.poll_ready() for w in self._pool])
+            worker.start(self.tokenizer, self.template)
+            while (item := self._todo.get()) is not None:
+                ticket, index, part = item
+                try:
+                    rendered = worker.render(part)
+                except WorkerGone:
+                    self._todo.put(item)  # for another worker, or this process
+                    raise
+                except GptjTuneError as e:  # the template's shape: the build stops with it
+                    with self._changed:
+                        self._failed[ticket] = e
+                        self._changed.notify_all()
+                    continue
+                with self._changed:
+                    if ticket in self._results:
+                        self._results[ticket][index] = rendered
+                        self.in_workers += len(part)
+                    self._changed.notify_all()
         except WorkerGone as e:
-            self._give_up(str(e))
-            return False
-
-    def _give_up(self, why: str) -> None:
-        self.lost = why
-        self.close()
-
-    def _here(self, conversations: list[list[dict]]) -> list[Rendered]:
-        return [render_one(self.tokenizer, self.template, m) for m in conversations]
+            with self._changed:
+                self.lost = self.lost or str(e)
+                self._changed.notify_all()
 
 
 class ChatEncoder:
@@ -131,7 +189,15 @@ class ChatEncoder:
         return self.byte_lengths is not None
 
     def __call__(self, conversations: list[list[dict]]) -> list[tuple[np.ndarray, np.ndarray] | str]:
-        out: list = self.render(conversations)
+        return self.collect(self.submit(conversations))
+
+    def submit(self, conversations: list[list[dict]]) -> int:
+        """Hand conversations in to be rendered ahead (by the workers, while the build works on
+        what it submitted before); `collect` their results in the order submitted."""
+        return self.render.submit(conversations)
+
+    def collect(self, ticket: int) -> list[tuple[np.ndarray, np.ndarray] | str]:
+        out: list = self.render.collect(ticket)
         good = [i for i, r in enumerate(out) if not isinstance(r, str)]
         rendered = [out[i] for i in good]
         for i, encoded in zip(good, self._fast(rendered) if self.fast else map(self._reference, rendered)):

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import os
 import pickle
-import select
 import struct
 import subprocess
 import sys
-import threading
 
 _HEADER = struct.Struct("<Q")
 _SERVE = "from gptj_tune.data.render_workers import serve; serve()"
@@ -29,47 +27,39 @@ class WorkerGone(Exception):
 
 
 class RenderWorker:
-    """One worker process: `send` a list of conversations, `receive` what `render_one` gives for each."""
+    """One worker process. `start` sends it the tokenizer and template and waits until it has
+    loaded them; then `render` a list of conversations: what `render_one` gives for each. Both
+    block: the build calls them from a thread of its own per worker."""
 
-    def __init__(self, tokenizer, template: str):
+    def __init__(self):
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the modules this process sees
         self.process = subprocess.Popen([sys.executable, "-c", _SERVE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=subprocess.DEVNULL, env=env, start_new_session=True)  # fmt: skip
         self.ready = False
-        # the tokenizer (~1.5 MB pickled for GPT-2's) is more than a pipe holds until the worker has
-        # started reading: sent from a thread, so the build goes on meanwhile
-        self._first = threading.Thread(target=self._send_quietly, args=((tokenizer, template),), daemon=True)
-        self._first.start()
 
-    def _send_quietly(self, payload) -> None:
-        try:
-            self.send(payload)
-        except WorkerGone:
-            pass  # poll_ready finds the worker gone
+    def start(self, tokenizer, template: str) -> None:
+        self._send((tokenizer, template))
+        self.ready = self._receive() == "ready"
 
-    def poll_ready(self) -> bool:
-        """Whether it has loaded the tokenizer and waits for work (without waiting for it)."""
-        if not self.ready and select.select([self.process.stdout], [], [], 0)[0]:
-            self.ready = self.receive() == "ready"
-            if not self.ready:
-                raise WorkerGone("a data worker did not start")
-        return self.ready
+    def render(self, conversations: list[list[dict]]) -> list:
+        self._send(conversations)
+        return self._receive()
 
-    def send(self, payload) -> None:
+    def _send(self, payload) -> None:
         data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
         try:
             self.process.stdin.write(_HEADER.pack(len(data)) + data)
             self.process.stdin.flush()
-        except (BrokenPipeError, OSError) as e:
+        except (OSError, ValueError) as e:  # ValueError: the pipe was closed by `close`
             raise WorkerGone(f"a data worker ended (exit {self.process.poll()})") from e
 
-    def receive(self):
-        header = self.process.stdout.read(_HEADER.size)
-        if len(header) < _HEADER.size:
-            raise WorkerGone(f"a data worker ended (exit {self.process.wait()})")
-        (size,) = _HEADER.unpack(header)
-        data = self.process.stdout.read(size)
-        if len(data) < size:
+    def _receive(self):
+        try:
+            header = self.process.stdout.read(_HEADER.size)
+            data = self.process.stdout.read(_HEADER.unpack(header)[0]) if len(header) == _HEADER.size else b""
+        except (OSError, ValueError) as e:
+            raise WorkerGone("a data worker was closed") from e
+        if not data or len(data) < _HEADER.unpack(header)[0]:
             raise WorkerGone(f"a data worker ended (exit {self.process.wait()})")
         kind, value = pickle.loads(data)  # our own child's frames, over a pipe only we hold
         if kind == "raised":  # a GptjTuneError of the template's shape: the build's to report
@@ -77,19 +67,14 @@ class RenderWorker:
         return value
 
     def close(self) -> None:
-        if not self.ready:  # still starting (or never will): nothing of its to wait for
-            self.process.kill()
-        self._first.join()
-        for pipe in (self.process.stdin, self.process.stdout):  # a worker blocked writing an answer unread gets EPIPE
+        """End it at once (it holds nothing but the tokenizer; starting or busy, nothing to wait for)."""
+        self.process.kill()
+        for pipe in (self.process.stdin, self.process.stdout):
             try:
                 pipe.close()
             except OSError:
                 pass
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        self.process.wait()
 
 
 def serve() -> None:

@@ -17,7 +17,7 @@ from test_chat import CONVERSATIONS, chat_section
 
 from gptj_tune.data import prepare_data
 from gptj_tune.data.chat import GPTJ_CHAT, messages_of
-from gptj_tune.data.chat_encode import Renderer, render_one
+from gptj_tune.data.chat_encode import PART, Renderer, render_one
 from gptj_tune.data.cache import cache_key
 from gptj_tune.errors import DataError
 from gptj_tune.recipe import DataSection, SourceSection
@@ -36,52 +36,53 @@ def conversations(n: int) -> list[list[dict]]:
 
 
 def test_worker_processes_render_what_this_process_renders_in_order(gpt2_tokenizer):
-    many = conversations(300)
-    many[7] = messages_of(REPLY_FIRST, "x")  # the template raises on it: its reason comes back in its place
+    lists = [conversations(300), conversations(17), conversations(0), conversations(301)]
+    lists[0][7] = messages_of(REPLY_FIRST, "x")  # the template raises on it: its reason comes back in its place
     renderer = Renderer(gpt2_tokenizer, ALTERNATING, workers=3)
     try:
         renderer.start(wait=True)
-        got = renderer(many)
-        assert renderer.in_workers == 200  # two workers' shares of three; this process rendered the first
-        assert len(renderer._pool) == 2 and not renderer.lost
+        tickets = [renderer.submit(c) for c in lists]  # handed in ahead, as the build does a chunk ahead
+        got = [renderer.collect(t) for t in tickets]
+        assert renderer.in_workers >= PART  # the workers took parts (this process took the ones left)
+        assert len(renderer._workers) == 2 and not renderer.lost
     finally:
         renderer.close()
-    assert got == [render_one(gpt2_tokenizer, ALTERNATING, m) for m in many]
-    assert got[7] == ("data.chat_template could not render this conversation: TemplateError: Conversation roles must "
-                      "alternate user/assistant/user/assistant/...")  # fmt: skip
-    assert sum(isinstance(r, str) for r in got) == 1 and got[8][0].startswith("[user] ")
+    assert got == [[render_one(gpt2_tokenizer, ALTERNATING, m) for m in c] for c in lists]
+    assert got[0][7] == ("data.chat_template could not render this conversation: TemplateError: Conversation roles must "
+                         "alternate user/assistant/user/assistant/...")  # fmt: skip
+    assert sum(isinstance(r, str) for r in got[0]) == 1 and got[0][8][0].startswith("[user] ")
 
 
 def test_workers_start_only_after_enough_conversations(gpt2_tokenizer):
     renderer = Renderer(gpt2_tokenizer, GPTJ_CHAT, workers=2, start_after=100)
     try:
         renderer(conversations(100))
-        assert not renderer._pool  # 100 rendered here: a small build never pays for a worker's start-up
+        assert not renderer._workers  # 100 rendered here: a small build never pays for a worker's start-up
         renderer(conversations(10))
-        assert len(renderer._pool) == 1
-        starting = renderer._pool[0].process
+        assert len(renderer._workers) == 1
+        starting = renderer._workers[0].process
     finally:
         renderer.close()  # a build that ends before its workers are up does not wait for them
     assert starting.poll() is not None
     alone = Renderer(gpt2_tokenizer, GPTJ_CHAT, workers=1, start_after=0)  # data.workers: 1
     alone(conversations(10))
-    assert not alone._pool and alone.in_workers == 0
+    assert not alone._workers and alone.in_workers == 0
 
 
-def test_a_killed_worker_is_given_up_and_the_build_goes_on_here(gpt2_tokenizer):
-    many = conversations(90)
+def test_a_killed_worker_puts_its_part_back_and_the_build_goes_on(gpt2_tokenizer):
+    many = conversations(900)
     renderer = Renderer(gpt2_tokenizer, GPTJ_CHAT, workers=3)
     try:
         renderer.start(wait=True)
-        processes = [w.process for w in renderer._pool]
+        processes = [w.process for w in renderer._workers]
         os.kill(processes[1].pid, signal.SIGKILL)
         processes[1].wait()
         assert renderer(many) == [render_one(gpt2_tokenizer, GPTJ_CHAT, m) for m in many]
-        assert "a data worker ended (exit -9)" in renderer.lost and not renderer._pool
-        assert all(p.poll() is not None for p in processes)  # the other worker ended too: none left behind
-        assert renderer(many[:5]) == [render_one(gpt2_tokenizer, GPTJ_CHAT, m) for m in many[:5]]  # and stays here
+        assert renderer.lost == "a data worker ended (exit -9)"  # its thread met it dead and put the part back
+        assert processes[0].poll() is None and renderer.in_workers > 0  # the other one goes on
     finally:
         renderer.close()
+    assert all(p.poll() is not None for p in processes)  # none left behind
 
 
 def test_a_template_whose_turns_cannot_be_found_stops_the_build_from_a_worker_too(gpt2_tokenizer):
@@ -91,7 +92,7 @@ def test_a_template_whose_turns_cannot_be_found_stops_the_build_from_a_worker_to
     renderer = Renderer(gpt2_tokenizer, numbered, workers=2)
     try:
         renderer.start(wait=True)
-        processes = [w.process for w in renderer._pool]
+        processes = [w.process for w in renderer._workers]
         with pytest.raises(DataError, match="rendering a conversation turn by turn does not give its beginning"):
             renderer(conversations(40))
     finally:
@@ -110,14 +111,16 @@ def test_a_script_without_a_main_guard_can_use_workers(tmp_path, shared_data):
         tok = AutoTokenizer.from_pretrained({str(shared_data / "gpt2-tokenizer")!r})
         renderer = Renderer(tok, GPTJ_CHAT, workers=2)
         renderer.start(wait=True)
-        out = renderer([[{{"role": "user", "content": "hi"}}, {{"role": "assistant", "content": "yo"}}]] * 20)
+        tickets = [renderer.submit([[{{"role": "user", "content": "hi"}}, {{"role": "assistant", "content": "yo"}}]] * 64)
+                   for _ in range(10)]
+        out = [r for t in tickets for r in renderer.collect(t)]
         renderer.close()
-        print("rendered", len(out), "in workers", renderer.in_workers)
+        print("rendered", len(out), "in workers", renderer.in_workers > 0)
     """))
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["rendered", "20", "in", "workers", "10"]
+    assert done.stdout.split() == ["rendered", "640", "in", "workers", "True"]
 
 
 def test_a_conversation_the_template_cannot_render_is_a_file_line_error_or_skipped(tmp_path, gpt2_tokenizer):
