@@ -166,3 +166,58 @@ def test_data_workers_is_checked_and_does_not_change_the_store(tmp_path, gpt2_to
     for other in stores[1:]:
         assert all(np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.labels, b.labels)
                    for a, b in zip(first.train_rows, other.train_rows))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_killed_build_leaves_no_worker_behind(tmp_path, shared_data):
+    """SIGKILL gives the build no chance to end its workers: they see their input close and exit."""
+    import time
+
+    records = [{"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{i}"}]} for i in range(60000)]
+    section = chat_section(tmp_path, records, workers=2)
+    script = tmp_path / "build.py"
+    script.write_text(textwrap.dedent(f"""
+        from transformers import AutoTokenizer
+        from gptj_tune.data import prepare_data
+        from gptj_tune.recipe import DataSection
+        tok = AutoTokenizer.from_pretrained({str(shared_data / "gpt2-tokenizer")!r})
+        tok.eos_token = "<|endoftext|>"
+        prepare_data(DataSection.model_validate_json({section.model_dump_json()!r}), tok)
+    """))
+    build = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        workers: list[int] = []
+        deadline = time.monotonic() + 60
+        while not workers and build.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+            workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == build.pid and
+                       b"render_workers" in _read(f"/proc/{p}/cmdline")]  # fmt: skip
+        assert workers, "the build ended or started no worker"
+        time.sleep(2)  # up (1.2 s) and working: killed mid-build, not mid-start
+        assert build.poll() is None, "the build ended before it could be killed"
+        build.kill()
+        build.wait()
+        deadline = time.monotonic() + 20
+        while any(_running(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_running(p) for p in workers)
+    finally:
+        build.kill()
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _parent(pid: int) -> int:
+    stat = _read(f"/proc/{pid}/stat")
+    return int(stat.rsplit(b")", 1)[1].split()[1]) if stat else -1
+
+
+def _running(pid: int) -> bool:
+    stat = _read(f"/proc/{pid}/stat")
+    return bool(stat) and stat.rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")  # a zombie has exited
