@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import DataError
 from ..recipe import DataSection
 from .chat import held_out_record, last_reply_only, template_text
-from .chat_encode import ChatEncoder, Renderer, data_workers
+from .chat_encode import ChatEncoder, ChatPool, data_workers
 from .encode import encoder, token_byte_lengths
 from .formats import SkipLog, TextFile, iter_records
 from .pack import pack_lengths
@@ -62,9 +62,8 @@ def build_store(section: DataSection, tokenizer, prompt_slots: int, folder: Path
     workers = data_workers(section.workers)
     (encode, encoder_name), exact_cuts = encoder(tokenizer, workers), cuts_are_exact(tokenizer)
     chat = template_text(section.chat_template)
-    renderer = Renderer(tokenizer, chat, workers)
-    chats = ChatEncoder(tokenizer, section.train_on_prompt, encode,
-                        token_byte_lengths(tokenizer) if encoder_name == "tiktoken" and any(s.is_chat for s in section.sources) else None, renderer)  # fmt: skip
+    byte_lengths = token_byte_lengths(tokenizer) if encoder_name == "tiktoken" and any(s.is_chat for s in section.sources) else None
+    chats = ChatPool(ChatEncoder(tokenizer, chat, section.train_on_prompt, encode, byte_lengths), workers)
     train_parts, eval_parts, eval_records, sources = [], [], [], []
     stats = {"train": _Stats(), "eval": _Stats()}
     skipped = SkipLog(keep=20)
@@ -126,7 +125,7 @@ def build_store(section: DataSection, tokenizer, prompt_slots: int, folder: Path
         writer.abandon()
         raise
     finally:
-        renderer.close()
+        chats.close()
 
 
 def _first_copies(records: Iterable[dict], seen: set[bytes], duplicates: list[int]) -> Iterator[dict]:
@@ -312,7 +311,7 @@ def _instruction_chunk(records, encode, eos, template, section, slots, writer, c
     return example_of
 
 
-def _write_chats(records, chats: ChatEncoder, eos: int, section: DataSection, slots: int, writer: StoreWriter, spill: Path,
+def _write_chats(records, chats: ChatPool, eos: int, section: DataSection, slots: int, writer: StoreWriter, spill: Path,
                  counter: _Counter, skipped: SkipLog) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Each conversation one example: rendered with the chat template, tokenized whole, the loss on
     the assistant turns (data/chat.py), CONVERSATIONS_PER_CHUNK at a time. Returns, per record, its

@@ -1,10 +1,11 @@
-"""Conversations to token ids and targets in bulk, for the token store: rendered with the chat
-template, then tokenized many at a time (data/chat.py says what the ids and targets are, one
-conversation at a time).
+"""Conversations to token ids and targets in bulk, for the token store (data/chat.py says what
+the ids and targets are, one conversation at a time).
 
-Rendering is the slow part of a chat build (Jinja in Python,
-2k + 1 renders for a conversation of k learned replies, about 0.8 ms for four exchanges on one
-core), spread over worker processes once a build has shown it is large enough to pay for them.
+`ChatEncoder` renders a list of conversations with the chat template and tokenizes the texts
+together. Rendering is the slow part (Jinja in Python, 2k + 1 renders for a conversation of k
+learned replies, about 0.8 ms for four exchanges on one core), so `ChatPool` spreads the lists,
+in parts, over worker processes that each run a `ChatEncoder` of their own (data/chat_workers.py)
+once a build has shown it is large enough to pay for them.
 
 A conversation the template cannot render (its own `raise_exception`, e.g. roles that do not
 alternate, or any error inside the template) comes back as the reason, a string, so the build can
@@ -22,13 +23,14 @@ import numpy as np
 
 from ..errors import GptjTuneError
 from .chat import ChatTemplateError, assistant_spans, ids_and_targets
-from .encode import checked_count
-from .render_workers import RenderWorker, WorkerGone
+from .chat_workers import ChatWorker, WorkerGone
+from .encode import CHECK_CHARS, checked_count, encoder, token_byte_lengths
 
 Rendered = tuple[str, list[tuple[int, int]]] | str  # (text, assistant spans), or why it could not be rendered
+Encoded = tuple[np.ndarray, np.ndarray] | str  # (ids, targets), or why it could not be rendered
 
-START_AFTER = 1024  # conversations rendered here before workers start: ~0.9 s, about a worker's start-up (1.2 s)
-PART = 32  # conversations handed to a worker at a time (~25 ms of rendering)
+START_AFTER = 1024  # conversations encoded here before workers start: ~1.2 s, about a worker's start-up
+PART = 32  # conversations handed to a worker at a time (~30 ms of work)
 
 
 def available_cores() -> int:
@@ -53,32 +55,33 @@ def render_one(tokenizer, template: str, messages: list[dict]) -> Rendered:
         return f"data.chat_template could not render this conversation: {e.reason}"
 
 
-class Renderer:
-    """`render_one` over lists of conversations, in order: handed in ahead (`submit`) and collected
-    in the order submitted (`collect`; calling it does both). A list is cut into parts of PART.
-    With `workers` > 1, once START_AFTER conversations have been submitted, `workers - 1` worker
-    processes start (data/render_workers.py), each fed parts by a thread of this process, so a
-    list submitted ahead is rendered while the build works on the one before. `collect` renders
-    here the parts no worker has taken yet, so this process is never idle while parts wait (and
-    renders everything until the workers are up). A worker that ends (killed, out of memory) puts
-    its part back for the others and this process; `close` ends them all."""
+class ChatPool:
+    """`local` (a ChatEncoder) over lists of conversations, in order: handed in ahead (`submit`)
+    and collected in the order submitted (`collect`; calling it does both). A list is cut into
+    parts of PART. With `workers` > 1, once START_AFTER conversations have been submitted,
+    `workers - 1` worker processes start (data/chat_workers.py), each with a ChatEncoder of the
+    same tokenizer, template and settings, fed parts by a thread of this process, so a list
+    submitted ahead is encoded while the build writes the one before. `collect` encodes here the
+    parts no worker has taken yet, so this process is never idle while parts wait (and does them
+    all until the workers are up). A worker that ends (killed, out of memory) puts its part back
+    for the others and this process; `close` ends them all."""
 
-    def __init__(self, tokenizer, template: str, workers: int, start_after: int | None = None):
-        self.tokenizer, self.template = tokenizer, template
+    def __init__(self, local: ChatEncoder, workers: int, start_after: int | None = None):
+        self.local = local
         self.workers = workers
         self.start_after = START_AFTER if start_after is None else start_after
         self.seen = 0
-        self.in_workers = 0  # conversations the workers rendered (for tests and the benchmark)
+        self.in_workers = 0  # conversations the workers encoded (for tests and the benchmark)
         self.lost = ""  # why a worker ended, if one did
         self._todo: queue.Queue = queue.Queue()  # (ticket, part index, conversations); None: a thread's end
         self._results: dict[int, list] = {}  # ticket -> each part's renders (None until done)
         self._failed: dict[int, Exception] = {}
         self._changed = threading.Condition()
         self._tickets = 0
-        self._workers: list[RenderWorker] = []
+        self._workers: list[ChatWorker] = []
         self._threads: list[threading.Thread] = []
 
-    def __call__(self, conversations: list[list[dict]]) -> list[Rendered]:
+    def __call__(self, conversations: list[list[dict]]) -> list[Encoded]:
         return self.collect(self.submit(conversations))
 
     def submit(self, conversations: list[list[dict]]) -> int:
@@ -93,7 +96,7 @@ class Renderer:
             self._todo.put((ticket, index, part))
         return ticket
 
-    def collect(self, ticket: int) -> list[Rendered]:
+    def collect(self, ticket: int) -> list[Encoded]:
         results = self._results[ticket]
         while True:
             with self._changed:
@@ -102,27 +105,38 @@ class Renderer:
                     raise self._failed.pop(ticket)
                 if all(r is not None for r in results):
                     del self._results[ticket]
-                    return [rendered for part in results for rendered in part]
-            try:
-                item = self._todo.get_nowait()
-            except queue.Empty:  # every part is with a worker: wait for an answer (or a part put back)
+                    return [encoded for part in results for encoded in part]
+            item = self._take(ticket)
+            if item is None:  # its parts are all with workers: wait for an answer (or a part put back)
                 with self._changed:
                     self._changed.wait_for(lambda: ticket in self._failed or all(r is not None for r in results)
-                                           or not self._todo.empty(), timeout=1.0)  # fmt: skip
-                continue
-            if item is None:  # not ours (close): leave it for the threads
-                self._todo.put(None)
+                                           or self._ours(ticket), timeout=1.0)  # fmt: skip
                 continue
             part_ticket, index, part = item
-            rendered = [render_one(self.tokenizer, self.template, m) for m in part]
+            encoded = self.local(part)
             with self._changed:
                 if part_ticket in self._results:
-                    self._results[part_ticket][index] = rendered
+                    self._results[part_ticket][index] = encoded
+
+    def _ours(self, ticket: int) -> bool:
+        """Whether the next waiting part is of `ticket` (or before it): one for this process to take.
+        Parts of lists handed in ahead are the workers' (taking them here would leave them idle
+        while this process writes)."""
+        with self._todo.mutex:
+            return bool(self._todo.queue) and self._todo.queue[0] is not None and self._todo.queue[0][0] <= ticket
+
+    def _take(self, ticket: int):
+        with self._todo.mutex:
+            if self._todo.queue and self._todo.queue[0] is not None and self._todo.queue[0][0] <= ticket:
+                item = self._todo.queue.popleft()
+                self._todo.not_full.notify()
+                return item
+        return None
 
     def start(self, wait: bool = False) -> None:
         """Start the workers in the background (`wait`: until each has loaded the tokenizer or ended)."""
         if not self._threads and self.workers > 1 and os.name == "posix":
-            self._workers = [RenderWorker() for _ in range(self.workers - 1)]
+            self._workers = [ChatWorker() for _ in range(self.workers - 1)]
             self._threads = [threading.Thread(target=self._feed, args=(w,), daemon=True) for w in self._workers]
             for thread in self._threads:
                 thread.start()
@@ -142,14 +156,14 @@ class Renderer:
         for thread in self._threads:
             thread.join()
 
-    def _feed(self, worker: RenderWorker) -> None:
-        """A worker's thread: start it, then render parts with it until told to end or it ends."""
+    def _feed(self, worker: ChatWorker) -> None:
+        """A worker's thread: start it, then encode parts with it until told to end or it ends."""
         try:
-            worker.start(self.tokenizer, self.template)
+            worker.start(self.local.tokenizer, self.local.template, self.local.train_on_prompt)
             while (item := self._todo.get()) is not None:
                 ticket, index, part = item
                 try:
-                    rendered = worker.render(part)
+                    encoded = worker.encode(part)
                 except WorkerGone:
                     self._todo.put(item)  # for another worker, or this process
                     raise
@@ -160,7 +174,7 @@ class Renderer:
                     continue
                 with self._changed:
                     if ticket in self._results:
-                        self._results[ticket][index] = rendered
+                        self._results[ticket][index] = encoded
                         self.in_workers += len(part)
                     self._changed.notify_all()
         except WorkerGone as e:
@@ -170,34 +184,32 @@ class Renderer:
 
 
 class ChatEncoder:
-    """Conversations to (ids, targets) as `chat_ids` gives them, many at a time and faster: rendered
-    by `render` (a Renderer), the texts go through the build's encoder together (tiktoken for
-    GPT-2's BPE), and a token is a target when its first byte lies in an assistant span, its byte
-    offset summed from the tokens' byte lengths instead of read from the tokenizer's offset mapping
-    (which tokenizes one text at a time, in one thread: half the time of a chat build before).
-    Without byte lengths (not a byte-level BPE), or when the first batch differs from the offset
-    mapping's ids and targets in any id or target, every conversation goes the offset mapping's way.
-    A conversation the template cannot render gives the reason (a string) in its place."""
+    """Conversations to (ids, targets) as `chat_ids` gives them, a list at a time: each rendered
+    (`render_one`), the texts tokenized together by `encode` (tiktoken for GPT-2's BPE), and a token
+    is a target when its first byte lies in an assistant span, its byte offset summed from the
+    tokens' byte lengths instead of read from the tokenizer's offset mapping (which tokenizes one
+    text at a time, in one thread: half the time of a chat build before). Without byte lengths (not
+    a byte-level BPE), or when the first CHECK_CHARS characters differ from the offset mapping's ids
+    and targets in any id or target, every conversation goes the offset mapping's way. A
+    conversation the template cannot render gives the reason (a string) in its place."""
 
-    def __init__(self, tokenizer, train_on_prompt: bool, encode, byte_lengths, render: Renderer):
-        self.tokenizer, self.train_on_prompt, self.render = tokenizer, train_on_prompt, render
+    def __init__(self, tokenizer, template: str, train_on_prompt: bool, encode, byte_lengths):
+        self.tokenizer, self.template, self.train_on_prompt = tokenizer, template, train_on_prompt
         self.encode, self.byte_lengths = encode, byte_lengths
-        self.checked = byte_lengths is None
+        self.unchecked = 0 if byte_lengths is None else CHECK_CHARS  # characters still to compare
+
+    @classmethod
+    def of(cls, tokenizer, template: str, train_on_prompt: bool, threads: int | None = None) -> ChatEncoder:
+        """One with an encoder of its own (a worker's; tiktoken in `threads` threads)."""
+        encode, name = encoder(tokenizer, threads)
+        return cls(tokenizer, template, train_on_prompt, encode, token_byte_lengths(tokenizer) if name == "tiktoken" else None)
 
     @property
     def fast(self) -> bool:
         return self.byte_lengths is not None
 
-    def __call__(self, conversations: list[list[dict]]) -> list[tuple[np.ndarray, np.ndarray] | str]:
-        return self.collect(self.submit(conversations))
-
-    def submit(self, conversations: list[list[dict]]) -> int:
-        """Hand conversations in to be rendered ahead (by the workers, while the build works on
-        what it submitted before); `collect` their results in the order submitted."""
-        return self.render.submit(conversations)
-
-    def collect(self, ticket: int) -> list[tuple[np.ndarray, np.ndarray] | str]:
-        out: list = self.render.collect(ticket)
+    def __call__(self, conversations: list[list[dict]]) -> list[Encoded]:
+        out: list = [render_one(self.tokenizer, self.template, m) for m in conversations]
         good = [i for i, r in enumerate(out) if not isinstance(r, str)]
         rendered = [out[i] for i in good]
         for i, encoded in zip(good, self._fast(rendered) if self.fast else map(self._reference, rendered)):
@@ -209,12 +221,12 @@ class ChatEncoder:
         for (text, spans), ids in zip(rendered, self.encode([text for text, _ in rendered])):
             ids = np.asarray(ids, np.int64)
             out.append((ids, self._targets(text, spans, ids)))
-        if not self.checked and rendered:
-            self.checked = True
-            n = checked_count([text for text, _ in rendered])
+        if self.unchecked > 0 and rendered:
+            n = checked_count([text for text, _ in rendered], self.unchecked)
+            self.unchecked -= sum(len(text) for text, _ in rendered[:n])
             if any(not (np.array_equal(ids, ref[0]) and np.array_equal(targets, ref[1]))
                    for (ids, targets), ref in zip(out, map(self._reference, rendered[:n]))):  # fmt: skip
-                self.byte_lengths = None
+                self.byte_lengths, self.unchecked = None, 0
                 return [self._reference(r) for r in rendered]
         return out
 

@@ -72,11 +72,11 @@ def encoder(tokenizer, threads: int | None = None) -> tuple[Encode, str]:
     return encode, "tiktoken"
 
 
-def checked_count(texts: list[str]) -> int:
-    """How many of `texts`, from the first, hold the first CHECK_CHARS characters: the part of a
-    build's first batch that is also encoded the slow, sure way and compared."""
+def checked_count(texts: list[str], budget: int = CHECK_CHARS) -> int:
+    """How many of `texts`, from the first, hold the first `budget` characters (CHECK_CHARS: the
+    part of a build's first batch that is also encoded the slow, sure way and compared)."""
     n, chars = 0, 0
-    while n < len(texts) and chars < CHECK_CHARS:
+    while n < len(texts) and chars < budget:
         chars += len(texts[n])
         n += 1
     return n

@@ -148,7 +148,7 @@ def test_conversations_encoded_many_at_a_time_match_one_at_a_time(gpt2_tokenizer
     `<|endoftext|>`, a `weight` 0 reply, a reply first, a recipe's own template, train_on_prompt; and
     an encoder whose offsets are wrong is caught by its first batch, which then goes the slow way."""
     from gptj_tune.data.chat import chat_ids, messages_of
-    from gptj_tune.data.chat_encode import ChatEncoder, Renderer
+    from gptj_tune.data.chat_encode import ChatEncoder
     from gptj_tune.data.encode import encoder, token_byte_lengths
 
     more = [
@@ -166,14 +166,14 @@ def test_conversations_encoded_many_at_a_time_match_one_at_a_time(gpt2_tokenizer
     assert name == "tiktoken" and lengths is not None
     for template in (GPTJ_CHAT, own):
         for train_on_prompt in (False, True):
-            chats = ChatEncoder(gpt2_tokenizer, train_on_prompt, encode, lengths, Renderer(gpt2_tokenizer, template, 1))
+            chats = ChatEncoder(gpt2_tokenizer, template, train_on_prompt, encode, lengths)
             got = chats(conversations)
             assert chats.fast  # its first batch agreed with chat_ids, so it stays on the fast way
             for (ids, targets), messages in zip(got, conversations):
                 want_ids, want_targets = chat_ids(gpt2_tokenizer, template, messages, train_on_prompt)
                 assert ids.tolist() == want_ids and targets.tolist() == want_targets
     wrong = np.ones_like(lengths)  # every token one byte long: the targets land in the wrong places
-    chats = ChatEncoder(gpt2_tokenizer, False, encode, wrong, Renderer(gpt2_tokenizer, GPTJ_CHAT, 1))
+    chats = ChatEncoder(gpt2_tokenizer, GPTJ_CHAT, False, encode, wrong)
     got = chats(conversations)
     assert not chats.fast
     assert [t.tolist() for _, t in got] == [chat_ids(gpt2_tokenizer, GPTJ_CHAT, m, False)[1] for m in conversations]

@@ -1,5 +1,5 @@
-"""A chat build's bulk path (data/chat_encode.py, data/render_workers.py): conversations rendered by
-worker processes give what one process gives, a worker that dies costs nothing but time, and a
+"""A chat build's bulk path (data/chat_encode.py, data/chat_workers.py): conversations encoded by
+worker processes give what one process gives (ids, targets, a template's refusal), a worker that dies costs nothing but time, and a
 template that fails on a conversation is a file:line error or a skipped record, not a Jinja
 traceback."""
 
@@ -17,7 +17,8 @@ from test_chat import CONVERSATIONS, chat_section
 
 from gptj_tune.data import prepare_data
 from gptj_tune.data.chat import GPTJ_CHAT, messages_of
-from gptj_tune.data.chat_encode import PART, Renderer, render_one
+from gptj_tune.data.chat import chat_ids
+from gptj_tune.data.chat_encode import PART, ChatEncoder, ChatPool
 from gptj_tune.data.cache import cache_key
 from gptj_tune.errors import DataError
 from gptj_tune.recipe import DataSection, SourceSection
@@ -30,31 +31,50 @@ REPLY_FIRST = {"messages": [{"role": "assistant", "content": "I speak first."}, 
                             {"role": "assistant", "content": "Hello"}]}  # fmt: skip
 
 
+def pool(tokenizer, template: str, workers: int, **options) -> ChatPool:
+    return ChatPool(ChatEncoder.of(tokenizer, template, False), workers, **options)
+
+
+def one_at_a_time(tokenizer, template: str, conversations: list[list[dict]]) -> list:
+    """chat_ids per conversation (the reference), or the template's reason as the pool gives it."""
+    out = []
+    for m in conversations:
+        try:
+            out.append(tuple(chat_ids(tokenizer, template, m, False)))
+        except DataError as e:
+            out.append(f"data.chat_template could not render this conversation: {e.reason}")
+    return out
+
+
+def as_lists(encoded: list) -> list:
+    return [r if isinstance(r, str) else (r[0].tolist(), r[1].tolist()) for r in encoded]
+
+
 def conversations(n: int) -> list[list[dict]]:
     out = [messages_of(r, "x") for r in CONVERSATIONS[1:]]  # no system turn: ALTERNATING renders them all
     return [[{**m, "content": f"{m['content']} #{i}"} for m in out[i % len(out)]] for i in range(n)]
 
 
-def test_worker_processes_render_what_this_process_renders_in_order(gpt2_tokenizer):
+def test_worker_processes_encode_what_this_process_encodes_in_order(gpt2_tokenizer):
     lists = [conversations(300), conversations(17), conversations(0), conversations(301)]
     lists[0][7] = messages_of(REPLY_FIRST, "x")  # the template raises on it: its reason comes back in its place
-    renderer = Renderer(gpt2_tokenizer, ALTERNATING, workers=3)
+    chats = pool(gpt2_tokenizer, ALTERNATING, workers=3)
     try:
-        renderer.start(wait=True)
-        tickets = [renderer.submit(c) for c in lists]  # handed in ahead, as the build does a chunk ahead
-        got = [renderer.collect(t) for t in tickets]
-        assert renderer.in_workers >= PART  # the workers took parts (this process took the ones left)
-        assert len(renderer._workers) == 2 and not renderer.lost
+        chats.start(wait=True)
+        tickets = [chats.submit(c) for c in lists]  # handed in ahead, as the build does a chunk ahead
+        got = [as_lists(chats.collect(t)) for t in tickets]
+        assert chats.in_workers >= PART  # the workers took parts (this process took the ones left)
+        assert len(chats._workers) == 2 and not chats.lost
     finally:
-        renderer.close()
-    assert got == [[render_one(gpt2_tokenizer, ALTERNATING, m) for m in c] for c in lists]
+        chats.close()
+    assert got == [one_at_a_time(gpt2_tokenizer, ALTERNATING, c) for c in lists]
     assert got[0][7] == ("data.chat_template could not render this conversation: TemplateError: Conversation roles must "
                          "alternate user/assistant/user/assistant/...")  # fmt: skip
-    assert sum(isinstance(r, str) for r in got[0]) == 1 and got[0][8][0].startswith("[user] ")
+    assert sum(isinstance(r, str) for r in got[0]) == 1 and gpt2_tokenizer.decode(got[0][8][0]).startswith("[user] ")
 
 
 def test_workers_start_only_after_enough_conversations(gpt2_tokenizer):
-    renderer = Renderer(gpt2_tokenizer, GPTJ_CHAT, workers=2, start_after=100)
+    renderer = pool(gpt2_tokenizer, GPTJ_CHAT, workers=2, start_after=100)
     try:
         renderer(conversations(100))
         assert not renderer._workers  # 100 rendered here: a small build never pays for a worker's start-up
@@ -64,20 +84,20 @@ def test_workers_start_only_after_enough_conversations(gpt2_tokenizer):
     finally:
         renderer.close()  # a build that ends before its workers are up does not wait for them
     assert starting.poll() is not None
-    alone = Renderer(gpt2_tokenizer, GPTJ_CHAT, workers=1, start_after=0)  # data.workers: 1
+    alone = pool(gpt2_tokenizer, GPTJ_CHAT, workers=1, start_after=0)  # data.workers: 1
     alone(conversations(10))
     assert not alone._workers and alone.in_workers == 0
 
 
 def test_a_killed_worker_puts_its_part_back_and_the_build_goes_on(gpt2_tokenizer):
     many = conversations(900)
-    renderer = Renderer(gpt2_tokenizer, GPTJ_CHAT, workers=3)
+    renderer = pool(gpt2_tokenizer, GPTJ_CHAT, workers=3)
     try:
         renderer.start(wait=True)
         processes = [w.process for w in renderer._workers]
         os.kill(processes[1].pid, signal.SIGKILL)
         processes[1].wait()
-        assert renderer(many) == [render_one(gpt2_tokenizer, GPTJ_CHAT, m) for m in many]
+        assert as_lists(renderer(many)) == one_at_a_time(gpt2_tokenizer, GPTJ_CHAT, many)
         assert renderer.lost == "a data worker ended (exit -9)"  # its thread met it dead and put the part back
         assert processes[0].poll() is None and renderer.in_workers > 0  # the other one goes on
     finally:
@@ -89,7 +109,7 @@ def test_a_template_whose_turns_cannot_be_found_stops_the_build_from_a_worker_to
     """A template that renders earlier turns differently once later ones follow is wrong for every
     conversation: the DataError a worker meets reaches the build, and closing ends the workers."""
     numbered = "{% for m in messages %}{{ messages | length }}:{{ m['content'] }}{{ eos_token }}{% endfor %}"
-    renderer = Renderer(gpt2_tokenizer, numbered, workers=2)
+    renderer = pool(gpt2_tokenizer, numbered, workers=2)
     try:
         renderer.start(wait=True)
         processes = [w.process for w in renderer._workers]
@@ -107,9 +127,9 @@ def test_a_script_without_a_main_guard_can_use_workers(tmp_path, shared_data):
     script.write_text(textwrap.dedent(f"""
         from transformers import AutoTokenizer
         from gptj_tune.data.chat import GPTJ_CHAT
-        from gptj_tune.data.chat_encode import Renderer
+        from gptj_tune.data.chat_encode import ChatEncoder, ChatPool
         tok = AutoTokenizer.from_pretrained({str(shared_data / "gpt2-tokenizer")!r})
-        renderer = Renderer(tok, GPTJ_CHAT, workers=2)
+        renderer = ChatPool(ChatEncoder.of(tok, GPTJ_CHAT, False), workers=2)
         renderer.start(wait=True)
         tickets = [renderer.submit([[{{"role": "user", "content": "hi"}}, {{"role": "assistant", "content": "yo"}}]] * 64)
                    for _ in range(10)]
@@ -191,7 +211,7 @@ def test_a_killed_build_leaves_no_worker_behind(tmp_path, shared_data):
         while not workers and build.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
             workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == build.pid and
-                       b"render_workers" in _read(f"/proc/{p}/cmdline")]  # fmt: skip
+                       b"chat_workers" in _read(f"/proc/{p}/cmdline")]  # fmt: skip
         assert workers, "the build ended or started no worker"
         time.sleep(2)  # up (1.2 s) and working: killed mid-build, not mid-start
         assert build.poll() is None, "the build ended before it could be killed"

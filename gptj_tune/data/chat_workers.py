@@ -1,5 +1,5 @@
-"""Worker processes that render conversations with a chat template, fed pickled frames over their
-standard input and output.
+"""Worker processes that turn conversations into token ids and targets (a ChatEncoder each), fed
+pickled frames over their standard input and output.
 
 Not `multiprocessing`: its spawn start method imports the parent's main script again in every
 worker, so a user's script that builds data without an `if __name__ == "__main__":` guard starts
@@ -19,17 +19,17 @@ import subprocess
 import sys
 
 _HEADER = struct.Struct("<Q")
-_SERVE = "from gptj_tune.data.render_workers import serve; serve()"
+_SERVE = "from gptj_tune.data.chat_workers import serve; serve()"
 
 
 class WorkerGone(Exception):
     """The worker ended or stopped answering in the protocol (killed, out of memory, no Python)."""
 
 
-class RenderWorker:
-    """One worker process. `start` sends it the tokenizer and template and waits until it has
-    loaded them; then `render` a list of conversations: what `render_one` gives for each. Both
-    block: the build calls them from a thread of its own per worker."""
+class ChatWorker:
+    """One worker process. `start` sends it the tokenizer, template and train_on_prompt and waits
+    until it has built its ChatEncoder; then `encode` a list of conversations: what a ChatEncoder
+    gives for each. Both block: the build calls them from a thread of its own per worker."""
 
     def __init__(self):
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the modules this process sees
@@ -37,11 +37,11 @@ class RenderWorker:
                                         stderr=subprocess.DEVNULL, env=env, start_new_session=True)  # fmt: skip
         self.ready = False
 
-    def start(self, tokenizer, template: str) -> None:
-        self._send((tokenizer, template))
+    def start(self, tokenizer, template: str, train_on_prompt: bool) -> None:
+        self._send((tokenizer, template, train_on_prompt))
         self.ready = self._receive() == "ready"
 
-    def render(self, conversations: list[list[dict]]) -> list:
+    def encode(self, conversations: list[list[dict]]) -> list:
         self._send(conversations)
         return self._receive()
 
@@ -78,9 +78,10 @@ class RenderWorker:
 
 
 def serve() -> None:
-    """The worker's side: read the tokenizer and template, answer each list of conversations."""
+    """The worker's side: read the tokenizer, template and train_on_prompt, answer each list of
+    conversations with its ChatEncoder (tiktoken in one thread: one worker a core)."""
     from ..errors import GptjTuneError
-    from .chat_encode import render_one
+    from .chat_encode import ChatEncoder
 
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing printed by a library may land in the frames
@@ -96,10 +97,11 @@ def serve() -> None:
         stdout.write(_HEADER.pack(len(data)) + data)
         stdout.flush()
 
-    tokenizer, template = read()
+    tokenizer, template, train_on_prompt = read()
+    chats = ChatEncoder.of(tokenizer, template, train_on_prompt, threads=1)
     write("value", "ready")
     while (conversations := read()) is not None:
         try:
-            write("value", [render_one(tokenizer, template, m) for m in conversations])
+            write("value", chats(conversations))
         except GptjTuneError as e:
             write("raised", e)
