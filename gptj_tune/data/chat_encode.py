@@ -106,17 +106,18 @@ class ChatPool:
                 if all(r is not None for r in results):
                     del self._results[ticket]
                     return [encoded for part in results for encoded in part]
-            item = self._take(ticket)
-            if item is None:  # its parts are all with workers: wait for an answer (or a part put back)
+            items = self._take(ticket, every=not self._threads)  # no workers: one call for the lot, as fast as before
+            if not items:  # its parts are all with workers: wait for an answer (or a part put back)
                 with self._changed:
                     self._changed.wait_for(lambda: ticket in self._failed or all(r is not None for r in results)
                                            or self._ours(ticket), timeout=1.0)  # fmt: skip
                 continue
-            part_ticket, index, part = item
-            encoded = self.local(part)
+            encoded = self.local([m for _, _, part in items for m in part])
             with self._changed:
-                if part_ticket in self._results:
-                    self._results[part_ticket][index] = encoded
+                for part_ticket, index, part in items:
+                    if part_ticket in self._results:
+                        self._results[part_ticket][index] = encoded[: len(part)]
+                    encoded = encoded[len(part) :]
 
     def _ours(self, ticket: int) -> bool:
         """Whether the next waiting part is of `ticket` (or before it): one for this process to take.
@@ -125,13 +126,15 @@ class ChatPool:
         with self._todo.mutex:
             return bool(self._todo.queue) and self._todo.queue[0] is not None and self._todo.queue[0][0] <= ticket
 
-    def _take(self, ticket: int):
+    def _take(self, ticket: int, every: bool) -> list[tuple]:
+        """The next waiting part of `ticket` or before (`every`: all of them), for this process."""
+        taken = []
         with self._todo.mutex:
-            if self._todo.queue and self._todo.queue[0] is not None and self._todo.queue[0][0] <= ticket:
-                item = self._todo.queue.popleft()
-                self._todo.not_full.notify()
-                return item
-        return None
+            while self._todo.queue and self._todo.queue[0] is not None and self._todo.queue[0][0] <= ticket:
+                taken.append(self._todo.queue.popleft())
+                if not every:
+                    break
+        return taken
 
     def start(self, wait: bool = False) -> None:
         """Start the workers in the background (`wait`: until each has loaded the tokenizer or ended)."""
