@@ -74,7 +74,7 @@ class ChatPool:
         self.in_workers = 0  # conversations the workers encoded (for tests and the benchmark)
         self.lost = ""  # why a worker ended, if one did
         self._todo: queue.Queue = queue.Queue()  # (ticket, part index, conversations); None: a thread's end
-        self._results: dict[int, list] = {}  # ticket -> each part's renders (None until done)
+        self._results: dict[int, list] = {}  # ticket -> each part's encodings (None until done)
         self._failed: dict[int, Exception] = {}
         self._changed = threading.Condition()
         self._tickets = 0
