@@ -46,22 +46,19 @@ class ChatWorker:
         return self._receive()
 
     def _send(self, payload) -> None:
-        data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
         try:
-            self.process.stdin.write(_HEADER.pack(len(data)) + data)
-            self.process.stdin.flush()
+            _write_frame(self.process.stdin, payload)
         except (OSError, ValueError) as e:  # ValueError: the pipe was closed by `close`
             raise WorkerGone(f"a data worker ended (exit {self.process.poll()})") from e
 
     def _receive(self):
         try:
-            header = self.process.stdout.read(_HEADER.size)
-            data = self.process.stdout.read(_HEADER.unpack(header)[0]) if len(header) == _HEADER.size else b""
+            frame = _read_frame(self.process.stdout)
         except (OSError, ValueError) as e:
             raise WorkerGone("a data worker was closed") from e
-        if not data or len(data) < _HEADER.unpack(header)[0]:
+        if frame is None:
             raise WorkerGone(f"a data worker ended (exit {self.process.wait()})")
-        kind, value = pickle.loads(data)  # our own child's frames, over a pipe only we hold
+        kind, value = frame  # our own child's frames, over a pipe only we hold
         if kind == "raised":  # a GptjTuneError of the template's shape: the build's to report
             raise value
         return value
@@ -85,23 +82,27 @@ def serve() -> None:
 
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing printed by a library may land in the frames
-
-    def read():
-        header = stdin.read(_HEADER.size)
-        if len(header) < _HEADER.size:
-            return None
-        return pickle.loads(stdin.read(_HEADER.unpack(header)[0]))
-
-    def write(kind: str, value) -> None:
-        data = pickle.dumps((kind, value), protocol=pickle.HIGHEST_PROTOCOL)
-        stdout.write(_HEADER.pack(len(data)) + data)
-        stdout.flush()
-
-    tokenizer, template, train_on_prompt = read()
+    tokenizer, template, train_on_prompt = _read_frame(stdin)
     chats = ChatEncoder.of(tokenizer, template, train_on_prompt, threads=1)
-    write("value", "ready")
-    while (conversations := read()) is not None:
+    _write_frame(stdout, ("value", "ready"))
+    while (conversations := _read_frame(stdin)) is not None:
         try:
-            write("value", chats(conversations))
+            _write_frame(stdout, ("value", chats(conversations)))
         except GptjTuneError as e:
-            write("raised", e)
+            _write_frame(stdout, ("raised", e))
+
+
+def _write_frame(stream, payload) -> None:
+    data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_HEADER.pack(len(data)) + data)
+    stream.flush()
+
+
+def _read_frame(stream):
+    """The next pickled frame, or None where the stream ends (before or inside a frame)."""
+    header = stream.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        return None
+    (size,) = _HEADER.unpack(header)
+    data = stream.read(size)
+    return pickle.loads(data) if len(data) == size else None
