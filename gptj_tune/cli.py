@@ -214,6 +214,7 @@ def generate(
     chat: bool = typer.Option(False, "--chat", help="Interactive, empty line or Ctrl-D to quit: a model trained on conversations keeps one conversation (its chat template); others answer each line alone."),
     raw: bool = typer.Option(False, "--raw", help="Do not apply the prompt template."),
     system: Optional[str] = typer.Option(None, "--system", help="With --chat: the conversation's system prompt (as the model was trained with one)."),
+    tools: Optional[str] = typer.Option(None, "--tools", help="With --chat: a JSON file of the tools the conversation offers (function schemas, as in the training data); type `/tool RESULT` to answer a call."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
@@ -221,20 +222,13 @@ def generate(
     seed: int = typer.Option(0, "--seed"),
 ):
     """Generate from a run or a model, streaming tokens, with the recipe's prompt template."""
-    from .errors import GptjTuneError
-    from .generate import Generator
-
-    if sum(x is not None and x is not False for x in (prompt, file, chat or None)) != 1:
-        raise GptjTuneError("give exactly one of --prompt, --file or --chat")
-    if file is not None and not Path(file).is_file():  # (before a model of minutes is loaded)
-        raise GptjTuneError(f"--file {file}: not found")
-    if system is not None and not chat:
-        raise GptjTuneError("--system is the system prompt of a --chat conversation; add --chat (or put it in --prompt)")
+    from .generate import Generator, checked_options
     from .stages import stage_display
 
+    offered = checked_options(prompt, file, chat, system, tools)  # (before a model of minutes is loaded)
     with stage_display(err_console)(f"loaded {target}"):  # (on stderr: stdout holds the answers alone)
         generator = Generator(target, raw=raw, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                              system=system)  # fmt: skip
+                              system=system, tools=offered)  # fmt: skip
     if prompt is not None:
         generator.stream(prompt, console, input_)
     elif file is not None:

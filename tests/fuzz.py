@@ -175,6 +175,10 @@ def broken_data(seed: int, count: int) -> list[tuple[str, str, bytes, str]]:
         "chat_role": lambda: json.dumps({"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}).encode(),
         "chat_content": lambda: json.dumps({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]}).encode(),
         "chat_no_reply": lambda: json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(),
+        "chat_tool_call": lambda: json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
+            rng.choice([{"function": {"name": "f", "arguments": rng.choice(["{\"a\": ", "[1]", "null x", "{'a': 1}"])}},
+                        {"function": {"arguments": "{}"}}, {"type": "file_search", "function": {"name": "f"}}, "f(1)"])]},
+            {"role": "assistant", "content": "y"}]}).encode(),
         # read as a conversation, but the recipe's template (STRICT_TEMPLATE) refuses a reply first
         "chat_template_refuses": lambda: json.dumps({"messages": [{"role": "assistant", "content": "first"},
                                                                   {"role": "user", "content": "x"},

@@ -191,3 +191,12 @@ def test_generate_file_chat_and_argument_errors(tmp_path, lora_run):
     no_template = cli("generate", str(lora_run), "--chat", "--system", "Be brief.", input="\n")  # trained on instructions
     assert no_template.returncode == 2 and "it has no chat template (not trained on conversations), so there is no system turn" in \
         " ".join(no_template.stderr.split())  # fmt: skip
+    tools = tmp_path / "tools.json"
+    tools.write_text('[{"name": "get_weather", "parameters": {"type": "object"}}]')
+    for args, message in [(["--prompt", "x", "--tools", str(tools)], "--tools is the tools of a --chat conversation; add --chat"),
+                          (["--chat", "--tools", str(tmp_path / "none.json")], f"--tools {tmp_path / 'none.json'}: not a readable JSON file"),
+                          (["--chat", "--tools", str(prompts)], "not a readable JSON file (Expecting value"),
+                          (["--chat", "--tools", str(tools)], "it has no chat template (not trained on conversations), so there is nowhere to offer them")]:  # fmt: skip
+        refused = cli("generate", str(lora_run), *args, input="\n")
+        assert refused.returncode == 2 and message in " ".join(refused.stderr.split()), (args, refused.stderr)
+        assert "Traceback" not in refused.stderr

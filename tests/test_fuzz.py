@@ -76,4 +76,4 @@ def test_broken_data_files_get_one_message_naming_the_file_and_exit_2(tmp_path):
         assert data.name in message, f"{where}\n{message}"
         left = {p.name for p in (tmp_path / f"run-{i}").iterdir()} if (tmp_path / f"run-{i}").exists() else set()
         assert left <= ALLOWED_AFTER_A_DATA_ERROR, f"{where}: {left}"
-    assert len({kind for kind, *_ in cases}) == 24
+    assert len({kind for kind, *_ in cases}) == 25

@@ -318,8 +318,9 @@ def _write_chats(records, chats: ChatPool, eos: int, section: DataSection, slots
     example index (-1: dropped; SKIPPED: the template could not render it, with on_bad_record: skip)
     and its byte offset in the spill file."""
     def ahead(chunk: list[dict]) -> int:  # rendered by the workers while the chunk before is written
-        conversations = [r["messages"] for r in chunk]
-        return chats.submit([last_reply_only(m) for m in conversations] if section.learn_replies == "last" else conversations)
+        last = section.learn_replies == "last"
+        return chats.submit([{"messages": last_reply_only(r["messages"]) if last else r["messages"], "tools": r.get("tools")}
+                             for r in chunk])  # fmt: skip
 
     return spilled_chunks(records, CONVERSATIONS_PER_CHUNK, spill,
                            lambda chunk, ticket: _chat_chunk(chunk, chats.collect(ticket), eos, section, slots, writer, counter,

@@ -37,7 +37,7 @@ HEARTBEAT = 5.0
 STALE_AFTER = 60.0
 
 
-CHAT_READING = 2  # 2: replies' `weight` (0: not learned), OpenAI's content parts, ShareGPT's top-level `system`
+CHAT_READING = 3  # 2: replies' `weight` (0: not learned), OpenAI's content parts, ShareGPT's top-level `system`; 3: tool calls
 
 
 def default_cache_dir() -> Path:

@@ -17,14 +17,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import DataError, typed_first_line
+from .chat_tools import TOOL_CALL, calls_in_text, result_fields, tool_calls_of
 from .unicode import half_surrogate
 
 GPTJ_CHAT = (
+    "{%- macro tool_list() -%}{{ '### Tools:' }}"
+    "{%- for tool in tools -%}{{ '\\n' + ((tool['function'] if tool['function'] is defined else tool) | tojson) }}{%- endfor -%}"
+    "{%- endmacro -%}"
+    "{%- set tools_first = tools and (not messages or messages[0]['role'] != 'system') -%}"
+    "{%- if tools_first -%}{{ tool_list() }}{%- endif -%}"
     "{%- for message in messages -%}"
-    "{%- if not loop.first %}{{ '\\n\\n' }}{% endif -%}"
-    "{%- if message['role'] == 'system' -%}{{ message['content'] }}"
-    "{%- elif message['role'] == 'user' -%}{{ '### User:\\n' + message['content'] }}"
-    "{%- else -%}{{ '### Assistant:\\n' + message['content'] + eos_token }}"
+    "{%- set content = message['content'] if message['content'] is string else '' -%}"
+    "{%- if not loop.first or tools_first %}{{ '\\n\\n' }}{% endif -%}"
+    "{%- if message['role'] == 'system' -%}{{ content }}"
+    "{%- if tools and loop.first -%}{{ '\\n\\n' + tool_list() }}{%- endif -%}"
+    "{%- elif message['role'] == 'user' -%}{{ '### User:\\n' + content }}"
+    "{%- elif message['role'] == 'tool' -%}{{ '### Tool result:\\n' + content }}"
+    "{%- else -%}{{ '### Assistant:\\n' + content }}"
+    "{%- for call in message['tool_calls'] or [] -%}"
+    "{%- set function = call['function'] if call['function'] is defined else call -%}"
+    "{{ ('\\n' if content or not loop.first else '') + '<tool_call>' }}"
+    "{{ {'name': function['name'], 'arguments': function['arguments']} | tojson }}{{ '</tool_call>' }}"
+    "{%- endfor -%}"
+    "{{ eos_token }}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '\\n\\n### Assistant:\\n' }}{%- endif -%}"
@@ -32,7 +47,8 @@ GPTJ_CHAT = (
 CHAT_TEMPLATES = {"gptj-chat": GPTJ_CHAT}
 
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
-         "bot": "assistant", "model": "assistant"}  # fmt: skip
+         "bot": "assistant", "model": "assistant", "tool": "tool", "function": "tool", "observation": "tool",
+         "ipython": "tool", "function_call": TOOL_CALL}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -43,7 +59,7 @@ class ChatFields:
     messages: str | None = None
     role: str | None = None
     content: str | None = None
-    roles: tuple[tuple[str, str], ...] = ()  # (name in the data, lower case; system, user or assistant)
+    roles: tuple[tuple[str, str], ...] = ()  # (name in the data, lower case; system, user, assistant or tool)
     key: str = "this source"  # the recipe key of the source, for the messages
 
     @classmethod
@@ -63,7 +79,8 @@ def template_text(spec: str) -> str:
 def messages_of(raw: dict, origin: str, fields: ChatFields = ChatFields()) -> list[dict]:
     """`messages: [{role, content}]` (OpenAI) or ShareGPT `conversations: [{from, value}]` (with a
     top-level `system` prompt, where given), or the field and keys `fields` names, checked, as
-    [{role, content}] with roles system, user, assistant (and `weight` on replies that have one)."""
+    [{role, content}] with roles system, user, assistant and tool (and `weight` on replies that have
+    one, `tool_calls` on an assistant's calls: data/chat_tools.py)."""
     field = fields.messages or ("messages" if "messages" in raw or "conversations" not in raw else "conversations")
     if field not in raw:
         wanted = (f"`{field}` (its turns: set {fields.key}.messages_field to the field that holds them)" if fields.messages
@@ -82,21 +99,7 @@ def messages_of(raw: dict, origin: str, fields: ChatFields = ChatFields()) -> li
         where = f"{origin}: `{field}[{n}]`"
         if not isinstance(turn, dict):
             raise DataError(f"{where} must be an object with `{role_key}` and `{text_key}`, got {type(turn).__name__}")
-        for key, setting in ((role_key, "role_field"), (text_key, "content_field")):
-            if key not in turn:
-                raise DataError(f"{where} has no `{key}` (keys present: {', '.join(map(str, turn)) or 'none'}; "
-                                f"{fields.key}.{setting} names the key)")  # fmt: skip
-        role, text = turn[role_key], turn[text_key]
-        if not isinstance(role, str) or role.lower() not in role_names:
-            raise DataError(f"{where}: unknown role {role!r}; expected system, user or assistant (ShareGPT: system, "
-                            f"human, gpt), or a name in {fields.key}.roles, e.g. roles: {{user: [{role}]}}")  # fmt: skip
-        text = _text_of(text, f"{where}: `{text_key}`")
-        message = {"role": role_names[role.lower()], "content": text}
-        if "weight" in turn and message["role"] == "assistant":  # OpenAI's fine-tuning format: 0 = not learned
-            if turn["weight"] not in (0, 1) or isinstance(turn["weight"], bool):
-                raise DataError(f"{where}: `weight` must be 0 (not learned from) or 1, got {turn['weight']!r}")
-            message["weight"] = int(turn["weight"])
-        out.append(message)
+        out.append(_message(turn, where, role_key, text_key, role_names, fields.key))
     if raw.get("system") is not None:  # a ShareGPT export's system prompt beside its turns
         if any(m["role"] == "system" for m in out):
             raise DataError(f"{origin}: both a `system` field and a system turn; keep one")
@@ -106,6 +109,38 @@ def messages_of(raw: dict, origin: str, fields: ChatFields = ChatFields()) -> li
     if not any(learned(m) for m in out):
         raise DataError(f"{origin}: every assistant turn has `weight` 0, so nothing to learn from")
     return out
+
+
+def _message(turn: dict, where: str, role_key: str, text_key: str, role_names: dict, key: str) -> dict:
+    """One turn as {role, content} (with `tool_calls` on an assistant's calls, the call's id and the
+    tool's name on a result, `weight` on a reply that has one)."""
+    if role_key not in turn:
+        raise DataError(f"{where} has no `{role_key}` (keys present: {', '.join(map(str, turn)) or 'none'}; "
+                        f"{key}.role_field names the key)")  # fmt: skip
+    role = turn[role_key]
+    if not isinstance(role, str) or role.lower() not in role_names:
+        raise DataError(f"{where}: unknown role {role!r}; expected system, user, assistant or tool (ShareGPT: system, human, "
+                        f"gpt, function_call, observation), or a name in {key}.roles, e.g. roles: {{user: [{role}]}}")  # fmt: skip
+    role = role_names[role.lower()]
+    calls = role == "assistant" and (turn.get("tool_calls") is not None or turn.get("function_call") is not None)
+    if text_key not in turn and not calls:
+        raise DataError(f"{where} has no `{text_key}` (keys present: {', '.join(map(str, turn)) or 'none'}; "
+                        f"{key}.content_field names the key)")  # fmt: skip
+    if role == TOOL_CALL:  # ShareGPT's function_call: the calls are the turn's text, as JSON
+        message = {"role": "assistant", "content": "", "tool_calls": calls_in_text(turn[text_key], f"{where}: `{text_key}`")}
+    elif calls:  # OpenAI's: the text before the calls (often null) and the calls
+        text = turn.get(text_key)
+        message = {"role": role, "content": "" if text is None else _text_of(text, f"{where}: `{text_key}`"),
+                   "tool_calls": tool_calls_of(turn, where)}  # fmt: skip
+    else:
+        message = {"role": role, "content": _text_of(turn[text_key], f"{where}: `{text_key}`")}
+        if role == "tool":
+            message.update(result_fields(turn))
+    if "weight" in turn and message["role"] == "assistant":  # OpenAI's fine-tuning format: 0 = not learned
+        if turn["weight"] not in (0, 1) or isinstance(turn["weight"], bool):
+            raise DataError(f"{where}: `weight` must be 0 (not learned from) or 1, got {turn['weight']!r}")
+        message["weight"] = int(turn["weight"])
+    return message
 
 
 def last_reply_only(messages: list[dict]) -> list[dict]:
@@ -149,23 +184,24 @@ class ChatTemplateError(DataError):
         super().__init__(f"the chat template could not render this conversation: {reason}")
 
 
-def render(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool = False) -> str:
+def render(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool = False,
+           tools: list[dict] | None = None) -> str:  # fmt: skip
     try:
-        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, tools=tools,
                                              add_generation_prompt=add_generation_prompt)  # fmt: skip
     except Exception as e:  # Jinja's errors, and whatever a template's expressions raise
         raise ChatTemplateError(typed_first_line(e)) from None
 
 
-def assistant_spans(tokenizer, template: str, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(tokenizer, template: str, messages: list[dict], tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant turns learned from."""
-    text = render(tokenizer, template, messages)
+    text = render(tokenizer, template, messages, tools=tools)
     spans = []
     for i, m in enumerate(messages):
         if not learned(m):
             continue
-        before = render(tokenizer, template, messages[:i], add_generation_prompt=True) if i else ""
-        upto = text if i == len(messages) - 1 else render(tokenizer, template, messages[: i + 1])
+        before = render(tokenizer, template, messages[:i], add_generation_prompt=True, tools=tools) if i else ""
+        upto = text if i == len(messages) - 1 else render(tokenizer, template, messages[: i + 1], tools=tools)
         if not upto.startswith(before) or not text.startswith(upto):
             raise DataError("data.chat_template: rendering a conversation turn by turn does not give its beginning "
                             "(the template changes earlier turns when later ones follow); assistant turns cannot be "
@@ -174,10 +210,11 @@ def assistant_spans(tokenizer, template: str, messages: list[dict]) -> tuple[str
     return text, spans
 
 
-def chat_ids(tokenizer, template: str, messages: list[dict], train_on_prompt: bool) -> tuple[list[int], list[int]]:
+def chat_ids(tokenizer, template: str, messages: list[dict], train_on_prompt: bool,
+             tools: list[dict] | None = None) -> tuple[list[int], list[int]]:  # fmt: skip
     """Token ids of the rendered conversation, and 1 where a token is a target (in an assistant
     turn, or any token but the first with train_on_prompt)."""
-    return ids_and_targets(tokenizer, *assistant_spans(tokenizer, template, messages), train_on_prompt)
+    return ids_and_targets(tokenizer, *assistant_spans(tokenizer, template, messages, tools), train_on_prompt)
 
 
 def ids_and_targets(tokenizer, text: str, spans: list[tuple[int, int]], train_on_prompt: bool) -> tuple[list[int], list[int]]:
@@ -195,9 +232,14 @@ def ids_and_targets(tokenizer, text: str, spans: list[tuple[int, int]], train_on
 def held_out_record(tokenizer, template: str, record: dict) -> dict:
     """A held-out conversation as an instruction record: everything before the last assistant turn
     rendered with the generation prompt is the prompt, that turn the reference answer (the last
-    one learned from: a `weight` 0 reply is no reference)."""
-    messages = record["messages"]
+    one learned from: a `weight` 0 reply is no reference). A reply that calls tools is referred to
+    as the template writes it (its calls included), up to EOS, as generation stops there."""
+    messages, tools = record["messages"], record.get("tools")
     last = max(i for i, m in enumerate(messages) if learned(m))
-    prompt = render(tokenizer, template, messages[:last], add_generation_prompt=True)
-    return {"instruction": prompt, "input": "", "output": messages[last]["content"], "prompt_text": prompt,
-            "origin": record["origin"], "messages": messages}  # fmt: skip
+    prompt = render(tokenizer, template, messages[:last], add_generation_prompt=True, tools=tools)
+    reference = messages[last]["content"]
+    if messages[last].get("tool_calls"):
+        reply = render(tokenizer, template, messages[: last + 1], tools=tools)[len(prompt) :]
+        reference = reply.split(tokenizer.eos_token)[0].strip() if tokenizer.eos_token else reply.strip()
+    return {"instruction": prompt, "input": "", "output": reference, "prompt_text": prompt, "origin": record["origin"],
+            "messages": messages, **({"tools": tools} if tools else {})}  # fmt: skip

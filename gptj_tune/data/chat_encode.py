@@ -46,11 +46,12 @@ def data_workers(setting: int | str) -> int:
     return available_cores() if setting == "auto" else int(setting)
 
 
-def render_one(tokenizer, template: str, messages: list[dict]) -> Rendered:
-    """What assistant_spans gives, or why the template's code failed on this conversation (a
-    template whose turns cannot be found at all raises: no conversation would render)."""
+def render_one(tokenizer, template: str, chat: dict) -> Rendered:
+    """What assistant_spans gives for a conversation (`messages`, and `tools` where it offers any),
+    or why the template's code failed on it (a template whose turns cannot be found at all raises:
+    no conversation would render)."""
     try:
-        return assistant_spans(tokenizer, template, messages)
+        return assistant_spans(tokenizer, template, chat["messages"], chat.get("tools"))
     except ChatTemplateError as e:
         return f"data.chat_template could not render this conversation: {e.reason}"
 
@@ -81,10 +82,10 @@ class ChatPool:
         self._workers: list[ChatWorker] = []
         self._threads: list[threading.Thread] = []
 
-    def __call__(self, conversations: list[list[dict]]) -> list[Encoded]:
+    def __call__(self, conversations: list[dict]) -> list[Encoded]:
         return self.collect(self.submit(conversations))
 
-    def submit(self, conversations: list[list[dict]]) -> int:
+    def submit(self, conversations: list[dict]) -> int:
         self.seen += len(conversations)
         if self.seen > self.start_after:
             self.start()
@@ -211,8 +212,8 @@ class ChatEncoder:
     def fast(self) -> bool:
         return self.byte_lengths is not None
 
-    def __call__(self, conversations: list[list[dict]]) -> list[Encoded]:
-        out: list = [render_one(self.tokenizer, self.template, m) for m in conversations]
+    def __call__(self, conversations: list[dict]) -> list[Encoded]:
+        out: list = [render_one(self.tokenizer, self.template, chat) for chat in conversations]
         good = [i for i, r in enumerate(out) if not isinstance(r, str)]
         rendered = [out[i] for i in good]
         for i, encoded in zip(good, self._fast(rendered) if self.fast else map(self._reference, rendered)):

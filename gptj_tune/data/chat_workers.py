@@ -41,7 +41,7 @@ class ChatWorker:
         self._send((tokenizer, template, train_on_prompt))
         self.ready = self._receive() == "ready"
 
-    def encode(self, conversations: list[list[dict]]) -> list:
+    def encode(self, conversations: list[dict]) -> list:
         self._send(conversations)
         return self._receive()
 

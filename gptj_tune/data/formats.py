@@ -21,6 +21,7 @@ from ..recipe import SourceSection
 from ..recipe.load import is_pattern, matches
 from . import synthetic
 from .chat import ChatFields, messages_of
+from .chat_tools import tools_of
 from .files import COMPRESSED, damaged, decompression_errors, is_compressed, kind_of, open_binary, parquet_rows
 from .json_array import json_array_rows
 from .unicode import NotUtf8, half_surrogate, utf8_blocks
@@ -128,7 +129,8 @@ def _to_record(source: SourceSection, raw, origin: str, fields: ChatFields) -> d
         return {"text": text if isinstance(text, TextFile) else _field(raw, source.text_field, origin, allow_empty=False),
                 "origin": origin}  # fmt: skip
     if source.format == "chat":
-        return {"messages": messages_of(raw, origin, fields), "origin": origin}
+        messages, tools = messages_of(raw, origin, fields), tools_of(raw, origin)
+        return {"messages": messages, "origin": origin, **({"tools": tools} if tools else {})}
     if source.format == "jsonl":
         mapping = {"instruction": source.prompt_field, "input": source.input_field, "output": source.response_field}
     else:

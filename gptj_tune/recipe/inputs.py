@@ -202,9 +202,10 @@ class SourceSection(Section):
     content_field: str | None = Field(
         None, min_length=1, description="chat: a turn's text key; null: `value` in a `conversations` field, else `content`."
     )
-    roles: dict[Literal["system", "user", "assistant"], list[str]] | None = Field(
-        None, description="chat: your data's role names for system, user and assistant, beside the built-in ones "
-        "(system; user, human; assistant, gpt, bot, model), matched ignoring case, e.g. `{user: [prompter], "
+    roles: dict[Literal["system", "user", "assistant", "tool"], list[str]] | None = Field(
+        None, description="chat: your data's role names for system, user, assistant and tool (a tool's result), beside "
+        "the built-in ones (system; user, human; assistant, gpt, bot, model; tool, function, observation, ipython; "
+        "ShareGPT's function_call is the assistant's calls as JSON), matched ignoring case, e.g. `{user: [prompter], "
         "assistant: [bot_reply]}` (axolotl's `roles`). A name you give wins over a built-in one.",
     )
 

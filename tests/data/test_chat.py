@@ -112,7 +112,7 @@ def test_train_on_prompt_and_a_recipes_own_template(tmp_path, gpt2_tokenizer):
     ({"messages": []}, "`messages` must be a non-empty list of turns"),
     ({"messages": [{"content": "hi"}]}, "`messages[0]` has no `role`"),
     ({"messages": [{"role": "user"}]}, "`messages[0]` has no `content`"),
-    ({"messages": [{"role": "robot", "content": "hi"}]}, "`messages[0]`: unknown role 'robot'; expected system, user or assistant"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "`messages[0]`: unknown role 'robot'; expected system, user, assistant or tool"),
     ({"messages": [{"role": "user", "content": 3}]}, "`messages[0]`: `content` must be a string (or a list of text parts), got int"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, {"role": "assistant", "content": "a"}]},
      "`messages[0]`: `content`[0] is a 'image_url' part: gptj-tune trains on text only (set data.on_bad_record: skip"),
@@ -158,7 +158,7 @@ def test_conversations_encoded_many_at_a_time_match_one_at_a_time(gpt2_tokenizer
                       {"role": "assistant", "content": "Not learned.", "weight": 0}, {"role": "user", "content": "Again"},
                       {"role": "assistant", "content": "  spaced  "}]},
     ]  # fmt: skip
-    conversations = [messages_of(r, "x") for r in CONVERSATIONS + more] * 3
+    conversations = [{"messages": messages_of(r, "x")} for r in CONVERSATIONS + more] * 3
     own = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] | trim }}{% if m['role'] == 'assistant' %}{{ eos_token }}"
            "{% endif %}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")  # fmt: skip
     encode, name = encoder(gpt2_tokenizer)
@@ -169,14 +169,14 @@ def test_conversations_encoded_many_at_a_time_match_one_at_a_time(gpt2_tokenizer
             chats = ChatEncoder(gpt2_tokenizer, template, train_on_prompt, encode, lengths)
             got = chats(conversations)
             assert chats.fast  # its first batch agreed with chat_ids, so it stays on the fast way
-            for (ids, targets), messages in zip(got, conversations):
-                want_ids, want_targets = chat_ids(gpt2_tokenizer, template, messages, train_on_prompt)
+            for (ids, targets), chat in zip(got, conversations):
+                want_ids, want_targets = chat_ids(gpt2_tokenizer, template, chat["messages"], train_on_prompt)
                 assert ids.tolist() == want_ids and targets.tolist() == want_targets
     wrong = np.ones_like(lengths)  # every token one byte long: the targets land in the wrong places
     chats = ChatEncoder(gpt2_tokenizer, GPTJ_CHAT, False, encode, wrong)
     got = chats(conversations)
     assert not chats.fast
-    assert [t.tolist() for _, t in got] == [chat_ids(gpt2_tokenizer, GPTJ_CHAT, m, False)[1] for m in conversations]
+    assert [t.tolist() for _, t in got] == [chat_ids(gpt2_tokenizer, GPTJ_CHAT, c["messages"], False)[1] for c in conversations]
 
 
 def test_a_source_names_its_own_turn_field_keys_and_role_names(tmp_path, gpt2_tokenizer):
@@ -206,7 +206,8 @@ def test_a_source_names_its_own_turn_field_keys_and_role_names(tmp_path, gpt2_to
 
 @pytest.mark.parametrize("options, line, message", [
     ({}, {"messages": [{"role": "prompter", "content": "hi"}]},
-     "unknown role 'prompter'; expected system, user or assistant (ShareGPT: system, human, gpt), or a name in "
+     "unknown role 'prompter'; expected system, user, assistant or tool (ShareGPT: system, human, gpt, function_call, "
+     "observation), or a name in "
      "data.sources[0].roles, e.g. roles: {user: [prompter]}"),
     ({}, {"text": "hi"}, "or set data.sources[0].messages_field to the field holding the turns; fields present: text"),
     ({"messages_field": "dialog"}, {"messages": [{"role": "user", "content": "hi"}]},
@@ -227,7 +228,7 @@ def test_a_record_that_does_not_fit_the_sources_fields_names_the_setting(tmp_pat
     ({"format": "alpaca", "roles": {"user": ["prompter"]}}, "`roles` only applies to format chat"),
     ({"format": "chat", "roles": {"user": ["bot"], "assistant": ["Bot"]}}, "'Bot' is named for both user and assistant; keep one"),
     ({"format": "chat", "roles": {"user": []}}, "`roles.user` is empty"),
-    ({"format": "chat", "roles": {"tool": ["function"]}}, "roles.tool"),
+    ({"format": "chat", "roles": {"tool_call": ["call"]}}, "roles.tool_call"),
     ({"format": "chat", "messages_field": ""}, "messages_field"),
 ])  # fmt: skip
 def test_chat_field_settings_are_checked_in_the_recipe(tmp_path, options, message):

@@ -35,12 +35,12 @@ def pool(tokenizer, template: str, workers: int, **options) -> ChatPool:
     return ChatPool(ChatEncoder.of(tokenizer, template, False), workers, **options)
 
 
-def one_at_a_time(tokenizer, template: str, conversations: list[list[dict]]) -> list:
+def one_at_a_time(tokenizer, template: str, conversations: list[dict]) -> list:
     """chat_ids per conversation (the reference), or the template's reason as the pool gives it."""
     out = []
-    for m in conversations:
+    for chat in conversations:
         try:
-            out.append(tuple(chat_ids(tokenizer, template, m, False)))
+            out.append(tuple(chat_ids(tokenizer, template, chat["messages"], False, chat.get("tools"))))
         except DataError as e:
             out.append(f"data.chat_template could not render this conversation: {e.reason}")
     return out
@@ -50,14 +50,14 @@ def as_lists(encoded: list) -> list:
     return [r if isinstance(r, str) else (r[0].tolist(), r[1].tolist()) for r in encoded]
 
 
-def conversations(n: int) -> list[list[dict]]:
+def conversations(n: int) -> list[dict]:
     out = [messages_of(r, "x") for r in CONVERSATIONS[1:]]  # no system turn: ALTERNATING renders them all
-    return [[{**m, "content": f"{m['content']} #{i}"} for m in out[i % len(out)]] for i in range(n)]
+    return [{"messages": [{**m, "content": f"{m['content']} #{i}"} for m in out[i % len(out)]]} for i in range(n)]
 
 
 def test_worker_processes_encode_what_this_process_encodes_in_order(gpt2_tokenizer):
     lists = [conversations(300), conversations(17), conversations(0), conversations(301)]
-    lists[0][7] = messages_of(REPLY_FIRST, "x")  # the template raises on it: its reason comes back in its place
+    lists[0][7] = {"messages": messages_of(REPLY_FIRST, "x")}  # the template raises on it: its reason comes back in its place
     chats = pool(gpt2_tokenizer, ALTERNATING, workers=3)
     try:
         chats.start(wait=True)
@@ -131,7 +131,7 @@ def test_a_script_without_a_main_guard_can_use_workers(tmp_path, shared_data):
         tok = AutoTokenizer.from_pretrained({str(shared_data / "gpt2-tokenizer")!r})
         renderer = ChatPool(ChatEncoder.of(tok, GPTJ_CHAT, False), workers=2)
         renderer.start(wait=True)
-        tickets = [renderer.submit([[{{"role": "user", "content": "hi"}}, {{"role": "assistant", "content": "yo"}}]] * 64)
+        tickets = [renderer.submit([{{"messages": [{{"role": "user", "content": "hi"}}, {{"role": "assistant", "content": "yo"}}]}}] * 64)
                    for _ in range(10)]
         out = [r for t in tickets for r in renderer.collect(t)]
         renderer.close()
