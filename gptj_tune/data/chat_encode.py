@@ -24,21 +24,13 @@ import numpy as np
 from ..errors import GptjTuneError
 from .chat import ChatTemplateError, assistant_spans, ids_and_targets
 from .chat_workers import ChatWorker, WorkerGone
-from .encode import CHECK_CHARS, checked_count, encoder, token_byte_lengths
+from .encode import CHECK_CHARS, available_cores, checked_count, encoder, token_byte_lengths
 
 Rendered = tuple[str, list[tuple[int, int]]] | str  # (text, assistant spans), or why it could not be rendered
 Encoded = tuple[np.ndarray, np.ndarray] | str  # (ids, targets), or why it could not be rendered
 
 START_AFTER = 1024  # conversations encoded here before workers start: ~1.2 s, about a worker's start-up
 PART = 32  # conversations handed to a worker at a time (~30 ms of work)
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its affinity mask: taskset, a batch scheduler's cgroup)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def data_workers(setting: int | str) -> int:

@@ -26,16 +26,24 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 CHECK_CHARS = 200_000  # of the first batch, encoded both ways
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask: taskset, a batch scheduler's cgroup)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def encoder(tokenizer, threads: int | None = None) -> tuple[Encode, str]:
     """The encode function for `tokenizer`, and its name ("tiktoken" or "tokenizers"); tiktoken's
-    runs in `threads` threads (default: one a core)."""
+    runs in `threads` threads (default: one a core this process may use)."""
     reference = _reference(tokenizer)
     fast = _tiktoken_encoding(tokenizer)
     if fast is None:
         return reference, "tokenizers"
     added = tokenizer.get_added_vocab()
     cut = _added_token_cutter(tokenizer)
-    threads = threads or os.cpu_count() or 1
+    threads = threads or available_cores()
     checked = {"plain": False, "added": False}
 
     def agrees(kind: str, texts: list[str], ids: list[list[int]]) -> bool:
