@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import DataError, typed_first_line
-from .chat_tools import TOOL_CALL, calls_in_text, result_fields, tool_calls_of
+from .chat_tools import TOOL_CALL, calls_in_text, result_fields, result_text, tool_calls_of
 from .unicode import half_surrogate
 
 GPTJ_CHAT = (
@@ -132,10 +132,10 @@ def _message(turn: dict, where: str, role_key: str, text_key: str, role_names: d
         text = turn.get(text_key)
         message = {"role": role, "content": "" if text is None else _text_of(text, f"{where}: `{text_key}`"),
                    "tool_calls": tool_calls_of(turn, where)}  # fmt: skip
+    elif role == "tool":  # a result: text, or a JSON object some datasets keep it as
+        message = {"role": role, "content": _text_of(result_text(turn[text_key]), f"{where}: `{text_key}`"), **result_fields(turn)}
     else:
         message = {"role": role, "content": _text_of(turn[text_key], f"{where}: `{text_key}`")}
-        if role == "tool":
-            message.update(result_fields(turn))
     if "weight" in turn and message["role"] == "assistant":  # OpenAI's fine-tuning format: 0 = not learned
         if turn["weight"] not in (0, 1) or isinstance(turn["weight"], bool):
             raise DataError(f"{where}: `weight` must be 0 (not learned from) or 1, got {turn['weight']!r}")

@@ -71,8 +71,10 @@ def _call(call, where: str) -> dict:
     if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not body["name"]:
         raise DataError(f"{where} must be a call with a `name` (a string) and `arguments` (a JSON object), "
                         f"got {json.dumps(call, ensure_ascii=False)[:80]}")  # fmt: skip
-    arguments = body.get("arguments", {})
-    if isinstance(arguments, str):
+    arguments = body.get("arguments")
+    if arguments is None:  # a call without arguments
+        arguments = {}
+    elif isinstance(arguments, str):
         arguments = _json(arguments, f"{where}: `arguments`") if arguments.strip() else {}
     if not isinstance(arguments, dict):
         raise DataError(f"{where}: `arguments` must be a JSON object (name to value), got {type(arguments).__name__}")
@@ -80,6 +82,11 @@ def _call(call, where: str) -> dict:
     if isinstance(call, dict) and isinstance(call.get("id"), str):
         out["id"] = call["id"]
     return out
+
+
+def result_text(content):
+    """A tool's result as the template gets it: text as it is, a JSON object as its JSON text."""
+    return json.dumps(content, ensure_ascii=False) if isinstance(content, dict) else content
 
 
 def result_fields(turn: dict) -> dict:

@@ -109,14 +109,18 @@ def test_tools_travel_to_the_workers_and_the_fast_encoder_agrees(gpt2_tokenizer)
         assert ids.tolist() == want_ids and targets.tolist() == want_targets
 
 
-def test_a_source_can_name_its_tool_role(tmp_path):
+def test_a_source_can_name_its_tool_role_and_a_result_may_be_a_json_object(tmp_path):
     path = tmp_path / "named.jsonl"
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "Oslo?"}, {"role": "assistant", "content": "",
-        "tool_calls": transformers_form(["Oslo"])}, {"role": "Result", "content": "3 C"},
+        "tool_calls": transformers_form(["Oslo"]) + [{"function": {"name": "now", "arguments": None}}]},
+        {"role": "Result", "content": {"degrees": 3, "sky": "grå"}}, {"role": "result", "content": "09:00"},
         {"role": "assistant", "content": "3 C."}]}) + "\n")  # fmt: skip
     read = read_source(SourceSection(format="chat", path=str(path), roles={"tool": ["result"]}), 0, "fail")
-    assert [m["role"] for m in read.records[0]["messages"]] == ["user", "assistant", "tool", "assistant"]
-    assert read.records[0]["messages"][1]["tool_calls"] == transformers_form(["Oslo"])  # a dict's arguments kept as given
+    messages = read.records[0]["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "tool", "assistant"]
+    # a dict's arguments kept as given; a call without arguments has an empty object
+    assert messages[1]["tool_calls"] == transformers_form(["Oslo"]) + [{"type": "function", "function": {"name": "now", "arguments": {}}}]
+    assert messages[2]["content"] == '{"degrees": 3, "sky": "grå"}'  # the object as its JSON text
     assert "tools" not in read.records[0]  # no tools offered: none given to the template
 
 
