@@ -1,13 +1,15 @@
 """Benchmark (not a test): preparing data, cold (tokenize, split, pack into the token store) and
 warm (the store read back from the cache), for text corpora, Alpaca 52k and conversations.
 
-    python benchmarks/data_throughput.py [--cases novels-47mb,novels-470mb,novels-1gb,alpaca-52k,chat-13k]
+    python benchmarks/data_throughput.py [--cases novels-47mb,novels-470mb,novels-1gb,alpaca-52k,chat-13k,chat-13k-chatml]
         [--workers 1,auto] [--compare-with /path/to/older/checkout] [--out data_throughput.json]
 
 Corpora: the four novels under ../shared/data/domain copied 25, 250 or 530 times (47 MB, 470 MB,
 1 GB) into a temp folder; Alpaca 52k is ../shared/data/alpaca/alpaca_data.json; chat-13k is the same
 52k records as 13,001 conversations (a system turn, then four user/assistant pairs) in a JSONL file,
-read with `format: chat` and the `gptj-chat` template. GPT-2's tokenizer, the
+read with `format: chat` and the `gptj-chat` template (rendered by its Python copy); chat-13k-chatml
+is the same file with a recipe's own template (ChatML's markers as text), which Jinja renders, in
+worker processes with `data.workers` above 1. GPT-2's tokenizer, the
 recipe defaults of `novel-domain` at max_length 512. Each measurement runs in a process of its own,
 so its peak RSS (ru_maxrss) is its own. `--compare-with` runs the same cold preparation with the
 `gptj_tune` of another checkout (e.g. a worktree of an older commit, whose `prepare_data` kept
@@ -31,7 +33,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CASES = {"novels-47mb": 25, "novels-470mb": 250, "novels-1gb": 530, "alpaca-52k": None, "chat-13k": "chat"}
+CASES = {"novels-47mb": 25, "novels-470mb": 250, "novels-1gb": 530, "alpaca-52k": None, "chat-13k": "chat",
+         "chat-13k-chatml": "chat"}
+# chat-13k-chatml: the same conversations with a recipe's own template (ChatML's markers as text): Jinja renders them
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 def shared_data() -> Path:
@@ -54,7 +60,8 @@ def corpus(case: str, scratch: Path, data: Path) -> tuple[dict, int]:
                     turns += [{"role": "user", "content": r["instruction"] + ("\n\n" + r["input"] if r["input"] else "")},
                               {"role": "assistant", "content": r["output"]}]  # fmt: skip
                 out.write(json.dumps({"messages": turns}) + "\n")
-        return {"format": "chat", "path": str(path)}, path.stat().st_size
+        own = {"chat_template": CHATML} if case.endswith("-chatml") else {}
+        return {"format": "chat", "path": str(path), **own}, path.stat().st_size
     if copies is None:
         path = data / "alpaca" / "alpaca_data.json"
         return {"format": "alpaca", "path": str(path)}, path.stat().st_size
@@ -76,6 +83,8 @@ from gptj_tune.data import prepare_data
 tok = AutoTokenizer.from_pretrained(args["tokenizer"])
 tok.eos_token = "<|endoftext|>"; tok.pad_token = tok.eos_token
 extra = {"cache_dir": args["cache"]} if "cache_dir" in DataSection.model_fields else {}
+if args.get("chat_template"):
+    extra["chat_template"] = args["chat_template"]
 if args.get("workers") and "workers" in DataSection.model_fields:
     extra["workers"] = args["workers"] if args["workers"] == "auto" else int(args["workers"])
 section = DataSection(sources=[args["source"]], max_length=512, eval_fraction=0.02, eval_max=100, on_bad_record="skip", **extra)
@@ -94,7 +103,9 @@ print(json.dumps({"seconds": seconds, "tokens": tokens, "rows": rows,
 
 def measure(source: dict, cache: Path, pythonpath: Path, data: Path, workers: str | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(pythonpath), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "true"}
-    args = {"source": source, "cache": str(cache), "tokenizer": str(data / "gpt2-tokenizer"), "workers": workers}
+    source = dict(source)  # (the case's template is the data section's, not the source's)
+    args = {"chat_template": source.pop("chat_template", None), "source": source, "cache": str(cache),
+            "tokenizer": str(data / "gpt2-tokenizer"), "workers": workers}
     out = subprocess.run([sys.executable, "-c", WORKER, json.dumps(args)], env=env, capture_output=True, text=True, cwd=cache.parent)
     if out.returncode != 0:
         sys.exit(f"worker failed:\n{out.stderr[-3000:]}")
@@ -103,9 +114,9 @@ def measure(source: dict, cache: Path, pythonpath: Path, data: Path, workers: st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="novels-47mb,novels-470mb,novels-1gb,alpaca-52k,chat-13k")
+    parser.add_argument("--cases", default="novels-47mb,novels-470mb,novels-1gb,alpaca-52k,chat-13k,chat-13k-chatml")
     parser.add_argument("--compare-with", type=Path, help="a checkout whose gptj_tune is measured cold beside ours")
-    parser.add_argument("--compare-cases", default="novels-47mb,alpaca-52k,chat-13k",
+    parser.add_argument("--compare-cases", default="novels-47mb,alpaca-52k,chat-13k,chat-13k-chatml",
                         help="cases the other checkout runs (its list-based code needs ~26 GB, 200 bytes a token, for 470 MB of text)")
     parser.add_argument("--workers", default="auto",
                         help="data.workers for our cold runs; several, comma-separated (e.g. 1,auto), measure each")

@@ -20,26 +20,27 @@ from ..errors import DataError, typed_first_line
 from .chat_tools import TOOL_CALL, calls_in_text, result_fields, result_text, tool_calls_of
 from .unicode import half_surrogate
 
-GPTJ_CHAT = (
+GPTJ_CHAT = (  # (a turn without tool calls costs what it did before tools: `'tool_calls' in message` is cheap, a missing key is not)
     "{%- macro tool_list() -%}{{ '### Tools:' }}"
     "{%- for tool in tools -%}{{ '\\n' + ((tool['function'] if tool['function'] is defined else tool) | tojson) }}{%- endfor -%}"
     "{%- endmacro -%}"
-    "{%- set tools_first = tools and (not messages or messages[0]['role'] != 'system') -%}"
-    "{%- if tools_first -%}{{ tool_list() }}{%- endif -%}"
+    "{%- if tools and (not messages or messages[0]['role'] != 'system') -%}"
+    "{{ tool_list() }}{%- if messages -%}{{ '\\n\\n' }}{%- endif -%}"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
-    "{%- set content = message['content'] if message['content'] is string else '' -%}"
-    "{%- if not loop.first or tools_first %}{{ '\\n\\n' }}{% endif -%}"
-    "{%- if message['role'] == 'system' -%}{{ content }}"
-    "{%- if tools and loop.first -%}{{ '\\n\\n' + tool_list() }}{%- endif -%}"
-    "{%- elif message['role'] == 'user' -%}{{ '### User:\\n' + content }}"
-    "{%- elif message['role'] == 'tool' -%}{{ '### Tool result:\\n' + content }}"
-    "{%- else -%}{{ '### Assistant:\\n' + content }}"
-    "{%- for call in message['tool_calls'] or [] -%}"
+    "{%- if not loop.first %}{{ '\\n\\n' }}{% endif -%}"
+    "{%- if message['role'] == 'system' -%}{{ message['content'] }}"
+    "{%- if loop.first and tools -%}{{ '\\n\\n' + tool_list() }}{%- endif -%}"
+    "{%- elif message['role'] == 'user' -%}{{ '### User:\\n' + message['content'] }}"
+    "{%- elif message['role'] == 'tool' -%}{{ '### Tool result:\\n' + message['content'] }}"
+    "{%- elif 'tool_calls' in message and message['tool_calls'] -%}{{ '### Assistant:\\n' + (message['content'] or '') }}"
+    "{%- for call in message['tool_calls'] -%}"
     "{%- set function = call['function'] if call['function'] is defined else call -%}"
-    "{{ ('\\n' if content or not loop.first else '') + '<tool_call>' }}"
+    "{{ ('\\n' if message['content'] or not loop.first else '') + '<tool_call>' }}"
     "{{ {'name': function['name'], 'arguments': function['arguments']} | tojson }}{{ '</tool_call>' }}"
     "{%- endfor -%}"
     "{{ eos_token }}"
+    "{%- else -%}{{ '### Assistant:\\n' + message['content'] + eos_token }}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '\\n\\n### Assistant:\\n' }}{%- endif -%}"
@@ -200,8 +201,8 @@ def assistant_spans(tokenizer, template: str, messages: list[dict], tools: list[
     for i, m in enumerate(messages):
         if not learned(m):
             continue
-        before = render(tokenizer, template, messages[:i], add_generation_prompt=True, tools=tools) if i else ""
         upto = text if i == len(messages) - 1 else render(tokenizer, template, messages[: i + 1], tools=tools)
+        before = render(tokenizer, template, messages[:i], add_generation_prompt=True, tools=tools) if i else ""
         if not upto.startswith(before) or not text.startswith(upto):
             raise DataError("data.chat_template: rendering a conversation turn by turn does not give its beginning "
                             "(the template changes earlier turns when later ones follow); assistant turns cannot be "

@@ -2,10 +2,12 @@
 the ids and targets are, one conversation at a time).
 
 `ChatEncoder` renders a list of conversations with the chat template and tokenizes the texts
-together. Rendering is the slow part (Jinja in Python, 2k + 1 renders for a conversation of k
-learned replies, about 0.8 ms for four exchanges on one core), so `ChatPool` spreads the lists,
-in parts, over worker processes that each run a `ChatEncoder` of their own (data/chat_workers.py)
-once a build has shown it is large enough to pay for them.
+together. Rendering a recipe's own template is the slow part (Jinja in Python, 2k + 1 renders
+for a conversation of k learned replies, about 1.2 ms for four exchanges on one core), so
+`ChatPool` spreads the lists, in parts, over worker processes that each run a `ChatEncoder` of
+their own (data/chat_workers.py) once a build has shown it is large enough to pay for them. The
+built-in `gptj-chat` is rendered by its Python copy in one pass (data/gptj_chat.py), 0.05 ms,
+and then one process is faster than workers (tiktoken already tokenizes on every core).
 
 A conversation the template cannot render (its own `raise_exception`, e.g. roles that do not
 alternate, or any error inside the template) comes back as the reason, a string, so the build can
@@ -22,9 +24,10 @@ import time
 import numpy as np
 
 from ..errors import GptjTuneError
-from .chat import ChatTemplateError, assistant_spans, ids_and_targets
+from .chat import GPTJ_CHAT, ChatTemplateError, assistant_spans, ids_and_targets
 from .chat_workers import ChatWorker, WorkerGone
 from .encode import CHECK_CHARS, available_cores, checked_count, encoder, token_byte_lengths
+from .gptj_chat import gptj_chat_spans
 
 Rendered = tuple[str, list[tuple[int, int]]] | str  # (text, assistant spans), or why it could not be rendered
 Encoded = tuple[np.ndarray, np.ndarray] | str  # (ids, targets), or why it could not be rendered
@@ -51,8 +54,8 @@ def render_one(tokenizer, template: str, chat: dict) -> Rendered:
 class ChatPool:
     """`local` (a ChatEncoder) over lists of conversations, in order: handed in ahead (`submit`)
     and collected in the order submitted (`collect`; calling it does both). A list is cut into
-    parts of PART. With `workers` > 1, once START_AFTER conversations have been submitted,
-    `workers - 1` worker processes start (data/chat_workers.py), each with a ChatEncoder of the
+    parts of PART. With `workers` > 1, once START_AFTER conversations have been submitted (and
+    `local` renders with Jinja, not gptj-chat's Python copy), `workers - 1` worker processes start (data/chat_workers.py), each with a ChatEncoder of the
     same tokenizer, template and settings, fed parts by a thread of this process, so a list
     submitted ahead is encoded while the build writes the one before. `collect` encodes here the
     parts no worker has taken yet, so this process is never idle while parts wait (and does them
@@ -79,7 +82,7 @@ class ChatPool:
 
     def submit(self, conversations: list[dict]) -> int:
         self.seen += len(conversations)
-        if self.seen > self.start_after:
+        if self.seen > self.start_after and self.local.python_render is None:  # (gptj-chat in Python: faster alone)
             self.start()
         ticket, self._tickets = self._tickets, self._tickets + 1
         parts = [conversations[i : i + PART] for i in range(0, len(conversations), PART)]
@@ -186,13 +189,18 @@ class ChatEncoder:
     tokens' byte lengths instead of read from the tokenizer's offset mapping (which tokenizes one
     text at a time, in one thread: half the time of a chat build before). Without byte lengths (not
     a byte-level BPE), or when the first CHECK_CHARS characters differ from the offset mapping's ids
-    and targets in any id or target, every conversation goes the offset mapping's way. A
-    conversation the template cannot render gives the reason (a string) in its place."""
+    and targets in any id or target, every conversation goes the offset mapping's way. With the
+    built-in `gptj-chat`, conversations are rendered by its Python copy (data/gptj_chat.py) in one
+    pass each, compared with the Jinja renderer on the first CHECK_CHARS characters in the same way.
+    A conversation the template cannot render gives the reason (a string) in its place."""
 
     def __init__(self, tokenizer, template: str, train_on_prompt: bool, encode, byte_lengths):
         self.tokenizer, self.template, self.train_on_prompt = tokenizer, template, train_on_prompt
         self.encode, self.byte_lengths = encode, byte_lengths
         self.unchecked = 0 if byte_lengths is None else CHECK_CHARS  # characters still to compare
+        eos = tokenizer.eos_token
+        self.python_render = (lambda m, t: gptj_chat_spans(m, t, eos)) if template == GPTJ_CHAT and isinstance(eos, str) else None
+        self.render_unchecked = CHECK_CHARS  # characters of python_render's still to compare with Jinja's
 
     @classmethod
     def of(cls, tokenizer, template: str, train_on_prompt: bool, threads: int | None = None) -> ChatEncoder:
@@ -205,12 +213,27 @@ class ChatEncoder:
         return self.byte_lengths is not None
 
     def __call__(self, conversations: list[dict]) -> list[Encoded]:
-        out: list = [render_one(self.tokenizer, self.template, chat) for chat in conversations]
+        out: list = [self._render(chat) for chat in conversations]
         good = [i for i, r in enumerate(out) if not isinstance(r, str)]
         rendered = [out[i] for i in good]
         for i, encoded in zip(good, self._fast(rendered) if self.fast else map(self._reference, rendered)):
             out[i] = encoded
         return out
+
+    def _render(self, chat: dict) -> Rendered:
+        if self.python_render is None:
+            return render_one(self.tokenizer, self.template, chat)
+        try:
+            got = self.python_render(chat["messages"], chat.get("tools"))
+        except Exception:  # (not the shape the template expects: the Jinja way says what is wrong with it)
+            return render_one(self.tokenizer, self.template, chat)
+        if self.render_unchecked > 0:
+            want = render_one(self.tokenizer, self.template, chat)
+            self.render_unchecked -= len(got[0])
+            if want != got:  # the copy is wrong: Jinja's rendering for this build from here on
+                self.python_render, self.render_unchecked = None, 0
+                return want
+        return got
 
     def _fast(self, rendered: list[tuple[str, list]]) -> list[tuple[np.ndarray, np.ndarray]]:
         out = []

@@ -338,7 +338,8 @@ class DataSection(Section):
     workers: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
         "auto",
         description="Cores data preparation uses: tokenizing threads, and processes rendering and tokenizing "
-        "conversations once a build has over 1,024 of them. auto: every core this process may run on (its "
+        "conversations once a build has over 1,024 of them (with a recipe's own chat template; the built-in "
+        "gptj-chat is rendered in Python, faster in one process). auto: every core this process may run on (its "
         "affinity: taskset, a scheduler's allocation). Does not change the prepared data.",
     )
     cache_dir: str | None = Field(

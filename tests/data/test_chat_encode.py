@@ -73,8 +73,11 @@ def test_worker_processes_encode_what_this_process_encodes_in_order(gpt2_tokeniz
     assert sum(isinstance(r, str) for r in got[0]) == 1 and gpt2_tokenizer.decode(got[0][8][0]).startswith("[user] ")
 
 
-def test_workers_start_only_after_enough_conversations(gpt2_tokenizer):
-    renderer = pool(gpt2_tokenizer, GPTJ_CHAT, workers=2, start_after=100)
+def test_workers_start_only_after_enough_conversations_and_not_for_gptj_chat_in_python(gpt2_tokenizer):
+    python = pool(gpt2_tokenizer, GPTJ_CHAT, workers=2, start_after=0)
+    python(conversations(100))
+    assert not python._workers  # rendered in Python: this process alone is faster than with workers
+    renderer = pool(gpt2_tokenizer, ALTERNATING, workers=2, start_after=100)
     try:
         renderer(conversations(100))
         assert not renderer._workers  # 100 rendered here: a small build never pays for a worker's start-up
@@ -84,7 +87,7 @@ def test_workers_start_only_after_enough_conversations(gpt2_tokenizer):
     finally:
         renderer.close()  # a build that ends before its workers are up does not wait for them
     assert starting.poll() is not None
-    alone = pool(gpt2_tokenizer, GPTJ_CHAT, workers=1, start_after=0)  # data.workers: 1
+    alone = pool(gpt2_tokenizer, ALTERNATING, workers=1, start_after=0)  # data.workers: 1
     alone(conversations(10))
     assert not alone._workers and alone.in_workers == 0
 
@@ -194,7 +197,7 @@ def test_a_killed_build_leaves_no_worker_behind(tmp_path, shared_data):
     import time
 
     records = [{"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{i}"}]} for i in range(60000)]
-    section = chat_section(tmp_path, records, workers=2)
+    section = chat_section(tmp_path, records, workers=2, chat_template=ALTERNATING)  # Jinja's rendering: workers start
     script = tmp_path / "build.py"
     script.write_text(textwrap.dedent(f"""
         from transformers import AutoTokenizer

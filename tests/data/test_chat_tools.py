@@ -86,6 +86,17 @@ def test_tool_calls_give_apply_chat_template_ids_and_only_the_replies_are_learne
         "3 C in Oslo.<|endoftext|>")  # fmt: skip
 
 
+def test_a_conversation_without_tools_renders_as_before_tools(gpt2_tokenizer):
+    from gptj_tune.data.chat import render
+
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+             {"role": "user", "content": "Bye"}]  # fmt: skip
+    assert render(gpt2_tokenizer, GPTJ_CHAT, turns, add_generation_prompt=True) == (
+        "Be brief.\n\n### User:\nHi\n\n### Assistant:\nHello<|endoftext|>\n\n### User:\nBye\n\n### Assistant:\n")
+    assert render(gpt2_tokenizer, GPTJ_CHAT, turns[1:3], tools=[{"type": "function", "function": {"name": "f"}}]) == (
+        '### Tools:\n{"name": "f"}\n\n### User:\nHi\n\n### Assistant:\nHello<|endoftext|>')  # no system turn: the tools first
+
+
 def test_a_held_out_tool_call_is_scored_as_the_template_writes_it(tmp_path, gpt2_tokenizer):
     calling = {"tools": OPENAI["tools"], "messages": OPENAI["messages"][:3]}  # the conversation ends on the calls
     section = chat_section(tmp_path, [calling] * 4).model_copy(update={"eval_fraction": 0.25, "eval_max": 1})
@@ -218,3 +229,62 @@ def test_a_tiny_model_learns_to_call_a_tool_and_generate_chat_offers_tools(tmp_p
     assert call == ('<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>'), chat.stdout
     # the result given with /tool is a tool turn: after one the model answers (after a user turn it calls)
     assert re.fullmatch(r"-?\d+ C in [A-Z][a-z]+\.", answer), chat.stdout
+
+
+def random_conversation(rng) -> dict:
+    """Any mix of the turns a build meets: system first or not, replies first, weights, calls with
+    and without text, several calls, results, tools or none, text with accents, CJK and newlines."""
+    words = ["Oslo", "grå", "東京", "🙂", "a\nb", "  ", "", "<|endoftext|>", "{\"x\": 1}", "### User:"]
+    say = lambda: " ".join(rng.choice(words) for _ in range(rng.randrange(0, 4)))  # noqa: E731
+    messages = [{"role": "system", "content": say()}] if rng.random() < 0.4 else []
+    for _ in range(rng.randrange(1, 5)):
+        kind = rng.choice(["user", "reply", "calls", "tool"])
+        if kind == "calls":
+            calls = [{"type": "function", "function": {"name": rng.choice(["f", "get_weather"]), "arguments": {"city": say()}}}
+                     for _ in range(rng.randrange(1, 3))]  # fmt: skip
+            messages.append({"role": "assistant", "content": rng.choice(["", say()]), "tool_calls": calls})
+        elif kind == "reply":
+            messages.append({"role": "assistant", "content": say()})
+        else:
+            messages.append({"role": kind, "content": say()})
+        if messages[-1]["role"] == "assistant" and rng.random() < 0.2:
+            messages[-1]["weight"] = 0
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": say()}}] if rng.random() < 0.5 else None
+    return {"messages": messages, "tools": tools}
+
+
+def test_the_python_gptj_chat_renders_what_the_jinja_template_renders(gpt2_tokenizer):
+    import random
+
+    from gptj_tune.data.chat import assistant_spans
+    from gptj_tune.data.gptj_chat import gptj_chat_spans
+
+    rng = random.Random(7)
+    for _ in range(400):
+        chat = random_conversation(rng)
+        assert gptj_chat_spans(chat["messages"], chat["tools"], "<|endoftext|>") == \
+            assistant_spans(gpt2_tokenizer, GPTJ_CHAT, chat["messages"], chat["tools"]), chat  # fmt: skip
+
+
+def test_a_build_checks_the_python_gptj_chat_and_leaves_it_at_a_difference(gpt2_tokenizer):
+    """ChatEncoder renders gptj-chat in Python after comparing it with Jinja on the first
+    characters of the build; a copy that renders anything differently is dropped for Jinja's."""
+    import random
+
+    from gptj_tune.data.gptj_chat import gptj_chat_spans
+
+    rng = random.Random(8)
+    chats = [random_conversation(rng) for _ in range(300)]
+    chats = [c for c in chats if any(m["role"] == "assistant" and m.get("weight", 1) for m in c["messages"])]
+    want = [chat_ids(gpt2_tokenizer, GPTJ_CHAT, c["messages"], False, c["tools"]) for c in chats]
+    encoder = ChatEncoder.of(gpt2_tokenizer, GPTJ_CHAT, False)
+    assert encoder.python_render is not None  # the built-in template: rendered in Python
+    encoder.render_unchecked = 5000  # compared on these first characters, then trusted (a build compares 200,000)
+    assert [(i.tolist(), t.tolist()) for i, t in encoder(chats)] == [tuple(w) for w in want]
+    assert encoder.python_render is not None and encoder.render_unchecked <= 0  # it agreed, so it stays
+    wrong = ChatEncoder.of(gpt2_tokenizer, GPTJ_CHAT, False)
+    wrong.python_render = lambda m, t: gptj_chat_spans(m, t, "</s>")  # a copy with another end marker
+    assert [(i.tolist(), t.tolist()) for i, t in wrong(chats)] == [tuple(w) for w in want]
+    assert wrong.python_render is None  # dropped at its first difference
+    own = ChatEncoder.of(gpt2_tokenizer, GPTJ_CHAT.replace("### User:", "### Human:"), False)
+    assert own.python_render is None  # any other template: Jinja's rendering
