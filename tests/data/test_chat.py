@@ -131,9 +131,15 @@ def test_train_on_prompt_and_a_recipes_own_template(tmp_path, gpt2_tokenizer):
      "`messages[0]`: `content` holds '\\ud800' at character 4, half of a UTF-16 surrogate pair and not text"),
 ])  # fmt: skip
 def test_a_bad_conversation_is_a_file_line_error_or_skipped_and_counted(tmp_path, line, message):
-    path = tmp_path / "bad.jsonl"
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
-    path.write_text(json.dumps(good) + "\n" + json.dumps(line) + "\n")
+    assert_second_record_is_bad(tmp_path, good, line, message)
+
+
+def assert_second_record_is_bad(tmp_path, good: dict, bad: dict, message: str) -> None:
+    """A chat file of `good` then `bad`: line 2 is a file:line error holding `message` under
+    on_bad_record: fail, and is skipped and counted under skip, `good` read."""
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
     source = SourceSection(format="chat", path=str(path))
     with pytest.raises(DataError) as raised:
         read_source(source, 0, "fail")

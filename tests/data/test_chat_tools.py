@@ -9,14 +9,13 @@ import re
 
 import numpy as np
 import pytest
-from test_chat import chat_section
+from test_chat import assert_second_record_is_bad, chat_section
 
 from gptj_tune.data import prepare_data
 from gptj_tune.data.chat import GPTJ_CHAT, chat_ids, messages_of
 from gptj_tune.data.chat_encode import ChatEncoder, ChatPool
 from gptj_tune.data.chat_tools import tools_of
 from gptj_tune.data.formats import read_source
-from gptj_tune.errors import DataError
 from gptj_tune.recipe import SourceSection
 
 WEATHER = {"name": "get_weather", "description": "The weather in a city now.",
@@ -166,14 +165,7 @@ def call(arguments) -> dict:
      "`conversations[1]`: `value` must be a call with a `name` (a string) and `arguments` (a JSON object)"),
 ])  # fmt: skip
 def test_a_bad_call_or_tool_is_a_file_line_error_or_skipped(tmp_path, line, message):
-    path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps(OPENAI) + "\n" + json.dumps(line) + "\n")
-    source = SourceSection(format="chat", path=str(path))
-    with pytest.raises(DataError) as raised:
-        read_source(source, 0, "fail")
-    assert str(raised.value).startswith(f"{path}:2: ") and message in str(raised.value)
-    read = read_source(source, 0, "skip")
-    assert len(read.records) == 1 and len(read.skipped) == 1 and message in read.skipped[0]
+    assert_second_record_is_bad(tmp_path, OPENAI, line, message)
 
 
 CITIES = ["Oslo", "Paris", "Lima", "Cairo", "Rome", "Bern", "Riga", "Dakar", "Seoul", "Tokyo"]
