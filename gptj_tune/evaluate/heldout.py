@@ -70,7 +70,7 @@ def exact_match(model, tokenizer, template: Template, records: list[dict], max_n
     model.train(was_training)
     samples = [
         {"instruction": r["instruction"], "input": r.get("input", ""), "reference": r["output"], "output": answer,
-         "correct": answer == r["output"].strip()}
+         "correct": answer == r["output"].strip(), **({"conversation": True} if "messages" in r else {})}
         for r, answer in zip(records, answers)
     ]  # fmt: skip
     correct = sum(s["correct"] for s in samples)

@@ -27,11 +27,13 @@ def format_number(value: float, digits: int = 2) -> str:
     return f"{value:.3e}" if abs(value) >= 1e6 else f"{value:,.{digits}f}"
 
 
-def _table_cell(text: str, width: int = 120) -> str:
-    """Text as one cell of a Markdown table: one line, cut to `width` characters, then its
-    backslashes and pipes escaped (once: a pipe left bare, or after an escaped backslash, would
-    end the cell)."""
-    return text.replace("\n", " ")[:width].replace("\\", "\\\\").replace("|", "\\|")
+def _table_cell(text: str, width: int = 120, tail: bool = False) -> str:
+    """Text as one cell of a Markdown table: one line, cut to `width` characters (`tail`: its last
+    ones, after "…"), then its backslashes and pipes escaped (once: a pipe left bare, or after an
+    escaped backslash, would end the cell)."""
+    line = text.replace("\n", " ")
+    line = "…" + line[-(width - 1) :] if tail and len(line) > width else line[:width]
+    return line.replace("\\", "\\\\").replace("|", "\\|")
 
 
 def report_markdown(report: dict) -> str:
@@ -74,7 +76,8 @@ def report_markdown(report: dict) -> str:
             lines += ["Sample of greedy answers on held-out prompts:", "", "| prompt | reference | output | ok |", "| --- | --- | --- | --- |"]
             for s in held["samples"]:
                 prompt = s["instruction"] + (" / " + s["input"] if s["input"] else "")
-                cells = [_table_cell(c) for c in (prompt, s["reference"], s["output"])]
+                # a conversation's prompt ends with the turn being answered: show its end (the tools, the system turn open it)
+                cells = [_table_cell(prompt, tail=s.get("conversation", False))] + [_table_cell(c) for c in (s["reference"], s["output"])]
                 lines.append("| " + " | ".join(cells) + f" | {'yes' if s['correct'] else 'no'} |")
             lines.append("")
     during = report.get("during_training") or []
