@@ -182,6 +182,17 @@ class ChatPool:
                 self._changed.notify_all()
 
 
+def turn_shape(chat: dict) -> tuple:
+    """A conversation's kind, for checking gptj-chat's Python copy on each kind a build meets: which
+    roles and what replies it holds, in which order of first appearance, and whether it has tools."""
+    kinds = []
+    for m in chat["messages"]:
+        kind = (m["role"], bool(m.get("tool_calls")), bool(m.get("content")), m.get("weight", 1))
+        if kind not in kinds:
+            kinds.append(kind)
+    return bool(chat.get("tools")), chat["messages"][0]["role"], tuple(kinds)
+
+
 class ChatEncoder:
     """Conversations to (ids, targets) as `chat_ids` gives them, a list at a time: each rendered
     (`render_one`), the texts tokenized together by `encode` (tiktoken for GPT-2's BPE), and a token
@@ -191,7 +202,8 @@ class ChatEncoder:
     a byte-level BPE), or when the first CHECK_CHARS characters differ from the offset mapping's ids
     and targets in any id or target, every conversation goes the offset mapping's way. With the
     built-in `gptj-chat`, conversations are rendered by its Python copy (data/gptj_chat.py) in one
-    pass each, compared with the Jinja renderer on the first CHECK_CHARS characters in the same way.
+    pass each, compared with the Jinja renderer on the first CHECK_CHARS characters and on the first
+    conversation of each kind (`turn_shape`) in the same way.
     A conversation the template cannot render gives the reason (a string) in its place."""
 
     def __init__(self, tokenizer, template: str, train_on_prompt: bool, encode, byte_lengths):
@@ -201,6 +213,7 @@ class ChatEncoder:
         eos = tokenizer.eos_token
         self.python_render = (lambda m, t: gptj_chat_spans(m, t, eos)) if template == GPTJ_CHAT and isinstance(eos, str) else None
         self.render_unchecked = CHECK_CHARS  # characters of python_render's still to compare with Jinja's
+        self.shapes_checked: set[tuple] = set()  # the kinds of conversation compared so far (turn_shape)
 
     @classmethod
     def of(cls, tokenizer, template: str, train_on_prompt: bool, threads: int | None = None) -> ChatEncoder:
@@ -227,7 +240,9 @@ class ChatEncoder:
             got = self.python_render(chat["messages"], chat.get("tools"))
         except Exception:  # (not the shape the template expects: the Jinja way says what is wrong with it)
             return render_one(self.tokenizer, self.template, chat)
-        if self.render_unchecked > 0:
+        shape = turn_shape(chat)
+        if self.render_unchecked > 0 or shape not in self.shapes_checked:  # the first characters, and each new kind of turns
+            self.shapes_checked.add(shape)
             want = render_one(self.tokenizer, self.template, chat)
             self.render_unchecked -= len(got[0])
             if want != got:  # the copy is wrong: Jinja's rendering for this build from here on

@@ -278,5 +278,14 @@ def test_a_build_checks_the_python_gptj_chat_and_leaves_it_at_a_difference(gpt2_
     wrong.python_render = lambda m, t: gptj_chat_spans(m, t, "</s>")  # a copy with another end marker
     assert [(i.tolist(), t.tolist()) for i, t in wrong(chats)] == [tuple(w) for w in want]
     assert wrong.python_render is None  # dropped at its first difference
+    # past the first characters, the first conversation of each new kind is still compared
+    blind = ChatEncoder.of(gpt2_tokenizer, GPTJ_CHAT, False)
+    blind.render_unchecked = 0
+    blind.python_render = lambda m, t: gptj_chat_spans(m, None, "<|endoftext|>")  # wrong only where tools are offered
+    plain = [c for c in chats if not c["tools"]]
+    blind(plain)
+    assert blind.python_render is not None  # every kind it met agreed
+    assert [(i.tolist(), t.tolist()) for i, t in blind(chats)] == [tuple(w) for w in want]
+    assert blind.python_render is None  # the first conversation offering tools was a new kind: compared, and wrong
     own = ChatEncoder.of(gpt2_tokenizer, GPTJ_CHAT.replace("### User:", "### Human:"), False)
     assert own.python_render is None  # any other template: Jinja's rendering
