@@ -201,8 +201,8 @@ def assistant_spans(tokenizer, template: str, messages: list[dict], tools: list[
     for i, m in enumerate(messages):
         if not learned(m):
             continue
-        upto = text if i == len(messages) - 1 else render(tokenizer, template, messages[: i + 1], tools=tools)
         before = render(tokenizer, template, messages[:i], add_generation_prompt=True, tools=tools) if i else ""
+        upto = text if i == len(messages) - 1 else render(tokenizer, template, messages[: i + 1], tools=tools)
         if not upto.startswith(before) or not text.startswith(upto):
             raise DataError("data.chat_template: rendering a conversation turn by turn does not give its beginning "
                             "(the template changes earlier turns when later ones follow); assistant turns cannot be "

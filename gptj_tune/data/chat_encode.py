@@ -55,12 +55,13 @@ class ChatPool:
     """`local` (a ChatEncoder) over lists of conversations, in order: handed in ahead (`submit`)
     and collected in the order submitted (`collect`; calling it does both). A list is cut into
     parts of PART. With `workers` > 1, once START_AFTER conversations have been submitted (and
-    `local` renders with Jinja, not gptj-chat's Python copy), `workers - 1` worker processes start (data/chat_workers.py), each with a ChatEncoder of the
-    same tokenizer, template and settings, fed parts by a thread of this process, so a list
-    submitted ahead is encoded while the build writes the one before. `collect` encodes here the
-    parts no worker has taken yet, so this process is never idle while parts wait (and does them
-    all until the workers are up). A worker that ends (killed, out of memory) puts its part back
-    for the others and this process; `close` ends them all."""
+    `local` renders with Jinja, not gptj-chat's Python copy), `workers - 1` worker processes start
+    (data/chat_workers.py), each with a ChatEncoder of the same tokenizer, template and settings,
+    fed parts by a thread of this process, so a list submitted ahead is encoded while the build
+    writes the one before. `collect` encodes here the parts no worker has taken yet, so this
+    process is never idle while parts wait (and does them all until the workers are up). A worker
+    that ends (killed, out of memory) puts its part back for the others and this process; `close`
+    ends them all."""
 
     def __init__(self, local: ChatEncoder, workers: int, start_after: int | None = None):
         self.local = local

@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 from test_chat import assert_second_record_is_bad, chat_section
+from test_chat_encode import as_lists
 
 from gptj_tune.data import prepare_data
 from gptj_tune.data.chat import GPTJ_CHAT, chat_ids, messages_of
@@ -272,11 +273,11 @@ def test_a_build_checks_the_python_gptj_chat_and_leaves_it_at_a_difference(gpt2_
     encoder = ChatEncoder.of(gpt2_tokenizer, GPTJ_CHAT, False)
     assert encoder.python_render is not None  # the built-in template: rendered in Python
     encoder.render_unchecked = 5000  # compared on these first characters, then trusted (a build compares 200,000)
-    assert [(i.tolist(), t.tolist()) for i, t in encoder(chats)] == [tuple(w) for w in want]
+    assert as_lists(encoder(chats)) == [tuple(w) for w in want]
     assert encoder.python_render is not None and encoder.render_unchecked <= 0  # it agreed, so it stays
     wrong = ChatEncoder.of(gpt2_tokenizer, GPTJ_CHAT, False)
     wrong.python_render = lambda m, t: gptj_chat_spans(m, t, "</s>")  # a copy with another end marker
-    assert [(i.tolist(), t.tolist()) for i, t in wrong(chats)] == [tuple(w) for w in want]
+    assert as_lists(wrong(chats)) == [tuple(w) for w in want]
     assert wrong.python_render is None  # dropped at its first difference
     # past the first characters, the first conversation of each new kind is still compared
     blind = ChatEncoder.of(gpt2_tokenizer, GPTJ_CHAT, False)
@@ -285,7 +286,7 @@ def test_a_build_checks_the_python_gptj_chat_and_leaves_it_at_a_difference(gpt2_
     plain = [c for c in chats if not c["tools"]]
     blind(plain)
     assert blind.python_render is not None  # every kind it met agreed
-    assert [(i.tolist(), t.tolist()) for i, t in blind(chats)] == [tuple(w) for w in want]
+    assert as_lists(blind(chats)) == [tuple(w) for w in want]
     assert blind.python_render is None  # the first conversation offering tools was a new kind: compared, and wrong
     own = ChatEncoder.of(gpt2_tokenizer, GPTJ_CHAT.replace("### User:", "### Human:"), False)
     assert own.python_render is None  # any other template: Jinja's rendering
