@@ -37,7 +37,7 @@ HEARTBEAT = 5.0
 STALE_AFTER = 60.0
 
 
-CHAT_READING = 3  # 2: replies' `weight` (0: not learned), OpenAI's content parts, ShareGPT's top-level `system`; 3: tool calls
+CHAT_READING = 4  # 2: replies' `weight` (0: not learned), OpenAI's content parts, ShareGPT's top-level `system`; 3: tool calls; 4: a reply that opens a conversation learned after its header
 
 
 def default_cache_dir() -> Path:

@@ -201,7 +201,8 @@ def assistant_spans(tokenizer, template: str, messages: list[dict], tools: list[
     for i, m in enumerate(messages):
         if not learned(m):
             continue
-        before = render(tokenizer, template, messages[:i], add_generation_prompt=True, tools=tools) if i else ""
+        before = render(tokenizer, template, messages[:i], add_generation_prompt=True, tools=tools) if i else \
+            _before_first_reply(tokenizer, template, messages[0], tools, text)
         upto = text if i == len(messages) - 1 else render(tokenizer, template, messages[: i + 1], tools=tools)
         if not upto.startswith(before) or not text.startswith(upto):
             raise DataError("data.chat_template: rendering a conversation turn by turn does not give its beginning "
@@ -209,6 +210,22 @@ def assistant_spans(tokenizer, template: str, messages: list[dict], tools: list[
                             "found, so the loss cannot be limited to them")  # fmt: skip
         spans.append((len(before), len(upto)))
     return text, spans
+
+
+REPLY_MARK = "gptjTuneReplyStartsHere"
+
+
+def _before_first_reply(tokenizer, template: str, reply: dict, tools: list[dict] | None, text: str) -> str:
+    """What the template writes before a reply that opens the conversation (the tools, a default
+    system prompt, the reply's header): transformers cannot render the empty conversation before
+    it, so the reply is rendered alone with a mark for its text, and what comes before the mark is
+    taken when the whole conversation begins with it. Otherwise "": the reply from the text's start."""
+    try:
+        alone = render(tokenizer, template, [{**reply, "content": REPLY_MARK}], tools=tools)
+    except ChatTemplateError:
+        return ""
+    at = alone.find(REPLY_MARK)
+    return alone[:at] if at > 0 and text.startswith(alone[:at]) else ""
 
 
 def chat_ids(tokenizer, template: str, messages: list[dict], train_on_prompt: bool,

@@ -19,8 +19,7 @@ HEADER = "### Assistant:\n"
 
 def gptj_chat_spans(messages: list[dict], tools: list[dict] | None, eos: str) -> tuple[str, list[tuple[int, int]]]:
     """What assistant_spans gives with GPTJ_CHAT: the rendered conversation and the spans of the
-    replies learned from (from the end of a reply's header to the end of its EOS; a reply that opens
-    the conversation from the text's start, as assistant_spans has nothing to render before it)."""
+    replies learned from, each from the end of its header to the end of its EOS."""
     tool_list = "### Tools:" + "".join("\n" + _json(t["function"] if "function" in t else t) for t in tools) if tools else ""
     parts = [tool_list + ("\n\n" if messages else "")] if tools and (not messages or messages[0]["role"] != "system") else []
     at = len(parts[0]) if parts else 0  # where the next turn's separator (or the first turn) begins
@@ -40,8 +39,8 @@ def gptj_chat_spans(messages: list[dict], tools: list[dict] | None, eos: str) ->
         if n:
             parts.append("\n\n")
             at += 2
-        if learned(m):  # a reply that opens the conversation: from the text's start (the tools too)
-            spans.append((at + len(HEADER) if n else 0, at + len(turn)))
+        if learned(m):
+            spans.append((at + len(HEADER), at + len(turn)))
         parts.append(turn)
         at += len(turn)
     return "".join(parts), spans

@@ -185,6 +185,33 @@ def test_conversations_encoded_many_at_a_time_match_one_at_a_time(gpt2_tokenizer
     assert [t.tolist() for _, t in got] == [chat_ids(gpt2_tokenizer, GPTJ_CHAT, c["messages"], False)[1] for c in conversations]
 
 
+def test_a_reply_that_opens_a_conversation_is_learned_after_its_header(gpt2_tokenizer):
+    """A reply with nothing before it was learned from the text's start: its header, and the tools
+    when they come first, were targets. Now only the reply and what ends it are, with the built-in
+    template (also in its Python rendering) and with a recipe's own template that writes a default
+    system prompt; a template that loses the mark in the reply's text keeps the old way."""
+    from gptj_tune.data.chat import assistant_spans, chat_ids
+    from gptj_tune.data.gptj_chat import gptj_chat_spans
+
+    eos = gpt2_tokenizer.eos_token
+    tools = [{"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}]
+    messages = [{"role": "assistant", "content": "I speak first."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}]  # fmt: skip
+    default_system = ("{% if messages[0]['role'] != 'system' %}<system>Be kind.\n{% endif %}{% for m in messages %}"
+                      "<{{ m['role'] }}>{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+                      "{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")  # fmt: skip
+    for template, offered, ends in ((GPTJ_CHAT, tools, eos), (GPTJ_CHAT, None, eos), (default_system, None, eos + "\n")):
+        text, spans = assistant_spans(gpt2_tokenizer, template, messages, offered)
+        assert spans[0][0] > 0 and [text[a:b] for a, b in spans] == ["I speak first." + ends, "Hello." + ends]
+        if template is GPTJ_CHAT:
+            assert gptj_chat_spans(messages, offered, eos) == (text, spans)
+        ids, targets = chat_ids(gpt2_tokenizer, template, messages, False, offered)
+        assert gpt2_tokenizer.decode([i for i, t in zip(ids, targets) if t]) == "I speak first." + ends + "Hello." + ends
+    clipped = default_system.replace("m['content']", "m['content'][:4]")
+    text, spans = assistant_spans(gpt2_tokenizer, clipped, messages)
+    assert spans[0][0] == 0 and text.startswith("<system>Be kind.\n<assistant>I sp")
+
+
 def test_a_source_names_its_own_turn_field_keys_and_role_names(tmp_path, gpt2_tokenizer):
     """lmsys-chat-1m keeps its turns in `conversation`, OASST calls the user `prompter`, other dumps
     use their own keys: `messages_field`, `role_field`/`content_field` and `roles` read them as the
