@@ -32,7 +32,7 @@ from .checkpoints import load_checkpoint, save_checkpoint
 from .disk import DiskFullError, DiskNeeds, is_disk_full, planned_saves
 from .engines import all_sum, is_deepspeed, prepare_model_and_optimizer
 from .memory import MemoryMeter, bf16_advice, gpu_bf16_warning, is_out_of_memory, keep_freed_memory, out_of_memory_message
-from .optim import build_optimizer, clip_in_fused_step, lr_factor, step_takes_the_clip, updates_round_away, warmup_steps
+from .optim import build_optimizer, clip_in_fused_step, lr_factor, step_takes_the_clip, updates_round_away, warmup_steps, warmup_warning
 from .setup import (
     batches_of,
     benchmarks_during_training,
@@ -159,6 +159,8 @@ def train(recipe: Recipe, resume: str | bool = False, force: bool = False, conso
     total_steps = recipe.train.max_steps or (recipe.train.epochs or 1) * -(-len(batches) // recipe.train.grad_accum)
     warmup = warmup_steps(recipe.train, total_steps)
     if main:
+        if note := warmup_warning(warmup, total_steps):
+            warner(console)(note)
         if checkpoint is not None:  # what one checkpoint takes is known now
             disk.checkpoint = folder_bytes(checkpoint)
         done = json.loads((checkpoint / "trainer_state.json").read_text())["step"] if checkpoint is not None else 0
@@ -244,7 +246,7 @@ def run_steps(t: Training, state: TrainState, total_steps: int, after_each_step:
     with StopRequest(on_request=lambda: t.console.print(notice)) as stop, Progress(*columns, console=t.console) as progress:
         bar = progress.add_task("train", total=total_steps, completed=state.step, info="")
         while state.step < total_steps:
-            tick = time.perf_counter()
+            tick, lr = time.perf_counter(), t.scheduler.get_last_lr()[0]  # the rate this step updates with
             loss, tokens, slots, grad_norm = one_step(t, state, stop)
             state.step += 1
             state.tokens += tokens
@@ -252,7 +254,7 @@ def run_steps(t: Training, state: TrainState, total_steps: int, after_each_step:
             state.seconds = time.perf_counter() - started
             record = {
                 "step": state.step, "epoch": t.batches.epoch_of(state.micro_batch - 1),
-                "loss": loss, "lr": t.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                "loss": loss, "lr": lr, "grad_norm": grad_norm,
                 "tokens": state.tokens, "tokens_per_s": tokens / max(time.perf_counter() - tick, 1e-9),
                 "elapsed_s": state.seconds,
             }  # fmt: skip

@@ -385,3 +385,12 @@ def warmup_steps(train: TrainSection, total: int) -> int:
     if train.warmup_steps is not None:
         return train.warmup_steps
     return int(round((train.warmup_ratio if train.warmup_ratio is not None else 0.03) * total))
+
+
+def warmup_warning(warmup: int, total: int) -> str | None:
+    """Why a warmup as long as the run is worth a line: the learning rate never reaches train.lr."""
+    if warmup < total or total == 0:
+        return None
+    return (f"the warmup's {warmup} steps are not fewer than this run's {total} optimizer steps, so the learning rate "
+            f"only warms up and ends at {total / (warmup + 1):.0%} of train.lr; set train.warmup_steps below {total} "
+            f"(or a smaller train.warmup_ratio)")  # fmt: skip

@@ -63,6 +63,22 @@ def test_without_a_checkpoint_at_end_only_final_is_written(tmp_path):
     assert (run / "final" / "adapter_model.safetensors").exists() and sorted(losses(run)) == list(range(1, 13))
 
 
+def test_a_warmup_as_long_as_the_run_is_named_and_each_step_logs_the_rate_it_used(tmp_path):
+    """A warmup that does not end before the last step (a 30-step warmup in a short trial run) is
+    a warning with the share of train.lr the run ends at; a shorter one says nothing. Each step's
+    `lr` is the rate its update used (k/6 of train.lr at step k of a 5-step warmup), not the next
+    step's, which the scheduler has moved to when the line is written."""
+    recipe = small_recipe(tmp_path, steps=3, save_every=10)
+    result = cli("run", str(recipe), "--set", "train.warmup_steps=5", "--set", "train.log_every=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warmup's 5 steps are not fewer than this run's 3 optimizer steps" in result.stdout
+    assert "ends at 50% of train.lr; set train.warmup_steps below 3" in result.stdout
+    lrs = [m["lr"] for m in metrics(tmp_path / "run") if "lr" in m]
+    assert lrs == pytest.approx([3e-3 * k / 6 for k in (1, 2, 3)])
+    result = cli("run", str(recipe), "--set", "train.max_steps=4", "--set", f"output.dir={tmp_path / 'short'}")
+    assert result.returncode == 0 and "warning" not in result.stdout, result.stdout[-2000:]
+
+
 @pytest.mark.slow
 def test_final_adapter_loads_on_the_base_model(tmp_path):
     import torch
