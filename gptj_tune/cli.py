@@ -158,21 +158,14 @@ def eval_(
     force: bool = typer.Option(False, "--force", help="Replace an existing report folder."),
 ):
     """Benchmarks (lm-eval on local files), held-out loss and instruction following; writes eval/report.*."""
-    from .evaluate.render import format_metric, format_number
+    from .evaluate.render import report_table
     from .evaluate.report import EvalRequest, run_eval
 
     chosen = None if tasks is None else [] if tasks.strip() == "none" else [t.strip() for t in tasks.split(",") if t.strip()]
     request = EvalRequest(target, chosen, limit, data_dir, batch_size, compare, out, checkpoint, force=force)
     folder = run_eval(request, console)
     report = json.loads((folder / "report.json").read_text())
-    table = Table("task", "metric", "value", title=f"Evaluation of {target}")
-    for task, metrics in report["benchmarks"].items():
-        for metric, pair in metrics.items():
-            table.add_row(task, metric, format_metric(metric, (pair["value"], pair["stderr"])))
-    for key, value in (report.get("held_out") or {}).items():
-        if key in ("loss", "perplexity", "exact_match", "rouge_l") and value is not None:
-            table.add_row("held-out", key, format_number(value, 4))
-    console.print(table)
+    console.print(report_table(report, target))
     console.print(f"Report: {folder / 'report.md'}", markup=False)
 
 

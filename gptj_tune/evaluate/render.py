@@ -16,7 +16,7 @@ def format_metric(metric: str, pair) -> str:
     digits), each with lm-eval's standard error where it gave one."""
     if not pair:
         return "-"
-    value, stderr = pair
+    value, stderr = (pair["value"], pair["stderr"]) if isinstance(pair, dict) else pair  # report.json's, or in memory
     if metric == "perplexity":
         return format_number(value) + (f" ± {format_number(stderr)}" if stderr is not None else "")
     return f"{100 * value:.1f}%" + (f" ± {100 * stderr:.1f}" if stderr is not None else "")
@@ -34,6 +34,28 @@ def _table_cell(text: str, width: int = 120, tail: bool = False) -> str:
     line = text.replace("\n", " ")
     line = "…" + line[-(width - 1) :] if tail and len(line) > width else line[:width]
     return line.replace("\\", "\\\\").replace("|", "\\|")
+
+
+def report_table(report: dict, title: str):
+    """The report's figures as a rich table for the terminal: this target's, and the comparison's
+    (the run's base model, or --compare) beside them when there is one."""
+    from rich.table import Table
+
+    comparison = report.get("comparison")
+    table = Table("task", "metric", title=f"Evaluation of {title}")
+    table.add_column(report["target"]["label"] if comparison else "value", overflow="fold")
+    if comparison:
+        table.add_column(comparison["target"]["label"], overflow="fold")
+    for task, metrics in report["benchmarks"].items():
+        for metric, pair in metrics.items():
+            other = [format_metric(metric, comparison["benchmarks"].get(task, {}).get(metric))] if comparison else []
+            table.add_row(task, metric, format_metric(metric, pair), *other)
+    other_held = (comparison or {}).get("held_out") or {}
+    for key, value in (report.get("held_out") or {}).items():
+        if key in ("loss", "perplexity", "exact_match", "rouge_l") and value is not None:
+            other = [format_number(other_held[key], 4) if other_held.get(key) is not None else "-"] if comparison else []
+            table.add_row("held-out", key, format_number(value, 4), *other)
+    return table
 
 
 def report_markdown(report: dict) -> str:

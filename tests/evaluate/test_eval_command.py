@@ -64,6 +64,10 @@ def test_every_task_runs_on_local_files_and_the_report_is_complete(lora_run, sha
     # Same held-out loss as the training run measured at its end.
     summary = json.loads((lora_run / "summary.json").read_text())
     assert held["loss"] == pytest.approx(summary["eval_loss"], rel=1e-5)
+    # The terminal's table has the base model's figures beside the run's, as the report has.
+    row = next(line for line in result.stdout.splitlines() if "held-out" in line and " loss " in line)
+    assert f"{held['loss']:.4f}" in row and f"{report['comparison']['held_out']['loss']:.4f}" in row, result.stdout[-3000:]
+    assert "base model" in result.stdout
     md = (lora_run / "eval" / "report.md").read_text()
     assert "| piqa | acc |" in md and "![loss.png](loss.png)" in md and "![benchmarks.png](benchmarks.png)" in md
     for png in ("loss.png", "benchmarks.png"):
