@@ -108,7 +108,7 @@ def test_a_tracker_whose_package_is_missing_is_one_line_naming_the_extra(tmp_pat
 def test_a_run_with_gradient_checkpointing_and_trackers_prints_no_library_warnings(tmp_path):
     """transformers warned `gradient_checkpointing_enable is deprecated` on every checkpointed run;
     nothing a user cannot act on reaches the display."""
-    recipe = small_recipe(tmp_path, steps=2, save_every=2)
+    recipe = small_recipe(tmp_path, steps=3, save_every=3)  # 3 steps: past the recipe's 2-step warmup, which would be a warning
     recipe.write_text(recipe.read_text() + "logging:\n  trackers: [tensorboard, mlflow]\n")
     result = cli("run", str(recipe), "--set", "model.gradient_checkpointing=true", own_process=True)
     assert result.returncode == 0, result.stderr
