@@ -115,8 +115,10 @@ class Generator:
             if self.chat_template:
                 result = line.startswith(TOOL_RESULT)  # `/tool 3 C`: the result of the call the model made
                 try:
-                    self.chat_turn(line[len(TOOL_RESULT) :].strip() if result else line,
-                                   TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True), "tool" if result else "user")  # fmt: skip
+                    reply = self.chat_turn(line[len(TOOL_RESULT) :].strip() if result else line,
+                                           TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True), "tool" if result else "user")  # fmt: skip
+                    if self.tools and "<tool_call>" in reply:  # gptj-chat's calls (and Hermes-style templates')
+                        console.print(f"[dim](a tool call: give its result as {TOOL_RESULT.strip()} RESULT)[/]")
                 except ChatTemplateError as e:  # e.g. a template that refuses a system turn: say so, keep the conversation
                     console.print(f"[red]{escape(str(e))}[/]", soft_wrap=True)
             else:

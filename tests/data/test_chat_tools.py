@@ -218,8 +218,9 @@ def test_a_tiny_model_learns_to_call_a_tool_and_generate_chat_offers_tools(tmp_p
     chat = cli("generate", str(tmp_path / "run"), "--chat", "--tools", str(tools), "--max-new-tokens", "96",
                input="What is the weather in Rome?\n/tool 21 C\n\n")  # fmt: skip
     assert chat.returncode == 0, chat.stderr[-2000:]
-    call, answer = [line.removeprefix("> ") for line in chat.stdout.splitlines()][:2]  # each reply after the prompt's "> "
+    call, hint, answer = [line.removeprefix("> ") for line in chat.stdout.splitlines()][:3]  # each reply after the prompt's "> "
     assert call == ('<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>'), chat.stdout
+    assert hint == "(a tool call: give its result as /tool RESULT)" and chat.stdout.count("(a tool call") == 1, chat.stdout
     # the result given with /tool is a tool turn: after one the model answers (after a user turn it calls)
     assert re.fullmatch(r"-?\d+ C in [A-Z][a-z]+\.", answer), chat.stdout
 
