@@ -295,7 +295,7 @@ def _evaluate(model, model_args, files: TaskFiles, limit, batch_size, quiet: boo
     # for good in CI. The single-process loop draws the same resamples (chunk i seeded with i).
     one_process = mock.patch.dict(os.environ, {NO_POOL_ENV: "1"})
     try:
-        with no_git, no_bars, one_process:
+        with no_git, no_bars, one_process, _no_datasets_bars():
             results = evaluator.simple_evaluate(
                 model=model,
                 model_args=model_args,
@@ -310,6 +310,21 @@ def _evaluate(model, model_args, files: TaskFiles, limit, batch_size, quiet: boo
         name = (model_args or {}).get("pretrained", "the model")
         raise GptjTuneError(f"cannot load {name} for the benchmarks ({first_line(e)})") from None
     return _collect(results, files)
+
+
+@contextlib.contextmanager
+def _no_datasets_bars():
+    """datasets' `Generating test split` bar for each task file lm-eval loads (files of ours, read
+    in a second): nothing a user can act on. Put back as it was afterwards."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_off = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_off:
+            enable_progress_bars()
 
 
 def _collect(results: dict, files: TaskFiles) -> dict:
