@@ -305,18 +305,24 @@ def test_a_recipes_flop_count_takes_its_own_rank_and_targets():
     assert full == pytest.approx(tt.flops_per_token({"shape": "tiny", "method": "full"}, stats)[0])
 
 
-def test_the_gpu_session_script_runs_its_steps_on_the_cpu(tmp_path, shared_data):
-    """benchmarks/gpu_session.sh, the one device call of the GPU issues, dry-run on the tiny shape:
-    each step logged with its exit code, the results under $OUT, the built model deleted."""
+def run_session(tmp_path, shared_data, out_name: str, **env: str) -> tuple[subprocess.CompletedProcess, str, Path]:
+    """benchmarks/gpu_session.sh, the device calls of the GPU issues, dry-run on the tiny shapes:
+    the process, its session.log and its $OUT."""
     import os
 
-    out, model = tmp_path / "out", tmp_path / "model"
+    out = tmp_path / out_name
     env = {**os.environ, "OUT": str(out), "DEVICE": "cpu", "SHAPE": "tiny", "LORA_STEPS": "2", "FULL_STEPS": "2",
-           "PROFILE_STEPS": "2", "MAX_LENGTH": "128", "DATA": str(shared_data), "MODEL": str(model),
-           "PYTHONPATH": str(REPO)}  # fmt: skip
+           "PROFILE_STEPS": "2", "MAX_LENGTH": "128", "DATA": str(shared_data), "MODEL": str(tmp_path / "model"),
+           "PYTHONPATH": str(REPO), **env}  # fmt: skip
     result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_session.sh")], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=900)  # fmt: skip
-    log = (out / "session.log").read_text()
+    return result, (out / "session.log").read_text(), out
+
+
+def test_the_gpu_session_script_runs_its_steps_on_the_cpu(tmp_path, shared_data):
+    """The first device call: each step logged with its exit code, the results under $OUT (at most
+    8 files come back), the built model deleted."""
+    result, log, out = run_session(tmp_path, shared_data, "out")
     assert result.returncode == 0, result.stdout + log[-3000:]
     for step in ("profile-lora", "lora", "profile-full", "full", "qlora"):
         assert f"== {step}: exit 0" in log, log[-3000:]
@@ -326,33 +332,33 @@ def test_the_gpu_session_script_runs_its_steps_on_the_cpu(tmp_path, shared_data)
                      "qlora.json", "session.log"]  # fmt: skip
     for name in ("lora", "qlora"):
         assert set(json.loads((out / f"{name}.json").read_text())["engines"]) == {"gptj-tune", "trl-best"}
-    assert not model.exists()
-    # the second call: the shipped recipes and the optimizer's step, three files
-    second = tmp_path / "second"
-    env |= {"OUT": str(second), "PHASES": "build-model recipes optimizer", "RECIPE_STEPS": "5",
-            "RECIPE_SET": "--set train.grad_accum=1 --set model.dtype=float32"}  # fmt: skip
-    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_session.sh")], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=900)  # fmt: skip
-    log = (second / "session.log").read_text()
+    assert not (tmp_path / "model").exists()
+
+
+def test_the_gpu_sessions_recipes_and_optimizer_call_runs_on_the_cpu(tmp_path, shared_data):
+    """The second device call: the shipped recipes as users run them and the optimizer's step, three files."""
+    result, log, out = run_session(tmp_path, shared_data, "second", PHASES="build-model recipes optimizer", RECIPE_STEPS="5",
+                                   RECIPE_SET="--set train.grad_accum=1 --set model.dtype=float32")  # fmt: skip
     assert result.returncode == 0 and "== recipes: exit 0" in log and "== optimizer: exit 0" in log, result.stdout + log[-3000:]
-    assert sorted(p.name for p in second.iterdir()) == ["optimizer.json", "recipes.json", "session.log"]
-    recipes = json.loads((second / "recipes.json").read_text())["recipes"]
+    assert sorted(p.name for p in out.iterdir()) == ["optimizer.json", "recipes.json", "session.log"]
+    recipes = json.loads((out / "recipes.json").read_text())["recipes"]
     assert [(r["recipe"], r["rows_per_step"], r["max_length"], r["steps"]) for r in recipes] == [
         ("alpaca-lora", 8, 512, 5), ("novel-domain", 2, 2048, 5)]  # their own batches and lengths (accumulation set to 1)
     assert all(r["tokens_per_s"] > 0 and r["model_tflops"] > 0 and r["plan_gib"] > 0 for r in recipes)
-    optimizer = json.loads((second / "optimizer.json").read_text())
+    optimizer = json.loads((out / "optimizer.json").read_text())
     assert optimizer["tensors"] == 25 and set(optimizer["rows"]) == {"per weight", "batched", "chunked"}  # tiny GPT-J
     assert all(row["ms_per_step"] > 0 for row in optimizer["rows"].values()) and "KahanAdamW step" in log
-    assert not model.exists()
-    # the third: GPT-Neo, three files
-    neo_out, neo_model = tmp_path / "neo-out", tmp_path / "neo-model"
-    env |= {"OUT": str(neo_out), "PHASES": "build-neo neo", "NEO_SHAPE": "neo-tiny", "NEO_MODEL": str(neo_model)}
-    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_session.sh")], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=900)  # fmt: skip
-    log = (neo_out / "session.log").read_text()
+    assert not (tmp_path / "model").exists()
+
+
+def test_the_gpu_sessions_gpt_neo_call_runs_on_the_cpu(tmp_path, shared_data):
+    """The third device call: GPT-Neo against TRL best, three files."""
+    neo_model = tmp_path / "neo-model"
+    result, log, out = run_session(tmp_path, shared_data, "neo-out", PHASES="build-neo neo", NEO_SHAPE="neo-tiny",
+                                   NEO_MODEL=str(neo_model))  # fmt: skip
     assert result.returncode == 0 and "== neo: exit 0" in log, result.stdout + log[-3000:]
-    assert sorted(p.name for p in neo_out.iterdir()) == ["neo.json", "neo.png", "session.log"]
-    assert set(json.loads((neo_out / "neo.json").read_text())["engines"]) == {"gptj-tune", "trl-best"}
+    assert sorted(p.name for p in out.iterdir()) == ["neo.json", "neo.png", "session.log"]
+    assert set(json.loads((out / "neo.json").read_text())["engines"]) == {"gptj-tune", "trl-best"}
     assert not neo_model.exists()
 
 
