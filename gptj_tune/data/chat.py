@@ -251,10 +251,14 @@ def held_out_record(tokenizer, template: str, record: dict) -> dict:
     """A held-out conversation as an instruction record: everything before the last assistant turn
     rendered with the generation prompt is the prompt, that turn the reference answer (the last
     one learned from: a `weight` 0 reply is no reference). A reply that calls tools is referred to
-    as the template writes it (its calls included), up to EOS, as generation stops there."""
+    as the template writes it (its calls included), up to EOS, as generation stops there. A reply
+    that opens the conversation is prompted by what the template writes before it (its header)."""
     messages, tools = record["messages"], record.get("tools")
     last = max(i for i, m in enumerate(messages) if learned(m))
-    prompt = render(tokenizer, template, messages[:last], add_generation_prompt=True, tools=tools)
+    if last:
+        prompt = render(tokenizer, template, messages[:last], add_generation_prompt=True, tools=tools)
+    else:  # the reply opens the conversation: no conversation before it to render
+        prompt = _before_first_reply(tokenizer, template, messages[0], tools, render(tokenizer, template, messages[:1], tools=tools))
     reference = messages[last]["content"]
     if messages[last].get("tool_calls"):
         reply = render(tokenizer, template, messages[: last + 1], tools=tools)[len(prompt) :]

@@ -212,6 +212,18 @@ def test_a_reply_that_opens_a_conversation_is_learned_after_its_header(gpt2_toke
     assert spans[0][0] == 0 and text.startswith("<system>Be kind.\n<assistant>I sp")
 
 
+def test_a_held_out_conversation_whose_reference_opens_it_is_prompted_by_its_header(tmp_path, gpt2_tokenizer):
+    """When the last reply learned from is the first turn (later replies `weight` 0), the held-out
+    prompt is what the template writes before that reply; the build failed on it, as transformers
+    refuses to render the empty conversation before it."""
+    record = {"messages": [{"role": "assistant", "content": "I speak first."}, {"role": "user", "content": "Hi"},
+                           {"role": "assistant", "content": "Not learned.", "weight": 0}]}  # fmt: skip
+    section = chat_section(tmp_path, CONVERSATIONS + [record] * 3).model_copy(update={"eval_fraction": 0.5})
+    data = prepare_data(section, gpt2_tokenizer)
+    held = [r for r in data.store.meta["eval_records"] if r["output"] == "I speak first."]
+    assert held and all(r["prompt_text"] == "### Assistant:\n" for r in held)
+
+
 def test_a_source_names_its_own_turn_field_keys_and_role_names(tmp_path, gpt2_tokenizer):
     """lmsys-chat-1m keeps its turns in `conversation`, OASST calls the user `prompter`, other dumps
     use their own keys: `messages_field`, `role_field`/`content_field` and `roles` read them as the
