@@ -50,7 +50,6 @@ def test_prepare_prints_the_statistics_and_a_run_then_reads_the_same_store(tmp_p
     [store] = [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
     meta = json.loads((store / "meta.json").read_text())
     assert "built now" in out and str(store) in out.replace("\n", "")
-    assert out.startswith("data: tokenized 300 records into ")  # no blank line left where a live display would be
     assert meta["sources"][0]["records"] == 300 and meta["train_stats"]["examples"] == 270
     assert "270" in out and "held out" in out and "padding" in out
     assert "1 malformed records skipped" in out and "alpaca_2k.json:1422: field `output` is empty" in out.replace("\n", "")
@@ -64,27 +63,6 @@ def test_prepare_prints_the_statistics_and_a_run_then_reads_the_same_store(tmp_p
     code, out, err = r.returncode, r.stdout, r.stderr
     assert code == 0, err
     assert "prepared earlier, read from" in out and str(store) in out.replace("\n", "")
-
-
-def test_a_build_written_to_a_log_file_says_how_far_it_got_in_plain_lines():
-    """Where the output is not a terminal (a log file, CI), a long build prints a plain progress
-    line every `plain_every` seconds (none within the first), then its summary; a build that
-    ends sooner prints the summary alone."""
-    import io
-
-    from rich.console import Console
-
-    from gptj_tune.data.progress import data_progress
-
-    for every, want in ((0.0, 2), (3600.0, 0)):
-        file = io.StringIO()
-        with data_progress(Console(file=file, force_terminal=False, width=200), plain_every=every) as progress:
-            progress(1_000, 150_000)
-            progress(2_000, 300_000)
-        lines = file.getvalue().splitlines()
-        assert len(lines) == want + 1 and lines[-1].startswith("data: tokenized 2,000 records into 300,000 tokens in ")
-        assert [line.split(" (")[0] for line in lines[:-1]] == ["preparing data: 1,000 records, 150,000 tokens",
-                                                               "preparing data: 2,000 records, 300,000 tokens"][:want]
 
 
 def test_gptj_6b_data_is_prepared_offline_with_a_local_tokenizer(tmp_path, shared_data):
