@@ -10,6 +10,10 @@ from .harness import HEADLINE
 # ------------------------------------------------------------------------------------ markdown
 
 
+# The held-out figures both the terminal's table and report.md show, in order, with report.md's names.
+HELD_OUT_FIGURES = [("loss", "loss per target token"), ("perplexity", "perplexity"), ("exact_match", "exact match"), ("rouge_l", "ROUGE-L")]
+
+
 def format_metric(metric: str, pair) -> str:
     """A benchmark figure as people read it: accuracies in percent, perplexities as numbers
     (with an exponent once they pass a million: an untrained model's LAMBADA perplexity has 20
@@ -50,11 +54,11 @@ def report_table(report: dict, title: str):
         for metric, pair in metrics.items():
             other = [format_metric(metric, comparison["benchmarks"].get(task, {}).get(metric))] if comparison else []
             table.add_row(task, metric, format_metric(metric, pair), *other)
-    other_held = (comparison or {}).get("held_out") or {}
-    for key, value in (report.get("held_out") or {}).items():
-        if key in ("loss", "perplexity", "exact_match", "rouge_l") and value is not None:
+    held, other_held = report.get("held_out") or {}, (comparison or {}).get("held_out") or {}
+    for key, _ in HELD_OUT_FIGURES:
+        if held.get(key) is not None:
             other = [format_number(other_held[key], 4) if other_held.get(key) is not None else "-"] if comparison else []
-            table.add_row("held-out", key, format_number(value, 4), *other)
+            table.add_row("held-out", key, format_number(held[key], 4), *other)
     return table
 
 
@@ -88,7 +92,7 @@ def report_markdown(report: dict) -> str:
         lines += ["## Held-out data of the recipe", "", "| measure | " + target + (f" | {comparison['target']['label']}" if comparison else "") + " |",
                   "| --- | --- |" + (" --- |" if comparison else "")]  # fmt: skip
         other = (comparison or {}).get("held_out") or {}
-        for key, label in [("loss", "loss per target token"), ("perplexity", "perplexity"), ("exact_match", "exact match"), ("rouge_l", "ROUGE-L")]:
+        for key, label in HELD_OUT_FIGURES:
             if held.get(key) is None:
                 continue
             value = lambda v: "-" if v is None else format_number(v, 4)  # noqa: E731
